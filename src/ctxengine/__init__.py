@@ -1,0 +1,44 @@
+"""ctxengine: durable, exact, asyncio-native session state for AI agents."""
+
+from .engine import ContextEngine
+from .models import (
+    Chat,
+    Checkpoint,
+    Event,
+    Message,
+    QuotaStatus,
+    QuotaType,
+    RateLimitStatus,
+    RateLimitType,
+    Session,
+    SessionStats,
+    SessionStatus,
+    SessionTemplate,
+    Statistics,
+    UsageRecord,
+    UserAnalytics,
+)
+from .settings import EngineSettings, TierPolicy
+
+__all__ = [
+    "Chat",
+    "Checkpoint",
+    "ContextEngine",
+    "EngineSettings",
+    "Event",
+    "Message",
+    "QuotaStatus",
+    "QuotaType",
+    "RateLimitStatus",
+    "RateLimitType",
+    "Session",
+    "SessionStats",
+    "SessionStatus",
+    "SessionTemplate",
+    "Statistics",
+    "TierPolicy",
+    "UsageRecord",
+    "UserAnalytics",
+]
+
+__version__ = "0.1.0"

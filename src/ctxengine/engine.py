@@ -1,0 +1,176 @@
+"""ContextEngine: the open/closed lifecycle around the services, and the default tenant's API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from . import migrate as migrations
+from .cleanup import CleanupLoop
+from .clock import Clock, checked, system_clock
+from .errors import EngineClosedError, StorageError
+from .events import EventBus
+from .services.base import Context
+from .services.sessions import SessionService
+from .settings import EngineSettings
+from .storage import Store, open_store
+from .tenant import TenantView
+
+log = logging.getLogger("ctxengine")
+
+_State = Literal["new", "open", "closed"]
+
+
+@dataclass(slots=True)
+class _Runtime:
+    """Everything that exists only while the engine is open."""
+
+    ctx: Context
+    sessions: SessionService
+    cleanup: CleanupLoop | None
+
+
+class ContextEngine(TenantView):
+    """Durable session state for AI agents, on SQLite or PostgreSQL.
+
+    ``ContextEngine(url)`` chooses the storage from the URL (default:
+    ``CTXENGINE_DATABASE_URL``, else ``./ctxengine.db``); ``async with`` or
+    ``initialize()`` / ``close()`` open and close it. The engine itself is the API of
+    tenant "default"; ``engine.tenant(name)`` gives the same API for another tenant.
+    """
+
+    def __init__(
+        self,
+        url: str | URL | AsyncEngine | None = None,
+        *,
+        settings: EngineSettings | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(self, "default")
+        self.settings = settings if settings is not None else EngineSettings()
+        self._target = url
+        self._clock: Clock = checked(clock) if clock is not None else system_clock
+        self._state: _State = "new"
+        self._live: _Runtime | None = None
+        self._opening = asyncio.Lock()
+        # Fail fast on an unsupported URL, before anything connects.
+        if not isinstance(url, AsyncEngine):
+            from .storage import normalize_url, resolve_url
+
+            normalize_url(resolve_url(url))
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @property
+    def is_open(self) -> bool:
+        """True between ``initialize()`` and ``close()``."""
+        return self._state == "open"
+
+    async def initialize(self) -> None:
+        """Connect, migrate when ``auto_migrate``, start the cleanup task when
+        ``auto_cleanup``. Calling it again while open does nothing."""
+        async with self._opening:
+            if self._state == "open":
+                return
+            if self._state == "closed":
+                raise EngineClosedError("closed")
+            store = open_store(self._target, self.settings)
+            try:
+                if self.settings.auto_migrate:
+                    await migrations.migrate(store)
+                else:
+                    await store.run(_ping, write=False, operation="connect")
+            except BaseException:
+                await store.dispose()
+                raise
+            ctx = Context(store, EventBus(), self._clock, self.settings)
+            sessions = SessionService(ctx)
+            cleanup = None
+            if self.settings.auto_cleanup:
+                cleanup = CleanupLoop(self._sweep, self.settings.cleanup_interval)
+            self._live = _Runtime(ctx, sessions, cleanup)
+            self._state = "open"
+            if cleanup is not None:
+                cleanup.start()
+            log.info("engine open", extra={"backend": store.backend.name})
+
+    async def _sweep(self) -> int:
+        runtime = self._runtime()
+        return await runtime.sessions.expire_stale(None, None)
+
+    async def close(self) -> None:
+        """Stop background work (at most about a second), end event streams, release
+        the connection pool if the engine created it. Closing twice is fine."""
+        async with self._opening:
+            runtime, self._live = self._live, None
+            self._state = "closed"
+            if runtime is None:
+                return
+            if runtime.cleanup is not None:
+                await runtime.cleanup.stop()
+            await runtime.ctx.bus.aclose()
+            await runtime.ctx.store.dispose()
+
+    async def __aenter__(self) -> ContextEngine:
+        await self.initialize()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- operations ---------------------------------------------------------------------
+    async def migrate(self, revision: str = "head") -> None:
+        """Bring the database to ``revision`` (default: the newest). Several processes may
+        do this at once: they migrate once. Works before ``initialize()`` too."""
+        if self._live is not None:
+            await migrations.migrate(self._live.ctx.store, revision)
+            return
+        if self._state == "closed":
+            raise EngineClosedError("closed")
+        store = open_store(self._target, self.settings)
+        try:
+            await migrations.migrate(store, revision)
+        finally:
+            await store.dispose()
+
+    async def health_check(self) -> dict[str, Any]:
+        """Whether the database answers: status, backend, latency_ms, schema_revision."""
+        store = self._runtime().ctx.store
+        started = time.perf_counter()
+        try:
+            await store.run(_ping, write=False, operation="health_check")
+            revision = await migrations.current_revision(store)
+        except StorageError as exc:
+            return {
+                "status": "unhealthy",
+                "backend": store.backend.name,
+                "latency_ms": (time.perf_counter() - started) * 1000,
+                "schema_revision": None,
+                "error": str(exc),
+            }
+        return {
+            "status": "healthy",
+            "backend": store.backend.name,
+            "latency_ms": (time.perf_counter() - started) * 1000,
+            "schema_revision": revision,
+        }
+
+    def _tenant_filter(self) -> str | None:
+        # Subscribers on the engine itself hear every tenant; views hear their own.
+        return None
+
+
+async def _ping(conn: AsyncConnection) -> None:
+    await conn.execute(text("SELECT 1"))

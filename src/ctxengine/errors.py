@@ -1,0 +1,212 @@
+"""The errors ctxengine raises.
+
+Every error derives from :class:`ContextEngineError`, carries its data as
+attributes and says in its message what the caller can do about it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ChatLimitError",
+    "ConcurrencyLimitError",
+    "ContextEngineError",
+    "EngineClosedError",
+    "HistoryLimitError",
+    "InvalidTransitionError",
+    "QuotaExceededError",
+    "RateLimitError",
+    "SessionExistsError",
+    "SessionExpiredError",
+    "SessionLimitError",
+    "SessionNotActiveError",
+    "SessionNotFoundError",
+    "StorageError",
+    "ValidationError",
+]
+
+
+class ContextEngineError(Exception):
+    """Base class of every error raised by ctxengine."""
+
+
+class SessionNotFoundError(ContextEngineError):
+    """No session with this id exists (in this tenant)."""
+
+    def __init__(self, session_id: str, tenant_id: str = "default") -> None:
+        self.session_id = session_id
+        self.tenant_id = tenant_id
+        super().__init__(
+            f"session {session_id!r} does not exist in tenant {tenant_id!r}; "
+            "create it with create_session() or get_or_create_session()"
+        )
+
+
+class SessionExistsError(ContextEngineError):
+    """A session with this id already exists (in this tenant)."""
+
+    def __init__(self, session_id: str, tenant_id: str = "default") -> None:
+        self.session_id = session_id
+        self.tenant_id = tenant_id
+        super().__init__(
+            f"session {session_id!r} already exists in tenant {tenant_id!r}; "
+            "use get_or_create_session() to reuse it"
+        )
+
+
+class InvalidTransitionError(ContextEngineError):
+    """The lifecycle does not allow moving the session to the requested status."""
+
+    def __init__(self, current: str, requested: str, session_id: str | None = None) -> None:
+        self.current = str(current)
+        self.requested = str(requested)
+        self.session_id = session_id
+        subject = f"session {session_id!r}" if session_id else "session"
+        super().__init__(
+            f"cannot move {subject} from {self.current!r} to {self.requested!r}; "
+            "completed, failed and expired are final"
+        )
+
+
+class SessionNotActiveError(ContextEngineError):
+    """Work was attempted on a session that is not active."""
+
+    def __init__(self, session_id: str, status: str) -> None:
+        self.session_id = session_id
+        self.status = str(status)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        hint = (
+            "resume it with resume_session() first"
+            if self.status == "paused"
+            else "start a new session"
+        )
+        return f"session {self.session_id!r} is {self.status}, not active; {hint}"
+
+
+class SessionExpiredError(SessionNotActiveError):
+    """The session expired (idle longer than the timeout or past its deadline)."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(session_id, "expired")
+
+    def _message(self) -> str:
+        return (
+            f"session {self.session_id!r} has expired (idle longer than the session "
+            "timeout or past its expires_at); start a new session"
+        )
+
+
+class SessionLimitError(ContextEngineError):
+    """Creating the session would exceed a session limit."""
+
+    def __init__(self, limit_name: str, limit: int, current: int, user_id: str | None = None):
+        self.limit_name = limit_name
+        self.limit = limit
+        self.current = current
+        self.user_id = user_id
+        who = f" for user {user_id!r}" if user_id is not None else ""
+        super().__init__(
+            f"{limit_name}={limit} reached{who} ({current} active or paused sessions); "
+            "end or expire sessions, or raise the limit in EngineSettings"
+        )
+
+
+class ChatLimitError(ContextEngineError):
+    """Creating the chat would exceed ``max_chats_per_session``."""
+
+    def __init__(self, session_id: str, limit: int) -> None:
+        self.session_id = session_id
+        self.limit = limit
+        super().__init__(
+            f"session {session_id!r} already has {limit} chats (max_chats_per_session); "
+            "delete a chat or raise the limit"
+        )
+
+
+class HistoryLimitError(ContextEngineError):
+    """The chat is full and ``history_overflow`` is "reject"."""
+
+    def __init__(self, session_id: str, chat_id: str, limit: int) -> None:
+        self.session_id = session_id
+        self.chat_id = chat_id
+        self.limit = limit
+        super().__init__(
+            f"chat {chat_id!r} of session {session_id!r} holds {limit} messages "
+            "(max_messages_per_chat); trim the history or use history_overflow='trim'"
+        )
+
+
+class QuotaExceededError(ContextEngineError):
+    """Recording the amount would take the quota past its limit."""
+
+    def __init__(self, resource_type: str, used: float, limit: float, requested: float) -> None:
+        self.resource_type = str(resource_type)
+        self.used = used
+        self.limit = limit
+        self.requested = requested
+        super().__init__(
+            f"quota {self.resource_type!r} exceeded: {used} used of {limit}, "
+            f"{requested} requested; raise the quota with set_quota() or change_tier()"
+        )
+
+
+class RateLimitError(ContextEngineError):
+    """The call would exceed a rate limit; retry after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: float, limit: int, window: float, operation: str) -> None:
+        self.retry_after = retry_after
+        self.limit = limit
+        self.window = window
+        self.operation = operation
+        super().__init__(
+            f"rate limit for {operation!r} reached ({limit} per {window:g}s); "
+            f"retry after {retry_after:.3f}s"
+        )
+
+
+class ConcurrencyLimitError(RateLimitError):
+    """The session holds as many live concurrency leases as its cap allows."""
+
+    def __init__(self, session_id: str, limit: int, operation: str, retry_after: float = 0.0):
+        self.session_id = session_id
+        ContextEngineError.__init__(
+            self,
+            f"session {session_id!r} already runs {limit} concurrent operations; "
+            "wait for one to finish or raise the CONCURRENT_REQUESTS quota",
+        )
+        self.retry_after = retry_after
+        self.limit = limit
+        self.window = 0.0
+        self.operation = operation
+
+
+class ValidationError(ContextEngineError, ValueError):
+    """An argument is not acceptable; nothing was written."""
+
+    def __init__(self, message: str, *, field: str | None = None, value: Any = None) -> None:
+        self.field = field
+        self.value = value
+        super().__init__(message)
+
+
+class StorageError(ContextEngineError):
+    """The database failed; the original driver error is the ``__cause__``."""
+
+    def __init__(self, message: str, *, operation: str | None = None) -> None:
+        self.operation = operation
+        super().__init__(message)
+
+
+class EngineClosedError(ContextEngineError):
+    """The engine is not open: call ``initialize()`` (or use ``async with``) first."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+        if state == "closed":
+            msg = "the ContextEngine is closed; create a new one"
+        else:
+            msg = "the ContextEngine is not initialized; await engine.initialize() or use `async with`"
+        super().__init__(msg)

@@ -1,0 +1,264 @@
+"""Public data models: frozen pydantic snapshots and string enums."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "Chat",
+    "Checkpoint",
+    "Event",
+    "Message",
+    "QuotaStatus",
+    "QuotaType",
+    "RateLimitStatus",
+    "RateLimitType",
+    "Session",
+    "SessionStats",
+    "SessionStatus",
+    "SessionTemplate",
+    "Statistics",
+    "UsageRecord",
+    "UserAnalytics",
+]
+
+
+class SessionStatus(StrEnum):
+    """Lifecycle states of a session."""
+
+    ACTIVE = "active"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+class QuotaType(StrEnum):
+    """Resource types a quota can limit."""
+
+    API_CALLS = "api_calls"
+    TOKENS = "tokens"
+    STORAGE = "storage"
+    BANDWIDTH = "bandwidth"
+    COMPUTE_TIME = "compute_time"
+    CONCURRENT_REQUESTS = "concurrent_requests"
+
+
+class RateLimitType(StrEnum):
+    """Standard rate-limit windows."""
+
+    PER_SECOND = "per_second"
+    PER_MINUTE = "per_minute"
+    PER_HOUR = "per_hour"
+    PER_DAY = "per_day"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe data (datetimes as ISO 8601 strings)."""
+        return self.model_dump(mode="json")
+
+
+class Session(_Frozen):
+    """A snapshot of one session, read at ``observed_at``."""
+
+    session_id: str
+    user_id: str
+    tenant_id: str = "default"
+    tier: str = "free"
+    status: SessionStatus
+    name: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list)
+    preferences: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+    last_activity: datetime
+    ended_at: datetime | None = None
+    expires_at: datetime | None = None
+    request_count: int = 0
+    error_count: int = 0
+    total_processing_time: float = 0.0
+    concurrent_operations: int = 0
+    current_chat_id: str | None = None
+    observed_at: datetime
+
+    @property
+    def is_active(self) -> bool:
+        """True when the stored status is active."""
+        return self.status is SessionStatus.ACTIVE
+
+    @property
+    def is_paused(self) -> bool:
+        """True when the stored status is paused."""
+        return self.status is SessionStatus.PAUSED
+
+    @property
+    def age_seconds(self) -> float:
+        """Seconds from creation to ``observed_at``."""
+        return (self.observed_at - self.created_at).total_seconds()
+
+    @property
+    def idle_seconds(self) -> float:
+        """Seconds from the last activity to ``observed_at``."""
+        return (self.observed_at - self.last_activity).total_seconds()
+
+    @property
+    def error_rate(self) -> float:
+        """Errors per request (0.0 with no requests)."""
+        return self.error_count / self.request_count if self.request_count else 0.0
+
+    @property
+    def average_processing_time(self) -> float:
+        """Mean processing time per request in seconds (0.0 with no requests)."""
+        return self.total_processing_time / self.request_count if self.request_count else 0.0
+
+    def is_expired(self, max_idle_seconds: float = 1800) -> bool:
+        """True when expired, or active/paused and idle longer than ``max_idle_seconds``
+        (or past ``expires_at``) at ``observed_at``."""
+        if self.status is SessionStatus.EXPIRED:
+            return True
+        if self.status not in (SessionStatus.ACTIVE, SessionStatus.PAUSED):
+            return False
+        if self.expires_at is not None and self.observed_at >= self.expires_at:
+            return True
+        return self.idle_seconds > max_idle_seconds
+
+
+class Event(_Frozen):
+    """Something that happened, published after it was committed."""
+
+    type: str
+    session_id: str | None = None
+    user_id: str | None = None
+    tenant_id: str = "default"
+    at: datetime
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class Statistics(_Frozen):
+    """Aggregates over every session of a tenant, computed in SQL."""
+
+    total_sessions: int
+    sessions_by_status: dict[str, int]
+    active_sessions: int
+    total_users: int
+    average_sessions_per_user: float
+    total_requests: int
+    total_errors: int
+    error_rate: float
+    average_processing_time: float
+    total_messages: int = 0
+    usage_by_resource: dict[str, float] = Field(default_factory=dict)
+
+
+class SessionStats(_Frozen):
+    """Per-session conversation statistics."""
+
+    session_id: str
+    chat_count: int
+    total_messages: int
+    created_at: datetime
+    last_activity: datetime
+    is_active: bool
+    is_paused: bool
+
+
+class Chat(_Frozen):
+    """A conversation thread inside a session."""
+
+    chat_id: str
+    session_id: str
+    name: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    max_messages: int | None = None
+    created_at: datetime
+
+
+class Message(_Frozen):
+    """One message of a chat; ``seq`` orders messages exactly."""
+
+    message_id: str
+    chat_id: str
+    session_id: str
+    seq: int
+    role: str
+    content: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    tokens: int | None = None
+    created_at: datetime
+
+
+class Checkpoint(_Frozen):
+    """A saved copy of a session's messages and metadata."""
+
+    checkpoint_id: str
+    session_id: str
+    description: str = ""
+    created_at: datetime
+
+
+class UsageRecord(_Frozen):
+    """One accepted use of a resource."""
+
+    record_id: str
+    session_id: str
+    user_id: str
+    operation: str
+    resource_type: QuotaType
+    amount: float
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+
+
+class QuotaStatus(_Frozen):
+    """Use of one quota; ``limit`` and ``remaining`` are None when unlimited."""
+
+    used: float
+    limit: float | None
+    remaining: float | None
+    usage_percentage: float
+
+    @classmethod
+    def of(cls, used: float, limit: float | None) -> QuotaStatus:
+        """Build the status of a quota from what is used and its limit."""
+        if limit is None:
+            return cls(used=used, limit=None, remaining=None, usage_percentage=0.0)
+        pct = 100.0 * used / limit if limit > 0 else (0.0 if used == 0 else math.inf)
+        return cls(used=used, limit=limit, remaining=max(limit - used, 0), usage_percentage=pct)
+
+
+class RateLimitStatus(_Frozen):
+    """Where a rate limit stands after (or before) a call."""
+
+    limit: int
+    remaining: int
+    reset_after: float
+
+
+class UserAnalytics(_Frozen):
+    """Aggregates over one user's sessions and usage."""
+
+    user_id: str
+    total_sessions: int
+    active_sessions: int
+    total_operations: int
+    operation_breakdown: dict[str, int]
+    resource_usage: dict[QuotaType, float]
+    most_used_operation: str | None
+
+
+class SessionTemplate(_Frozen):
+    """Defaults for creating similar sessions."""
+
+    name: str
+    system_prompt: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    tier: str = "free"
+    tags: list[str] = Field(default_factory=list)

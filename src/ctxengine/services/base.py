@@ -1,0 +1,70 @@
+"""What every service shares: the store, the event bus, the clock and the settings."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..clock import Clock
+from ..errors import ContextEngineError
+from ..events import EventBus
+from ..models import Event
+from ..settings import EngineSettings
+from ..storage import Store
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Effects:
+    """What a unit of work leaves for after its commit: events, and an error to raise."""
+
+    now: datetime
+    events: list[Event] = field(default_factory=list)
+    error: ContextEngineError | None = None
+
+    def emit(
+        self, type_: str, tenant_id: str, session_id: str | None = None,
+        user_id: str | None = None, **data: Any,
+    ) -> None:
+        self.events.append(
+            Event.model_construct(
+                type=type_, session_id=session_id, user_id=user_id, tenant_id=tenant_id,
+                at=self.now, data=data,
+            )
+        )
+
+
+Work = Callable[[AsyncConnection, Effects], Awaitable[T]]
+
+
+@dataclass(slots=True)
+class Context:
+    """Dependencies of the services of one engine."""
+
+    store: Store
+    bus: EventBus
+    clock: Clock
+    settings: EngineSettings
+
+    async def transact(self, work: Work[T], *, write: bool = True, operation: str = "") -> T:
+        """Run ``work`` as one unit of work; publish its events after the commit, then
+        raise the error it left (a change it committed, such as a lazy expiry, stays)."""
+        effects: Effects | None = None
+
+        async def attempt(conn: AsyncConnection) -> T:
+            nonlocal effects
+            effects = Effects(self.clock())
+            return await work(conn, effects)
+
+        result = await self.store.run(attempt, write=write, operation=operation)
+        assert effects is not None
+        if effects.events:
+            self.bus.publish(effects.events)
+        if effects.error is not None:
+            raise effects.error
+        return result

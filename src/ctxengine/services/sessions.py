@@ -1,0 +1,365 @@
+"""Sessions: creation under limits, the state machine, metrics, listing, expiry, retention."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .. import validation as v
+from ..errors import (
+    ContextEngineError,
+    InvalidTransitionError,
+    SessionExistsError,
+    SessionExpiredError,
+    SessionLimitError,
+    SessionNotActiveError,
+    SessionNotFoundError,
+    ValidationError,
+)
+from ..ids import new_id
+from ..lifecycle import END_STATUSES, OPEN_STATUSES, sources_of
+from ..models import Session, SessionStatus, Statistics
+from ..storage.repositories.sessions import Counters, SessionFilter, SessionRepository, to_session
+from .base import Context, Effects
+
+_EXPIRE_BATCH = 5000
+
+
+def _event_for(status: SessionStatus) -> str:
+    return {
+        SessionStatus.ACTIVE: "session.resumed",
+        SessionStatus.PAUSED: "session.paused",
+        SessionStatus.EXPIRED: "session.expired",
+    }.get(status, "session.ended")
+
+
+class SessionService:
+    """Business rules of SPEC §2 and §3, for any tenant."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.repo = SessionRepository(ctx.store.backend)
+
+    @property
+    def timeout(self) -> float:
+        return self.ctx.settings.session_timeout
+
+    # -- creation -----------------------------------------------------------------------
+    def _new_values(
+        self, tenant: str, session_id: str | None, user_id: str, *, tier: str,
+        metadata: Any, name: str | None, tags: Any, preferences: Any, expires_at: Any,
+    ) -> dict[str, Any]:
+        settings = self.ctx.settings
+        if tier not in settings.tiers:
+            known = ", ".join(sorted(settings.tiers))
+            raise ValidationError(f"unknown tier {tier!r}; one of: {known}", field="tier")
+        if name is not None and not isinstance(name, str):
+            raise ValidationError("name must be a string", field="name")
+        return {
+            "tenant_id": tenant,
+            "session_id": new_id() if session_id is None else v.identifier(session_id),
+            "user_id": v.identifier(user_id, "user_id"),
+            "tier": tier,
+            "status": SessionStatus.ACTIVE.value,
+            "name": name,
+            "metadata": v.json_object(metadata, "metadata", settings.max_metadata_bytes),
+            "tags": v.tags(tags),
+            "preferences": v.json_object(preferences, "preferences", settings.max_metadata_bytes),
+            "expires_at": v.optional_aware(expires_at, "expires_at"),
+            "request_count": 0,
+            "error_count": 0,
+            "total_processing_time": 0.0,
+            "current_chat_id": None,
+        }
+
+    async def _check_limits(
+        self, conn: AsyncConnection, tenant: str, user_id: str, now: datetime
+    ) -> None:
+        settings = self.ctx.settings
+        if settings.max_active_sessions is None and settings.max_sessions_per_user is None:
+            return
+        # Counting other rows is only exact while creators of this tenant are serialized.
+        await self.ctx.store.backend.lock(conn, f"ctxengine.sessions.{tenant}")
+        if settings.max_active_sessions is not None:
+            n = await self.repo.count_open(conn, tenant, now, self.timeout)
+            if n >= settings.max_active_sessions:
+                raise SessionLimitError("max_active_sessions", settings.max_active_sessions, n)
+        if settings.max_sessions_per_user is not None:
+            n = await self.repo.count_open(conn, tenant, now, self.timeout, user_id)
+            if n >= settings.max_sessions_per_user:
+                raise SessionLimitError(
+                    "max_sessions_per_user", settings.max_sessions_per_user, n, user_id
+                )
+
+    async def create(
+        self, tenant: str, session_id: str | None, user_id: str, *, exist_ok: bool = False,
+        tier: str = "free", metadata: Any = None, name: str | None = None, tags: Any = None,
+        preferences: Any = None, expires_at: datetime | None = None,
+    ) -> Session:
+        values = self._new_values(
+            tenant, session_id, user_id, tier=tier, metadata=metadata, name=name, tags=tags,
+            preferences=preferences, expires_at=expires_at,
+        )
+        sid = values["session_id"]
+
+        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+            if exist_ok:
+                existing = await self.repo.get(conn, tenant, sid)
+                if existing is not None:
+                    return to_session(existing, fx.now)
+            await self._check_limits(conn, tenant, values["user_id"], fx.now)
+            row = await self.repo.insert(
+                conn, {**values, "created_at": fx.now, "last_activity": fx.now}
+            )
+            if row is None:
+                existing = await self.repo.get(conn, tenant, sid)
+                if not exist_ok or existing is None:
+                    raise SessionExistsError(sid, tenant)
+                return to_session(existing, fx.now)
+            session = to_session(row, fx.now)
+            fx.emit(
+                "session.created", tenant, sid, session.user_id, tier=session.tier,
+            )
+            return session
+
+        return await self.ctx.transact(work, operation="create_session")
+
+    # -- reads --------------------------------------------------------------------------
+    async def get(self, tenant: str, session_id: str) -> Session | None:
+        v.identifier(session_id)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> Session | None:
+            row = await self.repo.get(conn, tenant, session_id)
+            return None if row is None else to_session(row, fx.now)
+
+        return await self.ctx.transact(work, write=False, operation="get_session")
+
+    # -- metrics ------------------------------------------------------------------------
+    async def record(
+        self, tenant: str, session_id: str, *, requests: int = 0, errors: int = 0,
+        processing_time: float = 0.0, metadata: Any = None, require_active: bool = True,
+        operation: str = "update_session",
+    ) -> Session:
+        v.identifier(session_id)
+        counters = Counters(
+            requests, errors, v.non_negative(processing_time, "add_processing_time")
+        )
+        max_bytes = self.ctx.settings.max_metadata_bytes
+        patch = v.json_object(metadata, "metadata", max_bytes) if metadata is not None else None
+
+        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+            row = await self.repo.record(
+                conn, tenant, session_id, fx.now, self.timeout if require_active else None,
+                counters, patch,
+            )
+            if row is None:
+                status = await self._diagnose(conn, fx, tenant, session_id)
+                fx.error = (
+                    SessionExpiredError(session_id)
+                    if status is SessionStatus.EXPIRED
+                    else SessionNotActiveError(session_id, status)
+                )
+                return _never()
+            if patch and len(v.json_text(row._mapping["metadata"], "metadata")) > max_bytes:
+                raise ValidationError(
+                    f"metadata would exceed max_metadata_bytes={max_bytes}", field="metadata"
+                )
+            return to_session(row, fx.now)
+
+        return await self.ctx.transact(work, operation=operation)
+
+    async def _diagnose(
+        self, conn: AsyncConnection, fx: Effects, tenant: str, session_id: str
+    ) -> SessionStatus:
+        """Why a guarded statement matched nothing: the session's status, after moving it
+        to expired if it was open but stale (announced once, by whoever expired it)."""
+        row = await self.repo.get(conn, tenant, session_id)
+        if row is None:
+            raise SessionNotFoundError(session_id, tenant)
+        expired = await self.repo.expire_one(conn, tenant, session_id, fx.now, self.timeout)
+        if expired is not None:
+            self._announce_expired(fx, expired, reason="idle")
+            return SessionStatus.EXPIRED
+        return SessionStatus(row._mapping["status"])
+
+    @staticmethod
+    def _announce_expired(fx: Effects, row: Row[Any], reason: str) -> None:
+        m = row._mapping
+        fx.emit("session.expired", m["tenant_id"], m["session_id"], m["user_id"], reason=reason)
+
+    # -- transitions --------------------------------------------------------------------
+    async def transition(self, tenant: str, session_id: str, target: SessionStatus) -> Session:
+        v.identifier(session_id)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+            row = await self.repo.transition(
+                conn, tenant, session_id, fx.now, self.timeout, sorted(sources_of(target)), target
+            )
+            if row is not None:
+                session = to_session(row, fx.now)
+                if target is SessionStatus.EXPIRED:
+                    self._announce_expired(fx, row, reason="ended")
+                else:
+                    fx.emit(
+                        _event_for(target), tenant, session_id, session.user_id,
+                        status=target.value,
+                    )
+                return session
+            current = await self._diagnose(conn, fx, tenant, session_id)
+            if current is target and target in END_STATUSES:
+                latest = await self.repo.get(conn, tenant, session_id)
+                assert latest is not None
+                return to_session(latest, fx.now)
+            fx.error = InvalidTransitionError(current, target, session_id)
+            return _never()
+
+        return await self.ctx.transact(work, operation=f"transition to {target.value}")
+
+    # -- listing ------------------------------------------------------------------------
+    @staticmethod
+    def make_filter(
+        user_id: str | None = None, status: Any = None, tier: str | None = None,
+        tags: Sequence[str] | None = None, created_after: datetime | None = None,
+        created_before: datetime | None = None, idle_for: float | None = None,
+    ) -> SessionFilter:
+        return SessionFilter(
+            user_id=v.optional_identifier(user_id, "user_id"),
+            status=None if status is None else v.status(status),
+            tier=tier,
+            tags=tuple(v.tags(tags)),
+            created_after=v.optional_aware(created_after, "created_after"),
+            created_before=v.optional_aware(created_before, "created_before"),
+            idle_for=None if idle_for is None else v.non_negative(idle_for, "idle_for"),
+        )
+
+    async def page(
+        self, tenant: str, f: SessionFilter, limit: int | None, cursor: str | None
+    ) -> list[Session]:
+        if limit is not None:
+            v.limit(limit)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> list[Session]:
+            after = None
+            if cursor is not None:
+                after = await self.repo.position(conn, tenant, v.identifier(cursor, "cursor"))
+                if after is None:
+                    raise ValidationError(
+                        f"unknown cursor {cursor!r}: pass the session_id of the last session "
+                        "of the previous page",
+                        field="cursor",
+                    )
+            rows = await self.repo.page(conn, tenant, f, fx.now, limit, after)
+            return [to_session(row, fx.now) for row in rows]
+
+        return await self.ctx.transact(work, write=False, operation="list_sessions")
+
+    async def iterate(
+        self, tenant: str, f: SessionFilter, page_size: int, cursor: str | None
+    ) -> AsyncIterator[Session]:
+        v.limit(page_size, "limit")
+        while True:
+            batch = await self.page(tenant, f, page_size, cursor)
+            for session in batch:
+                yield session
+            if len(batch) < page_size:
+                return
+            cursor = batch[-1].session_id
+
+    async def count(self, tenant: str, f: SessionFilter) -> int:
+        async def work(conn: AsyncConnection, fx: Effects) -> int:
+            return await self.repo.count(conn, tenant, f, fx.now)
+
+        return await self.ctx.transact(work, write=False, operation="count_sessions")
+
+    # -- removal and expiry -------------------------------------------------------------
+    async def delete(self, tenant: str, session_id: str) -> bool:
+        v.identifier(session_id)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> bool:
+            return await self.repo.delete(conn, tenant, session_id)
+
+        return await self.ctx.transact(work, operation="delete_session")
+
+    async def purge(
+        self, tenant: str, ended_before: datetime, statuses: Sequence[Any]
+    ) -> int:
+        cutoff = v.aware(ended_before, "ended_before")
+        chosen = [v.status(s, "statuses") for s in statuses]
+        for status in chosen:
+            if status not in END_STATUSES:
+                raise ValidationError(
+                    f"purge_sessions removes ended sessions only, not {status.value!r}",
+                    field="statuses",
+                )
+
+        async def work(conn: AsyncConnection, fx: Effects) -> int:
+            return await self.repo.purge(conn, tenant, cutoff, chosen)
+
+        return await self.ctx.transact(work, operation="purge_sessions")
+
+    async def expire_stale(self, tenant: str | None, max_idle_seconds: float | None) -> int:
+        """Expire every open session that is stale, in batches; announce each once."""
+        idle = self.timeout if max_idle_seconds is None else v.positive(
+            max_idle_seconds, "max_idle_seconds"
+        )
+        total = 0
+        by_tenant: dict[str, int] = {}
+        while True:
+
+            async def work(conn: AsyncConnection, fx: Effects) -> int:
+                rows = await self.repo.expire_stale(conn, tenant, fx.now, idle, _EXPIRE_BATCH)
+                if not self.ctx.bus.idle:
+                    for row in rows:
+                        self._announce_expired(fx, row, reason="idle")
+                for row in rows:
+                    key = row._mapping["tenant_id"]
+                    by_tenant[key] = by_tenant.get(key, 0) + 1
+                return len(rows)
+
+            n = await self.ctx.transact(work, operation="cleanup_inactive_sessions")
+            total += n
+            if n < _EXPIRE_BATCH:
+                break
+        now = self.ctx.clock()
+        report = Effects(now)
+        if tenant is not None:
+            by_tenant.setdefault(tenant, 0)
+        for key, count in sorted(by_tenant.items()):
+            report.emit("cleanup.completed", key, expired=count)
+        self.ctx.bus.publish(report.events)
+        return total
+
+    # -- aggregates ---------------------------------------------------------------------
+    async def statistics(self, tenant: str) -> Statistics:
+        async def work(conn: AsyncConnection, fx: Effects) -> Statistics:
+            s = await self.repo.statistics(conn, tenant)
+            by_status = {status.value: s["by_status"].get(status.value, 0) for status in SessionStatus}
+            users = s["users"]
+            return Statistics(
+                total_sessions=s["sessions"],
+                sessions_by_status=by_status,
+                active_sessions=by_status[SessionStatus.ACTIVE.value],
+                total_users=users,
+                average_sessions_per_user=s["sessions"] / users if users else 0.0,
+                total_requests=s["requests"],
+                total_errors=s["errors"],
+                error_rate=s["errors"] / s["requests"] if s["requests"] else 0.0,
+                average_processing_time=(
+                    s["processing_time"] / s["requests"] if s["requests"] else 0.0
+                ),
+            )
+
+        return await self.ctx.transact(work, write=False, operation="get_statistics")
+
+
+def _never() -> Any:
+    """Placeholder result of a unit of work that leaves an error to raise."""
+    return None
+
+
+__all__ = ["OPEN_STATUSES", "ContextEngineError", "SessionService"]

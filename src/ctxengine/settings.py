@@ -1,0 +1,93 @@
+"""Engine settings (from code or ``CTXENGINE_*`` environment variables) and tiers."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .models import QuotaType, RateLimitType
+
+__all__ = ["DEFAULT_TIERS", "EngineSettings", "TierPolicy"]
+
+
+class TierPolicy(BaseModel):
+    """The limits a tier grants: quotas, rate limits and a concurrency cap (None = unlimited)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    quotas: dict[QuotaType, int | None] = Field(default_factory=dict)
+    rate_limits: dict[RateLimitType, int | None] = Field(default_factory=dict)
+    max_concurrent: int | None = None
+
+
+def _tier(name: str, scale: int | None, concurrent: int | None) -> TierPolicy:
+    if scale is None:
+        return TierPolicy(
+            name=name,
+            quotas=dict.fromkeys(QuotaType),
+            rate_limits=dict.fromkeys(RateLimitType),
+            max_concurrent=None,
+        )
+    return TierPolicy(
+        name=name,
+        quotas={
+            QuotaType.API_CALLS: 1_000 * scale,
+            QuotaType.TOKENS: 100_000 * scale,
+            QuotaType.STORAGE: 100_000_000 * scale,
+            QuotaType.BANDWIDTH: 1_000_000_000 * scale,
+            QuotaType.COMPUTE_TIME: 3_600 * scale,
+            QuotaType.CONCURRENT_REQUESTS: concurrent,
+        },
+        rate_limits={
+            RateLimitType.PER_SECOND: 2 * scale,
+            RateLimitType.PER_MINUTE: 60 * scale,
+            RateLimitType.PER_HOUR: 1_000 * scale,
+            RateLimitType.PER_DAY: 10_000 * scale,
+        },
+        max_concurrent=concurrent,
+    )
+
+
+DEFAULT_TIERS: dict[str, TierPolicy] = {
+    "free": _tier("free", 1, 2),
+    "basic": _tier("basic", 5, 5),
+    "pro": _tier("pro", 25, 20),
+    "enterprise": _tier("enterprise", None, None),
+}
+
+
+class EngineSettings(BaseSettings):
+    """Settings of a :class:`~ctxengine.ContextEngine`; every field reads ``CTXENGINE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="CTXENGINE_", frozen=True, extra="ignore")
+
+    session_timeout: float = Field(1800.0, gt=0, allow_inf_nan=False)
+    auto_cleanup: bool = True
+    cleanup_interval: float = Field(60.0, gt=0, allow_inf_nan=False)
+    max_active_sessions: int | None = Field(None, ge=0)
+    max_sessions_per_user: int | None = Field(None, ge=0)
+    max_chats_per_session: int | None = Field(None, ge=1)
+    max_messages_per_chat: int | None = Field(1000, ge=1)
+    history_overflow: Literal["trim", "reject"] = "trim"
+    auto_migrate: bool = True
+    tiers: dict[str, TierPolicy] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
+    redact_patterns: tuple[str, ...] = ()
+    max_metadata_bytes: int = Field(65536, ge=2)
+    lease_ttl: float = Field(30.0, gt=0, allow_inf_nan=False)
+    pool_size: int = Field(5, ge=1)
+    max_overflow: int = Field(10, ge=0)
+    pool_timeout: float = Field(30.0, gt=0)
+    pool_recycle: float = Field(1800.0, gt=0)
+    sqlite_busy_timeout: float = Field(30.0, gt=0, description="seconds SQLite waits for a lock")
+    transient_retries: int = Field(5, ge=0, description="retries of a transaction on a transient error")
+
+    @field_validator("tiers")
+    @classmethod
+    def _tier_names_match(cls, tiers: dict[str, TierPolicy]) -> dict[str, TierPolicy]:
+        for key, policy in tiers.items():
+            if key != policy.name:
+                raise ValueError(f"tier key {key!r} differs from its policy name {policy.name!r}")
+        return tiers

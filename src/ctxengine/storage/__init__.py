@@ -1,0 +1,66 @@
+"""Storage: chosen in one place, from the connection URL."""
+
+from __future__ import annotations
+
+import os
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ..errors import ValidationError
+from ..settings import EngineSettings
+from .backend import Backend
+from .postgres import PostgresBackend
+from .sqlite import SQLiteBackend
+from .uow import Store
+
+__all__ = ["DEFAULT_URL", "Store", "normalize_url", "open_store", "resolve_url"]
+
+#: The embedded default: an SQLite file in the working directory.
+DEFAULT_URL = "sqlite+aiosqlite:///ctxengine.db"
+
+_DRIVERS: dict[str, tuple[str, type[Backend]]] = {
+    "sqlite": ("sqlite+aiosqlite", SQLiteBackend),
+    "sqlite+aiosqlite": ("sqlite+aiosqlite", SQLiteBackend),
+    "postgres": ("postgresql+asyncpg", PostgresBackend),
+    "postgresql": ("postgresql+asyncpg", PostgresBackend),
+    "postgresql+asyncpg": ("postgresql+asyncpg", PostgresBackend),
+}
+
+
+def resolve_url(url: str | URL | None) -> str | URL:
+    """The URL given, else ``CTXENGINE_DATABASE_URL``, else the embedded default."""
+    if url is not None:
+        return url
+    return os.environ.get("CTXENGINE_DATABASE_URL") or DEFAULT_URL
+
+
+def normalize_url(url: str | URL) -> tuple[URL, type[Backend]]:
+    """Map a URL (shorthands included) to its async driver and backend class."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ValidationError(f"not a database URL: {url!r}", field="url") from exc
+    entry = _DRIVERS.get(parsed.drivername)
+    if entry is None:
+        supported = "sqlite:///path.db, sqlite+aiosqlite:///:memory:, postgresql://user@host/db"
+        raise ValidationError(
+            f"unsupported database URL scheme {parsed.drivername!r}; use one of: {supported}",
+            field="url",
+        )
+    drivername, backend = entry
+    return parsed.set(drivername=drivername), backend
+
+
+def open_store(target: str | URL | AsyncEngine | None, settings: EngineSettings) -> Store:
+    """A :class:`Store` for a URL (or the default) or for an existing AsyncEngine."""
+    if isinstance(target, AsyncEngine):
+        url, backend_class = normalize_url(target.url)
+        backend = backend_class(url)
+        backend.prepare(target, settings)
+        return Store(target, backend, owned=False, retries=settings.transient_retries)
+    url, backend_class = normalize_url(resolve_url(target))
+    backend = backend_class(url)
+    engine = backend.create_engine(settings)
+    return Store(engine, backend, owned=True, retries=settings.transient_retries)

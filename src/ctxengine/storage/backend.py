@@ -1,0 +1,63 @@
+"""What differs between databases, as methods of one backend class per dialect."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from sqlalchemy import ColumnElement, Table
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.dml import Insert
+
+from ..settings import EngineSettings
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit key for a named lock."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+class Backend:
+    """Base class; one subclass per supported dialect."""
+
+    name: ClassVar[str]
+    #: Whether units of work must be serialized in this process (one shared connection).
+    serialize: bool = False
+
+    def __init__(self, url: URL) -> None:
+        self.url = url
+
+    def create_engine(self, settings: EngineSettings) -> AsyncEngine:
+        engine = create_async_engine(self.url, **self.engine_options(settings))
+        self.prepare(engine, settings)
+        return engine
+
+    def engine_options(self, settings: EngineSettings) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def prepare(self, engine: AsyncEngine, settings: EngineSettings) -> None:
+        """Attach connection-level setup (pragmas, functions) to ``engine``."""
+
+    async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
+        """Open the transaction of one unit of work."""
+
+    async def lock(self, conn: AsyncConnection, name: str) -> None:
+        """Hold a named lock until the transaction ends (mutual exclusion across processes)."""
+
+    def insert(self, table: Table) -> Insert:
+        """An INSERT that supports ``on_conflict_do_nothing``."""
+        raise NotImplementedError
+
+    def json_merge(self, column: ColumnElement[Any], patch: dict[str, Any]) -> ColumnElement[Any]:
+        """``column`` with the top-level keys of ``patch`` set (a shallow merge)."""
+        raise NotImplementedError
+
+    def json_contains_all(self, column: ColumnElement[Any], items: Sequence[str]) -> ColumnElement[bool]:
+        """True when the JSON array ``column`` holds every string of ``items``."""
+        raise NotImplementedError
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether retrying the whole transaction may succeed (lock conflicts, serialization)."""
+        return False

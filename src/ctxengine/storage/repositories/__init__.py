@@ -1,0 +1,1 @@
+"""Stateless SQL: repositories execute statements on a connection and never commit."""

@@ -1,0 +1,311 @@
+"""SQL for the sessions table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    and_,
+    delete,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ...lifecycle import OPEN_STATUSES
+from ...models import Session, SessionStatus
+from ..backend import Backend
+from ..schema import sessions as t
+
+_OPEN = [s.value for s in OPEN_STATUSES]
+_COLUMNS = [c for c in t.c]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFilter:
+    """Filters of list/iter/count_sessions."""
+
+    user_id: str | None = None
+    status: SessionStatus | None = None
+    tier: str | None = None
+    tags: tuple[str, ...] = ()
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    idle_for: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Increments applied by one update."""
+
+    requests: int = 0
+    errors: int = 0
+    processing_time: float = 0.0
+
+
+def to_session(row: Row[Any], observed_at: datetime) -> Session:
+    """Build the public snapshot from a row (values are already validated on write)."""
+    m = row._mapping
+    return Session.model_construct(
+        session_id=m["session_id"],
+        user_id=m["user_id"],
+        tenant_id=m["tenant_id"],
+        tier=m["tier"],
+        status=SessionStatus(m["status"]),
+        name=m["name"],
+        metadata=m["metadata"],
+        tags=m["tags"],
+        preferences=m["preferences"],
+        created_at=m["created_at"],
+        last_activity=m["last_activity"],
+        ended_at=m["ended_at"],
+        expires_at=m["expires_at"],
+        request_count=m["request_count"],
+        error_count=m["error_count"],
+        total_processing_time=m["total_processing_time"],
+        concurrent_operations=0,
+        current_chat_id=m["current_chat_id"],
+        observed_at=observed_at,
+    )
+
+
+class SessionRepository:
+    """Every statement on ``ctx_sessions``; the backend supplies dialect-specific pieces."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    # -- conditions ---------------------------------------------------------------------
+    @staticmethod
+    def _key(tenant: str, session_id: str) -> ColumnElement[bool]:
+        return and_(t.c.tenant_id == tenant, t.c.session_id == session_id)
+
+    @staticmethod
+    def _live(now: datetime, timeout: float) -> ColumnElement[bool]:
+        """Not idle longer than the timeout and not past the deadline."""
+        return and_(
+            t.c.last_activity >= now - timedelta(seconds=timeout),
+            or_(t.c.expires_at.is_(None), t.c.expires_at > now),
+        )
+
+    @staticmethod
+    def _stale(cutoff: datetime, now: datetime) -> ColumnElement[bool]:
+        return or_(t.c.last_activity < cutoff, t.c.expires_at <= now)
+
+    # -- reads --------------------------------------------------------------------------
+    async def get(self, conn: AsyncConnection, tenant: str, session_id: str) -> Row[Any] | None:
+        result = await conn.execute(select(*_COLUMNS).where(self._key(tenant, session_id)))
+        return result.first()
+
+    async def count_open(
+        self, conn: AsyncConnection, tenant: str, now: datetime, timeout: float,
+        user_id: str | None = None,
+    ) -> int:
+        """Active or paused sessions that are not due to expire."""
+        stmt = select(func.count()).select_from(t).where(
+            t.c.tenant_id == tenant, t.c.status.in_(_OPEN), self._live(now, timeout)
+        )
+        if user_id is not None:
+            stmt = stmt.where(t.c.user_id == user_id)
+        return int((await conn.execute(stmt)).scalar_one())
+
+    def _filtered(self, stmt: Any, tenant: str, f: SessionFilter, now: datetime) -> Any:
+        stmt = stmt.where(t.c.tenant_id == tenant)
+        if f.user_id is not None:
+            stmt = stmt.where(t.c.user_id == f.user_id)
+        if f.status is not None:
+            stmt = stmt.where(t.c.status == f.status.value)
+        if f.tier is not None:
+            stmt = stmt.where(t.c.tier == f.tier)
+        if f.tags:
+            stmt = stmt.where(self.backend.json_contains_all(t.c.tags, f.tags))
+        if f.created_after is not None:
+            stmt = stmt.where(t.c.created_at > f.created_after)
+        if f.created_before is not None:
+            stmt = stmt.where(t.c.created_at < f.created_before)
+        if f.idle_for is not None:
+            stmt = stmt.where(t.c.last_activity <= now - timedelta(seconds=f.idle_for))
+        return stmt
+
+    async def page(
+        self, conn: AsyncConnection, tenant: str, f: SessionFilter, now: datetime,
+        limit: int | None, after: tuple[datetime, str] | None,
+    ) -> Sequence[Row[Any]]:
+        """Newest first; ``after`` is the (created_at, session_id) of the previous page's last row."""
+        stmt = self._filtered(select(*_COLUMNS), tenant, f, now)
+        if after is not None:
+            stmt = stmt.where(tuple_(t.c.created_at, t.c.session_id) < tuple_(*after))
+        stmt = stmt.order_by(t.c.created_at.desc(), t.c.session_id.desc())
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return (await conn.execute(stmt)).all()
+
+    async def position(
+        self, conn: AsyncConnection, tenant: str, session_id: str
+    ) -> tuple[datetime, str] | None:
+        row = (
+            await conn.execute(
+                select(t.c.created_at, t.c.session_id).where(self._key(tenant, session_id))
+            )
+        ).first()
+        return None if row is None else (row[0], row[1])
+
+    async def count(self, conn: AsyncConnection, tenant: str, f: SessionFilter, now: datetime) -> int:
+        stmt = self._filtered(select(func.count()).select_from(t), tenant, f, now)
+        return int((await conn.execute(stmt)).scalar_one())
+
+    async def statistics(self, conn: AsyncConnection, tenant: str) -> dict[str, Any]:
+        by_status = (
+            await conn.execute(
+                select(t.c.status, func.count())
+                .where(t.c.tenant_id == tenant)
+                .group_by(t.c.status)
+            )
+        ).all()
+        totals = (
+            await conn.execute(
+                select(
+                    func.count(),
+                    func.count(func.distinct(t.c.user_id)),
+                    func.coalesce(func.sum(t.c.request_count), 0),
+                    func.coalesce(func.sum(t.c.error_count), 0),
+                    func.coalesce(func.sum(t.c.total_processing_time), 0.0),
+                ).where(t.c.tenant_id == tenant)
+            )
+        ).one()
+        return {
+            "by_status": {status: int(n) for status, n in by_status},
+            "sessions": int(totals[0]),
+            "users": int(totals[1]),
+            "requests": int(totals[2]),
+            "errors": int(totals[3]),
+            "processing_time": float(totals[4]),
+        }
+
+    # -- writes -------------------------------------------------------------------------
+    async def insert(
+        self, conn: AsyncConnection, values: dict[str, Any]
+    ) -> Row[Any] | None:
+        """Insert unless the id exists; the new row, or None on conflict."""
+        stmt = (
+            self.backend.insert(t)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["tenant_id", "session_id"])
+            .returning(*_COLUMNS)
+        )
+        return (await conn.execute(stmt)).first()
+
+    async def record(
+        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime,
+        timeout: float | None, counters: Counters, metadata: dict[str, Any] | None,
+    ) -> Row[Any] | None:
+        """Add counters, merge metadata and touch, atomically.
+
+        With a ``timeout`` the session must be active and live; with None any
+        status is accepted (metrics of work admitted earlier). None when no row matched.
+        """
+        values: dict[str, Any] = {"last_activity": now}
+        if counters.requests:
+            values["request_count"] = t.c.request_count + counters.requests
+        if counters.errors:
+            values["error_count"] = t.c.error_count + counters.errors
+        if counters.processing_time:
+            values["total_processing_time"] = (
+                t.c.total_processing_time + counters.processing_time
+            )
+        if metadata:
+            values["metadata"] = self.backend.json_merge(t.c.metadata, metadata)
+        stmt = update(t).where(self._key(tenant, session_id))
+        if timeout is not None:
+            stmt = stmt.where(t.c.status == SessionStatus.ACTIVE.value, self._live(now, timeout))
+        return (await conn.execute(stmt.values(**values).returning(*_COLUMNS))).first()
+
+    async def transition(
+        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime,
+        timeout: float, sources: Sequence[SessionStatus], target: SessionStatus,
+    ) -> Row[Any] | None:
+        """Move a live session whose status is in ``sources`` to ``target``."""
+        values: dict[str, Any] = {"status": target.value}
+        if target in OPEN_STATUSES:
+            values["last_activity"] = now
+        else:
+            values["ended_at"] = now
+        stmt = (
+            update(t)
+            .where(
+                self._key(tenant, session_id),
+                t.c.status.in_([s.value for s in sources]),
+                self._live(now, timeout),
+            )
+            .values(**values)
+            .returning(*_COLUMNS)
+        )
+        return (await conn.execute(stmt)).first()
+
+    async def expire_one(
+        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime, timeout: float
+    ) -> Row[Any] | None:
+        """Expire this session if it is open and stale; the expired row, or None."""
+        cutoff = now - timedelta(seconds=timeout)
+        stmt = (
+            update(t)
+            .where(
+                self._key(tenant, session_id),
+                t.c.status.in_(_OPEN),
+                self._stale(cutoff, now),
+            )
+            .values(status=SessionStatus.EXPIRED.value, ended_at=now)
+            .returning(*_COLUMNS)
+        )
+        return (await conn.execute(stmt)).first()
+
+    async def expire_stale(
+        self, conn: AsyncConnection, tenant: str | None, now: datetime, idle_seconds: float,
+        batch: int,
+    ) -> Sequence[Row[Any]]:
+        """Expire up to ``batch`` open sessions idle longer than ``idle_seconds`` or past
+        their deadline. Rows locked by other transactions are skipped (PostgreSQL), so
+        concurrent sweepers never expire the same session twice."""
+        cutoff = now - timedelta(seconds=idle_seconds)
+        candidates = select(t.c.tenant_id, t.c.session_id).where(
+            t.c.status.in_(_OPEN), self._stale(cutoff, now)
+        )
+        if tenant is not None:
+            candidates = candidates.where(t.c.tenant_id == tenant)
+        candidates = candidates.limit(batch).with_for_update(skip_locked=True)
+        stmt = (
+            update(t)
+            .where(
+                tuple_(t.c.tenant_id, t.c.session_id).in_(candidates),
+                t.c.status.in_(_OPEN),
+                self._stale(cutoff, now),
+            )
+            .values(status=SessionStatus.EXPIRED.value, ended_at=now)
+            .returning(t.c.tenant_id, t.c.session_id, t.c.user_id, t.c.status)
+        )
+        return (await conn.execute(stmt)).all()
+
+    async def delete(self, conn: AsyncConnection, tenant: str, session_id: str) -> bool:
+        result = await conn.execute(delete(t).where(self._key(tenant, session_id)))
+        return bool(result.rowcount)
+
+    async def purge(
+        self, conn: AsyncConnection, tenant: str, ended_before: datetime,
+        statuses: Sequence[SessionStatus],
+    ) -> int:
+        result = await conn.execute(
+            delete(t).where(
+                t.c.tenant_id == tenant,
+                t.c.status.in_([s.value for s in statuses]),
+                t.c.ended_at < ended_before,
+            )
+        )
+        return int(result.rowcount)

@@ -1,0 +1,110 @@
+"""Units of work: one short transaction per public call, retried when transient."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from ..errors import StorageError
+from .backend import Backend
+
+log = logging.getLogger("ctxengine.storage")
+
+T = TypeVar("T")
+
+#: Errors from below SQLAlchemy that can escape it (connect failures, driver internals).
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.Error)
+try:  # asyncpg is a core dependency, but keep the storage layer importable without it
+    import asyncpg
+
+    _DRIVER_ERRORS += (asyncpg.PostgresError, asyncpg.InterfaceError)
+except ImportError:  # pragma: no cover
+    pass
+
+#: What "the database failed" looks like; anything else from SQLAlchemy is a bug of ours.
+_STORAGE_ERRORS = (DBAPIError, DisconnectionError, PoolTimeoutError, *_DRIVER_ERRORS)
+
+
+class Store:
+    """The database of one engine: an AsyncEngine plus the backend that knows its dialect."""
+
+    def __init__(
+        self, engine: AsyncEngine, backend: Backend, *, owned: bool, retries: int
+    ) -> None:
+        self.engine = engine
+        self.backend = backend
+        self.owned = owned
+        self._retries = retries
+        self._serial = asyncio.Lock() if backend.serialize else None
+
+    async def run(
+        self,
+        work: Callable[[AsyncConnection], Awaitable[T]],
+        *,
+        write: bool = True,
+        operation: str = "",
+    ) -> T:
+        """Run ``work`` in one transaction and commit it.
+
+        Transient conflicts retry the whole transaction a bounded number of times;
+        every other database error leaves as :class:`StorageError`. Errors raised
+        by ``work`` itself roll the transaction back and propagate unchanged.
+        """
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(self.backend.is_transient),
+            stop=stop_after_attempt(self._retries + 1),
+            wait=wait_random_exponential(multiplier=0.01, max=0.5),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._once(work, write)
+        except _STORAGE_ERRORS as exc:
+            raise StorageError(
+                f"database error during {operation or 'a ctxengine call'}: {exc}",
+                operation=operation or None,
+            ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _once(self, work: Callable[[AsyncConnection], Awaitable[T]], write: bool) -> T:
+        if self._serial is not None:
+            async with self._serial:
+                return await self._transaction(work, write)
+        return await self._transaction(work, write)
+
+    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]], write: bool) -> T:
+        async with self.engine.connect() as conn:
+            await self.backend.begin(conn, write=write)
+            try:
+                result = await work(conn)
+            except BaseException:
+                await _quiet_rollback(conn)
+                raise
+            await conn.commit()
+            return result
+
+    async def dispose(self) -> None:
+        """Release the pool, if this store created the engine."""
+        if self.owned:
+            await self.engine.dispose()
+
+
+async def _quiet_rollback(conn: AsyncConnection) -> None:
+    try:
+        await conn.rollback()
+    except _STORAGE_ERRORS:  # the connection is gone; the pool will discard it
+        log.debug("rollback failed", exc_info=True)

@@ -1,0 +1,64 @@
+"""``track_request``: the one-line integration for an agent call."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import logging
+
+from . import validation as v
+from .errors import ContextEngineError
+
+if TYPE_CHECKING:
+    from .tenant import TenantView
+
+log = logging.getLogger("ctxengine.tracking")
+
+
+class RequestTracker:
+    """Handle of a tracked request; ``elapsed`` is readable inside the block."""
+
+    def __init__(self, view: TenantView, session_id: str, operation: str, started: datetime):
+        self._clock = view._runtime().ctx.clock
+        self.session_id = session_id
+        self.operation = operation
+        self.started_at = started
+        self.failed = False
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the request started, by the engine's clock."""
+        return max((self._clock() - self.started_at).total_seconds(), 0.0)
+
+
+@asynccontextmanager
+async def track_request(
+    view: TenantView, session_id: str, operation: str
+) -> AsyncIterator[RequestTracker]:
+    """Check the session can work, run the block, then add one request and its time
+    (and an error when the block raised; the exception propagates)."""
+    v.identifier(session_id)
+    v.identifier(operation, "operation")
+    session = await view.touch(session_id)
+    tracker = RequestTracker(view, session_id, operation, session.last_activity)
+    sessions = view._runtime().sessions
+    try:
+        yield tracker
+    except BaseException:
+        tracker.failed = True
+        try:
+            await sessions.record(
+                view.tenant_id, session_id, requests=1, errors=1,
+                processing_time=tracker.elapsed, require_active=False, operation="track_request",
+            )
+        except ContextEngineError:  # never hide the caller's exception behind ours
+            log.warning("could not record a failed request", exc_info=True,
+                        extra={"session_id": session_id})
+        raise
+    await sessions.record(
+        view.tenant_id, session_id, requests=1, processing_time=tracker.elapsed,
+        require_active=False, operation="track_request",
+    )

@@ -1,0 +1,134 @@
+"""Checks on caller input, run before anything is written."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from .errors import ValidationError
+from .lifecycle import END_STATUSES
+from .models import SessionStatus
+
+MAX_ID_LENGTH = 255
+
+
+def identifier(value: object, field: str = "session_id") -> str:
+    """A non-empty string of at most 255 characters."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{field} must be a string, got {type(value).__name__}", field=field)
+    if not value:
+        raise ValidationError(f"{field} must not be empty", field=field, value=value)
+    if len(value) > MAX_ID_LENGTH:
+        raise ValidationError(
+            f"{field} is {len(value)} characters long; at most {MAX_ID_LENGTH} are allowed",
+            field=field,
+            value=value,
+        )
+    return value
+
+
+def optional_identifier(value: object, field: str) -> str | None:
+    return None if value is None else identifier(value, field)
+
+
+def status(value: object, field: str = "status") -> SessionStatus:
+    """A known :class:`SessionStatus`."""
+    try:
+        return SessionStatus(value)
+    except ValueError:
+        known = ", ".join(s.value for s in SessionStatus)
+        raise ValidationError(f"unknown {field} {value!r}; one of: {known}", field=field) from None
+
+
+def end_status(value: object) -> SessionStatus:
+    """completed, failed or expired."""
+    result = status(value)
+    if result not in END_STATUSES:
+        raise ValidationError(
+            f"end_session needs an end status (completed, failed or expired), got {value!r}",
+            field="status",
+            value=value,
+        )
+    return result
+
+
+def non_negative(value: object, field: str) -> float:
+    """A finite number >= 0 (booleans are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(f"{field} must be a number, got {value!r}", field=field)
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValidationError(
+            f"{field} must be a finite number >= 0, got {value!r}", field=field, value=value
+        )
+    return number
+
+
+def positive(value: object, field: str) -> float:
+    """A finite number > 0."""
+    number = non_negative(value, field)
+    if number == 0:
+        raise ValidationError(f"{field} must be greater than 0", field=field, value=value)
+    return number
+
+
+def limit(value: object, field: str = "limit") -> int:
+    """A whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(f"{field} must be a whole number >= 1, got {value!r}", field=field)
+    return value
+
+
+def aware(value: object, field: str) -> datetime:
+    """A timezone-aware datetime."""
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise ValidationError(f"{field} must be a timezone-aware datetime", field=field)
+    return value
+
+
+def optional_aware(value: object, field: str) -> datetime | None:
+    return None if value is None else aware(value, field)
+
+
+def json_object(value: object, field: str, max_bytes: int) -> dict[str, Any]:
+    """A JSON-serializable mapping with string keys, at most ``max_bytes`` when encoded."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValidationError(f"{field} must be a mapping, got {type(value).__name__}", field=field)
+    if not all(isinstance(key, str) for key in value):
+        raise ValidationError(f"{field} keys must be strings", field=field)
+    encoded = json_text(value, field)
+    if len(encoded.encode()) > max_bytes:
+        raise ValidationError(
+            f"{field} is {len(encoded.encode())} bytes as JSON; at most {max_bytes} are allowed "
+            "(max_metadata_bytes)",
+            field=field,
+        )
+    result: dict[str, Any] = json.loads(encoded)
+    return result
+
+
+def json_text(value: object, field: str) -> str:
+    """Encode ``value`` as strict JSON (no NaN, only JSON types)."""
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"{field} must be JSON-serializable: {exc}", field=field) from None
+
+
+def tags(value: object) -> list[str]:
+    """A list of non-empty strings (order kept, duplicates dropped)."""
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValidationError("tags must be a list of strings", field="tags")
+    result: list[str] = []
+    for tag in value:
+        identifier(tag, "tag")
+        if tag not in result:
+            result.append(tag)
+    return result
