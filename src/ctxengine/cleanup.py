@@ -38,7 +38,8 @@ class CleanupLoop:
     def _delay(self) -> float:
         if not self.failures:
             return self._interval
-        return max(self._interval, min(self._interval * 2**self.failures, MAX_BACKOFF))
+        backoff: float = self._interval * 2.0**self.failures
+        return max(self._interval, min(backoff, MAX_BACKOFF))
 
     async def _run(self) -> None:
         while not self._stop.is_set():
@@ -59,14 +60,14 @@ class CleanupLoop:
                 if expired:
                     log.info("expired idle sessions", extra={"expired": expired})
 
-    async def stop(self, timeout: float = 1.0) -> None:
-        """Ask the loop to stop; cancel it if it has not stopped within ``timeout`` seconds."""
+    async def stop(self, grace: float = 1.0) -> None:
+        """Ask the loop to stop; cancel it if it has not stopped within ``grace`` seconds."""
         self._stop.set()
         task, self._task = self._task, None
         if task is None:
             return
-        done, _ = await asyncio.wait({task}, timeout=timeout)
+        done, _ = await asyncio.wait({task}, timeout=grace)
         if not done:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(task, timeout=timeout)
+                await asyncio.wait_for(task, timeout=grace)

@@ -208,5 +208,8 @@ class EngineClosedError(ContextEngineError):
         if state == "closed":
             msg = "the ContextEngine is closed; create a new one"
         else:
-            msg = "the ContextEngine is not initialized; await engine.initialize() or use `async with`"
+            msg = (
+                "the ContextEngine is not initialized; "
+                "await engine.initialize() or use `async with`"
+            )
         super().__init__(msg)

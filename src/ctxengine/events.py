@@ -150,15 +150,15 @@ class EventBus:
         except Exception:
             log.exception("event handler failed", extra={"event_type": event.type})
 
-    async def aclose(self, timeout: float = 1.0) -> None:
-        """End every stream; give pending async handlers ``timeout`` seconds, then cancel."""
+    async def aclose(self, grace: float = 1.0) -> None:
+        """End every stream; give pending async handlers ``grace`` seconds, then cancel."""
         for stream in list(self._streams):
             stream._offer(None)
         self._streams.clear()
         self._handlers.clear()
         if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             for task in pending:
                 task.cancel()
             if pending:
-                await asyncio.wait(pending, timeout=timeout)
+                await asyncio.wait(pending, timeout=grace)

@@ -73,9 +73,7 @@ async def current_revision(store: Store) -> str | None:
 
     async def work(conn: AsyncConnection) -> str | None:
         def read(sync_conn: Connection) -> str | None:
-            context = MigrationContext.configure(
-                sync_conn, opts={"version_table": VERSION_TABLE}
-            )
+            context = MigrationContext.configure(sync_conn, opts={"version_table": VERSION_TABLE})
             return context.get_current_revision()
 
         return await conn.run_sync(read)

@@ -82,7 +82,9 @@ class EngineSettings(BaseSettings):
     pool_timeout: float = Field(30.0, gt=0)
     pool_recycle: float = Field(1800.0, gt=0)
     sqlite_busy_timeout: float = Field(30.0, gt=0, description="seconds SQLite waits for a lock")
-    transient_retries: int = Field(5, ge=0, description="retries of a transaction on a transient error")
+    transient_retries: int = Field(
+        5, ge=0, description="retries of a transaction on a transient error"
+    )
 
     @field_validator("tiers")
     @classmethod

@@ -56,9 +56,15 @@ class TenantView:
 
     # -- sessions -----------------------------------------------------------------------
     async def create_session(
-        self, session_id: str | None = None, user_id: str | None = None, *, tier: str = "free",
-        metadata: dict[str, Any] | None = None, name: str | None = None,
-        tags: Sequence[str] | None = None, preferences: dict[str, Any] | None = None,
+        self,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        *,
+        tier: str = "free",
+        metadata: dict[str, Any] | None = None,
+        name: str | None = None,
+        tags: Sequence[str] | None = None,
+        preferences: dict[str, Any] | None = None,
         expires_at: datetime | None = None,
     ) -> Session:
         """Create an active session (a time-ordered id is generated when none is given).
@@ -67,8 +73,15 @@ class TenantView:
         if user_id is None:
             raise ValidationError("user_id is required", field="user_id")
         return await self._runtime().sessions.create(
-            self._tenant, session_id, user_id, tier=tier, metadata=metadata, name=name,
-            tags=tags, preferences=preferences, expires_at=expires_at,
+            self._tenant,
+            session_id,
+            user_id,
+            tier=tier,
+            metadata=metadata,
+            name=name,
+            tags=tags,
+            preferences=preferences,
+            expires_at=expires_at,
         )
 
     async def get_or_create_session(self, session_id: str, user_id: str, **kw: Any) -> Session:
@@ -83,16 +96,23 @@ class TenantView:
         return await self._runtime().sessions.get(self._tenant, session_id)
 
     async def update_session(
-        self, session_id: str, *, increment_requests: bool = False,
-        add_processing_time: float = 0.0, mark_error: bool = False,
+        self,
+        session_id: str,
+        *,
+        increment_requests: bool = False,
+        add_processing_time: float = 0.0,
+        mark_error: bool = False,
         metadata: dict[str, Any] | None = None,
     ) -> Session:
         """Add to the counters and merge ``metadata`` atomically; touches last_activity.
 
         The session must be active (SessionNotActiveError, SessionExpiredError)."""
         return await self._runtime().sessions.record(
-            self._tenant, session_id, requests=int(bool(increment_requests)),
-            errors=int(bool(mark_error)), processing_time=add_processing_time,
+            self._tenant,
+            session_id,
+            requests=int(bool(increment_requests)),
+            errors=int(bool(mark_error)),
+            processing_time=add_processing_time,
             metadata=metadata,
         )
 
@@ -125,10 +145,17 @@ class TenantView:
         return await self._runtime().sessions.delete(self._tenant, session_id)
 
     async def list_sessions(
-        self, *, user_id: str | None = None, status: SessionStatus | str | None = None,
-        tier: str | None = None, tags: Sequence[str] | None = None,
-        created_after: datetime | None = None, created_before: datetime | None = None,
-        idle_for: float | None = None, limit: int = 100, cursor: str | None = None,
+        self,
+        *,
+        user_id: str | None = None,
+        status: SessionStatus | str | None = None,
+        tier: str | None = None,
+        tags: Sequence[str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        idle_for: float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
     ) -> list[Session]:
         """One page of sessions, newest first. ``cursor`` is the ``session_id`` of the
         last session of the previous page (keyset paging)."""
@@ -138,10 +165,17 @@ class TenantView:
         return await self._runtime().sessions.page(self._tenant, f, limit, cursor)
 
     async def iter_sessions(
-        self, *, user_id: str | None = None, status: SessionStatus | str | None = None,
-        tier: str | None = None, tags: Sequence[str] | None = None,
-        created_after: datetime | None = None, created_before: datetime | None = None,
-        idle_for: float | None = None, limit: int = 100, cursor: str | None = None,
+        self,
+        *,
+        user_id: str | None = None,
+        status: SessionStatus | str | None = None,
+        tier: str | None = None,
+        tags: Sequence[str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        idle_for: float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
     ) -> AsyncIterator[Session]:
         """Every matching session, newest first, fetched ``limit`` at a time."""
         sessions = self._runtime().sessions
@@ -152,10 +186,17 @@ class TenantView:
             yield session
 
     async def count_sessions(
-        self, *, user_id: str | None = None, status: SessionStatus | str | None = None,
-        tier: str | None = None, tags: Sequence[str] | None = None,
-        created_after: datetime | None = None, created_before: datetime | None = None,
-        idle_for: float | None = None, limit: int | None = None, cursor: str | None = None,
+        self,
+        *,
+        user_id: str | None = None,
+        status: SessionStatus | str | None = None,
+        tier: str | None = None,
+        tags: Sequence[str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        idle_for: float | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
     ) -> int:
         """How many sessions match the filters (``limit`` and ``cursor`` are ignored)."""
         sessions = self._runtime().sessions
@@ -176,7 +217,9 @@ class TenantView:
         return await self._runtime().sessions.expire_stale(self._tenant, max_idle_seconds)
 
     async def purge_sessions(
-        self, *, ended_before: datetime,
+        self,
+        *,
+        ended_before: datetime,
         statuses: Sequence[SessionStatus | str] = tuple(sorted(END_STATUSES)),
     ) -> int:
         """Delete ended sessions whose end is older than ``ended_before``; the number deleted."""

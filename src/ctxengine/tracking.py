@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING
-
-import logging
 
 from . import validation as v
 from .errors import ContextEngineError
@@ -51,14 +50,24 @@ async def track_request(
         tracker.failed = True
         try:
             await sessions.record(
-                view.tenant_id, session_id, requests=1, errors=1,
-                processing_time=tracker.elapsed, require_active=False, operation="track_request",
+                view.tenant_id,
+                session_id,
+                requests=1,
+                errors=1,
+                processing_time=tracker.elapsed,
+                require_active=False,
+                operation="track_request",
             )
         except ContextEngineError:  # never hide the caller's exception behind ours
-            log.warning("could not record a failed request", exc_info=True,
-                        extra={"session_id": session_id})
+            log.warning(
+                "could not record a failed request", exc_info=True, extra={"session_id": session_id}
+            )
         raise
     await sessions.record(
-        view.tenant_id, session_id, requests=1, processing_time=tracker.elapsed,
-        require_active=False, operation="track_request",
+        view.tenant_id,
+        session_id,
+        requests=1,
+        processing_time=tracker.elapsed,
+        require_active=False,
+        operation="track_request",
     )

@@ -37,6 +37,8 @@ def optional_identifier(value: object, field: str) -> str | None:
 def status(value: object, field: str = "status") -> SessionStatus:
     """A known :class:`SessionStatus`."""
     try:
+        if not isinstance(value, str):
+            raise ValueError(value)
         return SessionStatus(value)
     except ValueError:
         known = ", ".join(s.value for s in SessionStatus)

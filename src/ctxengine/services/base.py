@@ -28,13 +28,21 @@ class Effects:
     error: ContextEngineError | None = None
 
     def emit(
-        self, type_: str, tenant_id: str, session_id: str | None = None,
-        user_id: str | None = None, **data: Any,
+        self,
+        type_: str,
+        tenant_id: str,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        **data: Any,
     ) -> None:
         self.events.append(
             Event.model_construct(
-                type=type_, session_id=session_id, user_id=user_id, tenant_id=tenant_id,
-                at=self.now, data=data,
+                type=type_,
+                session_id=session_id,
+                user_id=user_id,
+                tenant_id=tenant_id,
+                at=self.now,
+                data=data,
             )
         )
 

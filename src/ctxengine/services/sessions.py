@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -12,7 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import validation as v
 from ..errors import (
-    ContextEngineError,
     InvalidTransitionError,
     SessionExistsError,
     SessionExpiredError,
@@ -22,7 +20,7 @@ from ..errors import (
     ValidationError,
 )
 from ..ids import new_id
-from ..lifecycle import END_STATUSES, OPEN_STATUSES, sources_of
+from ..lifecycle import END_STATUSES, sources_of
 from ..models import Session, SessionStatus, Statistics
 from ..storage.repositories.sessions import Counters, SessionFilter, SessionRepository, to_session
 from .base import Context, Effects
@@ -51,8 +49,17 @@ class SessionService:
 
     # -- creation -----------------------------------------------------------------------
     def _new_values(
-        self, tenant: str, session_id: str | None, user_id: str, *, tier: str,
-        metadata: Any, name: str | None, tags: Any, preferences: Any, expires_at: Any,
+        self,
+        tenant: str,
+        session_id: str | None,
+        user_id: str,
+        *,
+        tier: str,
+        metadata: Any,
+        name: str | None,
+        tags: Any,
+        preferences: Any,
+        expires_at: Any,
     ) -> dict[str, Any]:
         settings = self.ctx.settings
         if tier not in settings.tiers:
@@ -97,13 +104,29 @@ class SessionService:
                 )
 
     async def create(
-        self, tenant: str, session_id: str | None, user_id: str, *, exist_ok: bool = False,
-        tier: str = "free", metadata: Any = None, name: str | None = None, tags: Any = None,
-        preferences: Any = None, expires_at: datetime | None = None,
+        self,
+        tenant: str,
+        session_id: str | None,
+        user_id: str,
+        *,
+        exist_ok: bool = False,
+        tier: str = "free",
+        metadata: Any = None,
+        name: str | None = None,
+        tags: Any = None,
+        preferences: Any = None,
+        expires_at: datetime | None = None,
     ) -> Session:
         values = self._new_values(
-            tenant, session_id, user_id, tier=tier, metadata=metadata, name=name, tags=tags,
-            preferences=preferences, expires_at=expires_at,
+            tenant,
+            session_id,
+            user_id,
+            tier=tier,
+            metadata=metadata,
+            name=name,
+            tags=tags,
+            preferences=preferences,
+            expires_at=expires_at,
         )
         sid = values["session_id"]
 
@@ -123,7 +146,11 @@ class SessionService:
                 return to_session(existing, fx.now)
             session = to_session(row, fx.now)
             fx.emit(
-                "session.created", tenant, sid, session.user_id, tier=session.tier,
+                "session.created",
+                tenant,
+                sid,
+                session.user_id,
+                tier=session.tier,
             )
             return session
 
@@ -141,8 +168,15 @@ class SessionService:
 
     # -- metrics ------------------------------------------------------------------------
     async def record(
-        self, tenant: str, session_id: str, *, requests: int = 0, errors: int = 0,
-        processing_time: float = 0.0, metadata: Any = None, require_active: bool = True,
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        requests: int = 0,
+        errors: int = 0,
+        processing_time: float = 0.0,
+        metadata: Any = None,
+        require_active: bool = True,
         operation: str = "update_session",
     ) -> Session:
         v.identifier(session_id)
@@ -152,10 +186,15 @@ class SessionService:
         max_bytes = self.ctx.settings.max_metadata_bytes
         patch = v.json_object(metadata, "metadata", max_bytes) if metadata is not None else None
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+        async def work(conn: AsyncConnection, fx: Effects) -> Session | None:
             row = await self.repo.record(
-                conn, tenant, session_id, fx.now, self.timeout if require_active else None,
-                counters, patch,
+                conn,
+                tenant,
+                session_id,
+                fx.now,
+                self.timeout if require_active else None,
+                counters,
+                patch,
             )
             if row is None:
                 status = await self._diagnose(conn, fx, tenant, session_id)
@@ -164,14 +203,14 @@ class SessionService:
                     if status is SessionStatus.EXPIRED
                     else SessionNotActiveError(session_id, status)
                 )
-                return _never()
+                return None
             if patch and len(v.json_text(row._mapping["metadata"], "metadata")) > max_bytes:
                 raise ValidationError(
                     f"metadata would exceed max_metadata_bytes={max_bytes}", field="metadata"
                 )
             return to_session(row, fx.now)
 
-        return await self.ctx.transact(work, operation=operation)
+        return _committed(await self.ctx.transact(work, operation=operation))
 
     async def _diagnose(
         self, conn: AsyncConnection, fx: Effects, tenant: str, session_id: str
@@ -196,7 +235,7 @@ class SessionService:
     async def transition(self, tenant: str, session_id: str, target: SessionStatus) -> Session:
         v.identifier(session_id)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+        async def work(conn: AsyncConnection, fx: Effects) -> Session | None:
             row = await self.repo.transition(
                 conn, tenant, session_id, fx.now, self.timeout, sorted(sources_of(target)), target
             )
@@ -206,7 +245,10 @@ class SessionService:
                     self._announce_expired(fx, row, reason="ended")
                 else:
                     fx.emit(
-                        _event_for(target), tenant, session_id, session.user_id,
+                        _event_for(target),
+                        tenant,
+                        session_id,
+                        session.user_id,
                         status=target.value,
                     )
                 return session
@@ -216,16 +258,20 @@ class SessionService:
                 assert latest is not None
                 return to_session(latest, fx.now)
             fx.error = InvalidTransitionError(current, target, session_id)
-            return _never()
+            return None
 
-        return await self.ctx.transact(work, operation=f"transition to {target.value}")
+        return _committed(await self.ctx.transact(work, operation=f"transition to {target.value}"))
 
     # -- listing ------------------------------------------------------------------------
     @staticmethod
     def make_filter(
-        user_id: str | None = None, status: Any = None, tier: str | None = None,
-        tags: Sequence[str] | None = None, created_after: datetime | None = None,
-        created_before: datetime | None = None, idle_for: float | None = None,
+        user_id: str | None = None,
+        status: Any = None,
+        tier: str | None = None,
+        tags: Sequence[str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        idle_for: float | None = None,
     ) -> SessionFilter:
         return SessionFilter(
             user_id=v.optional_identifier(user_id, "user_id"),
@@ -285,9 +331,7 @@ class SessionService:
 
         return await self.ctx.transact(work, operation="delete_session")
 
-    async def purge(
-        self, tenant: str, ended_before: datetime, statuses: Sequence[Any]
-    ) -> int:
+    async def purge(self, tenant: str, ended_before: datetime, statuses: Sequence[Any]) -> int:
         cutoff = v.aware(ended_before, "ended_before")
         chosen = [v.status(s, "statuses") for s in statuses]
         for status in chosen:
@@ -304,8 +348,10 @@ class SessionService:
 
     async def expire_stale(self, tenant: str | None, max_idle_seconds: float | None) -> int:
         """Expire every open session that is stale, in batches; announce each once."""
-        idle = self.timeout if max_idle_seconds is None else v.positive(
-            max_idle_seconds, "max_idle_seconds"
+        idle = (
+            self.timeout
+            if max_idle_seconds is None
+            else v.positive(max_idle_seconds, "max_idle_seconds")
         )
         total = 0
         by_tenant: dict[str, int] = {}
@@ -338,7 +384,9 @@ class SessionService:
     async def statistics(self, tenant: str) -> Statistics:
         async def work(conn: AsyncConnection, fx: Effects) -> Statistics:
             s = await self.repo.statistics(conn, tenant)
-            by_status = {status.value: s["by_status"].get(status.value, 0) for status in SessionStatus}
+            by_status = {
+                status.value: s["by_status"].get(status.value, 0) for status in SessionStatus
+            }
             users = s["users"]
             return Statistics(
                 total_sessions=s["sessions"],
@@ -357,9 +405,8 @@ class SessionService:
         return await self.ctx.transact(work, write=False, operation="get_statistics")
 
 
-def _never() -> Any:
-    """Placeholder result of a unit of work that leaves an error to raise."""
-    return None
-
-
-__all__ = ["OPEN_STATUSES", "ContextEngineError", "SessionService"]
+def _committed(session: Session | None) -> Session:
+    """The result of a unit of work that returns None only when it left an error
+    (which ``transact`` raised before this is reached)."""
+    assert session is not None
+    return session

@@ -16,7 +16,9 @@ from ..settings import EngineSettings
 
 def lock_key(name: str) -> int:
     """A stable signed 64-bit key for a named lock."""
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+    return int.from_bytes(
+        hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True
+    )
 
 
 class Backend:
@@ -46,15 +48,17 @@ class Backend:
     async def lock(self, conn: AsyncConnection, name: str) -> None:
         """Hold a named lock until the transaction ends (mutual exclusion across processes)."""
 
-    def insert(self, table: Table) -> Insert:
-        """An INSERT that supports ``on_conflict_do_nothing``."""
+    def insert_or_ignore(self, table: Table, key: Sequence[str]) -> Insert:
+        """An INSERT that does nothing when a row with the same ``key`` columns exists."""
         raise NotImplementedError
 
     def json_merge(self, column: ColumnElement[Any], patch: dict[str, Any]) -> ColumnElement[Any]:
         """``column`` with the top-level keys of ``patch`` set (a shallow merge)."""
         raise NotImplementedError
 
-    def json_contains_all(self, column: ColumnElement[Any], items: Sequence[str]) -> ColumnElement[bool]:
+    def json_contains_all(
+        self, column: ColumnElement[Any], items: Sequence[str]
+    ) -> ColumnElement[bool]:
         """True when the JSON array ``column`` holds every string of ``items``."""
         raise NotImplementedError
 

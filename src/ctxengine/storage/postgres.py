@@ -34,13 +34,15 @@ class PostgresBackend(Backend):
     async def lock(self, conn: AsyncConnection, name: str) -> None:
         await conn.execute(select(func.pg_advisory_xact_lock(lock_key(name))))
 
-    def insert(self, table: Table) -> Insert:
-        return pg_insert(table)
+    def insert_or_ignore(self, table: Table, key: Sequence[str]) -> Insert:
+        return pg_insert(table).on_conflict_do_nothing(index_elements=list(key))
 
     def json_merge(self, column: ColumnElement[Any], patch: dict[str, Any]) -> ColumnElement[Any]:
         return column.op("||")(cast(literal(patch, JSONB), JSONB))
 
-    def json_contains_all(self, column: ColumnElement[Any], items: Sequence[str]) -> ColumnElement[bool]:
+    def json_contains_all(
+        self, column: ColumnElement[Any], items: Sequence[str]
+    ) -> ColumnElement[bool]:
         contains = column.op("@>", return_type=Boolean)
         return contains(cast(literal(list(items), JSONB), JSONB))
 

@@ -73,14 +73,16 @@ class SQLiteBackend(Backend):
     async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
         await conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
-    def insert(self, table: Table) -> Insert:
-        return sqlite_insert(table)
+    def insert_or_ignore(self, table: Table, key: Sequence[str]) -> Insert:
+        return sqlite_insert(table).on_conflict_do_nothing(index_elements=list(key))
 
     def json_merge(self, column: ColumnElement[Any], patch: dict[str, Any]) -> ColumnElement[Any]:
         text = json.dumps(patch, separators=(",", ":"), ensure_ascii=False)
         return func.ctx_json_merge(column, literal(text))
 
-    def json_contains_all(self, column: ColumnElement[Any], items: Sequence[str]) -> ColumnElement[bool]:
+    def json_contains_all(
+        self, column: ColumnElement[Any], items: Sequence[str]
+    ) -> ColumnElement[bool]:
         wanted = json.dumps(list(items), ensure_ascii=False)
         return func.ctx_json_contains_all(column, literal(wanted)) == 1
 

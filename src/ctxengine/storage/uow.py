@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import asyncpg
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -25,25 +26,24 @@ log = logging.getLogger("ctxengine.storage")
 
 T = TypeVar("T")
 
-#: Errors from below SQLAlchemy that can escape it (connect failures, driver internals).
-_DRIVER_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.Error)
-try:  # asyncpg is a core dependency, but keep the storage layer importable without it
-    import asyncpg
-
-    _DRIVER_ERRORS += (asyncpg.PostgresError, asyncpg.InterfaceError)
-except ImportError:  # pragma: no cover
-    pass
-
-#: What "the database failed" looks like; anything else from SQLAlchemy is a bug of ours.
-_STORAGE_ERRORS = (DBAPIError, DisconnectionError, PoolTimeoutError, *_DRIVER_ERRORS)
+#: What "the database failed" looks like: SQLAlchemy's wrappers of driver errors, and
+#: errors from below SQLAlchemy that can escape it (connect failures, driver internals).
+#: Any other SQLAlchemy error is a bug of ours and is not disguised as a storage failure.
+_STORAGE_ERRORS: tuple[type[BaseException], ...] = (
+    DBAPIError,
+    DisconnectionError,
+    PoolTimeoutError,
+    OSError,
+    sqlite3.Error,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 
 
 class Store:
     """The database of one engine: an AsyncEngine plus the backend that knows its dialect."""
 
-    def __init__(
-        self, engine: AsyncEngine, backend: Backend, *, owned: bool, retries: int
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, backend: Backend, *, owned: bool, retries: int) -> None:
         self.engine = engine
         self.backend = backend
         self.owned = owned

@@ -26,7 +26,7 @@ from ..backend import Backend
 from ..schema import sessions as t
 
 _OPEN = [s.value for s in OPEN_STATUSES]
-_COLUMNS = [c for c in t.c]
+_COLUMNS = list(t.c)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +89,10 @@ class SessionRepository:
         return and_(t.c.tenant_id == tenant, t.c.session_id == session_id)
 
     @staticmethod
-    def _live(now: datetime, timeout: float) -> ColumnElement[bool]:
+    def _live(now: datetime, idle_limit: float) -> ColumnElement[bool]:
         """Not idle longer than the timeout and not past the deadline."""
         return and_(
-            t.c.last_activity >= now - timedelta(seconds=timeout),
+            t.c.last_activity >= now - timedelta(seconds=idle_limit),
             or_(t.c.expires_at.is_(None), t.c.expires_at > now),
         )
 
@@ -106,12 +106,18 @@ class SessionRepository:
         return result.first()
 
     async def count_open(
-        self, conn: AsyncConnection, tenant: str, now: datetime, timeout: float,
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        now: datetime,
+        idle_limit: float,
         user_id: str | None = None,
     ) -> int:
         """Active or paused sessions that are not due to expire."""
-        stmt = select(func.count()).select_from(t).where(
-            t.c.tenant_id == tenant, t.c.status.in_(_OPEN), self._live(now, timeout)
+        stmt = (
+            select(func.count())
+            .select_from(t)
+            .where(t.c.tenant_id == tenant, t.c.status.in_(_OPEN), self._live(now, idle_limit))
         )
         if user_id is not None:
             stmt = stmt.where(t.c.user_id == user_id)
@@ -136,10 +142,15 @@ class SessionRepository:
         return stmt
 
     async def page(
-        self, conn: AsyncConnection, tenant: str, f: SessionFilter, now: datetime,
-        limit: int | None, after: tuple[datetime, str] | None,
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        f: SessionFilter,
+        now: datetime,
+        limit: int | None,
+        after: tuple[datetime, str] | None,
     ) -> Sequence[Row[Any]]:
-        """Newest first; ``after`` is the (created_at, session_id) of the previous page's last row."""
+        """Newest first, after ``after``: the (created_at, session_id) ending the last page."""
         stmt = self._filtered(select(*_COLUMNS), tenant, f, now)
         if after is not None:
             stmt = stmt.where(tuple_(t.c.created_at, t.c.session_id) < tuple_(*after))
@@ -158,16 +169,16 @@ class SessionRepository:
         ).first()
         return None if row is None else (row[0], row[1])
 
-    async def count(self, conn: AsyncConnection, tenant: str, f: SessionFilter, now: datetime) -> int:
+    async def count(
+        self, conn: AsyncConnection, tenant: str, f: SessionFilter, now: datetime
+    ) -> int:
         stmt = self._filtered(select(func.count()).select_from(t), tenant, f, now)
         return int((await conn.execute(stmt)).scalar_one())
 
     async def statistics(self, conn: AsyncConnection, tenant: str) -> dict[str, Any]:
         by_status = (
             await conn.execute(
-                select(t.c.status, func.count())
-                .where(t.c.tenant_id == tenant)
-                .group_by(t.c.status)
+                select(t.c.status, func.count()).where(t.c.tenant_id == tenant).group_by(t.c.status)
             )
         ).all()
         totals = (
@@ -191,21 +202,24 @@ class SessionRepository:
         }
 
     # -- writes -------------------------------------------------------------------------
-    async def insert(
-        self, conn: AsyncConnection, values: dict[str, Any]
-    ) -> Row[Any] | None:
+    async def insert(self, conn: AsyncConnection, values: dict[str, Any]) -> Row[Any] | None:
         """Insert unless the id exists; the new row, or None on conflict."""
         stmt = (
-            self.backend.insert(t)
+            self.backend.insert_or_ignore(t, ("tenant_id", "session_id"))
             .values(**values)
-            .on_conflict_do_nothing(index_elements=["tenant_id", "session_id"])
             .returning(*_COLUMNS)
         )
         return (await conn.execute(stmt)).first()
 
     async def record(
-        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime,
-        timeout: float | None, counters: Counters, metadata: dict[str, Any] | None,
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        session_id: str,
+        now: datetime,
+        idle_limit: float | None,
+        counters: Counters,
+        metadata: dict[str, Any] | None,
     ) -> Row[Any] | None:
         """Add counters, merge metadata and touch, atomically.
 
@@ -218,19 +232,23 @@ class SessionRepository:
         if counters.errors:
             values["error_count"] = t.c.error_count + counters.errors
         if counters.processing_time:
-            values["total_processing_time"] = (
-                t.c.total_processing_time + counters.processing_time
-            )
+            values["total_processing_time"] = t.c.total_processing_time + counters.processing_time
         if metadata:
             values["metadata"] = self.backend.json_merge(t.c.metadata, metadata)
         stmt = update(t).where(self._key(tenant, session_id))
-        if timeout is not None:
-            stmt = stmt.where(t.c.status == SessionStatus.ACTIVE.value, self._live(now, timeout))
+        if idle_limit is not None:
+            stmt = stmt.where(t.c.status == SessionStatus.ACTIVE.value, self._live(now, idle_limit))
         return (await conn.execute(stmt.values(**values).returning(*_COLUMNS))).first()
 
     async def transition(
-        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime,
-        timeout: float, sources: Sequence[SessionStatus], target: SessionStatus,
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        session_id: str,
+        now: datetime,
+        idle_limit: float,
+        sources: Sequence[SessionStatus],
+        target: SessionStatus,
     ) -> Row[Any] | None:
         """Move a live session whose status is in ``sources`` to ``target``."""
         values: dict[str, Any] = {"status": target.value}
@@ -243,7 +261,7 @@ class SessionRepository:
             .where(
                 self._key(tenant, session_id),
                 t.c.status.in_([s.value for s in sources]),
-                self._live(now, timeout),
+                self._live(now, idle_limit),
             )
             .values(**values)
             .returning(*_COLUMNS)
@@ -251,10 +269,10 @@ class SessionRepository:
         return (await conn.execute(stmt)).first()
 
     async def expire_one(
-        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime, timeout: float
+        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime, idle_limit: float
     ) -> Row[Any] | None:
         """Expire this session if it is open and stale; the expired row, or None."""
-        cutoff = now - timedelta(seconds=timeout)
+        cutoff = now - timedelta(seconds=idle_limit)
         stmt = (
             update(t)
             .where(
@@ -268,7 +286,11 @@ class SessionRepository:
         return (await conn.execute(stmt)).first()
 
     async def expire_stale(
-        self, conn: AsyncConnection, tenant: str | None, now: datetime, idle_seconds: float,
+        self,
+        conn: AsyncConnection,
+        tenant: str | None,
+        now: datetime,
+        idle_seconds: float,
         batch: int,
     ) -> Sequence[Row[Any]]:
         """Expire up to ``batch`` open sessions idle longer than ``idle_seconds`` or past
@@ -298,7 +320,10 @@ class SessionRepository:
         return bool(result.rowcount)
 
     async def purge(
-        self, conn: AsyncConnection, tenant: str, ended_before: datetime,
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        ended_before: datetime,
         statuses: Sequence[SessionStatus],
     ) -> int:
         result = await conn.execute(
