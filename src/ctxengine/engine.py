@@ -130,6 +130,11 @@ class ContextEngine(TenantView):
     ) -> None:
         await self.close()
 
+    @property
+    def _store(self) -> Store:
+        """The open engine's storage (for diagnostics and tests)."""
+        return self._runtime().ctx.store
+
     # -- operations ---------------------------------------------------------------------
     async def migrate(self, revision: str = "head") -> None:
         """Bring the database to ``revision`` (default: the newest). Several processes may

@@ -204,7 +204,8 @@ class SessionService:
                     else SessionNotActiveError(session_id, status)
                 )
                 return None
-            if patch and len(v.json_text(row._mapping["metadata"], "metadata")) > max_bytes:
+            merged = row._mapping["metadata"]
+            if patch and len(v.json_text(merged, "metadata").encode()) > max_bytes:
                 raise ValidationError(
                     f"metadata would exceed max_metadata_bytes={max_bytes}", field="metadata"
                 )
