@@ -21,7 +21,7 @@ from .events import EventBus
 from .services.base import Context
 from .services.sessions import SessionService
 from .settings import EngineSettings
-from .storage import open_store
+from .storage import Store, open_store
 from .tenant import TenantView
 
 log = logging.getLogger("ctxengine")
