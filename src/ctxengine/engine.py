@@ -21,7 +21,7 @@ from .events import EventBus
 from .services.base import Context
 from .services.sessions import SessionService
 from .settings import EngineSettings
-from .storage import Store, open_store
+from .storage import Store, normalize_url, open_store, resolve_url
 from .tenant import TenantView
 
 log = logging.getLogger("ctxengine")
@@ -63,8 +63,6 @@ class ContextEngine(TenantView):
         self._opening = asyncio.Lock()
         # Fail fast on an unsupported URL, before anything connects.
         if not isinstance(url, AsyncEngine):
-            from .storage import normalize_url, resolve_url
-
             normalize_url(resolve_url(url))
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -81,6 +81,9 @@ class EngineSettings(BaseSettings):
     max_overflow: int = Field(10, ge=0)
     pool_timeout: float = Field(30.0, gt=0)
     pool_recycle: float = Field(1800.0, gt=0)
+    pool_pre_ping: bool = Field(
+        True, description="test pooled PostgreSQL connections before use (one round trip)"
+    )
     sqlite_busy_timeout: float = Field(30.0, gt=0, description="seconds SQLite waits for a lock")
     transient_retries: int = Field(
         5, ge=0, description="retries of a transaction on a transient error"

@@ -28,7 +28,7 @@ class PostgresBackend(Backend):
             "max_overflow": settings.max_overflow,
             "pool_timeout": settings.pool_timeout,
             "pool_recycle": settings.pool_recycle,
-            "pool_pre_ping": True,
+            "pool_pre_ping": settings.pool_pre_ping,
         }
 
     async def lock(self, conn: AsyncConnection, name: str) -> None:
