@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Double,
+    ForeignKeyConstraint,
     Index,
     MetaData,
     PrimaryKeyConstraint,
@@ -59,4 +61,90 @@ sessions = Table(
     # the sweep: idle sessions and sessions past their deadline
     Index(None, "status", "last_activity"),
     Index(None, "status", "expires_at"),
+)
+
+
+def _owned_by_session() -> ForeignKeyConstraint:
+    """Rows a session owns go when the session goes."""
+    return ForeignKeyConstraint(
+        ["tenant_id", "session_id"],
+        ["ctx_sessions.tenant_id", "ctx_sessions.session_id"],
+        ondelete="CASCADE",
+    )
+
+
+#: One counter row per (session, resource type): the quota check is one conditional
+#: statement on this row. ``quota_limit`` NULL = unlimited; ``custom`` = set by
+#: set_quota() (kept across change_tier()).
+quotas = Table(
+    "ctx_quotas",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("session_id", ID, nullable=False),
+    Column("resource_type", String(32), nullable=False),
+    Column("used", Double, nullable=False),
+    Column("quota_limit", Double, nullable=True),
+    Column("custom", Boolean, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "session_id", "resource_type"),
+    _owned_by_session(),
+)
+
+usage_records = Table(
+    "ctx_usage_records",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("record_id", String(36), nullable=False),
+    Column("session_id", ID, nullable=False),
+    Column("user_id", ID, nullable=False),
+    Column("operation", ID, nullable=False),
+    Column("resource_type", String(32), nullable=False),
+    Column("amount", Double, nullable=False),
+    Column("metadata", JSONDocument, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "record_id"),
+    _owned_by_session(),
+    Index(None, "tenant_id", "session_id", "created_at"),
+    Index(None, "tenant_id", "user_id", "created_at"),
+)
+
+#: Custom rate limits (set_rate_limit) per session or per user and operation.
+rate_limit_rules = Table(
+    "ctx_rate_limit_rules",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("scope", String(16), nullable=False),
+    Column("subject", ID, nullable=False),
+    Column("operation", ID, nullable=False),
+    Column("max_calls", BigInteger, nullable=False),
+    Column("window_seconds", Double, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "scope", "subject", "operation"),
+)
+
+#: Limiter state per key: at most 61 sub-window counts, whatever max_calls is.
+rate_limit_state = Table(
+    "ctx_rate_limit_state",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("scope", String(16), nullable=False),
+    Column("subject", ID, nullable=False),
+    Column("operation", ID, nullable=False),
+    Column("window_ms", BigInteger, nullable=False),
+    Column("state", JSONDocument, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "scope", "subject", "operation", "window_ms"),
+)
+
+#: Live concurrency slots; a lease counts while ``expires_at`` is in the future.
+leases = Table(
+    "ctx_leases",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("lease_id", String(36), nullable=False),
+    Column("session_id", ID, nullable=False),
+    Column("operation", ID, nullable=False),
+    Column("acquired_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "lease_id"),
+    _owned_by_session(),
+    Index(None, "tenant_id", "session_id", "expires_at"),
 )
