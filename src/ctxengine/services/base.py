@@ -26,6 +26,12 @@ class Effects:
     now: datetime
     events: list[Event] = field(default_factory=list)
     error: ContextEngineError | None = None
+    rollback: bool = False
+
+    def refuse(self, error: ContextEngineError) -> None:
+        """Roll the whole unit of work back, still publish its events, then raise ``error``."""
+        self.error = error
+        self.rollback = True
 
     def emit(
         self,
@@ -47,6 +53,13 @@ class Effects:
         )
 
 
+class _Refused(Exception):
+    """Carries the effects of a refused unit of work out through the rollback."""
+
+    def __init__(self, effects: Effects) -> None:
+        self.effects = effects
+
+
 Work = Callable[[AsyncConnection, Effects], Awaitable[T]]
 
 
@@ -60,19 +73,26 @@ class Context:
     settings: EngineSettings
 
     async def transact(self, work: Work[T], *, write: bool = True, operation: str = "") -> T:
-        """Run ``work`` as one unit of work; publish its events after the commit, then
-        raise the error it left (a change it committed, such as a lazy expiry, stays)."""
+        """Run ``work`` as one unit of work, then publish its events and raise the error
+        it left: after the commit (a change it committed, such as a lazy expiry, stays),
+        or after the rollback when it refused (see :meth:`Effects.refuse`)."""
         effects: Effects | None = None
 
         async def attempt(conn: AsyncConnection) -> T:
             nonlocal effects
             effects = Effects(self.clock())
-            return await work(conn, effects)
+            result = await work(conn, effects)
+            if effects.rollback:
+                raise _Refused(effects)
+            return result
 
-        result = await self.store.run(attempt, write=write, operation=operation)
-        assert effects is not None
-        if effects.events:
-            self.bus.publish(effects.events)
+        try:
+            result = await self.store.run(attempt, write=write, operation=operation)
+        except _Refused as refused:
+            effects = refused.effects
+        else:
+            assert effects is not None
+        self.bus.publish(effects.events)
         if effects.error is not None:
             raise effects.error
         return result

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from sqlalchemy import ColumnElement, Table
@@ -48,9 +48,32 @@ class Backend:
     async def lock(self, conn: AsyncConnection, name: str) -> None:
         """Hold a named lock until the transaction ends (mutual exclusion across processes)."""
 
+    def _insert(self, table: Table) -> Any:
+        """The dialect's INSERT construct (it has ``on_conflict_do_*`` and ``excluded``)."""
+        raise NotImplementedError
+
     def insert_or_ignore(self, table: Table, key: Sequence[str]) -> Insert:
         """An INSERT that does nothing when a row with the same ``key`` columns exists."""
-        raise NotImplementedError
+        stmt: Insert = self._insert(table).on_conflict_do_nothing(index_elements=list(key))
+        return stmt
+
+    def upsert(
+        self,
+        table: Table,
+        key: Sequence[str],
+        values: dict[str, Any],
+        update: Callable[[Any], dict[str, Any]],
+        where: Callable[[Any], ColumnElement[bool]] | None = None,
+    ) -> Insert:
+        """INSERT ``values``; on a key conflict apply ``update(excluded)`` to the existing
+        row, only where ``where(excluded)`` holds (then nothing is returned)."""
+        stmt = self._insert(table).values(**values)
+        result: Insert = stmt.on_conflict_do_update(
+            index_elements=list(key),
+            set_=update(stmt.excluded),
+            where=None if where is None else where(stmt.excluded),
+        )
+        return result
 
     def json_merge(self, column: ColumnElement[Any], patch: dict[str, Any]) -> ColumnElement[Any]:
         """``column`` with the top-level keys of ``patch`` set (a shallow merge)."""

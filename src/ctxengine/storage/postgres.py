@@ -10,7 +10,6 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql.dml import Insert
 
 from ..settings import EngineSettings
 from .backend import Backend, lock_key
@@ -34,8 +33,8 @@ class PostgresBackend(Backend):
     async def lock(self, conn: AsyncConnection, name: str) -> None:
         await conn.execute(select(func.pg_advisory_xact_lock(lock_key(name))))
 
-    def insert_or_ignore(self, table: Table, key: Sequence[str]) -> Insert:
-        return pg_insert(table).on_conflict_do_nothing(index_elements=list(key))
+    def _insert(self, table: Table) -> Any:
+        return pg_insert(table)
 
     def json_merge(self, column: ColumnElement[Any], patch: dict[str, Any]) -> ColumnElement[Any]:
         return column.op("||")(cast(literal(patch, JSONB), JSONB))

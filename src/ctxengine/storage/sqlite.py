@@ -12,7 +12,6 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.sql.dml import Insert
 
 from ..settings import EngineSettings
 from .backend import Backend
@@ -73,8 +72,8 @@ class SQLiteBackend(Backend):
     async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
         await conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
-    def insert_or_ignore(self, table: Table, key: Sequence[str]) -> Insert:
-        return sqlite_insert(table).on_conflict_do_nothing(index_elements=list(key))
+    def _insert(self, table: Table) -> Any:
+        return sqlite_insert(table)
 
     def json_merge(self, column: ColumnElement[Any], patch: dict[str, Any]) -> ColumnElement[Any]:
         text = json.dumps(patch, separators=(",", ":"), ensure_ascii=False)

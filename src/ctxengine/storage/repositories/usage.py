@@ -1,0 +1,367 @@
+"""SQL for quotas, usage records, rate-limit rules and state, and concurrency leases."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Executable, Row, and_, delete, func, or_, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..backend import Backend
+from ..schema import leases, quotas, rate_limit_rules, rate_limit_state, usage_records
+
+_Q_KEY = ("tenant_id", "session_id", "resource_type")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFilter:
+    """Filters of get_usage_history."""
+
+    user_id: str | None = None
+    session_id: str | None = None
+    resource_type: str | None = None
+    operation: str | None = None
+    since: datetime | None = None
+
+
+class UsageRepository:
+    """Every statement on the usage and limit tables."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    # -- quotas -------------------------------------------------------------------------
+    async def add_to_quota(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        session_id: str,
+        resource_type: str,
+        amount: float,
+        tier_limit: float | None,
+    ) -> tuple[float, float | None] | None:
+        """Add ``amount`` if it fits under the row's limit (the tier's limit for a new
+        row); the new (used, limit), or None when it does not fit."""
+        q = quotas.c
+        fits = or_(q.quota_limit.is_(None), q.used + amount <= q.quota_limit)
+        stmt: Executable
+        if tier_limit is None or amount <= tier_limit:
+            stmt = self.backend.upsert(
+                quotas,
+                _Q_KEY,
+                {
+                    "tenant_id": tenant,
+                    "session_id": session_id,
+                    "resource_type": resource_type,
+                    "used": amount,
+                    "quota_limit": tier_limit,
+                    "custom": False,
+                },
+                lambda excluded: {"used": q.used + excluded.used},
+                lambda excluded: fits,
+            ).returning(q.used, q.quota_limit)
+        else:  # a new row could not take it: only an existing (custom) limit might
+            stmt = (
+                update(quotas)
+                .where(
+                    q.tenant_id == tenant,
+                    q.session_id == session_id,
+                    q.resource_type == resource_type,
+                    fits,
+                )
+                .values(used=q.used + amount)
+                .returning(q.used, q.quota_limit)
+            )
+        row = (await conn.execute(stmt)).first()
+        return None if row is None else (float(row[0]), _opt_float(row[1]))
+
+    async def quota_rows(
+        self, conn: AsyncConnection, tenant: str, session_id: str
+    ) -> dict[str, tuple[float, float | None, bool]]:
+        """resource_type → (used, limit, custom) for the rows that exist."""
+        q = quotas.c
+        rows = await conn.execute(
+            select(q.resource_type, q.used, q.quota_limit, q.custom).where(
+                q.tenant_id == tenant, q.session_id == session_id
+            )
+        )
+        return {r[0]: (float(r[1]), _opt_float(r[2]), bool(r[3])) for r in rows}
+
+    async def set_quota(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        session_id: str,
+        resource_type: str,
+        limit: float | None,
+    ) -> None:
+        values = {
+            "tenant_id": tenant,
+            "session_id": session_id,
+            "resource_type": resource_type,
+            "used": 0.0,
+            "quota_limit": limit,
+            "custom": True,
+        }
+        await conn.execute(
+            self.backend.upsert(
+                quotas,
+                _Q_KEY,
+                values,
+                lambda excluded: {"quota_limit": excluded.quota_limit, "custom": True},
+            )
+        )
+
+    async def retier_quotas(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        session_id: str,
+        limits: dict[str, float | None],
+    ) -> None:
+        """Give every non-custom quota row of the session its new tier limit."""
+        q = quotas.c
+        for resource_type, limit in limits.items():
+            await conn.execute(
+                update(quotas)
+                .where(
+                    q.tenant_id == tenant,
+                    q.session_id == session_id,
+                    q.resource_type == resource_type,
+                    q.custom.is_(False),
+                )
+                .values(quota_limit=limit)
+            )
+
+    async def custom_limit(
+        self, conn: AsyncConnection, tenant: str, session_id: str, resource_type: str
+    ) -> tuple[bool, float | None]:
+        """(True, limit) when set_quota() set this quota, else (False, None)."""
+        q = quotas.c
+        row = (
+            await conn.execute(
+                select(q.quota_limit).where(
+                    q.tenant_id == tenant,
+                    q.session_id == session_id,
+                    q.resource_type == resource_type,
+                    q.custom.is_(True),
+                )
+            )
+        ).first()
+        return (False, None) if row is None else (True, _opt_float(row[0]))
+
+    # -- usage records ------------------------------------------------------------------
+    async def insert_record(self, conn: AsyncConnection, values: dict[str, Any]) -> None:
+        await conn.execute(usage_records.insert().values(**values))
+
+    async def history(
+        self, conn: AsyncConnection, tenant: str, f: UsageFilter, limit: int
+    ) -> Sequence[Row[Any]]:
+        u = usage_records.c
+        stmt = select(usage_records).where(u.tenant_id == tenant)
+        if f.user_id is not None:
+            stmt = stmt.where(u.user_id == f.user_id)
+        if f.session_id is not None:
+            stmt = stmt.where(u.session_id == f.session_id)
+        if f.resource_type is not None:
+            stmt = stmt.where(u.resource_type == f.resource_type)
+        if f.operation is not None:
+            stmt = stmt.where(u.operation == f.operation)
+        if f.since is not None:
+            stmt = stmt.where(u.created_at >= f.since)
+        stmt = stmt.order_by(u.created_at.desc(), u.record_id.desc()).limit(limit)
+        return (await conn.execute(stmt)).all()
+
+    async def amounts_since(
+        self, conn: AsyncConnection, tenant: str, session_id: str, since: datetime
+    ) -> dict[str, float]:
+        u = usage_records.c
+        rows = await conn.execute(
+            select(u.resource_type, func.sum(u.amount))
+            .where(u.tenant_id == tenant, u.session_id == session_id, u.created_at > since)
+            .group_by(u.resource_type)
+        )
+        return {r[0]: float(r[1]) for r in rows}
+
+    async def user_breakdown(
+        self, conn: AsyncConnection, tenant: str, user_id: str
+    ) -> tuple[dict[str, int], dict[str, float]]:
+        """(operation → count, resource type → amount) over the user's usage records."""
+        u = usage_records.c
+        mine = and_(u.tenant_id == tenant, u.user_id == user_id)
+        ops = await conn.execute(
+            select(u.operation, func.count()).where(mine).group_by(u.operation)
+        )
+        res = await conn.execute(
+            select(u.resource_type, func.sum(u.amount)).where(mine).group_by(u.resource_type)
+        )
+        return {r[0]: int(r[1]) for r in ops}, {r[0]: float(r[1]) for r in res}
+
+    async def usage_by_resource(self, conn: AsyncConnection, tenant: str) -> dict[str, float]:
+        q = quotas.c
+        rows = await conn.execute(
+            select(q.resource_type, func.sum(q.used))
+            .where(q.tenant_id == tenant)
+            .group_by(q.resource_type)
+        )
+        return {r[0]: float(r[1]) for r in rows}
+
+    # -- rate limits --------------------------------------------------------------------
+    async def rule(
+        self, conn: AsyncConnection, tenant: str, scope: str, subject: str, operation: str
+    ) -> tuple[int, float] | None:
+        r = rate_limit_rules.c
+        row = (
+            await conn.execute(
+                select(r.max_calls, r.window_seconds).where(
+                    r.tenant_id == tenant,
+                    r.scope == scope,
+                    r.subject == subject,
+                    r.operation == operation,
+                )
+            )
+        ).first()
+        return None if row is None else (int(row[0]), float(row[1]))
+
+    async def set_rule(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        scope: str,
+        subject: str,
+        operation: str,
+        max_calls: int,
+        window: float,
+    ) -> None:
+        values = {
+            "tenant_id": tenant,
+            "scope": scope,
+            "subject": subject,
+            "operation": operation,
+            "max_calls": max_calls,
+            "window_seconds": window,
+        }
+        await conn.execute(
+            self.backend.upsert(
+                rate_limit_rules,
+                ("tenant_id", "scope", "subject", "operation"),
+                values,
+                lambda excluded: {
+                    "max_calls": excluded.max_calls,
+                    "window_seconds": excluded.window_seconds,
+                },
+            )
+        )
+
+    async def lock_state(
+        self, conn: AsyncConnection, key: tuple[str, str, str, str, int], now: datetime
+    ) -> Any:
+        """The limiter state of ``key``, locked until the transaction ends (created empty)."""
+        tenant, scope, subject, operation, window_ms = key
+        stmt = self.backend.upsert(
+            rate_limit_state,
+            ("tenant_id", "scope", "subject", "operation", "window_ms"),
+            {
+                "tenant_id": tenant,
+                "scope": scope,
+                "subject": subject,
+                "operation": operation,
+                "window_ms": window_ms,
+                "state": {},
+                "updated_at": now,
+            },
+            # a no-op update: it takes the row lock and returns the stored state
+            lambda excluded: {"updated_at": rate_limit_state.c.updated_at},
+        ).returning(rate_limit_state.c.state)
+        return (await conn.execute(stmt)).scalar_one()
+
+    async def peek_state(self, conn: AsyncConnection, key: tuple[str, str, str, str, int]) -> Any:
+        s = rate_limit_state.c
+        tenant, scope, subject, operation, window_ms = key
+        return (
+            await conn.execute(
+                select(s.state).where(
+                    s.tenant_id == tenant,
+                    s.scope == scope,
+                    s.subject == subject,
+                    s.operation == operation,
+                    s.window_ms == window_ms,
+                )
+            )
+        ).scalar_one_or_none()
+
+    async def save_state(
+        self,
+        conn: AsyncConnection,
+        key: tuple[str, str, str, str, int],
+        state: Any,
+        now: datetime,
+    ) -> None:
+        s = rate_limit_state.c
+        tenant, scope, subject, operation, window_ms = key
+        await conn.execute(
+            update(rate_limit_state)
+            .where(
+                s.tenant_id == tenant,
+                s.scope == scope,
+                s.subject == subject,
+                s.operation == operation,
+                s.window_ms == window_ms,
+            )
+            .values(state=state, updated_at=now)
+        )
+
+    # -- leases -------------------------------------------------------------------------
+    async def live_leases(
+        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime
+    ) -> int:
+        lc = leases.c
+        stmt = select(func.count()).where(
+            lc.tenant_id == tenant, lc.session_id == session_id, lc.expires_at > now
+        )
+        return int((await conn.execute(stmt)).scalar_one())
+
+    async def insert_lease(self, conn: AsyncConnection, values: dict[str, Any]) -> None:
+        await conn.execute(leases.insert().values(**values))
+
+    async def drop_dead_leases(
+        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime
+    ) -> None:
+        lc = leases.c
+        await conn.execute(
+            delete(leases).where(
+                lc.tenant_id == tenant, lc.session_id == session_id, lc.expires_at <= now
+            )
+        )
+
+    async def renew_lease(
+        self, conn: AsyncConnection, tenant: str, lease_id: str, now: datetime, ttl: float
+    ) -> bool:
+        lc = leases.c
+        result = await conn.execute(
+            update(leases)
+            .where(lc.tenant_id == tenant, lc.lease_id == lease_id, lc.expires_at > now)
+            .values(expires_at=now + timedelta(seconds=ttl))
+        )
+        return bool(result.rowcount)
+
+    async def release_lease(self, conn: AsyncConnection, tenant: str, lease_id: str) -> None:
+        lc = leases.c
+        await conn.execute(delete(leases).where(lc.tenant_id == tenant, lc.lease_id == lease_id))
+
+    async def release_session_leases(
+        self, conn: AsyncConnection, keys: Sequence[tuple[str, str]]
+    ) -> None:
+        """Drop every lease of the given (tenant_id, session_id) sessions."""
+        if keys:
+            lc = leases.c
+            await conn.execute(
+                delete(leases).where(tuple_(lc.tenant_id, lc.session_id).in_(list(keys)))
+            )
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
