@@ -20,6 +20,7 @@ from .errors import EngineClosedError, StorageError
 from .events import EventBus
 from .services.base import Context
 from .services.sessions import SessionService
+from .services.usage import UsageService
 from .settings import EngineSettings
 from .storage import Store, normalize_url, open_store, resolve_url
 from .tenant import TenantView
@@ -35,6 +36,7 @@ class _Runtime:
 
     ctx: Context
     sessions: SessionService
+    usage: UsageService
     cleanup: CleanupLoop | None
 
 
@@ -93,7 +95,7 @@ class ContextEngine(TenantView):
             cleanup = None
             if self.settings.auto_cleanup:
                 cleanup = CleanupLoop(self._sweep, self.settings.cleanup_interval)
-            self._live = _Runtime(ctx, sessions, cleanup)
+            self._live = _Runtime(ctx, sessions, UsageService(ctx, sessions), cleanup)
             self._state = "open"
             if cleanup is not None:
                 cleanup.start()

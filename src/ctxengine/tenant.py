@@ -5,13 +5,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from . import validation as v
 from .errors import EngineClosedError, ValidationError
 from .events import EVENT_TYPES, EventStream, Handler
 from .lifecycle import END_STATUSES
-from .models import Session, SessionStatus, Statistics
+from .models import (
+    QuotaStatus,
+    QuotaType,
+    Session,
+    SessionStatus,
+    Statistics,
+    UsageRecord,
+    UserAnalytics,
+)
+from .services.usage import quota_type, usage_callback
 from .tracking import RequestTracker, track_request
 
 if TYPE_CHECKING:
@@ -241,6 +250,85 @@ class TenantView:
     async def get_metrics(self) -> dict[str, Any]:
         """``get_statistics()`` as a dict."""
         return (await self.get_statistics()).model_dump(mode="json")
+
+    # -- tiers, quotas, usage ------------------------------------------------------------
+    async def track_usage(
+        self,
+        session_id: str,
+        operation: str,
+        resource_type: QuotaType | str,
+        amount: float = 1,
+        metadata: dict[str, Any] | None = None,
+    ) -> UsageRecord:
+        """Record use of a resource: the quota check, the counter, the usage record and
+        the session touch in one transaction. Raises QuotaExceededError (writing
+        nothing) when ``used + amount`` would pass the limit."""
+        return await self._runtime().usage.track(
+            self._tenant, session_id, operation, resource_type, amount, metadata
+        )
+
+    @overload
+    async def get_quota(self, session_id: str) -> dict[QuotaType, QuotaStatus]: ...
+
+    @overload
+    async def get_quota(self, session_id: str, resource_type: QuotaType | str) -> QuotaStatus: ...
+
+    async def get_quota(
+        self, session_id: str, resource_type: QuotaType | str | None = None
+    ) -> dict[QuotaType, QuotaStatus] | QuotaStatus:
+        """Every quota of the session, or the one of ``resource_type``."""
+        quotas = await self._runtime().usage.quotas(self._tenant, session_id)
+        if resource_type is None:
+            return quotas
+        return quotas[quota_type(resource_type)]
+
+    async def set_quota(
+        self, session_id: str, resource_type: QuotaType | str, limit: float | None
+    ) -> QuotaStatus:
+        """Give the session its own limit for ``resource_type`` (None = unlimited); usage
+        so far is kept and the limit survives change_tier()."""
+        return await self._runtime().usage.set_quota(self._tenant, session_id, resource_type, limit)
+
+    async def change_tier(self, session_id: str, tier: str) -> Session:
+        """Move the session to another tier; its limits change now, usage is kept."""
+        return await self._runtime().usage.change_tier(self._tenant, session_id, tier)
+
+    async def get_usage_history(
+        self,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        resource_type: QuotaType | str | None = None,
+        operation: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[UsageRecord]:
+        """Usage records, newest first."""
+        return await self._runtime().usage.history(
+            self._tenant,
+            user_id=user_id,
+            session_id=session_id,
+            resource_type=resource_type,
+            operation=operation,
+            since=since,
+            limit=limit,
+        )
+
+    async def predict_quota_exhaustion(
+        self, session_id: str, *, lookback: float = 3600
+    ) -> dict[QuotaType, dict[str, Any]]:
+        """Per quota type: the consumption rate per hour over ``lookback`` seconds, what
+        remains, and when it runs out at that rate (None when the rate is 0 or the
+        quota unlimited)."""
+        return await self._runtime().usage.predict(self._tenant, session_id, lookback)
+
+    async def get_user_analytics(self, user_id: str) -> UserAnalytics:
+        """Sessions and usage of one user, from SQL aggregates."""
+        return await self._runtime().usage.analytics(self._tenant, user_id)
+
+    def add_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> Callable[[], None]:
+        """Call ``callback(record)`` after each recorded usage; returns the unsubscriber."""
+        return self.subscribe(usage_callback(callback), "usage.recorded")
 
     # -- events -------------------------------------------------------------------------
     def subscribe(self, handler: Handler, *event_types: str) -> Callable[[], None]:

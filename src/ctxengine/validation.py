@@ -71,10 +71,13 @@ def non_negative(value: object, field: str) -> float:
 
 def positive(value: object, field: str) -> float:
     """A finite number > 0."""
-    number = non_negative(value, field)
-    if number == 0:
-        raise ValidationError(f"{field} must be greater than 0", field=field, value=value)
-    return number
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(f"{field} must be a number, got {value!r}", field=field)
+    if not math.isfinite(value) or value <= 0:
+        raise ValidationError(
+            f"{field} must be a finite number > 0, got {value!r}", field=field, value=value
+        )
+    return float(value)
 
 
 def limit(value: object, field: str = "limit") -> int:

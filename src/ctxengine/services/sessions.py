@@ -26,6 +26,7 @@ from ..storage.repositories.sessions import Counters, SessionFilter, SessionRepo
 from .base import Context, Effects
 
 _EXPIRE_BATCH = 5000
+NO_COUNTERS = Counters()
 
 
 def _event_for(status: SessionStatus) -> str:
@@ -187,31 +188,55 @@ class SessionService:
         patch = v.json_object(metadata, "metadata", max_bytes) if metadata is not None else None
 
         async def work(conn: AsyncConnection, fx: Effects) -> Session | None:
-            row = await self.repo.record(
-                conn,
-                tenant,
-                session_id,
-                fx.now,
-                self.timeout if require_active else None,
-                counters,
-                patch,
+            session = await self.require_active(
+                conn, fx, tenant, session_id, counters, patch, require=require_active
             )
-            if row is None:
-                status = await self._diagnose(conn, fx, tenant, session_id)
-                fx.error = (
-                    SessionExpiredError(session_id)
-                    if status is SessionStatus.EXPIRED
-                    else SessionNotActiveError(session_id, status)
-                )
-                return None
-            merged = row._mapping["metadata"]
-            if patch and len(v.json_text(merged, "metadata").encode()) > max_bytes:
-                raise ValidationError(
-                    f"metadata would exceed max_metadata_bytes={max_bytes}", field="metadata"
-                )
-            return to_session(row, fx.now)
+            if session is not None and patch:
+                size = len(v.json_text(session.metadata, "metadata").encode())
+                if size > max_bytes:
+                    raise ValidationError(
+                        f"metadata would grow to {size} bytes, over max_metadata_bytes="
+                        f"{max_bytes}; nothing was written",
+                        field="metadata",
+                    )
+            return session
 
         return _committed(await self.ctx.transact(work, operation=operation))
+
+    async def require_active(
+        self,
+        conn: AsyncConnection,
+        fx: Effects,
+        tenant: str,
+        session_id: str,
+        counters: Counters = NO_COUNTERS,
+        metadata: dict[str, Any] | None = None,
+        *,
+        require: bool = True,
+    ) -> Session | None:
+        """Record activity (and ``counters``) on a session that can work, in ``conn``.
+
+        None when it cannot; the error to raise is then left in ``fx`` (a lazily
+        detected expiry stays committed). With ``require=False`` any status is accepted.
+        """
+        row = await self.repo.record(
+            conn,
+            tenant,
+            session_id,
+            fx.now,
+            self.timeout if require else None,
+            counters,
+            metadata,
+        )
+        if row is not None:
+            return to_session(row, fx.now)
+        status = await self._diagnose(conn, fx, tenant, session_id)
+        fx.error = (
+            SessionExpiredError(session_id)
+            if status is SessionStatus.EXPIRED
+            else SessionNotActiveError(session_id, status)
+        )
+        return None
 
     async def _diagnose(
         self, conn: AsyncConnection, fx: Effects, tenant: str, session_id: str
@@ -385,6 +410,7 @@ class SessionService:
     async def statistics(self, tenant: str) -> Statistics:
         async def work(conn: AsyncConnection, fx: Effects) -> Statistics:
             s = await self.repo.statistics(conn, tenant)
+            usage = await self.repo.usage_by_resource(conn, tenant)
             by_status = {
                 status.value: s["by_status"].get(status.value, 0) for status in SessionStatus
             }
@@ -401,6 +427,7 @@ class SessionService:
                 average_processing_time=(
                     s["processing_time"] / s["requests"] if s["requests"] else 0.0
                 ),
+                usage_by_resource=usage,
             )
 
         return await self.ctx.transact(work, write=False, operation="get_statistics")

@@ -11,6 +11,7 @@ from sqlalchemy import (
     ColumnElement,
     Row,
     and_,
+    case,
     delete,
     func,
     or_,
@@ -23,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ...lifecycle import OPEN_STATUSES
 from ...models import Session, SessionStatus
 from ..backend import Backend
+from ..schema import quotas
 from ..schema import sessions as t
 
 _OPEN = [s.value for s in OPEN_STATUSES]
@@ -314,6 +316,36 @@ class SessionRepository:
             .returning(t.c.tenant_id, t.c.session_id, t.c.user_id, t.c.status)
         )
         return (await conn.execute(stmt)).all()
+
+    async def usage_by_resource(self, conn: AsyncConnection, tenant: str) -> dict[str, float]:
+        """Total use per resource type over the tenant's quotas."""
+        q = quotas.c
+        rows = await conn.execute(
+            select(q.resource_type, func.sum(q.used))
+            .where(q.tenant_id == tenant)
+            .group_by(q.resource_type)
+        )
+        return {r[0]: float(r[1]) for r in rows}
+
+    async def set_tier(
+        self, conn: AsyncConnection, tenant: str, session_id: str, tier: str
+    ) -> Row[Any] | None:
+        stmt = update(t).where(self._key(tenant, session_id)).values(tier=tier).returning(*_COLUMNS)
+        return (await conn.execute(stmt)).first()
+
+    async def user_counts(
+        self, conn: AsyncConnection, tenant: str, user_id: str
+    ) -> tuple[int, int]:
+        """(all sessions, active sessions) of a user."""
+        active = func.sum(case((t.c.status == SessionStatus.ACTIVE.value, 1), else_=0))
+        row = (
+            await conn.execute(
+                select(func.count(), func.coalesce(active, 0)).where(
+                    t.c.tenant_id == tenant, t.c.user_id == user_id
+                )
+            )
+        ).one()
+        return int(row[0]), int(row[1])
 
     async def delete(self, conn: AsyncConnection, tenant: str, session_id: str) -> bool:
         result = await conn.execute(delete(t).where(self._key(tenant, session_id)))

@@ -200,15 +200,6 @@ class UsageRepository:
         )
         return {r[0]: int(r[1]) for r in ops}, {r[0]: float(r[1]) for r in res}
 
-    async def usage_by_resource(self, conn: AsyncConnection, tenant: str) -> dict[str, float]:
-        q = quotas.c
-        rows = await conn.execute(
-            select(q.resource_type, func.sum(q.used))
-            .where(q.tenant_id == tenant)
-            .group_by(q.resource_type)
-        )
-        return {r[0]: float(r[1]) for r in rows}
-
     # -- rate limits --------------------------------------------------------------------
     async def rule(
         self, conn: AsyncConnection, tenant: str, scope: str, subject: str, operation: str

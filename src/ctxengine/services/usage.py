@@ -1,0 +1,297 @@
+"""Tiers, quotas and usage: the quota check, counter, usage record and touch in one unit."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .. import validation as v
+from ..errors import QuotaExceededError, SessionNotFoundError, ValidationError
+from ..ids import new_id
+from ..models import QuotaStatus, QuotaType, Session, UsageRecord, UserAnalytics
+from ..settings import TierPolicy
+from ..storage.repositories.sessions import to_session
+from ..storage.repositories.usage import UsageFilter, UsageRepository
+from .base import Context, Effects
+from .sessions import SessionService
+
+#: Usage thresholds announced once per crossing, in percent.
+THRESHOLDS = ((90.0, "quota.critical"), (75.0, "quota.warning"))
+
+
+def quota_type(value: object, field: str = "resource_type") -> QuotaType:
+    """A known :class:`QuotaType`."""
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return QuotaType(value)
+    except ValueError:
+        known = ", ".join(q.value for q in QuotaType)
+        raise ValidationError(f"unknown {field} {value!r}; one of: {known}", field=field) from None
+
+
+def tier_limit(policy: TierPolicy | None, resource: QuotaType) -> float | None:
+    """The limit a tier gives ``resource`` (None = unlimited)."""
+    if policy is None:
+        return None
+    if resource is QuotaType.CONCURRENT_REQUESTS:
+        limit = policy.quotas.get(resource, policy.max_concurrent)
+    else:
+        limit = policy.quotas.get(resource)
+    return None if limit is None else float(limit)
+
+
+class UsageService:
+    """Business rules of SPEC §5 (quotas, usage) and the analytics of §3."""
+
+    def __init__(self, ctx: Context, sessions: SessionService) -> None:
+        self.ctx = ctx
+        self.sessions = sessions
+        self.repo = UsageRepository(ctx.store.backend)
+
+    def policy(self, tier: str) -> TierPolicy | None:
+        return self.ctx.settings.tiers.get(tier)
+
+    async def track(
+        self,
+        tenant: str,
+        session_id: str,
+        operation: str,
+        resource_type: Any,
+        amount: Any,
+        metadata: Any,
+    ) -> UsageRecord:
+        v.identifier(session_id)
+        v.identifier(operation, "operation")
+        resource = quota_type(resource_type)
+        if resource is QuotaType.CONCURRENT_REQUESTS:
+            raise ValidationError(
+                "concurrent_requests is a gauge of live leases: use concurrency_slot()",
+                field="resource_type",
+            )
+        qty = v.positive(amount, "amount")
+        meta = v.json_object(metadata, "metadata", self.ctx.settings.max_metadata_bytes)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> UsageRecord | None:
+            session = await self.sessions.require_active(conn, fx, tenant, session_id)
+            if session is None:
+                return None
+            limit = tier_limit(self.policy(session.tier), resource)
+            result = await self.repo.add_to_quota(
+                conn, tenant, session_id, resource.value, qty, limit
+            )
+            if result is None:
+                rows = await self.repo.quota_rows(conn, tenant, session_id)
+                used, row_limit, _ = rows.get(resource.value, (0.0, limit, False))
+                assert row_limit is not None
+                fx.emit(
+                    "quota.exceeded",
+                    tenant,
+                    session_id,
+                    session.user_id,
+                    resource_type=resource.value,
+                    used=used,
+                    limit=row_limit,
+                    requested=qty,
+                )
+                fx.refuse(QuotaExceededError(resource.value, used, row_limit, qty))
+                return None
+            used, new_limit = result
+            record = UsageRecord(
+                record_id=new_id(),
+                session_id=session_id,
+                user_id=session.user_id,
+                operation=operation,
+                resource_type=resource,
+                amount=qty,
+                metadata=meta,
+                created_at=fx.now,
+            )
+            await self.repo.insert_record(
+                conn,
+                {**record.model_dump(), "tenant_id": tenant, "resource_type": resource.value},
+            )
+            fx.emit(
+                "usage.recorded",
+                tenant,
+                session_id,
+                session.user_id,
+                record=record,
+            )
+            if new_limit:
+                before, after = 100 * (used - qty) / new_limit, 100 * used / new_limit
+                for threshold, event in THRESHOLDS:
+                    if before < threshold <= after:
+                        fx.emit(
+                            event,
+                            tenant,
+                            session_id,
+                            session.user_id,
+                            resource_type=resource.value,
+                            used=used,
+                            limit=new_limit,
+                            usage_percentage=after,
+                        )
+                        break
+            return record
+
+        result = await self.ctx.transact(work, operation="track_usage")
+        assert result is not None
+        return result
+
+    async def quotas(self, tenant: str, session_id: str) -> dict[QuotaType, QuotaStatus]:
+        v.identifier(session_id)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> dict[QuotaType, QuotaStatus]:
+            row = await self.sessions.repo.get(conn, tenant, session_id)
+            if row is None:
+                raise SessionNotFoundError(session_id, tenant)
+            policy = self.policy(row._mapping["tier"])
+            rows = await self.repo.quota_rows(conn, tenant, session_id)
+            live = await self.repo.live_leases(conn, tenant, session_id, fx.now)
+            result: dict[QuotaType, QuotaStatus] = {}
+            for resource in QuotaType:
+                used, limit, custom = rows.get(
+                    resource.value, (0.0, tier_limit(policy, resource), False)
+                )
+                if resource is QuotaType.CONCURRENT_REQUESTS:
+                    used = float(live)
+                    if not custom:
+                        limit = tier_limit(policy, resource)
+                result[resource] = QuotaStatus.of(used, limit)
+            return result
+
+        return await self.ctx.transact(work, write=False, operation="get_quota")
+
+    async def set_quota(
+        self, tenant: str, session_id: str, resource_type: Any, limit: Any
+    ) -> QuotaStatus:
+        v.identifier(session_id)
+        resource = quota_type(resource_type)
+        if limit is not None:
+            limit = v.non_negative(limit, "limit")
+
+        async def work(conn: AsyncConnection, fx: Effects) -> None:
+            if await self.sessions.repo.get(conn, tenant, session_id) is None:
+                raise SessionNotFoundError(session_id, tenant)
+            await self.repo.set_quota(conn, tenant, session_id, resource.value, limit)
+
+        await self.ctx.transact(work, operation="set_quota")
+        return (await self.quotas(tenant, session_id))[resource]
+
+    async def change_tier(self, tenant: str, session_id: str, tier: str) -> Session:
+        v.identifier(session_id)
+        policy = self.policy(tier)
+        if policy is None:
+            known = ", ".join(sorted(self.ctx.settings.tiers))
+            raise ValidationError(f"unknown tier {tier!r}; one of: {known}", field="tier")
+
+        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+            row = await self.sessions.repo.set_tier(conn, tenant, session_id, tier)
+            if row is None:
+                raise SessionNotFoundError(session_id, tenant)
+            limits = {q.value: tier_limit(policy, q) for q in QuotaType}
+            await self.repo.retier_quotas(conn, tenant, session_id, limits)
+            return to_session(row, fx.now)
+
+        return await self.ctx.transact(work, operation="change_tier")
+
+    async def history(
+        self,
+        tenant: str,
+        *,
+        user_id: str | None,
+        session_id: str | None,
+        resource_type: Any,
+        operation: str | None,
+        since: datetime | None,
+        limit: int,
+    ) -> list[UsageRecord]:
+        f = UsageFilter(
+            user_id=v.optional_identifier(user_id, "user_id"),
+            session_id=v.optional_identifier(session_id, "session_id"),
+            resource_type=None if resource_type is None else quota_type(resource_type).value,
+            operation=v.optional_identifier(operation, "operation"),
+            since=v.optional_aware(since, "since"),
+        )
+        v.limit(limit)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> list[UsageRecord]:
+            rows = await self.repo.history(conn, tenant, f, limit)
+            return [
+                UsageRecord(
+                    record_id=r.record_id,
+                    session_id=r.session_id,
+                    user_id=r.user_id,
+                    operation=r.operation,
+                    resource_type=QuotaType(r.resource_type),
+                    amount=r.amount,
+                    metadata=r.metadata,
+                    created_at=r.created_at,
+                )
+                for r in rows
+            ]
+
+        return await self.ctx.transact(work, write=False, operation="get_usage_history")
+
+    async def predict(
+        self, tenant: str, session_id: str, lookback: Any
+    ) -> dict[QuotaType, dict[str, Any]]:
+        seconds = v.positive(lookback, "lookback")
+        status = await self.quotas(tenant, session_id)
+        now = self.ctx.clock()
+
+        async def work(conn: AsyncConnection, fx: Effects) -> dict[str, float]:
+            since = now - timedelta(seconds=seconds)
+            return await self.repo.amounts_since(conn, tenant, session_id, since)
+
+        amounts = await self.ctx.transact(work, write=False, operation="predict")
+        result: dict[QuotaType, dict[str, Any]] = {}
+        for resource, quota in status.items():
+            if resource is QuotaType.CONCURRENT_REQUESTS:
+                continue
+            rate = amounts.get(resource.value, 0.0) * 3600.0 / seconds
+            when: datetime | None = None
+            hours: float | None = None
+            if rate > 0 and quota.remaining is not None:
+                hours = quota.remaining / rate
+                when = now + timedelta(hours=hours) if math.isfinite(hours) else None
+            result[resource] = {
+                "rate_per_hour": rate,
+                "remaining": quota.remaining,
+                "hours_to_exhaustion": hours,
+                "predicted_exhaustion": when,
+            }
+        return result
+
+    async def analytics(self, tenant: str, user_id: str) -> UserAnalytics:
+        v.identifier(user_id, "user_id")
+
+        async def work(conn: AsyncConnection, fx: Effects) -> UserAnalytics:
+            total, active = await self.sessions.repo.user_counts(conn, tenant, user_id)
+            ops, resources = await self.repo.user_breakdown(conn, tenant, user_id)
+            most = min(ops, key=lambda op: (-ops[op], op)) if ops else None
+            return UserAnalytics(
+                user_id=user_id,
+                total_sessions=total,
+                active_sessions=active,
+                total_operations=sum(ops.values()),
+                operation_breakdown=ops,
+                resource_usage={QuotaType(k): val for k, val in resources.items()},
+                most_used_operation=most,
+            )
+
+        return await self.ctx.transact(work, write=False, operation="get_user_analytics")
+
+
+def usage_callback(callback: Callable[[UsageRecord], Any]) -> Callable[[Any], Any]:
+    """Adapt a ``callback(record)`` into an event handler for ``usage.recorded``."""
+
+    def handler(event: Any) -> Any:
+        return callback(event.data["record"])
+
+    return handler
