@@ -19,6 +19,7 @@ from .clock import Clock, checked, system_clock
 from .errors import EngineClosedError, StorageError
 from .events import EventBus
 from .services.base import Context
+from .services.limits import LeaseService
 from .services.sessions import SessionService
 from .services.usage import UsageService
 from .settings import EngineSettings
@@ -37,6 +38,7 @@ class _Runtime:
     ctx: Context
     sessions: SessionService
     usage: UsageService
+    leases: LeaseService
     cleanup: CleanupLoop | None
 
 
@@ -95,7 +97,9 @@ class ContextEngine(TenantView):
             cleanup = None
             if self.settings.auto_cleanup:
                 cleanup = CleanupLoop(self._sweep, self.settings.cleanup_interval)
-            self._live = _Runtime(ctx, sessions, UsageService(ctx, sessions), cleanup)
+            self._live = _Runtime(
+                ctx, sessions, UsageService(ctx, sessions), LeaseService(ctx, sessions), cleanup
+            )
             self._state = "open"
             if cleanup is not None:
                 cleanup.start()
@@ -115,6 +119,7 @@ class ContextEngine(TenantView):
                 return
             if runtime.cleanup is not None:
                 await runtime.cleanup.stop()
+            await runtime.leases.release_all()
             await runtime.ctx.bus.aclose()
             await runtime.ctx.store.dispose()
 

@@ -330,6 +330,21 @@ class TenantView:
         """Call ``callback(record)`` after each recorded usage; returns the unsubscriber."""
         return self.subscribe(usage_callback(callback), "usage.recorded")
 
+    # -- concurrency ----------------------------------------------------------------------
+    def concurrency_slot(
+        self, session_id: str, operation: str = "default"
+    ) -> AbstractAsyncContextManager[str]:
+        """``async with``: hold one of the session's concurrency slots while the block
+        runs (ConcurrencyLimitError at the cap). The lease is renewed while held and
+        expires ``lease_ttl`` seconds after its holder dies."""
+        return self._runtime().leases.slot(self._tenant, session_id, operation)
+
+    async def manage_concurrency(
+        self, session_id: str, operation: str = "default", increment: bool = True
+    ) -> int:
+        """Take (``increment=True``) or give back a slot; the number of live leases after."""
+        return await self._runtime().leases.manage(self._tenant, session_id, operation, increment)
+
     # -- events -------------------------------------------------------------------------
     def subscribe(self, handler: Handler, *event_types: str) -> Callable[[], None]:
         """Call ``handler(event)`` after each committed change of this tenant (all types

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,37 +38,43 @@ class RequestTracker:
 async def track_request(
     view: TenantView, session_id: str, operation: str
 ) -> AsyncIterator[RequestTracker]:
-    """Check the session can work, run the block, then add one request and its time
-    (and an error when the block raised; the exception propagates)."""
+    """Check the session can work and take a concurrency slot, run the block, then add
+    one request and its time (and an error when the block raised; it propagates)."""
     v.identifier(session_id)
     v.identifier(operation, "operation")
-    session = await view.touch(session_id)
-    tracker = RequestTracker(view, session_id, operation, session.last_activity)
-    sessions = view._runtime().sessions
+    runtime = view._runtime()
+    tenant = view.tenant_id
+    lease_id = await runtime.leases.acquire(tenant, session_id, operation)
+    tracker = RequestTracker(view, session_id, operation, runtime.ctx.clock())
     try:
-        yield tracker
-    except BaseException:
-        tracker.failed = True
         try:
-            await sessions.record(
-                view.tenant_id,
-                session_id,
-                requests=1,
-                errors=1,
-                processing_time=tracker.elapsed,
-                require_active=False,
-                operation="track_request",
-            )
-        except ContextEngineError:  # never hide the caller's exception behind ours
-            log.warning(
-                "could not record a failed request", exc_info=True, extra={"session_id": session_id}
-            )
-        raise
-    await sessions.record(
-        view.tenant_id,
-        session_id,
-        requests=1,
-        processing_time=tracker.elapsed,
-        require_active=False,
-        operation="track_request",
-    )
+            yield tracker
+        except BaseException:
+            tracker.failed = True
+            try:
+                await runtime.sessions.record(
+                    tenant,
+                    session_id,
+                    requests=1,
+                    errors=1,
+                    processing_time=tracker.elapsed,
+                    require_active=False,
+                    operation="track_request",
+                )
+            except ContextEngineError:  # never hide the caller's exception behind ours
+                log.warning(
+                    "could not record a failed request",
+                    exc_info=True,
+                    extra={"session_id": session_id},
+                )
+            raise
+        await runtime.sessions.record(
+            tenant,
+            session_id,
+            requests=1,
+            processing_time=tracker.elapsed,
+            require_active=False,
+            operation="track_request",
+        )
+    finally:
+        await asyncio.shield(runtime.leases.release(tenant, lease_id))

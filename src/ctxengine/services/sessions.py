@@ -133,7 +133,7 @@ class SessionService:
 
         async def work(conn: AsyncConnection, fx: Effects) -> Session:
             if exist_ok:
-                existing = await self.repo.get(conn, tenant, sid)
+                existing = await self.repo.get(conn, tenant, sid, fx.now)
                 if existing is not None:
                     return to_session(existing, fx.now)
             await self._check_limits(conn, tenant, values["user_id"], fx.now)
@@ -141,7 +141,7 @@ class SessionService:
                 conn, {**values, "created_at": fx.now, "last_activity": fx.now}
             )
             if row is None:
-                existing = await self.repo.get(conn, tenant, sid)
+                existing = await self.repo.get(conn, tenant, sid, fx.now)
                 if not exist_ok or existing is None:
                     raise SessionExistsError(sid, tenant)
                 return to_session(existing, fx.now)
@@ -162,7 +162,7 @@ class SessionService:
         v.identifier(session_id)
 
         async def work(conn: AsyncConnection, fx: Effects) -> Session | None:
-            row = await self.repo.get(conn, tenant, session_id)
+            row = await self.repo.get(conn, tenant, session_id, fx.now)
             return None if row is None else to_session(row, fx.now)
 
         return await self.ctx.transact(work, write=False, operation="get_session")
@@ -248,6 +248,7 @@ class SessionService:
             raise SessionNotFoundError(session_id, tenant)
         expired = await self.repo.expire_one(conn, tenant, session_id, fx.now, self.timeout)
         if expired is not None:
+            await self.repo.release_leases(conn, [(tenant, session_id)])
             self._announce_expired(fx, expired, reason="idle")
             return SessionStatus.EXPIRED
         return SessionStatus(row._mapping["status"])
@@ -266,6 +267,8 @@ class SessionService:
                 conn, tenant, session_id, fx.now, self.timeout, sorted(sources_of(target)), target
             )
             if row is not None:
+                if target in END_STATUSES:
+                    await self.repo.release_leases(conn, [(tenant, session_id)])
                 session = to_session(row, fx.now)
                 if target is SessionStatus.EXPIRED:
                     self._announce_expired(fx, row, reason="ended")
@@ -385,6 +388,9 @@ class SessionService:
 
             async def work(conn: AsyncConnection, fx: Effects) -> int:
                 rows = await self.repo.expire_stale(conn, tenant, fx.now, idle, _EXPIRE_BATCH)
+                await self.repo.release_leases(
+                    conn, [(r._mapping["tenant_id"], r._mapping["session_id"]) for r in rows]
+                )
                 if not self.ctx.bus.idle:
                     for row in rows:
                         self._announce_expired(fx, row, reason="idle")

@@ -24,11 +24,26 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ...lifecycle import OPEN_STATUSES
 from ...models import Session, SessionStatus
 from ..backend import Backend
-from ..schema import quotas
+from ..schema import leases, quotas
 from ..schema import sessions as t
 
 _OPEN = [s.value for s in OPEN_STATUSES]
 _COLUMNS = list(t.c)
+
+
+def _columns(now: datetime) -> list[Any]:
+    """Every session column plus the number of live leases at ``now``."""
+    live = (
+        select(func.count())
+        .where(
+            leases.c.tenant_id == t.c.tenant_id,
+            leases.c.session_id == t.c.session_id,
+            leases.c.expires_at > now,
+        )
+        .scalar_subquery()
+        .label("concurrent_operations")
+    )
+    return [*_COLUMNS, live]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +88,7 @@ def to_session(row: Row[Any], observed_at: datetime) -> Session:
         request_count=m["request_count"],
         error_count=m["error_count"],
         total_processing_time=m["total_processing_time"],
-        concurrent_operations=0,
+        concurrent_operations=m.get("concurrent_operations", 0),
         current_chat_id=m["current_chat_id"],
         observed_at=observed_at,
     )
@@ -103,8 +118,12 @@ class SessionRepository:
         return or_(t.c.last_activity < cutoff, t.c.expires_at <= now)
 
     # -- reads --------------------------------------------------------------------------
-    async def get(self, conn: AsyncConnection, tenant: str, session_id: str) -> Row[Any] | None:
-        result = await conn.execute(select(*_COLUMNS).where(self._key(tenant, session_id)))
+    async def get(
+        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime | None = None
+    ) -> Row[Any] | None:
+        """The session row (with its live leases counted when ``now`` is given)."""
+        columns = _COLUMNS if now is None else _columns(now)
+        result = await conn.execute(select(*columns).where(self._key(tenant, session_id)))
         return result.first()
 
     async def count_open(
@@ -153,7 +172,7 @@ class SessionRepository:
         after: tuple[datetime, str] | None,
     ) -> Sequence[Row[Any]]:
         """Newest first, after ``after``: the (created_at, session_id) ending the last page."""
-        stmt = self._filtered(select(*_COLUMNS), tenant, f, now)
+        stmt = self._filtered(select(*_columns(now)), tenant, f, now)
         if after is not None:
             stmt = stmt.where(tuple_(t.c.created_at, t.c.session_id) < tuple_(*after))
         stmt = stmt.order_by(t.c.created_at.desc(), t.c.session_id.desc())
@@ -240,7 +259,7 @@ class SessionRepository:
         stmt = update(t).where(self._key(tenant, session_id))
         if idle_limit is not None:
             stmt = stmt.where(t.c.status == SessionStatus.ACTIVE.value, self._live(now, idle_limit))
-        return (await conn.execute(stmt.values(**values).returning(*_COLUMNS))).first()
+        return (await conn.execute(stmt.values(**values).returning(*_columns(now)))).first()
 
     async def transition(
         self,
@@ -266,7 +285,7 @@ class SessionRepository:
                 self._live(now, idle_limit),
             )
             .values(**values)
-            .returning(*_COLUMNS)
+            .returning(*_columns(now))
         )
         return (await conn.execute(stmt)).first()
 
@@ -346,6 +365,14 @@ class SessionRepository:
             )
         ).one()
         return int(row[0]), int(row[1])
+
+    async def release_leases(self, conn: AsyncConnection, keys: Sequence[tuple[str, str]]) -> None:
+        """Drop every concurrency lease of the given (tenant_id, session_id) sessions."""
+        if keys:
+            lc = leases.c
+            await conn.execute(
+                delete(leases).where(tuple_(lc.tenant_id, lc.session_id).in_(list(keys)))
+            )
 
     async def delete(self, conn: AsyncConnection, tenant: str, session_id: str) -> bool:
         result = await conn.execute(delete(t).where(self._key(tenant, session_id)))

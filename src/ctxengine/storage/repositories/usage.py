@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Executable, Row, and_, delete, func, or_, select, tuple_, update
+from sqlalchemy import Executable, Row, and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..backend import Backend
@@ -342,16 +342,6 @@ class UsageRepository:
     async def release_lease(self, conn: AsyncConnection, tenant: str, lease_id: str) -> None:
         lc = leases.c
         await conn.execute(delete(leases).where(lc.tenant_id == tenant, lc.lease_id == lease_id))
-
-    async def release_session_leases(
-        self, conn: AsyncConnection, keys: Sequence[tuple[str, str]]
-    ) -> None:
-        """Drop every lease of the given (tenant_id, session_id) sessions."""
-        if keys:
-            lc = leases.c
-            await conn.execute(
-                delete(leases).where(tuple_(lc.tenant_id, lc.session_id).in_(list(keys)))
-            )
 
 
 def _opt_float(value: Any) -> float | None:
