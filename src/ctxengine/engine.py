@@ -19,7 +19,7 @@ from .clock import Clock, checked, system_clock
 from .errors import EngineClosedError, StorageError
 from .events import EventBus
 from .services.base import Context
-from .services.limits import LeaseService
+from .services.limits import LeaseService, RateLimitService
 from .services.sessions import SessionService
 from .services.usage import UsageService
 from .settings import EngineSettings
@@ -39,6 +39,7 @@ class _Runtime:
     sessions: SessionService
     usage: UsageService
     leases: LeaseService
+    rates: RateLimitService
     cleanup: CleanupLoop | None
 
 
@@ -98,7 +99,12 @@ class ContextEngine(TenantView):
             if self.settings.auto_cleanup:
                 cleanup = CleanupLoop(self._sweep, self.settings.cleanup_interval)
             self._live = _Runtime(
-                ctx, sessions, UsageService(ctx, sessions), LeaseService(ctx, sessions), cleanup
+                ctx,
+                sessions,
+                UsageService(ctx, sessions),
+                LeaseService(ctx, sessions),
+                RateLimitService(ctx, sessions),
+                cleanup,
             )
             self._state = "open"
             if cleanup is not None:

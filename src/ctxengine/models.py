@@ -235,10 +235,11 @@ class QuotaStatus(_Frozen):
 
 
 class RateLimitStatus(_Frozen):
-    """Where a rate limit stands after (or before) a call."""
+    """Where a rate limit stands after (or before) a call; ``limit`` and ``remaining``
+    are None when no limit applies."""
 
-    limit: int
-    remaining: int
+    limit: int | None
+    remaining: int | None
     reset_after: float
 
 

@@ -14,6 +14,8 @@ from .lifecycle import END_STATUSES
 from .models import (
     QuotaStatus,
     QuotaType,
+    RateLimitStatus,
+    RateLimitType,
     Session,
     SessionStatus,
     Statistics,
@@ -329,6 +331,50 @@ class TenantView:
     def add_usage_callback(self, callback: Callable[[UsageRecord], Any]) -> Callable[[], None]:
         """Call ``callback(record)`` after each recorded usage; returns the unsubscriber."""
         return self.subscribe(usage_callback(callback), "usage.recorded")
+
+    # -- rate limits ----------------------------------------------------------------------
+    async def enforce_rate_limit(
+        self,
+        session_id: str,
+        operation: str = "default",
+        limit_type: RateLimitType | str = RateLimitType.PER_MINUTE,
+        cost: int = 1,
+    ) -> RateLimitStatus:
+        """Consume ``cost`` calls, or raise RateLimitError (consuming nothing). The limit
+        is the custom one set for ``operation`` (session, then user), else the tier's
+        rule for ``limit_type``."""
+        return await self._runtime().rates.enforce(
+            self._tenant, session_id, operation, limit_type, cost, consume=True
+        )
+
+    async def check_rate_limit(
+        self,
+        session_id: str,
+        operation: str = "default",
+        limit_type: RateLimitType | str = RateLimitType.PER_MINUTE,
+        cost: int = 1,
+    ) -> RateLimitStatus:
+        """What enforce_rate_limit would say, without consuming or raising for the limit
+        (``remaining`` 0 and ``reset_after`` = the wait when it would refuse)."""
+        return await self._runtime().rates.enforce(
+            self._tenant, session_id, operation, limit_type, cost, consume=False
+        )
+
+    async def set_rate_limit(
+        self,
+        session_id: str | None,
+        operation: str,
+        max_calls: int,
+        window_seconds: float,
+        *,
+        user_id: str | None = None,
+    ) -> None:
+        """A custom limit for ``operation``: ``max_calls`` per ``window_seconds`` for one
+        session, or (``session_id=None, user_id=...``) shared by a user's sessions. It
+        replaces the tier's rules for that operation."""
+        await self._runtime().rates.set_rule(
+            self._tenant, session_id, user_id, operation, max_calls, window_seconds
+        )
 
     # -- concurrency ----------------------------------------------------------------------
     def concurrency_slot(

@@ -45,8 +45,9 @@ async def track_request(
     runtime = view._runtime()
     tenant = view.tenant_id
     lease_id = await runtime.leases.acquire(tenant, session_id, operation)
-    tracker = RequestTracker(view, session_id, operation, runtime.ctx.clock())
     try:
+        await runtime.rates.enforce_all(tenant, session_id, operation)
+        tracker = RequestTracker(view, session_id, operation, runtime.ctx.clock())
         try:
             yield tracker
         except BaseException:

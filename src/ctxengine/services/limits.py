@@ -5,16 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import validation as v
-from ..errors import ConcurrencyLimitError, ContextEngineError
+from ..errors import (
+    ConcurrencyLimitError,
+    ContextEngineError,
+    RateLimitError,
+    SessionNotFoundError,
+    ValidationError,
+)
 from ..ids import new_id
-from ..models import QuotaType
+from ..models import QuotaType, RateLimitStatus, RateLimitType, Session
+from ..ratelimit import LimiterState, decide
 from ..storage.repositories.usage import UsageRepository
 from .base import Context, Effects
 from .sessions import SessionService
@@ -154,3 +162,202 @@ class LeaseService:
             except ContextEngineError:
                 log.warning("could not release a lease on close", exc_info=True)
         self.manual.clear()
+
+
+#: Window length of each standard rate-limit type, in seconds.
+WINDOWS: dict[RateLimitType, float] = {
+    RateLimitType.PER_SECOND: 1.0,
+    RateLimitType.PER_MINUTE: 60.0,
+    RateLimitType.PER_HOUR: 3600.0,
+    RateLimitType.PER_DAY: 86400.0,
+}
+
+_Key = tuple[str, str, str, str, int]
+
+
+def rate_limit_type(value: object) -> RateLimitType:
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return RateLimitType(value)
+    except ValueError:
+        known = ", ".join(r.value for r in RateLimitType)
+        raise ValidationError(
+            f"unknown limit_type {value!r}; one of: {known}", field="limit_type"
+        ) from None
+
+
+def _cost(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(f"cost must be a whole number >= 1, got {value!r}", field="cost")
+    return value
+
+
+class RateLimitService:
+    """Rate limits with the sub-window rule of :mod:`ctxengine.ratelimit`, applied to the
+    limiter state row under its row lock (PostgreSQL) or SQLite's write lock."""
+
+    def __init__(self, ctx: Context, sessions: SessionService) -> None:
+        self.ctx = ctx
+        self.sessions = sessions
+        self.repo = UsageRepository(ctx.store.backend)
+
+    async def _rules(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        session: Session,
+        operation: str,
+        limit_types: Sequence[RateLimitType],
+    ) -> list[tuple[_Key, int, float]]:
+        """The limits that apply: a custom rule of the session, else of its user, else
+        the tier's rule for each of ``limit_types`` (unlimited ones are left out)."""
+        for scope, subject in (("session", session.session_id), ("user", session.user_id)):
+            rule = await self.repo.rule(conn, tenant, scope, subject, operation)
+            if rule is not None:
+                key = (tenant, scope, subject, operation, round(rule[1] * 1000))
+                return [(key, *rule)]
+        policy = self.ctx.settings.tiers.get(session.tier)
+        rules = []
+        for limit_type in limit_types:
+            tier_max = None if policy is None else policy.rate_limits.get(limit_type)
+            if tier_max is not None:
+                window = WINDOWS[limit_type]
+                key = (tenant, "session", session.session_id, operation, round(window * 1000))
+                rules.append((key, tier_max, window))
+        return rules
+
+    async def admit(
+        self,
+        conn: AsyncConnection,
+        fx: Effects,
+        tenant: str,
+        session: Session,
+        operation: str,
+        limit_types: Sequence[RateLimitType],
+        cost: int,
+        *,
+        consume: bool,
+    ) -> RateLimitStatus:
+        """Apply every limit that applies, all or nothing; a refusal is left in ``fx``."""
+        now = fx.now.timestamp()
+        best = RateLimitStatus(limit=None, remaining=None, reset_after=0.0)
+        decisions = []
+        for key, max_calls, window in await self._rules(
+            conn, tenant, session, operation, limit_types
+        ):
+            if cost > max_calls:
+                raise ValidationError(
+                    f"cost {cost} is above the limit of {max_calls} calls per {window:g}s: "
+                    "it could never be admitted",
+                    field="cost",
+                )
+            raw = await (
+                self.repo.lock_state(conn, key, fx.now)
+                if consume
+                else self.repo.peek_state(conn, key)
+            )
+            decision = decide(
+                LimiterState.from_json(raw), now, max_calls, window, cost, consume=consume
+            )
+            if not decision.allowed:
+                if consume:
+                    fx.emit(
+                        "rate_limit.exceeded",
+                        tenant,
+                        session.session_id,
+                        session.user_id,
+                        operation=operation,
+                        limit=max_calls,
+                        window=window,
+                        retry_after=decision.retry_after,
+                    )
+                    fx.refuse(RateLimitError(decision.retry_after, max_calls, window, operation))
+                return RateLimitStatus(
+                    limit=max_calls, remaining=0, reset_after=decision.retry_after
+                )
+            decisions.append((key, decision))
+            if best.remaining is None or decision.remaining < best.remaining:
+                best = RateLimitStatus(
+                    limit=max_calls,
+                    remaining=decision.remaining,
+                    reset_after=decision.reset_after,
+                )
+        if consume:
+            for key, decision in decisions:
+                await self.repo.save_state(conn, key, decision.state.to_json(), fx.now)
+        return best
+
+    async def enforce(
+        self,
+        tenant: str,
+        session_id: str,
+        operation: str,
+        limit_type: Any,
+        cost: Any,
+        *,
+        consume: bool,
+    ) -> RateLimitStatus:
+        v.identifier(session_id)
+        v.identifier(operation, "operation")
+        types = [rate_limit_type(limit_type)]
+        units = _cost(cost)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> RateLimitStatus | None:
+            if consume:
+                session = await self.sessions.require_active(conn, fx, tenant, session_id)
+            else:
+                session = await self.sessions.peek_active(conn, fx, tenant, session_id)
+            if session is None:
+                return None
+            return await self.admit(
+                conn, fx, tenant, session, operation, types, units, consume=consume
+            )
+
+        result = await self.ctx.transact(
+            work, write=consume, operation="enforce_rate_limit" if consume else "check_rate_limit"
+        )
+        assert result is not None
+        return result
+
+    async def enforce_all(self, tenant: str, session_id: str, operation: str) -> None:
+        """Consume one call of every limit that applies to ``operation`` (track_request)."""
+
+        async def work(conn: AsyncConnection, fx: Effects) -> None:
+            session = await self.sessions.require_active(conn, fx, tenant, session_id)
+            if session is not None:
+                await self.admit(
+                    conn, fx, tenant, session, operation, list(RateLimitType), 1, consume=True
+                )
+
+        await self.ctx.transact(work, operation="track_request rate limits")
+
+    async def set_rule(
+        self,
+        tenant: str,
+        session_id: str | None,
+        user_id: str | None,
+        operation: str,
+        max_calls: Any,
+        window_seconds: Any,
+    ) -> None:
+        if (session_id is None) == (user_id is None):
+            raise ValidationError("give exactly one of session_id and user_id", field="session_id")
+        v.identifier(operation, "operation")
+        if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1:
+            raise ValidationError(
+                f"max_calls must be a whole number >= 1, got {max_calls!r}", field="max_calls"
+            )
+        window = v.positive(window_seconds, "window_seconds")
+        scope, subject = (
+            ("session", v.identifier(session_id))
+            if session_id is not None
+            else ("user", v.identifier(user_id, "user_id"))
+        )
+
+        async def work(conn: AsyncConnection, fx: Effects) -> None:
+            if scope == "session" and await self.sessions.repo.get(conn, tenant, subject) is None:
+                raise SessionNotFoundError(subject, tenant)
+            await self.repo.set_rule(conn, tenant, scope, subject, operation, max_calls, window)
+
+        await self.ctx.transact(work, operation="set_rate_limit")

@@ -238,6 +238,22 @@ class SessionService:
         )
         return None
 
+    async def peek_active(
+        self, conn: AsyncConnection, fx: Effects, tenant: str, session_id: str
+    ) -> Session | None:
+        """The session if it can work, without writing; else None with the error in ``fx``."""
+        row = await self.repo.get(conn, tenant, session_id)
+        if row is None:
+            raise SessionNotFoundError(session_id, tenant)
+        session = to_session(row, fx.now)
+        if session.is_expired(self.timeout):
+            fx.error = SessionExpiredError(session_id)
+            return None
+        if not session.is_active:
+            fx.error = SessionNotActiveError(session_id, session.status)
+            return None
+        return session
+
     async def _diagnose(
         self, conn: AsyncConnection, fx: Effects, tenant: str, session_id: str
     ) -> SessionStatus:

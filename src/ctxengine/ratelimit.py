@@ -1,0 +1,122 @@
+"""The rate-limit rule: sub-window counts with bounded state and no window over the limit.
+
+A window ``W`` is cut into ``SUBWINDOWS`` (60) sub-windows of ``W/60``. The state of a
+key is the count of each of the last 61 sub-windows. At time ``t`` (sub-window ``b``)
+the counts of sub-windows ``b-60 … b`` are added up — the partly elapsed oldest one in
+full — and a call of ``cost`` is admitted when that sum plus ``cost`` stays within
+``max_calls``.
+
+Every window ``(s - W, s]`` lies inside the 61 sub-windows counted at the last call
+admitted in it, so no window of length ``W``, anywhere in time, ever holds more than
+``max_calls``. The price: a call may be refused early, by at most one sub-window
+(``W/60``). Times are handled in integer microseconds, so waits are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SUBWINDOWS = 60
+_SPAN = SUBWINDOWS + 1  # sub-windows counted at any instant
+_US = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterState:
+    """Counts of the newest sub-windows: ``counts[-1]`` belongs to sub-window ``newest``."""
+
+    newest: int = 0
+    counts: tuple[int, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_json(cls, data: Any) -> LimiterState:
+        """Read the stored form (None or ``{}`` = no calls)."""
+        if not data:
+            return cls()
+        return cls(int(data["b"]), tuple(int(n) for n in data["c"]))
+
+    def to_json(self) -> dict[str, Any]:
+        """The compact stored form."""
+        return {"b": self.newest, "c": list(self.counts)}
+
+    def window(self, newest: int) -> dict[int, int]:
+        """sub-window → count, for the sub-windows counted when ``newest`` is current."""
+        first = len(self.counts) - 1
+        return {
+            self.newest - (first - i): n
+            for i, n in enumerate(self.counts)
+            if n and self.newest - (first - i) > newest - _SPAN
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer for one call: ``retry_after`` is 0.0 when allowed; ``reset_after`` is
+    the time until the oldest counted sub-window stops counting (0.0 when none counts)."""
+
+    allowed: bool
+    remaining: int
+    reset_after: float
+    retry_after: float
+    state: LimiterState
+
+
+def decide(
+    state: LimiterState,
+    now: float,
+    max_calls: int,
+    window: float,
+    cost: int = 1,
+    *,
+    consume: bool = True,
+) -> Decision:
+    """Admit or refuse a call of ``cost`` at ``now`` (seconds); refusals change nothing.
+
+    Raises ValueError when ``cost`` exceeds ``max_calls`` (it could never be admitted).
+    """
+    if cost > max_calls:
+        raise ValueError(f"cost {cost} exceeds max_calls {max_calls}")
+    window_us = max(round(window * _US), 1)
+    now_us = round(now * _US)
+    # A clock that went back (another process) must not uncount anything.
+    current = max((now_us * SUBWINDOWS) // window_us, state.newest if state.counts else 0)
+    counted = state.window(current)
+    used = sum(counted.values())
+
+    def leaves_at(sub: int) -> float:
+        """Seconds from now until sub-window ``sub`` stops counting."""
+        end_us = -((-(sub + _SPAN) * window_us) // SUBWINDOWS)  # ceil
+        return max(end_us - now_us, 0) / _US
+
+    oldest_leaves = leaves_at(min(counted)) if counted else 0.0
+    if used + cost <= max_calls:
+        new_state = state
+        if consume:
+            counted[current] = counted.get(current, 0) + cost
+            first = current - _SPAN + 1
+            new_state = LimiterState(
+                current, tuple(counted.get(first + i, 0) for i in range(_SPAN))
+            )
+            new_state = _trim(new_state)
+            oldest_leaves = leaves_at(min(counted))
+        return Decision(
+            True, max_calls - used - (cost if consume else 0), oldest_leaves, 0.0, new_state
+        )
+    freed = 0
+    retry = 0.0
+    for sub in sorted(counted):
+        freed += counted[sub]
+        if used - freed + cost <= max_calls:
+            retry = leaves_at(sub)
+            break
+    return Decision(False, max(max_calls - used, 0), oldest_leaves, retry, state)
+
+
+def _trim(state: LimiterState) -> LimiterState:
+    """Drop leading empty sub-windows (keeps the stored form small)."""
+    counts = state.counts
+    start = 0
+    while start < len(counts) - 1 and counts[start] == 0:
+        start += 1
+    return LimiterState(state.newest, counts[start:])
