@@ -74,9 +74,11 @@ async def _occupy(url: str, session_id: str, tasks: int, rounds: int) -> list[tu
     return intervals
 
 
-def occupy(url: str, session_id: str, tasks: int, rounds: int) -> int:
-    """Hold slots repeatedly; how many slots this process obtained."""
-    return len(asyncio.run(_occupy(url, session_id, tasks, rounds)))
+def occupy_intervals(
+    url: str, session_id: str, tasks: int, rounds: int
+) -> list[tuple[float, float]]:
+    """Hold slots repeatedly; the (start, end) monotonic times of each slot held."""
+    return asyncio.run(_occupy(url, session_id, tasks, rounds))
 
 
 async def _hold_forever(url: str, session_id: str) -> None:

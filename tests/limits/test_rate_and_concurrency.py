@@ -1,0 +1,196 @@
+"""Rate limits and concurrency slots: exact across processes, bounded, recoverable."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from ctxengine import ContextEngine, EngineSettings, RateLimitType
+from ctxengine.errors import (
+    ConcurrencyLimitError,
+    RateLimitError,
+    SessionNotActiveError,
+    ValidationError,
+)
+
+from . import _workers
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def rows(engine: ContextEngine, sql: str) -> list[Any]:
+    async with engine._store.engine.connect() as conn:
+        return list((await conn.execute(text(sql))).all())
+
+
+async def test_retry_after_is_exact_with_an_injected_clock(db_url: str, clock: Any) -> None:
+    settings = EngineSettings(auto_cleanup=False, session_timeout=10_000)
+    async with ContextEngine(db_url, settings=settings, clock=clock) as engine:
+        sid = (await engine.create_session(user_id="u")).session_id
+        await engine.set_rate_limit(sid, "search", 5, 60)
+        for left in (4, 3, 2, 1, 0):
+            status = await engine.enforce_rate_limit(sid, "search")
+            assert (status.limit, status.remaining) == (5, left)
+        with pytest.raises(RateLimitError) as info:
+            await engine.enforce_rate_limit(sid, "search")
+        retry = info.value.retry_after
+        assert 60 <= retry <= 61 and (info.value.limit, info.value.window) == (5, 60)
+        clock.advance(retry - 0.010)
+        with pytest.raises(RateLimitError):
+            await engine.enforce_rate_limit(sid, "search")
+        peek = await engine.check_rate_limit(sid, "search")
+        assert peek.remaining == 0 and peek.reset_after == pytest.approx(0.010)
+        clock.advance(0.010)
+        assert (await engine.enforce_rate_limit(sid, "search")).remaining == 4
+
+
+async def test_refused_calls_consume_nothing(db_url: str, clock: Any) -> None:
+    settings = EngineSettings(auto_cleanup=False, session_timeout=10_000)
+    async with ContextEngine(db_url, settings=settings, clock=clock) as engine:
+        sid = (await engine.create_session(user_id="u")).session_id
+        await engine.set_rate_limit(sid, "op", 2, 10)
+        await engine.enforce_rate_limit(sid, "op", cost=2)
+        before = await rows(engine, "SELECT state FROM ctx_rate_limit_state")
+        events: list[str] = []
+        engine.subscribe(lambda e: events.append(e.type), "rate_limit.exceeded")
+        for _ in range(5):
+            with pytest.raises(RateLimitError):
+                await engine.enforce_rate_limit(sid, "op")
+        assert await rows(engine, "SELECT state FROM ctx_rate_limit_state") == before
+        assert events == ["rate_limit.exceeded"] * 5
+        assert (await engine.check_rate_limit(sid, "op")).remaining == 0
+
+
+async def test_tier_limits_and_bad_input(engine: ContextEngine) -> None:
+    sid = (await engine.create_session(user_id="u", tier="free")).session_id
+    status = await engine.enforce_rate_limit(sid, limit_type=RateLimitType.PER_SECOND)
+    assert (status.limit, status.remaining) == (2, 1)
+    unlimited = await engine.tenant("t").create_session(user_id="u", tier="enterprise")
+    free_pass = await engine.tenant("t").enforce_rate_limit(unlimited.session_id)
+    assert (free_pass.limit, free_pass.remaining) == (None, None)
+    for kwargs in ({"cost": 0}, {"cost": 3, "limit_type": "per_second"}, {"limit_type": "x"}):
+        with pytest.raises(ValidationError):
+            await engine.enforce_rate_limit(sid, **kwargs)
+    for max_calls, window in ((-1, 10), (0, 10), (5, 0), (5, float("nan"))):
+        with pytest.raises(ValidationError):
+            await engine.set_rate_limit(sid, "op", max_calls, window)
+    with pytest.raises(ValidationError):
+        await engine.set_rate_limit(sid, "op", 5, 10, user_id="u")
+    assert await rows(engine, "SELECT * FROM ctx_rate_limit_rules") == []
+    await engine.pause_session(sid)
+    with pytest.raises(SessionNotActiveError):
+        await engine.enforce_rate_limit(sid)
+
+
+async def test_per_user_limit_is_shared_by_the_users_sessions(engine: ContextEngine) -> None:
+    a = (await engine.create_session(user_id="ann")).session_id
+    b = (await engine.create_session(user_id="ann")).session_id
+    await engine.set_rate_limit(None, "gen", 3, 3600, user_id="ann")
+    await engine.enforce_rate_limit(a, "gen", cost=2)
+    await engine.enforce_rate_limit(b, "gen")
+    with pytest.raises(RateLimitError):
+        await engine.enforce_rate_limit(a, "gen")
+
+
+async def test_rate_limit_is_exact_across_processes(engine: ContextEngine, db_url: str) -> None:
+    sid = (await engine.create_session(user_id="u")).session_id
+    await engine.set_rate_limit(sid, "search", 30, 3600)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        admitted = sum(pool.starmap(_workers.hammer, [(db_url, sid, 3, 15)] * 4))
+    assert admitted == 30  # 180 attempts within one window: exactly the limit
+    (state,) = await rows(engine, "SELECT state FROM ctx_rate_limit_state")
+    stored = state[0] if not isinstance(state[0], str) else __import__("json").loads(state[0])
+    assert sum(stored["c"]) == 30 and len(stored["c"]) <= 61
+
+
+async def test_concurrency_cap_holds_across_processes(engine: ContextEngine, db_url: str) -> None:
+    sid = (await engine.create_session(user_id="u", tier="free")).session_id  # cap 2
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        batches = pool.starmap(_workers.occupy_intervals, [(db_url, sid, 3, 4)] * 4)
+    intervals = [iv for batch in batches for iv in batch]
+    assert intervals, "no slot was ever obtained"
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    live = peak = 0
+    for _, step in edges:
+        live += step
+        peak = max(peak, live)
+    assert peak <= 2
+    assert (await engine.get_session(sid)).concurrent_operations == 0  # type: ignore[union-attr]
+
+
+async def test_slots_expire_when_the_holder_is_killed(engine: ContextEngine, db_url: str) -> None:
+    sid = (await engine.create_session(user_id="u", tier="free")).session_id
+    code = f"from tests.limits import _workers; _workers.hold_forever({db_url!r}, {sid!r})"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+        assert line.strip() == b"held"
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        assert (await engine.get_session(sid)).concurrent_operations == 1  # type: ignore[union-attr]
+        async with engine.concurrency_slot(sid):
+            with pytest.raises(ConcurrencyLimitError):  # the dead lease still counts
+                async with engine.concurrency_slot(sid):
+                    pass
+        await asyncio.sleep(1.2)  # the dead holder's lease_ttl is 1 s
+        assert (await engine.get_session(sid)).concurrent_operations == 0  # type: ignore[union-attr]
+        async with engine.concurrency_slot(sid), engine.concurrency_slot(sid):
+            assert (await engine.get_session(sid)).concurrent_operations == 2  # type: ignore[union-attr]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_slots_are_renewed_and_released(db_url: str) -> None:
+    settings = EngineSettings(auto_cleanup=False, lease_ttl=0.3)
+    async with ContextEngine(db_url, settings=settings) as engine:
+        sid = (await engine.create_session(user_id="u", tier="free")).session_id
+        async with engine.concurrency_slot(sid):
+            await asyncio.sleep(0.8)  # well past the TTL: renewals keep it alive
+            assert (await engine.get_session(sid)).concurrent_operations == 1  # type: ignore[union-attr]
+        assert await engine.manage_concurrency(sid, "x") == 1
+        assert await engine.manage_concurrency(sid, "x") == 2
+        with pytest.raises(ConcurrencyLimitError):
+            await engine.manage_concurrency(sid, "x")
+        assert await engine.manage_concurrency(sid, "x", increment=False) == 1
+        await engine.end_session(sid)  # ending a session releases its leases
+        assert await rows(engine, "SELECT * FROM ctx_leases") == []
+
+
+async def test_track_request_applies_the_tier_limits(engine: ContextEngine) -> None:
+    sid = (await engine.create_session(user_id="u", tier="free")).session_id  # 2 per second
+    async with engine.track_request(sid) as first, engine.track_request(sid):
+        assert first.elapsed >= 0
+        with pytest.raises(RateLimitError):  # third call in the same second
+            async with engine.track_request(sid):
+                pass
+    session = await engine.get_session(sid)
+    assert session is not None and session.request_count == 2
+    assert session.concurrent_operations == 0
+
+
+async def test_tenants_do_not_share_limits_or_slots(engine: ContextEngine) -> None:
+    acme, other = engine.tenant("acme"), engine.tenant("other")
+    await acme.create_session("s", "u")
+    await other.create_session("s", "u")
+    await acme.set_rate_limit("s", "op", 1, 3600)
+    await acme.enforce_rate_limit("s", "op")
+    with pytest.raises(RateLimitError):
+        await acme.enforce_rate_limit("s", "op")
+    assert (await other.enforce_rate_limit("s", "op")).limit == 60  # tier rule, untouched
+    await acme.manage_concurrency("s")
+    await acme.manage_concurrency("s")
+    assert await other.manage_concurrency("s") == 1
