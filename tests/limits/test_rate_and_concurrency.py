@@ -194,3 +194,35 @@ async def test_tenants_do_not_share_limits_or_slots(engine: ContextEngine) -> No
     await acme.manage_concurrency("s")
     await acme.manage_concurrency("s")
     assert await other.manage_concurrency("s") == 1
+
+
+async def test_deleting_and_purging_remove_what_sessions_own(engine: ContextEngine) -> None:
+    keep = (await engine.create_session(user_id="u")).session_id
+    for sid in (keep, (await engine.create_session(user_id="u")).session_id):
+        await engine.set_rate_limit(sid, "op", 5, 60)
+        await engine.enforce_rate_limit(sid, "op")
+        await engine.track_usage(sid, "op", "tokens", 1)
+        await engine.manage_concurrency(sid)
+    gone = (await engine.list_sessions())[0].session_id
+    assert gone != keep
+    assert await engine.delete_session(gone)
+    for table in (
+        "ctx_rate_limit_rules",
+        "ctx_rate_limit_state",
+        "ctx_quotas",
+        "ctx_usage_records",
+        "ctx_leases",
+    ):
+        assert len(await rows(engine, f"SELECT * FROM {table}")) == 1, table
+    await engine.end_session(keep)
+    from datetime import UTC, datetime, timedelta
+
+    assert await engine.purge_sessions(ended_before=datetime.now(UTC) + timedelta(days=1)) == 1
+    for table in (
+        "ctx_rate_limit_rules",
+        "ctx_rate_limit_state",
+        "ctx_quotas",
+        "ctx_usage_records",
+        "ctx_leases",
+    ):
+        assert await rows(engine, f"SELECT * FROM {table}") == [], table

@@ -13,6 +13,7 @@ from sqlalchemy import (
     and_,
     case,
     delete,
+    exists,
     func,
     or_,
     select,
@@ -24,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ...lifecycle import OPEN_STATUSES
 from ...models import Session, SessionStatus
 from ..backend import Backend
-from ..schema import leases, quotas
+from ..schema import leases, quotas, rate_limit_rules, rate_limit_state
 from ..schema import sessions as t
 
 _OPEN = [s.value for s in OPEN_STATUSES]
@@ -375,8 +376,27 @@ class SessionRepository:
             )
 
     async def delete(self, conn: AsyncConnection, tenant: str, session_id: str) -> bool:
+        """Delete the session; owned rows go by ON DELETE CASCADE, its rate limits here."""
         result = await conn.execute(delete(t).where(self._key(tenant, session_id)))
+        for table in (rate_limit_rules, rate_limit_state):
+            await conn.execute(
+                delete(table).where(
+                    table.c.tenant_id == tenant,
+                    table.c.scope == "session",
+                    table.c.subject == session_id,
+                )
+            )
         return bool(result.rowcount)
+
+    async def drop_orphan_limits(self, conn: AsyncConnection, tenant: str) -> None:
+        """Delete per-session rate-limit rules and state of sessions that are gone."""
+        for table in (rate_limit_rules, rate_limit_state):
+            gone = ~exists().where(
+                t.c.tenant_id == table.c.tenant_id, t.c.session_id == table.c.subject
+            )
+            await conn.execute(
+                delete(table).where(table.c.tenant_id == tenant, table.c.scope == "session", gone)
+            )
 
     async def purge(
         self,
@@ -392,4 +412,6 @@ class SessionRepository:
                 t.c.ended_at < ended_before,
             )
         )
+        if result.rowcount:
+            await self.drop_orphan_limits(conn, tenant)
         return int(result.rowcount)
