@@ -1,0 +1,5 @@
+"""``python -m ctxengine``."""
+
+from .cli import main
+
+main()
