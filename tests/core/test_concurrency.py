@@ -1,0 +1,91 @@
+"""Guarantees under concurrency: tasks in one process and several OS processes."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+
+import pytest
+from sqlalchemy import text
+
+from ctxengine import ContextEngine, EngineSettings, SessionStatus
+from ctxengine.errors import SessionLimitError, SessionNotActiveError
+
+from . import _workers
+
+
+def pool(processes: int = 4):  # type: ignore[no-untyped-def]
+    return multiprocessing.get_context("spawn").Pool(processes)
+
+
+async def test_200_concurrent_updates_in_one_process(engine: ContextEngine) -> None:
+    await engine.create_session("hot", "u")
+    await asyncio.gather(
+        *(
+            engine.update_session("hot", increment_requests=True, add_processing_time=0.001)
+            for _ in range(200)
+        )
+    )
+    session = await engine.get_session("hot")
+    assert session is not None
+    assert session.request_count == 200
+    assert session.total_processing_time == pytest.approx(0.2, abs=1e-6)
+
+
+async def test_updates_from_four_processes_are_exact(engine: ContextEngine, db_url: str) -> None:
+    await engine.create_session("hot", "u")
+    with pool() as workers:
+        workers.starmap(_workers.update, [(db_url, "hot", 5, 50, 0.002)] * 4)
+    async with engine._store.engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT request_count, error_count, total_processing_time "
+                    "FROM ctx_sessions WHERE session_id = 'hot'"
+                )
+            )
+        ).one()
+    assert row[0] == 4 * 5 * 50
+    assert row[1] == 4 * 5 * 5
+    assert row[2] == pytest.approx(1000 * 0.002, abs=1e-6)
+
+
+async def test_end_racing_with_updates_is_final(engine: ContextEngine, db_url: str) -> None:
+    await engine.create_session("race", "u")
+    with pool(3) as workers:
+        pending = workers.starmap_async(_workers.update_until_ended, [(db_url, "race", 150)] * 3)
+        await asyncio.sleep(0.3)
+        ended = await engine.end_session("race", "completed")
+        results = await asyncio.to_thread(pending.get, 120)
+    accepted = sum(a for a, _ in results)
+    refused = sum(r for _, r in results)
+    assert accepted + refused == 450 and refused > 0
+    final = await engine.get_session("race")
+    assert final is not None and final.status is SessionStatus.COMPLETED
+    assert final.ended_at == ended.ended_at
+    assert final.request_count == accepted  # no update landed after the end
+    with pytest.raises(SessionNotActiveError):
+        await engine.update_session("race", increment_requests=True)
+
+
+@pytest.mark.parametrize(("per_user", "total"), [(7, None), (None, 7)])
+async def test_session_limits_hold_across_processes(
+    engine: ContextEngine, db_url: str, per_user: int | None, total: int | None
+) -> None:
+    with pool() as workers:
+        created = workers.starmap(_workers.create_many, [(db_url, "busy", 6, per_user, total)] * 4)
+    assert sum(created) == 7
+    assert await engine.count_sessions(user_id="busy") == 7
+    settings = EngineSettings(
+        auto_cleanup=False, max_sessions_per_user=per_user, max_active_sessions=total
+    )
+    async with ContextEngine(db_url, settings=settings) as limited:
+        with pytest.raises(SessionLimitError):
+            await limited.create_session(user_id="busy")
+
+
+async def test_get_or_create_is_safe_across_processes(engine: ContextEngine, db_url: str) -> None:
+    with pool() as workers:
+        distinct = workers.starmap(_workers.get_or_create, [(db_url, "shared", 10)] * 4)
+    assert distinct == [1, 1, 1, 1]
+    assert await engine.count_sessions() == 1
