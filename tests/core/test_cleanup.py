@@ -1,0 +1,134 @@
+"""Expiry sweeps: set-based, exactly once across engines, a loop that survives failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from ctxengine import ContextEngine, EngineSettings, Event, SessionStatus
+from tests.fixtures import FakeClock
+
+
+def settings(**overrides: Any) -> EngineSettings:
+    return EngineSettings(**{"auto_cleanup": False, "session_timeout": 60.0, **overrides})
+
+
+async def test_cleanup_expires_idle_and_overdue_sessions(db_url: str, clock: FakeClock) -> None:
+    async with ContextEngine(db_url, settings=settings(), clock=clock) as engine:
+        events: list[Event] = []
+        engine.subscribe(events.append, "session.expired", "cleanup.completed")
+        await engine.create_session("idle", "u")
+        await engine.create_session("paused", "u")
+        await engine.pause_session("paused")
+        await engine.create_session("deadline", "u", expires_at=clock.now + timedelta(seconds=5))
+        await engine.create_session("done", "u")
+        await engine.end_session("done")
+        clock.advance(30)
+        await engine.create_session("fresh", "u")
+        assert await engine.cleanup_inactive_sessions() == 1  # only the deadline passed
+        clock.advance(31)
+        assert await engine.cleanup_inactive_sessions() == 2  # idle + paused
+        assert await engine.cleanup_inactive_sessions(max_idle_seconds=10) == 1  # fresh
+        assert await engine.cleanup_inactive_sessions() == 0
+        statuses = {s.session_id: s.status for s in await engine.list_sessions()}
+        assert statuses == {
+            "idle": SessionStatus.EXPIRED,
+            "paused": SessionStatus.EXPIRED,
+            "deadline": SessionStatus.EXPIRED,
+            "fresh": SessionStatus.EXPIRED,
+            "done": SessionStatus.COMPLETED,
+        }
+        expired = [e.session_id for e in events if e.type == "session.expired"]
+        assert sorted(expired) == ["deadline", "fresh", "idle", "paused"]
+        done = [e.data["expired"] for e in events if e.type == "cleanup.completed"]
+        assert done == [1, 2, 1, 0]
+
+
+async def test_the_background_task_expires_sessions(db_url: str, clock: FakeClock) -> None:
+    cfg = settings(auto_cleanup=True, cleanup_interval=0.05)
+    async with ContextEngine(db_url, settings=cfg, clock=clock) as engine:
+        expired = asyncio.Event()
+        engine.subscribe(lambda e: expired.set(), "session.expired")
+        await engine.create_session("s", "u")
+        clock.advance(61)
+        await asyncio.wait_for(expired.wait(), timeout=10)
+        assert (await engine.get_session("s")).status is SessionStatus.EXPIRED  # type: ignore[union-attr]
+
+
+async def test_the_loop_survives_failing_sweeps_and_stops_quickly(
+    db_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    cfg = settings(auto_cleanup=True, cleanup_interval=0.02)
+    engine = ContextEngine(db_url, settings=cfg, clock=clock)
+    await engine.initialize()
+    sweeps = engine._live.sessions  # type: ignore[union-attr]
+    real = sweeps.expire_stale
+    calls = 0
+
+    async def flaky(*args: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise RuntimeError("database hiccup")
+        return await real(*args)
+
+    monkeypatch.setattr(sweeps, "expire_stale", flaky)
+    expired = asyncio.Event()
+    engine.subscribe(lambda e: expired.set(), "session.expired")
+    await engine.create_session("s", "u")
+    clock.advance(61)
+    await asyncio.wait_for(expired.wait(), timeout=10)
+    assert calls >= 3
+    assert "cleanup sweep failed" in caplog.text
+    started = time.monotonic()
+    await engine.close()
+    assert time.monotonic() - started < 3  # "within a second", loosely
+
+
+async def test_close_cancels_a_hung_sweep(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = ContextEngine(db_url, settings=settings(auto_cleanup=True, cleanup_interval=0.01))
+    await engine.initialize()
+    entered = asyncio.Event()
+
+    async def hang(*args: Any) -> int:
+        entered.set()
+        await asyncio.sleep(3600)
+        return 0
+
+    monkeypatch.setattr(engine._live.sessions, "expire_stale", hang)  # type: ignore[union-attr]
+    await asyncio.wait_for(entered.wait(), timeout=10)
+    started = time.monotonic()
+    await engine.close()
+    assert time.monotonic() - started < 3
+
+
+async def test_two_engines_announce_each_expiry_once(db_url: str, clock: FakeClock) -> None:
+    cfg = settings(auto_cleanup=True, cleanup_interval=0.01)
+    async with (
+        ContextEngine(db_url, settings=cfg, clock=clock) as one,
+        ContextEngine(db_url, settings=cfg, clock=clock) as two,
+    ):
+        seen: Counter[str] = Counter()
+        totals: list[int] = []
+        all_seen = asyncio.Event()
+
+        def record(event: Event) -> None:
+            seen.update([event.session_id])
+            if len(seen) == 300:
+                all_seen.set()
+
+        for engine in (one, two):
+            engine.subscribe(record, "session.expired")
+            engine.subscribe(lambda e: totals.append(e.data["expired"]), "cleanup.completed")
+        for i in range(300):
+            await one.create_session(f"s{i}", "u")
+        clock.advance(61)
+        await asyncio.wait_for(all_seen.wait(), timeout=30)
+        await asyncio.sleep(0.1)  # a late duplicate would show up here
+    assert len(seen) == 300 and set(seen.values()) == {1}
+    assert sum(totals) == 300
