@@ -1,0 +1,130 @@
+"""Tenant isolation, and the event bus (handlers, streams, failures)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from ctxengine import ContextEngine, EngineSettings, Event, SessionStatus
+from ctxengine.errors import SessionExistsError, SessionNotFoundError, StorageError, ValidationError
+from tests.fixtures import FakeClock
+
+
+async def test_tenants_cannot_see_or_touch_each_other(db_url: str, clock: FakeClock) -> None:
+    cfg = EngineSettings(auto_cleanup=False, session_timeout=60, max_sessions_per_user=1)
+    async with ContextEngine(db_url, settings=cfg, clock=clock) as engine:
+        acme, globex = engine.tenant("acme"), engine.tenant("globex")
+        await acme.create_session("same-id", "u", tags=["t"])
+        await globex.create_session("same-id", "u")  # ids and limits are per tenant
+        with pytest.raises(SessionExistsError):
+            await acme.create_session("same-id", "v")
+        await acme.update_session("same-id", increment_requests=True)
+        assert (await globex.get_session("same-id")).request_count == 0  # type: ignore[union-attr]
+        assert await engine.get_session("same-id") is None  # the default tenant
+        with pytest.raises(SessionNotFoundError):
+            await engine.end_session("same-id")
+        assert await acme.count_sessions() == 1 and await engine.count_sessions() == 0
+        assert [s.tenant_id for s in await acme.list_sessions(tags=["t"])] == ["acme"]
+        assert await globex.list_sessions(tags=["t"]) == []
+        assert (await globex.get_statistics()).total_requests == 0
+        await globex.pause_session("same-id")
+        assert (await acme.get_session("same-id")).status is SessionStatus.ACTIVE  # type: ignore[union-attr]
+        clock.advance(61)
+        assert await acme.cleanup_inactive_sessions() == 1  # acme only
+        assert (await globex.get_session("same-id")).status is SessionStatus.PAUSED  # type: ignore[union-attr]
+        future = datetime.now(UTC) + timedelta(days=1)
+        assert await globex.purge_sessions(ended_before=future) == 0
+        assert await globex.delete_session("same-id") is True
+        assert await acme.get_session("same-id") is not None
+        with pytest.raises(ValidationError):
+            engine.tenant("")
+
+
+async def test_handlers_run_after_commit_and_failures_are_contained(
+    engine: ContextEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    sync_seen: list[str] = []
+    async_seen: list[str] = []
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("handler bug")
+
+    async def slow(event: Event) -> None:
+        await asyncio.sleep(0.01)
+        async_seen.append(event.type)
+
+    engine.subscribe(broken)
+    engine.subscribe(slow, "session.created")
+    stop = engine.subscribe(lambda e: sync_seen.append(e.type))
+    session = await engine.create_session("s", "u")  # the broken handler does not break it
+    assert sync_seen == ["session.created"]  # sync handlers ran before the call returned
+    assert session.status is SessionStatus.ACTIVE
+    stop()
+    await engine.pause_session("s")
+    assert sync_seen == ["session.created"]
+    await asyncio.sleep(0.05)
+    assert async_seen == ["session.created"]
+    assert "event handler failed" in caplog.text
+    with pytest.raises(ValidationError):
+        engine.subscribe(print, "session.exploded")
+
+
+async def test_event_streams_filter_and_end_on_close(db_url: str) -> None:
+    engine = ContextEngine(db_url, settings=EngineSettings(auto_cleanup=False))
+    await engine.initialize()
+    everything = engine.events()
+    only_b = engine.events("session.ended", session_id="b")
+    acme = engine.tenant("acme").events()
+    await engine.create_session("a", "u")
+    await engine.create_session("b", "u")
+    await engine.end_session("a")
+    await engine.end_session("b")
+    await engine.tenant("acme").create_session("c", "u")
+    await engine.close()
+    assert [(e.type, e.session_id) async for e in everything] == [
+        ("session.created", "a"),
+        ("session.created", "b"),
+        ("session.ended", "a"),
+        ("session.ended", "b"),
+        ("session.created", "c"),
+    ]
+    assert [e.session_id async for e in only_b] == ["b"]
+    assert [(e.tenant_id, e.session_id) async for e in acme] == [("acme", "c")]
+
+
+async def test_a_lost_database_raises_storage_error_and_recovers(
+    db_url: str, pg_admin: asyncpg.Connection
+) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("connections are killed with pg_terminate_backend")
+    database = db_url.rsplit("/", 1)[1]
+    async with ContextEngine(db_url, settings=EngineSettings(auto_cleanup=False)) as engine:
+        await engine.create_session("s", "u")
+
+        async def kill_soon() -> None:
+            await asyncio.sleep(0.3)
+            await pg_admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                database,
+            )
+
+        killer = asyncio.create_task(kill_soon())
+        store = engine._store
+        started = time.monotonic()
+        with pytest.raises(StorageError) as info:
+            await store.run(
+                lambda conn: conn.exec_driver_sql("SELECT pg_sleep(5)"), operation="slow"
+            )
+        await killer
+        assert time.monotonic() - started < 5
+        assert info.value.__cause__ is not None
+        # the engine works again: the pool replaces the dead connections
+        session = await engine.update_session("s", increment_requests=True)
+        assert session.request_count == 1
+        assert (await engine.health_check())["status"] == "healthy"
+        assert store.engine.sync_engine.pool.checkedout() == 0
