@@ -1,0 +1,141 @@
+"""The schema: alembic scripts and models never drift; up, down, concurrent starts."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import text
+
+from ctxengine import ContextEngine, EngineSettings
+from ctxengine import migrate as migrations
+from ctxengine.migrate import VERSION_TABLE, head_revision
+from ctxengine.storage.schema import metadata
+from tests.fixtures import new_pg_database
+
+from . import _workers
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLES = {
+    "ctx_sessions",
+    "ctx_quotas",
+    "ctx_usage_records",
+    "ctx_rate_limit_rules",
+    "ctx_rate_limit_state",
+    "ctx_leases",
+}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """A database with no tables at all."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+        return
+    from tests.fixtures import pg_connect
+
+    admin = await pg_connect()
+    url = await new_pg_database(admin)
+    try:
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+        await admin.close()
+
+
+def engine_for(url: str, **kw: Any) -> ContextEngine:
+    return ContextEngine(url, settings=EngineSettings(auto_cleanup=False, **kw))
+
+
+async def diff(engine: ContextEngine, target: sa.MetaData) -> list[Any]:
+    async with engine._store.engine.connect() as conn:
+
+        def compare(sync_conn: sa.Connection) -> list[Any]:
+            ctx = MigrationContext.configure(
+                sync_conn, opts={"version_table": VERSION_TABLE, "compare_type": True}
+            )
+            return list(compare_metadata(ctx, target))
+
+        return await conn.run_sync(compare)
+
+
+async def tables(engine: ContextEngine) -> set[str]:
+    async with engine._store.engine.connect() as conn:
+        return set(await conn.run_sync(lambda c: sa.inspect(c).get_table_names()))
+
+
+async def test_models_and_migrations_do_not_drift(empty_url: str) -> None:
+    async with engine_for(empty_url) as engine:
+        assert await diff(engine, metadata) == []
+        drifted = sa.MetaData()
+        for table in metadata.tables.values():
+            table.to_metadata(drifted)
+        drifted.tables["ctx_sessions"].append_column(sa.Column("extra", sa.Integer))
+        assert await diff(engine, drifted) != []  # a real drift is seen
+
+
+async def test_upgrade_downgrade_and_upgrade_again(empty_url: str) -> None:
+    engine = engine_for(empty_url, auto_migrate=False)
+    async with engine:
+        assert not (await tables(engine)) & TABLES
+        await engine.migrate()
+        assert TABLES <= await tables(engine)
+        assert (await engine.health_check())["schema_revision"] == head_revision()
+        await migrations.migrate(engine._store, "0001_sessions", down=True)
+        assert "ctx_quotas" not in await tables(engine) and "ctx_sessions" in await tables(engine)
+        await migrations.migrate(engine._store, "base", down=True)
+        assert not (await tables(engine)) & TABLES
+        await engine.migrate()
+        assert TABLES <= await tables(engine)
+        await engine.create_session("works", "u")
+
+
+async def test_auto_migrate_setting(empty_url: str) -> None:
+    async with engine_for(empty_url, auto_migrate=False) as engine:
+        assert not (await tables(engine)) & TABLES
+    async with engine_for(empty_url) as engine:
+        assert TABLES <= await tables(engine)
+
+
+async def test_concurrent_starters_migrate_once(empty_url: str) -> None:
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        pool.map(_workers.migrate, [empty_url] * 4)
+    async with engine_for(empty_url, auto_migrate=False) as engine:
+        async with engine._store.engine.connect() as conn:
+            rows = (await conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}"))).all()
+        assert [r[0] for r in rows] == [head_revision()]
+        assert await diff(engine, metadata) == []
+
+
+def test_alembic_command_line_from_the_repository_root(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
+    env = {**os.environ, "CTXENGINE_DATABASE_URL": url}
+    alembic = [sys.executable, "-m", "alembic"]
+    subprocess.run([*alembic, "upgrade", "head"], cwd=ROOT, env=env, check=True)
+    current = subprocess.run(
+        [*alembic, "current"], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
+    assert head_revision() in current.stdout
+
+
+async def test_alembic_command_line_on_postgres(pg_admin: asyncpg.Connection) -> None:
+    url = await new_pg_database(pg_admin)
+    try:
+        env = {**os.environ, "CTXENGINE_DATABASE_URL": url}
+        command = [sys.executable, "-m", "alembic", "upgrade", "head"]
+        await asyncio.to_thread(subprocess.run, command, cwd=ROOT, env=env, check=True)
+        async with engine_for(url, auto_migrate=False) as engine:
+            assert TABLES <= await tables(engine)
+            assert await diff(engine, metadata) == []
+    finally:
+        await pg_admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
