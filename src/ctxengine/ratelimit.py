@@ -9,7 +9,8 @@ full — and a call of ``cost`` is admitted when that sum plus ``cost`` stays wi
 Every window ``(s - W, s]`` lies inside the 61 sub-windows counted at the last call
 admitted in it, so no window of length ``W``, anywhere in time, ever holds more than
 ``max_calls``. The price: a call may be refused early, by at most one sub-window
-(``W/60``). Times are handled in integer microseconds, so waits are exact.
+(``W/60``). Times are handled in whole microseconds (an engine clock's resolution),
+so waits are exact.
 """
 
 from __future__ import annotations
