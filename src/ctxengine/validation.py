@@ -6,13 +6,16 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from .errors import ValidationError
 from .lifecycle import END_STATUSES
 from .models import SessionStatus
 
 MAX_ID_LENGTH = 255
+
+E = TypeVar("E", bound=StrEnum)
 
 
 def identifier(value: object, field: str = "session_id") -> str:
@@ -34,15 +37,28 @@ def optional_identifier(value: object, field: str) -> str | None:
     return None if value is None else identifier(value, field)
 
 
-def status(value: object, field: str = "status") -> SessionStatus:
-    """A known :class:`SessionStatus`."""
+def choice(enum: type[E], value: object, field: str) -> E:
+    """A member of the string enum ``enum``, given as the member or its value."""
     try:
         if not isinstance(value, str):
             raise ValueError(value)
-        return SessionStatus(value)
+        return enum(value)
     except ValueError:
-        known = ", ".join(s.value for s in SessionStatus)
+        known = ", ".join(member.value for member in enum)
         raise ValidationError(f"unknown {field} {value!r}; one of: {known}", field=field) from None
+
+
+def status(value: object, field: str = "status") -> SessionStatus:
+    """A known :class:`SessionStatus`."""
+    return choice(SessionStatus, value, field)
+
+
+def tier(name: object, tiers: Mapping[str, object]) -> str:
+    """The name of a configured tier."""
+    if not isinstance(name, str) or name not in tiers:
+        known = ", ".join(sorted(tiers))
+        raise ValidationError(f"unknown tier {name!r}; one of: {known}", field="tier")
+    return name
 
 
 def end_status(value: object) -> SessionStatus:

@@ -175,18 +175,6 @@ WINDOWS: dict[RateLimitType, float] = {
 _Key = tuple[str, str, str, str, int]
 
 
-def rate_limit_type(value: object) -> RateLimitType:
-    try:
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return RateLimitType(value)
-    except ValueError:
-        known = ", ".join(r.value for r in RateLimitType)
-        raise ValidationError(
-            f"unknown limit_type {value!r}; one of: {known}", field="limit_type"
-        ) from None
-
-
 def _cost(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValidationError(f"cost must be a whole number >= 1, got {value!r}", field="cost")
@@ -300,7 +288,7 @@ class RateLimitService:
     ) -> RateLimitStatus:
         v.identifier(session_id)
         v.identifier(operation, "operation")
-        types = [rate_limit_type(limit_type)]
+        types = [v.choice(RateLimitType, limit_type, "limit_type")]
         units = _cost(cost)
 
         async def work(conn: AsyncConnection, fx: Effects) -> RateLimitStatus | None:

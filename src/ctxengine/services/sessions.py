@@ -63,9 +63,7 @@ class SessionService:
         expires_at: Any,
     ) -> dict[str, Any]:
         settings = self.ctx.settings
-        if tier not in settings.tiers:
-            known = ", ".join(sorted(settings.tiers))
-            raise ValidationError(f"unknown tier {tier!r}; one of: {known}", field="tier")
+        v.tier(tier, settings.tiers)
         if name is not None and not isinstance(name, str):
             raise ValidationError("name must be a string", field="name")
         return {

@@ -25,13 +25,7 @@ THRESHOLDS = ((90.0, "quota.critical"), (75.0, "quota.warning"))
 
 def quota_type(value: object, field: str = "resource_type") -> QuotaType:
     """A known :class:`QuotaType`."""
-    try:
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return QuotaType(value)
-    except ValueError:
-        known = ", ".join(q.value for q in QuotaType)
-        raise ValidationError(f"unknown {field} {value!r}; one of: {known}", field=field) from None
+    return v.choice(QuotaType, value, field)
 
 
 def tier_limit(policy: TierPolicy | None, resource: QuotaType) -> float | None:
@@ -185,10 +179,7 @@ class UsageService:
 
     async def change_tier(self, tenant: str, session_id: str, tier: str) -> Session:
         v.identifier(session_id)
-        policy = self.policy(tier)
-        if policy is None:
-            known = ", ".join(sorted(self.ctx.settings.tiers))
-            raise ValidationError(f"unknown tier {tier!r}; one of: {known}", field="tier")
+        policy = self.ctx.settings.tiers[v.tier(tier, self.ctx.settings.tiers)]
 
         async def work(conn: AsyncConnection, fx: Effects) -> Session:
             row = await self.sessions.repo.set_tier(conn, tenant, session_id, tier)
