@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -78,4 +77,4 @@ async def track_request(
             operation="track_request",
         )
     finally:
-        await asyncio.shield(runtime.leases.release(tenant, lease_id))
+        await runtime.leases.release_quietly(tenant, lease_id)

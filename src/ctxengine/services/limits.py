@@ -130,6 +130,14 @@ class LeaseService:
 
         await self.ctx.transact(work, operation="release concurrency slot")
 
+    async def release_quietly(self, tenant: str, lease_id: str) -> None:
+        """Release, even when cancelled; a failure is logged (the lease then expires
+        by itself within ``lease_ttl``) instead of hiding the caller's exception."""
+        try:
+            await asyncio.shield(self.release(tenant, lease_id))
+        except ContextEngineError:
+            log.warning("could not release a lease; it expires by itself", exc_info=True)
+
     async def live(self, tenant: str, session_id: str) -> int:
         async def work(conn: AsyncConnection, fx: Effects) -> int:
             return await self.repo.live_leases(conn, tenant, session_id, fx.now)
@@ -142,7 +150,7 @@ class LeaseService:
         try:
             yield lease_id
         finally:
-            await asyncio.shield(self.release(tenant, lease_id))
+            await self.release_quietly(tenant, lease_id)
 
     async def manage(self, tenant: str, session_id: str, operation: str, increment: bool) -> int:
         key = (tenant, session_id, operation)
@@ -157,10 +165,7 @@ class LeaseService:
     async def release_all(self) -> None:
         """Free every lease this engine holds (on close)."""
         for tenant, lease_id in list(self.held):
-            try:
-                await self.release(tenant, lease_id)
-            except ContextEngineError:
-                log.warning("could not release a lease on close", exc_info=True)
+            await self.release_quietly(tenant, lease_id)
         self.manual.clear()
 
 

@@ -89,8 +89,10 @@ class SessionService:
         settings = self.ctx.settings
         if settings.max_active_sessions is None and settings.max_sessions_per_user is None:
             return
-        # Counting other rows is only exact while creators of this tenant are serialized.
-        await self.ctx.store.backend.lock(conn, f"ctxengine.sessions.{tenant}")
+        # Counting other rows is only exact while the creators it concerns are serialized:
+        # all of the tenant's for a total limit, else only the user's.
+        scope = tenant if settings.max_active_sessions is not None else f"{tenant}/{user_id}"
+        await self.ctx.store.backend.lock(conn, f"ctxengine.sessions.{scope}")
         if settings.max_active_sessions is not None:
             n = await self.repo.count_open(conn, tenant, now, self.timeout)
             if n >= settings.max_active_sessions:
