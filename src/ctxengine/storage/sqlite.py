@@ -70,7 +70,10 @@ class SQLiteBackend(Backend):
             )
 
     async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
-        await conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+        # Writers take the lock up front. Reads run in autocommit: each statement
+        # sees a consistent snapshot of its own, and no BEGIN/COMMIT round trips.
+        if write:
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     def _insert(self, table: Table) -> Any:
         return sqlite_insert(table)

@@ -1,0 +1,1 @@
+"""Benchmarks: each ctxengine operation beside the raw driver doing the same job."""

@@ -1,0 +1,217 @@
+"""Measure ctxengine's hot paths against the raw drivers, in one run.
+
+    python -m benchmarks --backend all --n 2000 --json results.json
+
+Each operation runs sequentially ``n`` times after a warm-up; the raw baseline is the
+driver executing the equivalent single statement (asyncpg on a pool; aiosqlite with
+the same pragmas, one transaction per statement). Repeats are run and the median
+taken, because these machines are noisy: the ratios are what counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import asyncpg
+
+from ctxengine import ContextEngine, EngineSettings, QuotaType
+
+PG_SERVER = os.environ.get(
+    "CTXENGINE_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+Op = Callable[[int], Awaitable[Any]]
+
+
+async def timed(op: Op, n: int) -> dict[str, float]:
+    for i in range(min(50, n)):  # warm-up: caches, pools, prepared statements
+        await op(i)
+    latencies = []
+    start = time.perf_counter()
+    for i in range(n):
+        t = time.perf_counter()
+        await op(i)
+        latencies.append(time.perf_counter() - t)
+    total = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "ops_per_s": n / total,
+        "p50_ms": latencies[len(latencies) // 2] * 1000,
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+    }
+
+
+class RawSQLite:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def __aenter__(self) -> RawSQLite:
+        self.db = await aiosqlite.connect(self.path, isolation_level=None)
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
+            await self.db.execute(f"PRAGMA {pragma}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.db.close()
+
+    async def write(self, sql: str, *args: Any) -> None:
+        await self.db.execute("BEGIN IMMEDIATE")
+        await self.db.execute(sql.replace("$1", "?").replace("$2", "?"), args)
+        await self.db.execute("COMMIT")
+
+    async def read(self, sql: str, *args: Any) -> Any:
+        cursor = await self.db.execute(sql.replace("$1", "?"), args)
+        return await cursor.fetchone()
+
+
+class RawPostgres:
+    def __init__(self, url: str) -> None:
+        self.url = url.replace("postgresql+asyncpg://", "postgresql://")
+
+    async def __aenter__(self) -> RawPostgres:
+        self.pool = await asyncpg.create_pool(self.url, min_size=2, max_size=5)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pool.close()
+
+    async def write(self, sql: str, *args: Any) -> None:
+        await self.pool.execute(sql, *args)
+
+    async def read(self, sql: str, *args: Any) -> Any:
+        return await self.pool.fetchrow(sql, *args)
+
+
+async def bench_backend(url: str, raw: Any, n: int) -> list[dict[str, Any]]:
+    settings = EngineSettings(auto_cleanup=False)
+    results = []
+    async with ContextEngine(url, settings=settings) as engine, raw:
+        hot = (await engine.create_session(user_id="bench", tier="enterprise")).session_id
+        await raw.write(
+            "CREATE TABLE IF NOT EXISTS bench_raw (id TEXT PRIMARY KEY, n BIGINT, note TEXT)"
+        )
+        await raw.write("INSERT INTO bench_raw VALUES ('hot', 0, '') ON CONFLICT DO NOTHING")
+        run = uuid.uuid4().hex[:8]
+        serial = itertools.count()
+
+        async def raw_update(i: int) -> None:
+            await raw.write("UPDATE bench_raw SET n = n + 1 WHERE id = $1", "hot")
+
+        async def raw_select(i: int) -> None:
+            await raw.read("SELECT * FROM bench_raw WHERE id = $1", "hot")
+
+        async def raw_insert(i: int) -> None:
+            await raw.write(
+                "INSERT INTO bench_raw VALUES ($1, 0, $2)", f"{run}-{next(serial)}", "x"
+            )
+
+        async def update(i: int) -> None:
+            await engine.update_session(hot, increment_requests=True, add_processing_time=0.001)
+
+        async def get(i: int) -> None:
+            await engine.get_session(hot)
+
+        async def create(i: int) -> None:
+            await engine.create_session(user_id="bench", tier="enterprise")
+
+        async def usage(i: int) -> None:
+            await engine.track_usage(hot, "bench", QuotaType.TOKENS, 10)
+
+        async def rate(i: int) -> None:
+            await engine.enforce_rate_limit(hot, "bench")
+
+        await engine.set_rate_limit(hot, "bench", 10**9, 60)
+        plan = [
+            ("update_session", update, "raw UPDATE by key", raw_update),
+            ("get_session", get, "raw SELECT by key", raw_select),
+            ("create_session", create, "raw INSERT", raw_insert),
+            ("track_usage", usage, "raw INSERT", raw_insert),
+            ("enforce_rate_limit", rate, "raw UPDATE by key", raw_update),
+        ]
+        for name, op, base_name, base in plan:
+            ours = await timed(op, n)
+            baseline = await timed(base, n)
+            results.append(
+                {
+                    "operation": name,
+                    **ours,
+                    "baseline": base_name,
+                    "baseline_ops_per_s": baseline["ops_per_s"],
+                    "ratio": ours["ops_per_s"] / baseline["ops_per_s"],
+                }
+            )
+    return results
+
+
+async def run(backend: str, n: int, repeats: int) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    if backend in ("sqlite", "all"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = str(Path(tmp) / "bench.db")
+            reps = [
+                await bench_backend(f"sqlite+aiosqlite:///{path}", RawSQLite(path), n)
+                for _ in range(repeats)
+            ]
+            out["sqlite"] = median_of(reps)
+    if backend in ("postgres", "all"):
+        admin = await asyncpg.connect(PG_SERVER)
+        name = f"ctx_bench_{uuid.uuid4().hex[:8]}"
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        url = PG_SERVER.rsplit("/", 1)[0] + f"/{name}"
+        try:
+            reps = [await bench_backend(url, RawPostgres(url), n) for _ in range(repeats)]
+            out["postgres"] = median_of(reps)
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.close()
+    return out
+
+
+def median_of(reps: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    merged = []
+    for rows in zip(*reps, strict=True):
+        row = dict(rows[0])
+        for key in ("ops_per_s", "p50_ms", "p99_ms", "baseline_ops_per_s", "ratio"):
+            row[key] = statistics.median(r[key] for r in rows)
+        merged.append(row)
+    return merged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--backend", choices=["sqlite", "postgres", "all"], default="all")
+    parser.add_argument("--n", type=int, default=2000, help="calls per operation")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", dest="json_path", default=None, help="write results here")
+    args = parser.parse_args()
+    results = asyncio.run(run(args.backend, args.n, args.repeats))
+    for backend, rows in results.items():
+        print(f"\n{backend}: {args.n} sequential calls, median of {args.repeats}")
+        print(
+            f"{'operation':<20}{'ops/s':>9}{'p50 ms':>9}{'p99 ms':>9}  "
+            f"{'baseline':<20}{'ops/s':>9}{'ratio':>7}"
+        )
+        for r in rows:
+            print(
+                f"{r['operation']:<20}{r['ops_per_s']:>9.0f}{r['p50_ms']:>9.2f}"
+                f"{r['p99_ms']:>9.2f}  {r['baseline']:<20}{r['baseline_ops_per_s']:>9.0f}"
+                f"{r['ratio']:>7.2f}"
+            )
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The benchmark harness runs (at a tiny size; speed is measured, never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_harness_runs_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--backend",
+            "sqlite",
+            "--n",
+            "5",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    results = json.loads(out.read_text())
+    operations = {row["operation"] for row in results["sqlite"]}
+    assert {
+        "update_session",
+        "get_session",
+        "create_session",
+        "track_usage",
+        "enforce_rate_limit",
+    } <= operations
+    assert all(row["ratio"] > 0 for row in results["sqlite"])
