@@ -16,6 +16,7 @@ from ctxengine import ContextEngine, EngineSettings, RateLimitType
 from ctxengine.errors import (
     ConcurrencyLimitError,
     RateLimitError,
+    SessionExpiredError,
     SessionNotActiveError,
     ValidationError,
 )
@@ -226,3 +227,18 @@ async def test_deleting_and_purging_remove_what_sessions_own(engine: ContextEngi
         "ctx_leases",
     ):
         assert await rows(engine, f"SELECT * FROM {table}") == [], table
+
+
+async def test_expiring_a_session_releases_its_slots(db_url: str, clock: Any) -> None:
+    settings = EngineSettings(auto_cleanup=False, session_timeout=60, lease_ttl=3600)
+    async with ContextEngine(db_url, settings=settings, clock=clock) as engine:
+        for sid in ("swept", "lazy"):
+            await engine.create_session(sid, "u")
+            await engine.manage_concurrency(sid)
+        clock.advance(61)
+        with pytest.raises(SessionExpiredError):
+            await engine.touch("lazy")  # found idle: expired now, its slot released
+        assert [r[0] for r in await rows(engine, "SELECT session_id FROM ctx_leases")] == ["swept"]
+        assert await engine.cleanup_inactive_sessions() == 1
+        assert await rows(engine, "SELECT * FROM ctx_leases") == []
+        assert (await engine.get_session("swept")).concurrent_operations == 0  # type: ignore[union-attr]
