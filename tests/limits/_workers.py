@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+from datetime import UTC, datetime
 
 from ctxengine import ContextEngine, EngineSettings
 from ctxengine.errors import ConcurrencyLimitError, QuotaExceededError, RateLimitError
@@ -92,3 +94,36 @@ async def _hold_forever(url: str, session_id: str) -> None:
 def hold_forever(url: str, session_id: str) -> None:
     """Take a slot and never give it back (the test kills this process)."""
     asyncio.run(_hold_forever(url, session_id))
+
+
+def admitted_times(url: str, session_id: str, tasks: int, seconds: float) -> list[float]:
+    """Call enforce_rate_limit for ``seconds``; the decision instants of admitted calls.
+
+    The engine's clock is wrapped so each task remembers its last reading: for an
+    admitted call that is the instant the decision was made, under the state's lock.
+    """
+    last_reading: contextvars.ContextVar[datetime] = contextvars.ContextVar("last")
+
+    def clock() -> datetime:
+        now = datetime.now(UTC)
+        last_reading.set(now)
+        return now
+
+    async def main() -> list[float]:
+        times: list[float] = []
+        async with ContextEngine(url, settings=SETTINGS, clock=clock) as engine:
+            stop = asyncio.get_running_loop().time() + seconds
+
+            async def worker() -> None:
+                while asyncio.get_running_loop().time() < stop:
+                    try:
+                        await engine.enforce_rate_limit(session_id, "burst")
+                    except RateLimitError:
+                        await asyncio.sleep(0.002)
+                        continue
+                    times.append(last_reading.get().timestamp())
+
+            await asyncio.gather(*(worker() for _ in range(tasks)))
+        return times
+
+    return asyncio.run(main())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import json
 import multiprocessing
 import signal
 import sys
@@ -108,8 +110,27 @@ async def test_rate_limit_is_exact_across_processes(engine: ContextEngine, db_ur
         admitted = sum(pool.starmap(_workers.hammer, [(db_url, sid, 3, 15)] * 4))
     assert admitted == 30  # 180 attempts within one window: exactly the limit
     (state,) = await rows(engine, "SELECT state FROM ctx_rate_limit_state")
-    stored = state[0] if not isinstance(state[0], str) else __import__("json").loads(state[0])
+    stored = state[0] if not isinstance(state[0], str) else json.loads(state[0])
     assert sum(stored["c"]) == 30 and len(stored["c"]) <= 61
+
+
+async def test_no_window_admits_more_than_the_limit_across_processes(
+    engine: ContextEngine, db_url: str
+) -> None:
+    sid = (await engine.create_session(user_id="u")).session_id
+    limit, window = 8, 0.4
+    await engine.set_rate_limit(sid, "burst", limit, window)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        batches = pool.starmap(_workers.admitted_times, [(db_url, sid, 3, 2.0)] * 4)
+    times = sorted(t for batch in batches for t in batch)
+    assert len(times) >= limit  # the limiter was exercised
+    for i, end in enumerate(times):  # every window (end - W, end] ending at an admission
+        first = bisect.bisect_right(times, end - window)
+        assert i + 1 - first <= limit, f"{i + 1 - first} calls in {window}s ending at {end}"
+    (state,) = await rows(engine, "SELECT state FROM ctx_rate_limit_state")
+    stored = state[0] if not isinstance(state[0], str) else json.loads(state[0])
+    assert len(stored["c"]) <= 61
 
 
 async def test_concurrency_cap_holds_across_processes(engine: ContextEngine, db_url: str) -> None:

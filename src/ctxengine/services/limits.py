@@ -233,7 +233,6 @@ class RateLimitService:
         consume: bool,
     ) -> RateLimitStatus:
         """Apply every limit that applies, all or nothing; a refusal is left in ``fx``."""
-        now = fx.now.timestamp()
         best = RateLimitStatus(limit=None, remaining=None, reset_after=0.0)
         decisions = []
         for key, max_calls, window in await self._rules(
@@ -250,6 +249,9 @@ class RateLimitService:
                 if consume
                 else self.repo.peek_state(conn, key)
             )
+            # The decision's instant is read once the state is locked, so admissions
+            # are stamped in the order they are made.
+            now = self.ctx.clock().timestamp()
             decision = decide(
                 LimiterState.from_json(raw), now, max_calls, window, cost, consume=consume
             )
