@@ -9,12 +9,16 @@ full — and a call of ``cost`` is admitted when that sum plus ``cost`` stays wi
 Every window ``(s - W, s]`` lies inside the 61 sub-windows counted at the last call
 admitted in it, so no window of length ``W``, anywhere in time, ever holds more than
 ``max_calls``. The price: a call may be refused early, by at most one sub-window
-(``W/60``). Times are handled in whole microseconds (an engine clock's resolution),
-so waits are exact.
+(``W/60``): after a burst of ``max_calls`` at one instant, ``retry_after`` lies in
+``(W, W * 61/60]`` (the upper end rounded up to the microsecond). State stays at most
+61 counts whatever ``max_calls`` is. Times are handled in whole microseconds (an engine
+clock's resolution), so with an injected clock a call at ``now + retry_after`` is
+admitted and one a microsecond earlier is not.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,8 +57,13 @@ class LimiterState:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The answer for one call: ``retry_after`` is 0.0 when allowed; ``reset_after`` is
-    the time until the oldest counted sub-window stops counting (0.0 when none counts)."""
+    """The answer for one call.
+
+    ``remaining`` is ``max_calls`` minus what is counted after the decision (a peek
+    consumes nothing, so it does not subtract ``cost``); ``reset_after`` is the time until
+    the oldest counted sub-window stops counting (0.0 when none counts); ``retry_after``
+    is 0.0 when allowed, else the smallest wait after which this call is admitted.
+    """
 
     allowed: bool
     remaining: int
@@ -74,14 +83,23 @@ def decide(
 ) -> Decision:
     """Admit or refuse a call of ``cost`` at ``now`` (seconds); refusals change nothing.
 
-    Raises ValueError when ``cost`` exceeds ``max_calls`` (it could never be admitted).
+    ``consume=False`` peeks: the same answer, the state unchanged. Raises ValueError
+    when ``cost`` exceeds ``max_calls`` (it could never be admitted), and for a cost or
+    ``max_calls`` below 1, a window that is not a finite positive number, or a
+    non-finite ``now``.
     """
+    if cost < 1 or max_calls < 1:
+        raise ValueError(f"cost and max_calls must be >= 1, got {cost} and {max_calls}")
     if cost > max_calls:
         raise ValueError(f"cost {cost} exceeds max_calls {max_calls}")
+    if not (math.isfinite(window) and window > 0) or not math.isfinite(now):
+        raise ValueError(f"window must be finite and > 0 and now finite: {window}, {now}")
     window_us = max(round(window * _US), 1)
     now_us = round(now * _US)
     # A clock that went back (another process) must not uncount anything.
-    current = max((now_us * SUBWINDOWS) // window_us, state.newest if state.counts else 0)
+    current = (now_us * SUBWINDOWS) // window_us
+    if state.counts:
+        current = max(current, state.newest)
     counted = state.window(current)
     used = sum(counted.values())
 
