@@ -75,6 +75,10 @@ class RawSQLite:
         cursor = await self.db.execute(sql.replace("$1", "?"), args)
         return await cursor.fetchone()
 
+    async def fetch(self, sql: str, *args: Any) -> Any:
+        cursor = await self.db.execute(sql.replace("$1", "?"), args)
+        return await cursor.fetchall()
+
 
 class RawPostgres:
     def __init__(self, url: str) -> None:
@@ -92,6 +96,9 @@ class RawPostgres:
 
     async def read(self, sql: str, *args: Any) -> Any:
         return await self.pool.fetchrow(sql, *args)
+
+    async def fetch(self, sql: str, *args: Any) -> Any:
+        return await self.pool.fetch(sql, *args)
 
 
 async def bench_backend(url: str, raw: Any, n: int) -> list[dict[str, Any]]:
@@ -132,13 +139,58 @@ async def bench_backend(url: str, raw: Any, n: int) -> list[dict[str, Any]]:
         async def rate(i: int) -> None:
             await engine.enforce_rate_limit(hot, "bench")
 
+        # a chat of 1000 messages to read, and the same rows for the raw driver
+        history = (await engine.create_session(user_id="bench", tier="enterprise")).session_id
+        for start in range(0, 1000, 100):
+            await engine.add_messages(
+                history,
+                [
+                    {"role": "user", "content": f"message {k} " + "x" * 80}
+                    for k in range(start, start + 100)
+                ],
+            )
+        await raw.write(
+            "CREATE TABLE IF NOT EXISTS bench_msgs "
+            "(chat TEXT, seq BIGINT, content TEXT, PRIMARY KEY (chat, seq))"
+        )
+        for k in range(1000):
+            await raw.write(
+                "INSERT INTO bench_msgs VALUES ($1, $2, 'message " + "x" * 80 + "') "
+                "ON CONFLICT DO NOTHING",
+                "c",
+                k,
+            )
+        talk = (await engine.create_session(user_id="bench", tier="enterprise")).session_id
+
+        async def add_message(i: int) -> None:
+            await engine.add_message(talk, "user", "what is the weather like today?")
+
+        async def last_50(i: int) -> None:
+            await engine.get_messages(history, limit=50)
+
+        async def all_1000(i: int) -> None:
+            await engine.get_messages(history, limit=None)
+
+        async def raw_last_50(i: int) -> None:
+            await raw.fetch(
+                "SELECT * FROM bench_msgs WHERE chat = $1 ORDER BY seq DESC LIMIT 50", "c"
+            )
+
+        async def raw_all_1000(i: int) -> None:
+            await raw.fetch("SELECT * FROM bench_msgs WHERE chat = $1 ORDER BY seq", "c")
+
         await engine.set_rate_limit(hot, "bench", 10**9, 60)
+        peers = await peer_plan(engine, url)
         plan = [
             ("update_session", update, "raw UPDATE by key", raw_update),
             ("get_session", get, "raw SELECT by key", raw_select),
             ("create_session", create, "raw INSERT", raw_insert),
             ("track_usage", usage, "raw INSERT", raw_insert),
             ("enforce_rate_limit", rate, "raw UPDATE by key", raw_update),
+            ("add_message", add_message, "raw INSERT", raw_insert),
+            ("get_messages last 50 of 1000", last_50, "raw SELECT 50 rows", raw_last_50),
+            ("get_messages all 1000", all_1000, "raw SELECT 1000 rows", raw_all_1000),
+            *peers,
         ]
         for name, op, base_name, base in plan:
             ours = await timed(op, n)
@@ -153,6 +205,38 @@ async def bench_backend(url: str, raw: Any, n: int) -> list[dict[str, Any]]:
                 }
             )
     return results
+
+
+def async_url(url: str) -> str:
+    """The SQLAlchemy asyncio URL of ``url`` (the peers are SQLAlchemy-based too)."""
+    if url.startswith("postgresql://"):
+        return url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    return url
+
+
+async def peer_plan(engine: ContextEngine, url: str) -> list[tuple[str, Op, str, Op]]:
+    """The agent SDKs' own stores doing the same job, where they are installed."""
+    plan: list[tuple[str, Op, str, Op]] = []
+    try:
+        from agents.extensions.memory.sqlalchemy_session import SQLAlchemySession
+
+        from ctxengine.integrations.openai_agents import ContextEngineSession
+    except ImportError:
+        return plan
+    ours = ContextEngineSession(engine, f"openai-{uuid.uuid4().hex[:8]}", tier="enterprise")
+    theirs = SQLAlchemySession.from_url(
+        f"peer-{uuid.uuid4().hex[:8]}", url=async_url(url), create_tables=True
+    )
+    item = [{"role": "user", "content": "what is the weather like today?"}]
+
+    async def ours_add(i: int) -> None:
+        await ours.add_items(item)
+
+    async def theirs_add(i: int) -> None:
+        await theirs.add_items(item)
+
+    plan.append(("openai add_items", ours_add, "OpenAI SQLAlchemySession", theirs_add))
+    return plan
 
 
 async def run(backend: str, n: int, repeats: int) -> dict[str, list[dict[str, Any]]]:

@@ -44,7 +44,11 @@ async def run_demo(url: str | None = None) -> None:
         users = ["ada", "grace", "linus"]
         sessions = {
             u: await engine.create_session(
-                user_id=u, tier="basic", tags=["demo"], metadata={"source": "cli"}
+                user_id=u,
+                tier="basic",
+                tags=["demo"],
+                metadata={"source": "cli"},
+                system_prompt="You are a travel assistant.",
             )
             for u in users
         }
@@ -52,10 +56,12 @@ async def run_demo(url: str | None = None) -> None:
 
         for user, session in sessions.items():
             for prompt in ("hello", "plan a trip", "summarize"):
+                await engine.add_message(session.session_id, "user", prompt)
                 async with engine.track_request(session.session_id, "chat"):
-                    await _answer(prompt)
+                    answer = await _answer(prompt)
+                await engine.add_message(session.session_id, "assistant", answer, tokens=120)
                 await engine.track_usage(session.session_id, "chat", QuotaType.TOKENS, 120)
-            print(f"  {user}: 3 requests tracked")
+            print(f"  {user}: 3 requests tracked, 7 messages in the conversation")
 
         ada = sessions["ada"].session_id
         try:
@@ -91,4 +97,5 @@ async def run_demo(url: str | None = None) -> None:
             f"(error rate {stats.error_rate:.1%})"
         )
         print(f"  average processing time: {stats.average_processing_time * 1000:.1f} ms")
+        print(f"  messages: {stats.total_messages}")
         print(f"  usage: {stats.usage_by_resource}")

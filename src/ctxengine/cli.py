@@ -138,7 +138,8 @@ def show_session(url: str | None, tenant: str, session_id: str, as_json: bool) -
     session = _run(url, tenant, lambda view: view.get_session(session_id))
     if session is None:
         raise click.ClickException(f"no session {session_id!r} in tenant {tenant!r}")
-    data = session.to_dict()
+    stats = _run(url, tenant, lambda view: view.get_session_stats(session_id))
+    data = {**session.to_dict(), "chats": stats.chat_count, "messages": stats.total_messages}
     if as_json:
         _echo_json(data)
         return

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -18,7 +20,8 @@ from .cleanup import CleanupLoop
 from .clock import Clock, checked, system_clock
 from .errors import EngineClosedError, StorageError
 from .events import EventBus
-from .services.base import Context
+from .services.base import CallObserver, Context
+from .services.conversation import ConversationService
 from .services.limits import LeaseService, RateLimitService
 from .services.sessions import SessionService
 from .services.usage import UsageService
@@ -37,6 +40,7 @@ class _Runtime:
 
     ctx: Context
     sessions: SessionService
+    conversation: ConversationService
     usage: UsageService
     leases: LeaseService
     rates: RateLimitService
@@ -66,6 +70,7 @@ class ContextEngine(TenantView):
         self._state: _State = "new"
         self._live: _Runtime | None = None
         self._opening = asyncio.Lock()
+        self._observers: list[CallObserver] = []
         # Fail fast on an unsupported URL, before anything connects.
         if not isinstance(url, AsyncEngine):
             normalize_url(resolve_url(url))
@@ -93,7 +98,21 @@ class ContextEngine(TenantView):
             except BaseException:
                 await store.dispose()
                 raise
-            ctx = Context(store, EventBus(), self._clock, self.settings)
+            bus = EventBus()
+            relay = None
+            if self.settings.cross_process_events:
+                try:
+                    relay = store.backend.event_relay(lambda event: bus.publish([event]))
+                    await relay.start()
+                except BaseException as exc:
+                    await store.dispose()
+                    if isinstance(exc, OSError | asyncpg.PostgresError):
+                        raise StorageError(
+                            f"cannot listen for events of other engines: {exc}",
+                            operation="initialize",
+                        ) from exc
+                    raise
+            ctx = Context(store, bus, self._clock, self.settings, relay, self._observers)
             sessions = SessionService(ctx)
             cleanup = None
             if self.settings.auto_cleanup:
@@ -101,6 +120,7 @@ class ContextEngine(TenantView):
             self._live = _Runtime(
                 ctx,
                 sessions,
+                ConversationService(ctx, sessions),
                 UsageService(ctx, sessions),
                 LeaseService(ctx, sessions),
                 RateLimitService(ctx, sessions),
@@ -110,6 +130,16 @@ class ContextEngine(TenantView):
             if cleanup is not None:
                 cleanup.start()
             log.info("engine open", extra={"backend": store.backend.name})
+
+    def _observe(self, observer: CallObserver) -> Callable[[], None]:
+        """Wrap every unit of work in ``observer(operation)`` (used by the integrations)."""
+        self._observers.append(observer)
+
+        def detach() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return detach
 
     async def _sweep(self) -> int:
         runtime = self._runtime()
@@ -125,6 +155,8 @@ class ContextEngine(TenantView):
                 return
             if runtime.cleanup is not None:
                 await runtime.cleanup.stop()
+            if runtime.ctx.relay is not None:
+                await runtime.ctx.relay.stop()
             await runtime.leases.release_all()
             await runtime.ctx.bus.aclose()
             await runtime.ctx.store.dispose()

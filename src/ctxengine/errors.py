@@ -10,6 +10,8 @@ from typing import Any
 
 __all__ = [
     "ChatLimitError",
+    "ChatNotFoundError",
+    "CheckpointNotFoundError",
     "ConcurrencyLimitError",
     "ContextEngineError",
     "EngineClosedError",
@@ -111,6 +113,37 @@ class SessionLimitError(ContextEngineError):
         super().__init__(
             f"{limit_name}={limit} reached{who} ({current} active or paused sessions); "
             "end or expire sessions, or raise the limit in EngineSettings"
+        )
+
+
+class ChatNotFoundError(ContextEngineError, LookupError):
+    """The session has no chat with this id (or no current chat)."""
+
+    def __init__(self, session_id: str, chat_id: str | None) -> None:
+        self.session_id = session_id
+        self.chat_id = chat_id
+        if chat_id is None:
+            message = (
+                f"session {session_id!r} has no current chat; "
+                "create one with create_chat() or choose one with switch_chat()"
+            )
+        else:
+            message = (
+                f"session {session_id!r} has no chat {chat_id!r}; "
+                "list_chats() shows the chats it has"
+            )
+        super().__init__(message)
+
+
+class CheckpointNotFoundError(ContextEngineError, LookupError):
+    """The session has no checkpoint with this id."""
+
+    def __init__(self, session_id: str, checkpoint_id: str) -> None:
+        self.session_id = session_id
+        self.checkpoint_id = checkpoint_id
+        super().__init__(
+            f"session {session_id!r} has no checkpoint {checkpoint_id!r}; "
+            "list_checkpoints() shows the ones it has"
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,6 +64,18 @@ class _Frozen(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe data (datetimes as ISO 8601 strings)."""
         return self.model_dump(mode="json")
+
+    @classmethod
+    def _trusted(cls, values: dict[str, Any]) -> Self:
+        """An instance from values that are already valid and complete (every field),
+        such as a row read back from the database: like ``model_construct`` without its
+        per-field bookkeeping, which dominates reading long histories."""
+        instance = cls.__new__(cls)
+        object.__setattr__(instance, "__dict__", values)
+        object.__setattr__(instance, "__pydantic_fields_set__", set(values))
+        object.__setattr__(instance, "__pydantic_extra__", None)
+        object.__setattr__(instance, "__pydantic_private__", None)
+        return instance
 
 
 class Session(_Frozen):
@@ -179,6 +191,7 @@ class Chat(_Frozen):
     metadata: dict[str, Any] = Field(default_factory=dict)
     max_messages: int | None = None
     created_at: datetime
+    message_count: int = 0
 
 
 class Message(_Frozen):

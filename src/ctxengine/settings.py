@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -76,6 +77,9 @@ class EngineSettings(BaseSettings):
     tiers: dict[str, TierPolicy] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
     redact_patterns: tuple[str, ...] = ()
     max_metadata_bytes: int = Field(65536, ge=2)
+    max_message_bytes: int = Field(
+        1_048_576, ge=1, description="largest message content, in bytes of UTF-8"
+    )
     lease_ttl: float = Field(30.0, gt=0, allow_inf_nan=False)
     pool_size: int = Field(5, ge=1)
     max_overflow: int = Field(10, ge=0)
@@ -84,10 +88,26 @@ class EngineSettings(BaseSettings):
     pool_pre_ping: bool = Field(
         True, description="test pooled PostgreSQL connections before use (one round trip)"
     )
+    cross_process_events: bool = Field(
+        False,
+        description="PostgreSQL: also deliver events committed by other engines on the database",
+    )
     sqlite_busy_timeout: float = Field(30.0, gt=0, description="seconds SQLite waits for a lock")
     transient_retries: int = Field(
         5, ge=0, description="retries of a transaction on a transient error"
     )
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"redact pattern {pattern!r} is not a valid regex: {exc}"
+                ) from None
+        return patterns
 
     @field_validator("tiers")
     @classmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, overload
@@ -12,21 +12,42 @@ from .errors import EngineClosedError, ValidationError
 from .events import EVENT_TYPES, EventStream, Handler
 from .lifecycle import END_STATUSES
 from .models import (
+    Chat,
+    Checkpoint,
+    Message,
     QuotaStatus,
     QuotaType,
     RateLimitStatus,
     RateLimitType,
     Session,
+    SessionStats,
     SessionStatus,
+    SessionTemplate,
     Statistics,
     UsageRecord,
     UserAnalytics,
 )
+from .services.conversation import ConversationService, NewMessage
 from .services.usage import quota_type, usage_callback
 from .tracking import RequestTracker, track_request
 
 if TYPE_CHECKING:
     from .engine import ContextEngine, _Runtime
+
+_TEMPLATE_OVERRIDES = frozenset(
+    {"session_id", "tier", "metadata", "name", "tags", "preferences", "expires_at", "system_prompt"}
+)
+
+
+def _new_message(conversation: ConversationService, item: Mapping[str, Any]) -> NewMessage:
+    if not isinstance(item, Mapping) or not {"role", "content"} <= set(item):
+        raise ValidationError(
+            "each message must be a mapping with 'role' and 'content'", field="messages"
+        )
+    return conversation.new_message(
+        item["role"], item["content"], item.get("metadata"), item.get("tokens")
+    )
+
 
 #: Capacity of an ``events()`` stream before the oldest events are dropped.
 STREAM_CAPACITY = 1000
@@ -77,13 +98,21 @@ class TenantView:
         tags: Sequence[str] | None = None,
         preferences: dict[str, Any] | None = None,
         expires_at: datetime | None = None,
+        system_prompt: str | None = None,
     ) -> Session:
-        """Create an active session (a time-ordered id is generated when none is given).
+        """Create an active session (a time-ordered id is generated when none is given)
+        with its default chat; ``system_prompt`` becomes that chat's first message.
 
         Raises SessionExistsError, SessionLimitError, ValidationError."""
         if user_id is None:
             raise ValidationError("user_id is required", field="user_id")
-        return await self._runtime().sessions.create(
+        runtime = self._runtime()
+        prompt = (
+            None
+            if system_prompt is None
+            else runtime.conversation.new_message("system", system_prompt)
+        )
+        return await runtime.sessions.create(
             self._tenant,
             session_id,
             user_id,
@@ -93,7 +122,33 @@ class TenantView:
             tags=tags,
             preferences=preferences,
             expires_at=expires_at,
+            system_prompt=prompt,
         )
+
+    async def create_session_from_template(
+        self, template: SessionTemplate, user_id: str, **overrides: Any
+    ) -> Session:
+        """Create a session from ``template``: its tier, tags, metadata and system prompt,
+        and its name as the session's name. ``overrides`` are create_session()
+        arguments that replace the template's values; ``metadata`` is merged over the
+        template's metadata."""
+        if not isinstance(template, SessionTemplate):
+            raise ValidationError("template must be a SessionTemplate", field="template")
+        unknown = set(overrides) - _TEMPLATE_OVERRIDES
+        if unknown:
+            raise ValidationError(
+                f"unknown overrides {sorted(unknown)}; allowed: {sorted(_TEMPLATE_OVERRIDES)}",
+                field="overrides",
+            )
+        options: dict[str, Any] = {
+            "tier": template.tier,
+            "tags": template.tags,
+            "name": template.name,
+            "system_prompt": template.system_prompt,
+            **overrides,
+            "metadata": {**template.metadata, **(overrides.get("metadata") or {})},
+        }
+        return await self.create_session(user_id=user_id, **options)
 
     async def get_or_create_session(self, session_id: str, user_id: str, **kw: Any) -> Session:
         """The session with this id, created (with ``kw``) if it does not exist yet."""
@@ -235,6 +290,200 @@ class TenantView:
     ) -> int:
         """Delete ended sessions whose end is older than ``ended_before``; the number deleted."""
         return await self._runtime().sessions.purge(self._tenant, ended_before, statuses)
+
+    # -- conversation -------------------------------------------------------------------
+    async def create_chat(
+        self,
+        session_id: str,
+        name: str | None = None,
+        *,
+        system_prompt: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        max_messages: int | None = None,
+        chat_id: str | None = None,
+    ) -> Chat:
+        """Add a chat to an active session (ChatLimitError past max_chats_per_session);
+        ``system_prompt`` becomes its first message. The current chat stays as it is:
+        use switch_chat() to write to the new one by default."""
+        return await self._runtime().conversation.create_chat(
+            self._tenant,
+            session_id,
+            chat_id=chat_id,
+            name=name,
+            system_prompt=system_prompt,
+            metadata=metadata,
+            max_messages=max_messages,
+        )
+
+    async def list_chats(self, session_id: str) -> list[Chat]:
+        """The session's chats, oldest first."""
+        return await self._runtime().conversation.list_chats(self._tenant, session_id)
+
+    async def get_chat(self, session_id: str, chat_id: str) -> Chat | None:
+        """One chat of the session, or None."""
+        return await self._runtime().conversation.get_chat(self._tenant, session_id, chat_id)
+
+    async def switch_chat(self, session_id: str, chat_id: str) -> Session:
+        """Make ``chat_id`` the chat that calls without a ``chat_id`` use."""
+        return await self._runtime().conversation.switch_chat(self._tenant, session_id, chat_id)
+
+    async def delete_chat(self, session_id: str, chat_id: str) -> bool:
+        """Delete a chat and its messages; False when it did not exist. When it was the
+        current chat, the newest remaining chat becomes current."""
+        return await self._runtime().conversation.delete_chat(self._tenant, session_id, chat_id)
+
+    async def add_message(
+        self,
+        session_id: str,
+        role: str,
+        content: str,
+        *,
+        chat_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        tokens: int | None = None,
+    ) -> Message:
+        """Append a message (role system, user, assistant or tool) to a chat of an active
+        session: the current chat unless ``chat_id`` is given. Content is redacted
+        with ``redact_patterns`` first; past ``max_messages_per_chat`` the oldest
+        non-system messages are dropped ("trim") or HistoryLimitError is raised
+        ("reject")."""
+        conversation = self._runtime().conversation
+        message = conversation.new_message(role, content, metadata, tokens)
+        (added,) = await conversation.add_messages(self._tenant, session_id, [message], chat_id)
+        return added
+
+    add_conversation_message = add_message
+
+    async def add_messages(
+        self,
+        session_id: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        chat_id: str | None = None,
+    ) -> list[Message]:
+        """Append several messages (mappings with ``role``, ``content`` and optionally
+        ``metadata`` and ``tokens``) in order, in one transaction."""
+        conversation = self._runtime().conversation
+        batch = [_new_message(conversation, item) for item in messages]
+        if not batch:
+            return []
+        return await conversation.add_messages(self._tenant, session_id, batch, chat_id)
+
+    async def get_messages(
+        self,
+        session_id: str,
+        *,
+        chat_id: str | None = None,
+        limit: int | None = 50,
+        before_seq: int | None = None,
+    ) -> list[Message]:
+        """The last ``limit`` messages (all with None) of a chat, oldest first; with
+        ``before_seq``, those before that sequence number (paging backwards)."""
+        return await self._runtime().conversation.get_messages(
+            self._tenant, session_id, chat_id, limit, before_seq
+        )
+
+    get_conversation_history = get_messages
+
+    async def count_messages(self, session_id: str, *, chat_id: str | None = None) -> int:
+        """How many messages the chat holds."""
+        return await self._runtime().conversation.count_messages(self._tenant, session_id, chat_id)
+
+    async def pop_message(self, session_id: str, *, chat_id: str | None = None) -> Message | None:
+        """Remove and return the chat's newest message (None when it is empty); the true
+        last one even while others append."""
+        return await self._runtime().conversation.pop_message(self._tenant, session_id, chat_id)
+
+    async def clear_messages(
+        self, session_id: str, *, chat_id: str | None = None, keep_system: bool = False
+    ) -> int:
+        """Delete the chat's messages (all but system messages with ``keep_system``); the
+        number deleted. Sequence numbers are never reused."""
+        return await self._runtime().conversation.clear_messages(
+            self._tenant, session_id, chat_id, keep_system
+        )
+
+    async def trim_history(
+        self,
+        session_id: str,
+        keep_last: int,
+        *,
+        keep_system: bool = True,
+        chat_id: str | None = None,
+    ) -> int:
+        """Keep the newest ``keep_last`` messages (not counting system messages, which
+        all stay, with ``keep_system``); the number deleted."""
+        return await self._runtime().conversation.trim_history(
+            self._tenant, session_id, keep_last, keep_system, chat_id
+        )
+
+    async def set_metadata(self, session_id: str, key: str, value: Any) -> dict[str, Any]:
+        """Set one metadata key (in SQL: concurrent writers of other keys are kept);
+        the whole metadata after the change."""
+        v.identifier(key, "key")
+        return await self._runtime().conversation.change_metadata(
+            self._tenant, session_id, {key: value}
+        )
+
+    async def update_metadata(self, session_id: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """Set every key of ``patch`` at once; the whole metadata after the change."""
+        return await self._runtime().conversation.change_metadata(self._tenant, session_id, patch)
+
+    async def delete_metadata(self, session_id: str, key: str) -> dict[str, Any]:
+        """Remove one metadata key (absent keys are fine); the metadata after the change."""
+        v.identifier(key, "key")
+        return await self._runtime().conversation.change_metadata(
+            self._tenant, session_id, None, remove=key
+        )
+
+    async def get_metadata(self, session_id: str, key: str, default: Any = None) -> Any:
+        """One metadata value, or ``default``."""
+        return (await self.get_all_metadata(session_id)).get(key, default)
+
+    async def get_all_metadata(self, session_id: str) -> dict[str, Any]:
+        """The session's metadata."""
+        return await self._runtime().conversation.metadata(self._tenant, session_id)
+
+    async def get_shared_state(self, key: str) -> dict[str, Any]:
+        """The JSON document ``key`` shared by the tenant's sessions ({} when unset)."""
+        return await self._runtime().conversation.shared_state(self._tenant, key)
+
+    async def update_shared_state(self, key: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """Set the keys of ``patch`` in the shared document ``key`` (created when missing),
+        merged in SQL like session metadata; the document after the change."""
+        return await self._runtime().conversation.update_shared_state(self._tenant, key, patch)
+
+    async def checkpoint(self, session_id: str, description: str = "") -> Checkpoint:
+        """Save a copy of every chat, message and the metadata of the session."""
+        return await self._runtime().conversation.checkpoint(self._tenant, session_id, description)
+
+    async def list_checkpoints(self, session_id: str) -> list[Checkpoint]:
+        """The session's checkpoints, oldest first."""
+        return await self._runtime().conversation.list_checkpoints(self._tenant, session_id)
+
+    async def restore_checkpoint(self, session_id: str, checkpoint_id: str) -> Session:
+        """Put the chats, messages, metadata and current chat of a checkpoint back
+        exactly, replacing what the session holds now."""
+        return await self._runtime().conversation.restore_checkpoint(
+            self._tenant, session_id, checkpoint_id
+        )
+
+    async def export_session(self, session_id: str) -> dict[str, Any]:
+        """The session, its chats, messages, metadata and quotas as JSON-safe data with a
+        ``format_version``; import_session() takes it back losslessly."""
+        return await self._runtime().conversation.export(self._tenant, session_id)
+
+    async def import_session(
+        self, data: Mapping[str, Any], *, new_session_id: str | None = None
+    ) -> Session:
+        """Recreate an exported session (under ``new_session_id`` if given) in this
+        tenant, all or nothing. ValidationError for an unknown format_version or
+        malformed data, SessionExistsError when the id is taken."""
+        return await self._runtime().conversation.import_(self._tenant, data, new_session_id)
+
+    async def get_session_stats(self, session_id: str) -> SessionStats:
+        """Chats, messages and activity of one session."""
+        return await self._runtime().conversation.stats(self._tenant, session_id)
 
     # -- requests and metrics -----------------------------------------------------------
     def track_request(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -14,6 +15,8 @@ from .lifecycle import END_STATUSES
 from .models import SessionStatus
 
 MAX_ID_LENGTH = 255
+#: ``\u0000`` in JSON text that is not an escaped backslash followed by "u0000".
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -46,6 +49,15 @@ def choice(enum: type[E], value: object, field: str) -> E:
     except ValueError:
         known = ", ".join(member.value for member in enum)
         raise ValidationError(f"unknown {field} {value!r}; one of: {known}", field=field) from None
+
+
+def choice_of(options: Sequence[str], value: object, field: str) -> str:
+    """One of the strings ``options``."""
+    if not isinstance(value, str) or value not in options:
+        raise ValidationError(
+            f"unknown {field} {value!r}; one of: {', '.join(options)}", field=field
+        )
+    return value
 
 
 def status(value: object, field: str = "status") -> SessionStatus:
@@ -103,6 +115,35 @@ def limit(value: object, field: str = "limit") -> int:
     return value
 
 
+def count(value: object, field: str) -> int:
+    """A whole number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValidationError(f"{field} must be a whole number >= 0, got {value!r}", field=field)
+    return value
+
+
+def text(value: object, field: str, max_bytes: int) -> str:
+    """A string that every backend stores as given: UTF-8 encodable, no NUL characters,
+    at most ``max_bytes`` bytes as UTF-8."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{field} must be a string, got {type(value).__name__}", field=field)
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise ValidationError(
+            f"{field} is not valid Unicode text (lone surrogates)", field=field
+        ) from None
+    if size > max_bytes:
+        raise ValidationError(
+            f"{field} is {size} bytes as UTF-8; at most {max_bytes} are allowed "
+            "(max_message_bytes)",
+            field=field,
+        )
+    if "\x00" in value:
+        raise ValidationError(f"{field} must not contain NUL characters", field=field)
+    return value
+
+
 def aware(value: object, field: str) -> datetime:
     """A timezone-aware datetime."""
     if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
@@ -133,12 +174,28 @@ def json_object(value: object, field: str, max_bytes: int) -> dict[str, Any]:
     return result
 
 
+def merged_size(document: object, field: str, max_bytes: int) -> None:
+    """Refuse a merged document that grew past ``max_bytes`` (the caller's unit of work
+    is then rolled back)."""
+    size = len(json_text(document, field).encode())
+    if size > max_bytes:
+        raise ValidationError(
+            f"{field} would grow to {size} bytes, over max_metadata_bytes={max_bytes}; "
+            "nothing was written",
+            field=field,
+        )
+
+
 def json_text(value: object, field: str) -> str:
     """Encode ``value`` as strict JSON (no NaN, only JSON types)."""
     try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        encoded = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        encoded.encode()
     except (TypeError, ValueError) as exc:
         raise ValidationError(f"{field} must be JSON-serializable: {exc}", field=field) from None
+    if _ESCAPED_NUL.search(encoded):
+        raise ValidationError(f"{field} must not contain NUL characters", field=field)
+    return encoded
 
 
 def tags(value: object) -> list[str]:

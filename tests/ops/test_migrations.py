@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ctxengine import ContextEngine, EngineSettings
 from ctxengine import migrate as migrations
 from ctxengine.migrate import VERSION_TABLE, head_revision
 from ctxengine.storage.schema import metadata
+from ctxengine.storage.schema import sessions as sessions_table
 from tests.fixtures import new_pg_database
 
 from . import _workers
@@ -33,6 +35,10 @@ TABLES = {
     "ctx_rate_limit_rules",
     "ctx_rate_limit_state",
     "ctx_leases",
+    "ctx_chats",
+    "ctx_messages",
+    "ctx_checkpoints",
+    "ctx_shared_state",
 }
 
 
@@ -98,6 +104,41 @@ async def test_upgrade_downgrade_and_upgrade_again(empty_url: str) -> None:
         await engine.migrate()
         assert TABLES <= await tables(engine)
         await engine.create_session("works", "u")
+
+
+async def test_sessions_from_before_0003_get_their_default_chat(empty_url: str) -> None:
+    async with engine_for(empty_url, auto_migrate=False) as engine:
+        await migrations.migrate(engine._store, "0002_usage_and_limits")
+        now = datetime(2099, 1, 1, tzinfo=UTC)
+        async with engine._store.engine.begin() as conn:
+            # the columns revision 0002 has (chat_count arrives with 0003)
+            await conn.execute(
+                sessions_table.insert().values(
+                    tenant_id="default",
+                    session_id="old",
+                    user_id="u",
+                    tier="free",
+                    status="active",
+                    metadata={},
+                    tags=[],
+                    preferences={},
+                    created_at=now,
+                    last_activity=now,
+                    request_count=0,
+                    error_count=0,
+                    total_processing_time=0.0,
+                )
+            )
+        await engine.migrate()
+        session = await engine.get_session("old")
+        assert session is not None and session.current_chat_id == "default"
+        assert [c.chat_id for c in await engine.list_chats("old")] == ["default"]
+        assert (await engine.add_message("old", "user", "still here")).seq == 1
+        await migrations.migrate(engine._store, "0002_usage_and_limits", down=True)
+        assert "ctx_chats" not in await tables(engine)
+        async with engine._store.engine.connect() as conn:
+            left = (await conn.execute(text("SELECT count(*) FROM ctx_sessions"))).scalar_one()
+        assert left == 1
 
 
 async def test_auto_migrate_setting(empty_url: str) -> None:

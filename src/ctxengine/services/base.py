@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -13,8 +14,10 @@ from ..clock import Clock
 from ..errors import ContextEngineError
 from ..events import EventBus
 from ..models import Event
+from ..redaction import Redactor
 from ..settings import EngineSettings
 from ..storage import Store
+from ..storage.relay import EventRelay
 
 T = TypeVar("T")
 
@@ -62,6 +65,9 @@ class _Refused(Exception):
 
 Work = Callable[[AsyncConnection, Effects], Awaitable[T]]
 
+#: Wraps every unit of work, given its operation name (tracing, metrics).
+CallObserver = Callable[[str], AbstractContextManager[None]]
+
 
 @dataclass(slots=True)
 class Context:
@@ -71,11 +77,27 @@ class Context:
     bus: EventBus
     clock: Clock
     settings: EngineSettings
+    #: Forwards events to other engines on the database (``cross_process_events``).
+    relay: EventRelay | None = None
+    #: Shared with the engine, so instrumentation may be attached at any time.
+    observers: list[CallObserver] = field(default_factory=list)
+    redactor: Redactor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.redactor = Redactor(self.settings.redact_patterns)
 
     async def transact(self, work: Work[T], *, write: bool = True, operation: str = "") -> T:
         """Run ``work`` as one unit of work, then publish its events and raise the error
         it left: after the commit (a change it committed, such as a lazy expiry, stays),
         or after the rollback when it refused (see :meth:`Effects.refuse`)."""
+        if not self.observers:
+            return await self._transact(work, write, operation)
+        with ExitStack() as observed:
+            for observer in self.observers:
+                observed.enter_context(observer(operation))
+            return await self._transact(work, write, operation)
+
+    async def _transact(self, work: Work[T], write: bool, operation: str) -> T:
         effects: Effects | None = None
 
         async def attempt(conn: AsyncConnection) -> T:
@@ -84,15 +106,41 @@ class Context:
             result = await work(conn, effects)
             if effects.rollback:
                 raise _Refused(effects)
+            if self.relay is not None:
+                await self.relay.notify(conn, effects.events)  # sent on commit
             return result
 
         try:
             result = await self.store.run(attempt, write=write, operation=operation)
         except _Refused as refused:
             effects = refused.effects
+            await self.announce(effects.events)
         else:
             assert effects is not None
-        self.bus.publish(effects.events)
+            self.bus.publish(effects.events)
         if effects.error is not None:
             raise effects.error
         return result
+
+    @property
+    def listened(self) -> bool:
+        """Whether anyone may hear events (publishers skip building them otherwise)."""
+        return self.relay is not None or not self.bus.idle
+
+    async def announce(self, events: list[Event]) -> None:
+        """Publish events that no committed transaction carried (to other engines too)."""
+        self.bus.publish(events)
+        relay = self.relay
+        if relay is not None and events:
+
+            async def send(conn: AsyncConnection) -> None:
+                await relay.notify(conn, events)
+
+            await self.store.run(send, operation="announce events")
+
+
+def done(result: T | None) -> T:
+    """The result of a unit of work that returns None only when it left an error
+    (which ``transact`` raised before this is reached)."""
+    assert result is not None
+    return result

@@ -109,7 +109,11 @@ class LeaseService:
                 if not await self._renew(tenant, lease_id):
                     return  # released elsewhere (the session ended or expired)
             except ContextEngineError:
-                log.warning("lease renewal failed; retrying", exc_info=True)
+                log.warning(
+                    "lease renewal failed; retrying",
+                    exc_info=True,
+                    extra={"tenant_id": tenant, "lease_id": lease_id},
+                )
 
     async def _renew(self, tenant: str, lease_id: str) -> bool:
         async def work(conn: AsyncConnection, fx: Effects) -> bool:
@@ -136,7 +140,11 @@ class LeaseService:
         try:
             await asyncio.shield(self.release(tenant, lease_id))
         except ContextEngineError:
-            log.warning("could not release a lease; it expires by itself", exc_info=True)
+            log.warning(
+                "could not release a lease; it expires by itself",
+                exc_info=True,
+                extra={"tenant_id": tenant, "lease_id": lease_id},
+            )
 
     async def live(self, tenant: str, session_id: str) -> int:
         async def work(conn: AsyncConnection, fx: Effects) -> int:

@@ -22,8 +22,10 @@ from ..errors import (
 from ..ids import new_id
 from ..lifecycle import END_STATUSES, sources_of
 from ..models import Session, SessionStatus, Statistics
+from ..storage.repositories.conversation import ConversationRepository
 from ..storage.repositories.sessions import Counters, SessionFilter, SessionRepository, to_session
-from .base import Context, Effects
+from .base import Context, Effects, done
+from .conversation import DEFAULT_CHAT_ID, NewMessage, insert_chat
 
 _EXPIRE_BATCH = 5000
 NO_COUNTERS = Counters()
@@ -43,6 +45,7 @@ class SessionService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.repo = SessionRepository(ctx.store.backend)
+        self.chats = ConversationRepository(ctx.store.backend)
 
     @property
     def timeout(self) -> float:
@@ -80,10 +83,11 @@ class SessionService:
             "request_count": 0,
             "error_count": 0,
             "total_processing_time": 0.0,
-            "current_chat_id": None,
+            "current_chat_id": DEFAULT_CHAT_ID,
+            "chat_count": 1,
         }
 
-    async def _check_limits(
+    async def check_limits(
         self, conn: AsyncConnection, tenant: str, user_id: str, now: datetime
     ) -> None:
         settings = self.ctx.settings
@@ -117,7 +121,9 @@ class SessionService:
         tags: Any = None,
         preferences: Any = None,
         expires_at: datetime | None = None,
+        system_prompt: NewMessage | None = None,
     ) -> Session:
+        """Create a session with its default chat (``system_prompt`` its first message)."""
         values = self._new_values(
             tenant,
             session_id,
@@ -136,7 +142,7 @@ class SessionService:
                 existing = await self.repo.get(conn, tenant, sid, fx.now)
                 if existing is not None:
                     return to_session(existing, fx.now)
-            await self._check_limits(conn, tenant, values["user_id"], fx.now)
+            await self.check_limits(conn, tenant, values["user_id"], fx.now)
             row = await self.repo.insert(
                 conn, {**values, "created_at": fx.now, "last_activity": fx.now}
             )
@@ -145,6 +151,7 @@ class SessionService:
                 if not exist_ok or existing is None:
                     raise SessionExistsError(sid, tenant)
                 return to_session(existing, fx.now)
+            await insert_chat(self.chats, conn, fx.now, tenant, sid, DEFAULT_CHAT_ID, system_prompt)
             session = to_session(row, fx.now)
             fx.emit(
                 "session.created",
@@ -192,16 +199,10 @@ class SessionService:
                 conn, fx, tenant, session_id, counters, patch, require=require_active
             )
             if session is not None and patch:
-                size = len(v.json_text(session.metadata, "metadata").encode())
-                if size > max_bytes:
-                    raise ValidationError(
-                        f"metadata would grow to {size} bytes, over max_metadata_bytes="
-                        f"{max_bytes}; nothing was written",
-                        field="metadata",
-                    )
+                v.merged_size(session.metadata, "metadata", max_bytes)
             return session
 
-        return _committed(await self.ctx.transact(work, operation=operation))
+        return done(await self.ctx.transact(work, operation=operation))
 
     async def require_active(
         self,
@@ -305,7 +306,7 @@ class SessionService:
             fx.error = InvalidTransitionError(current, target, session_id)
             return None
 
-        return _committed(await self.ctx.transact(work, operation=f"transition to {target.value}"))
+        return done(await self.ctx.transact(work, operation=f"transition to {target.value}"))
 
     # -- listing ------------------------------------------------------------------------
     @staticmethod
@@ -407,7 +408,7 @@ class SessionService:
                 await self.repo.release_leases(
                     conn, [(r._mapping["tenant_id"], r._mapping["session_id"]) for r in rows]
                 )
-                if not self.ctx.bus.idle:
+                if self.ctx.listened:
                     for row in rows:
                         self._announce_expired(fx, row, reason="idle")
                 for row in rows:
@@ -425,7 +426,7 @@ class SessionService:
             by_tenant.setdefault(tenant, 0)
         for key, count in sorted(by_tenant.items()):
             report.emit("cleanup.completed", key, expired=count)
-        self.ctx.bus.publish(report.events)
+        await self.ctx.announce(report.events)
         return total
 
     # -- aggregates ---------------------------------------------------------------------
@@ -433,6 +434,7 @@ class SessionService:
         async def work(conn: AsyncConnection, fx: Effects) -> Statistics:
             s = await self.repo.statistics(conn, tenant)
             usage = await self.repo.usage_by_resource(conn, tenant)
+            _, messages = await self.chats.message_totals(conn, tenant)
             by_status = {
                 status.value: s["by_status"].get(status.value, 0) for status in SessionStatus
             }
@@ -449,14 +451,8 @@ class SessionService:
                 average_processing_time=(
                     s["processing_time"] / s["requests"] if s["requests"] else 0.0
                 ),
+                total_messages=messages,
                 usage_by_resource=usage,
             )
 
         return await self.ctx.transact(work, write=False, operation="get_statistics")
-
-
-def _committed(session: Session | None) -> Session:
-    """The result of a unit of work that returns None only when it left an error
-    (which ``transact`` raised before this is reached)."""
-    assert session is not None
-    return session

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from .. import validation as v
 from ..errors import QuotaExceededError, SessionNotFoundError, ValidationError
 from ..ids import new_id
-from ..models import QuotaStatus, QuotaType, Session, UsageRecord, UserAnalytics
+from ..models import Event, QuotaStatus, QuotaType, Session, UsageRecord, UserAnalytics
 from ..settings import TierPolicy
 from ..storage.repositories.sessions import to_session
 from ..storage.repositories.usage import UsageFilter, UsageRepository
@@ -282,7 +282,17 @@ class UsageService:
 def usage_callback(callback: Callable[[UsageRecord], Any]) -> Callable[[Any], Any]:
     """Adapt a ``callback(record)`` into an event handler for ``usage.recorded``."""
 
-    def handler(event: Any) -> Any:
-        return callback(event.data["record"])
+    def handler(event: Event) -> Any:
+        record = usage_of(event)
+        return None if record is None else callback(record)
 
     return handler
+
+
+def usage_of(event: Event) -> UsageRecord | None:
+    """The record a ``usage.recorded`` event carries (also when it came from another
+    engine, as plain data)."""
+    record = event.data.get("record")
+    if isinstance(record, UsageRecord):
+        return record
+    return UsageRecord.model_validate(record) if isinstance(record, dict) else None

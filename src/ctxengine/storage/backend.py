@@ -11,7 +11,10 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
+from ..errors import ValidationError
+from ..models import Event
 from ..settings import EngineSettings
+from .relay import EventRelay
 
 
 def lock_key(name: str) -> int:
@@ -79,11 +82,23 @@ class Backend:
         """``column`` with the top-level keys of ``patch`` set (a shallow merge)."""
         raise NotImplementedError
 
+    def json_remove(self, column: ColumnElement[Any], key: str) -> ColumnElement[Any]:
+        """``column`` without the top-level ``key``."""
+        raise NotImplementedError
+
     def json_contains_all(
         self, column: ColumnElement[Any], items: Sequence[str]
     ) -> ColumnElement[bool]:
         """True when the JSON array ``column`` holds every string of ``items``."""
         raise NotImplementedError
+
+    def event_relay(self, deliver: Callable[[Event], None]) -> EventRelay:
+        """What carries events between engines on this database."""
+        raise ValidationError(
+            f"cross_process_events needs PostgreSQL (LISTEN/NOTIFY); {self.name} engines "
+            "hear only their own events: turn the setting off",
+            field="cross_process_events",
+        )
 
     def is_transient(self, exc: BaseException) -> bool:
         """Whether retrying the whole transaction may succeed (lock conflicts, serialization)."""

@@ -53,6 +53,8 @@ sessions = Table(
     Column("error_count", BigInteger, nullable=False),
     Column("total_processing_time", Double, nullable=False),
     Column("current_chat_id", ID, nullable=True),
+    # chats the session holds: max_chats_per_session is one conditional UPDATE of this row
+    Column("chat_count", BigInteger, nullable=False, server_default="0"),
     PrimaryKeyConstraint("tenant_id", "session_id"),
     # listing newest first, keyset paging
     Index(None, "tenant_id", "created_at", "session_id"),
@@ -147,4 +149,70 @@ leases = Table(
     PrimaryKeyConstraint("tenant_id", "lease_id"),
     _owned_by_session(),
     Index(None, "tenant_id", "session_id", "expires_at"),
+)
+
+
+#: Chats of a session. ``next_seq`` is the last sequence number handed out: appends
+#: lock this row to take the next one, so message order is commit order.
+chats = Table(
+    "ctx_chats",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("session_id", ID, nullable=False),
+    Column("chat_id", ID, nullable=False),
+    Column("name", Text, nullable=True),
+    Column("metadata", JSONDocument, nullable=False),
+    Column("max_messages", BigInteger, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("next_seq", BigInteger, nullable=False),
+    Column("message_count", BigInteger, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "session_id", "chat_id"),
+    _owned_by_session(),
+)
+
+#: Messages; the primary key (chat, seq) is the index every history read scans.
+messages = Table(
+    "ctx_messages",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("session_id", ID, nullable=False),
+    Column("chat_id", ID, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("message_id", String(36), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("content", Text, nullable=False),
+    Column("metadata", JSONDocument, nullable=False),
+    Column("tokens", BigInteger, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "session_id", "chat_id", "seq"),
+    ForeignKeyConstraint(
+        ["tenant_id", "session_id", "chat_id"],
+        ["ctx_chats.tenant_id", "ctx_chats.session_id", "ctx_chats.chat_id"],
+        ondelete="CASCADE",
+    ),
+)
+
+#: A checkpoint holds a copy of the session's chats, messages and metadata as one document.
+checkpoints = Table(
+    "ctx_checkpoints",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("session_id", ID, nullable=False),
+    Column("checkpoint_id", String(36), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("content", JSONDocument, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "session_id", "checkpoint_id"),
+    _owned_by_session(),
+)
+
+#: JSON documents shared by a tenant's sessions (per app, per user, ...), merged in SQL.
+shared_state = Table(
+    "ctx_shared_state",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("key", ID, nullable=False),
+    Column("document", JSONDocument, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "key"),
 )

@@ -28,6 +28,12 @@ def _json_merge(target: str | None, patch: str) -> str:
     return json.dumps(merged, separators=(",", ":"), ensure_ascii=False)
 
 
+def _json_remove(target: str | None, key: str) -> str:
+    document = json.loads(target) if target else {}
+    document.pop(key, None)
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+
+
 class SQLiteBackend(Backend):
     name = "sqlite"
 
@@ -65,6 +71,7 @@ class SQLiteBackend(Backend):
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
             dbapi_connection.create_function("ctx_json_merge", 2, _json_merge, deterministic=True)
+            dbapi_connection.create_function("ctx_json_remove", 2, _json_remove, deterministic=True)
             dbapi_connection.create_function(
                 "ctx_json_contains_all", 2, _json_contains_all, deterministic=True
             )
@@ -81,6 +88,9 @@ class SQLiteBackend(Backend):
     def json_merge(self, column: ColumnElement[Any], patch: dict[str, Any]) -> ColumnElement[Any]:
         text = json.dumps(patch, separators=(",", ":"), ensure_ascii=False)
         return func.ctx_json_merge(column, literal(text))
+
+    def json_remove(self, column: ColumnElement[Any], key: str) -> ColumnElement[Any]:
+        return func.ctx_json_remove(column, literal(key))
 
     def json_contains_all(
         self, column: ColumnElement[Any], items: Sequence[str]

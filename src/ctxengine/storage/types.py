@@ -31,6 +31,16 @@ class UTCDateTime(TypeDecorator[datetime]):
             raise ValueError("ctxengine stores timezone-aware datetimes only")
         return value.astimezone(UTC)
 
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
+        if dialect.name == "sqlite":
+            # The stored text is ISO 8601 in UTC: parse it directly (the generic
+            # SQLite processor uses a regular expression, slow on long histories).
+            def parse(value: str | None) -> datetime | None:
+                return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+            return parse
+        return super().result_processor(dialect, coltype)
+
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None

@@ -72,26 +72,28 @@ class Counters:
 def to_session(row: Row[Any], observed_at: datetime) -> Session:
     """Build the public snapshot from a row (values are already validated on write)."""
     m = row._mapping
-    return Session.model_construct(
-        session_id=m["session_id"],
-        user_id=m["user_id"],
-        tenant_id=m["tenant_id"],
-        tier=m["tier"],
-        status=SessionStatus(m["status"]),
-        name=m["name"],
-        metadata=m["metadata"],
-        tags=m["tags"],
-        preferences=m["preferences"],
-        created_at=m["created_at"],
-        last_activity=m["last_activity"],
-        ended_at=m["ended_at"],
-        expires_at=m["expires_at"],
-        request_count=m["request_count"],
-        error_count=m["error_count"],
-        total_processing_time=m["total_processing_time"],
-        concurrent_operations=m.get("concurrent_operations", 0),
-        current_chat_id=m["current_chat_id"],
-        observed_at=observed_at,
+    return Session._trusted(
+        {
+            "session_id": m["session_id"],
+            "user_id": m["user_id"],
+            "tenant_id": m["tenant_id"],
+            "tier": m["tier"],
+            "status": SessionStatus(m["status"]),
+            "name": m["name"],
+            "metadata": m["metadata"],
+            "tags": m["tags"],
+            "preferences": m["preferences"],
+            "created_at": m["created_at"],
+            "last_activity": m["last_activity"],
+            "ended_at": m["ended_at"],
+            "expires_at": m["expires_at"],
+            "request_count": m["request_count"],
+            "error_count": m["error_count"],
+            "total_processing_time": m["total_processing_time"],
+            "concurrent_operations": m.get("concurrent_operations", 0),
+            "current_chat_id": m["current_chat_id"],
+            "observed_at": observed_at,
+        }
     )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Executable, Row, and_, delete, func, or_, select, update
+from sqlalchemy import Executable, Row, and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..backend import Backend
@@ -152,6 +152,30 @@ class UsageRepository:
             )
         ).first()
         return (False, None) if row is None else (True, _opt_float(row[0]))
+
+    async def restore_quotas(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        session_id: str,
+        rows: Sequence[tuple[str, float, float | None, bool]],
+    ) -> None:
+        """Insert (resource_type, used, limit, custom) counter rows of a new session."""
+        if rows:
+            await conn.execute(
+                insert(quotas),
+                [
+                    {
+                        "tenant_id": tenant,
+                        "session_id": session_id,
+                        "resource_type": kind,
+                        "used": used,
+                        "quota_limit": limit,
+                        "custom": custom,
+                    }
+                    for kind, used, limit, custom in rows
+                ],
+            )
 
     # -- usage records ------------------------------------------------------------------
     async def insert_record(self, conn: AsyncConnection, values: dict[str, Any]) -> None:

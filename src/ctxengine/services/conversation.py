@@ -1,0 +1,706 @@
+"""Conversation (SPEC §4): chats, ordered messages, metadata, checkpoints, export/import."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .. import validation as v
+from ..errors import (
+    ChatLimitError,
+    ChatNotFoundError,
+    CheckpointNotFoundError,
+    HistoryLimitError,
+    SessionExistsError,
+    SessionNotFoundError,
+    ValidationError,
+)
+from ..ids import new_id
+from ..lifecycle import OPEN_STATUSES
+from ..models import Chat, Checkpoint, Message, Session, SessionStats
+from ..storage.repositories.conversation import (
+    ConversationRepository,
+    to_chat,
+    to_checkpoint,
+    to_message,
+)
+from ..storage.repositories.sessions import to_session
+from ..storage.repositories.usage import UsageRepository
+from . import documents as d
+from .base import Context, Effects, done
+
+if TYPE_CHECKING:
+    from .sessions import SessionService
+
+D = TypeVar("D", bound=d.ConversationDoc)
+
+#: The id of the chat every session starts with.
+DEFAULT_CHAT_ID = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A validated message waiting for its sequence number."""
+
+    role: str
+    content: str
+    metadata: dict[str, Any]
+    tokens: int | None
+
+
+def chat_values(
+    tenant: str,
+    session_id: str,
+    chat_id: str,
+    now: datetime,
+    *,
+    name: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    max_messages: int | None = None,
+    messages: int = 0,
+) -> dict[str, Any]:
+    """The row of a new chat that starts with ``messages`` messages (its system prompt)."""
+    return {
+        "tenant_id": tenant,
+        "session_id": session_id,
+        "chat_id": chat_id,
+        "name": name,
+        "metadata": metadata or {},
+        "max_messages": max_messages,
+        "created_at": now,
+        "next_seq": messages,
+        "message_count": messages,
+    }
+
+
+def message_values(
+    tenant: str, session_id: str, chat_id: str, seq: int, message: NewMessage, now: datetime
+) -> dict[str, Any]:
+    return {
+        "tenant_id": tenant,
+        "session_id": session_id,
+        "chat_id": chat_id,
+        "seq": seq,
+        "message_id": new_id(),
+        "role": message.role,
+        "content": message.content,
+        "metadata": message.metadata,
+        "tokens": message.tokens,
+        "created_at": now,
+    }
+
+
+async def insert_chat(
+    repo: ConversationRepository,
+    conn: AsyncConnection,
+    now: datetime,
+    tenant: str,
+    session_id: str,
+    chat_id: str,
+    system_prompt: NewMessage | None,
+    name: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    max_messages: int | None = None,
+) -> Chat | None:
+    """Insert a chat (and its system prompt as message 1); None if the id is taken."""
+    row = await repo.insert_chat(
+        conn,
+        chat_values(
+            tenant,
+            session_id,
+            chat_id,
+            now,
+            name=name,
+            metadata=metadata,
+            max_messages=max_messages,
+            messages=0 if system_prompt is None else 1,
+        ),
+    )
+    if row is None:
+        return None
+    if system_prompt is not None:
+        await repo.insert_messages(
+            conn, [message_values(tenant, session_id, chat_id, 1, system_prompt, now)]
+        )
+    return to_chat(row)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+class ConversationService:
+    """Business rules of SPEC §4, for any tenant."""
+
+    def __init__(self, ctx: Context, sessions: SessionService) -> None:
+        self.ctx = ctx
+        self.sessions = sessions
+        self.repo = ConversationRepository(ctx.store.backend)
+        self.usage = UsageRepository(ctx.store.backend)
+
+    # -- input ----------------------------------------------------------------------------
+    def new_message(
+        self, role: object, content: object, metadata: object = None, tokens: object = None
+    ) -> NewMessage:
+        """Validate a message and redact its content."""
+        role = v.choice_of(d.ROLES, role, "role")
+        text = v.text(content, "content", self.ctx.settings.max_message_bytes)
+        if not text and role in ("system", "user"):
+            raise ValidationError(f"a {role} message needs content", field="content")
+        return NewMessage(
+            role,
+            self.ctx.redactor.redact(text),
+            v.json_object(metadata, "metadata", self.ctx.settings.max_metadata_bytes),
+            None if tokens is None else v.count(tokens, "tokens"),
+        )
+
+    def _chat_options(
+        self, name: object, metadata: object, max_messages: object
+    ) -> tuple[str | None, dict[str, Any], int | None]:
+        if name is not None and not isinstance(name, str):
+            raise ValidationError("chat name must be a string", field="name")
+        return (
+            name,
+            v.json_object(metadata, "metadata", self.ctx.settings.max_metadata_bytes),
+            None if max_messages is None else v.limit(max_messages, "max_messages"),
+        )
+
+    async def _missing_chat(
+        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str | None
+    ) -> ChatNotFoundError:
+        """The error for a chat that was not found (SessionNotFoundError is raised when
+        the session itself is missing)."""
+        if await self.repo.current_chat(conn, tenant, session_id) is None:
+            raise SessionNotFoundError(session_id, tenant)
+        return ChatNotFoundError(session_id, chat_id)
+
+    async def _resolve_chat(
+        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str | None
+    ) -> str:
+        """``chat_id``, or the session's current chat when None."""
+        if chat_id is not None:
+            return chat_id
+        row = await self.repo.current_chat(conn, tenant, session_id)
+        if row is None:
+            raise SessionNotFoundError(session_id, tenant)
+        if row[0] is None:
+            raise ChatNotFoundError(session_id, None)
+        return str(row[0])
+
+    async def _lock_chat(
+        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str | None
+    ) -> tuple[str, int]:
+        """Resolve and lock the chat; (chat_id, message_count)."""
+        chat = await self._resolve_chat(conn, tenant, session_id, chat_id)
+        row = await self.repo.take_seqs(conn, tenant, session_id, chat, 0)
+        if row is None:
+            raise await self._missing_chat(conn, tenant, session_id, chat)
+        return chat, int(row.message_count)
+
+    # -- chats ----------------------------------------------------------------------------
+    async def create_chat(
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        chat_id: str | None,
+        name: object,
+        system_prompt: object,
+        metadata: object,
+        max_messages: object,
+    ) -> Chat:
+        v.identifier(session_id)
+        cid = new_id() if chat_id is None else v.identifier(chat_id, "chat_id")
+        options = self._chat_options(name, metadata, max_messages)
+        prompt = None if system_prompt is None else self.new_message("system", system_prompt)
+        limit = self.ctx.settings.max_chats_per_session
+
+        async def work(conn: AsyncConnection, fx: Effects) -> Chat | None:
+            session = await self.sessions.require_active(conn, fx, tenant, session_id)
+            if session is None:
+                return None
+            if not await self.repo.reserve_chat(conn, tenant, session_id, limit):
+                assert limit is not None
+                raise ChatLimitError(session_id, limit)
+            chat = await insert_chat(
+                self.repo, conn, fx.now, tenant, session_id, cid, prompt, *options
+            )
+            if chat is None:
+                raise ValidationError(
+                    f"session {session_id!r} already has a chat {cid!r}", field="chat_id"
+                )
+            return chat
+
+        return done(await self.ctx.transact(work, operation="create_chat"))
+
+    async def list_chats(self, tenant: str, session_id: str) -> list[Chat]:
+        v.identifier(session_id)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> list[Chat]:
+            rows = await self.repo.chats(conn, tenant, session_id)
+            if not rows and await self.repo.current_chat(conn, tenant, session_id) is None:
+                raise SessionNotFoundError(session_id, tenant)
+            return [to_chat(row) for row in rows]
+
+        return await self.ctx.transact(work, write=False, operation="list_chats")
+
+    async def get_chat(self, tenant: str, session_id: str, chat_id: str) -> Chat | None:
+        v.identifier(session_id)
+        v.identifier(chat_id, "chat_id")
+
+        async def work(conn: AsyncConnection, fx: Effects) -> Chat | None:
+            row = await self.repo.get_chat(conn, tenant, session_id, chat_id)
+            if row is None:
+                await self._missing_chat(conn, tenant, session_id, chat_id)
+                return None
+            return to_chat(row)
+
+        return await self.ctx.transact(work, write=False, operation="get_chat")
+
+    async def switch_chat(self, tenant: str, session_id: str, chat_id: str) -> Session:
+        v.identifier(session_id)
+        v.identifier(chat_id, "chat_id")
+
+        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+            if await self.repo.get_chat(conn, tenant, session_id, chat_id) is None:
+                raise await self._missing_chat(conn, tenant, session_id, chat_id)
+            await self.repo.set_current_chat(conn, tenant, session_id, chat_id)
+            return await self._session(conn, fx, tenant, session_id)
+
+        return await self.ctx.transact(work, operation="switch_chat")
+
+    async def delete_chat(self, tenant: str, session_id: str, chat_id: str) -> bool:
+        v.identifier(session_id)
+        v.identifier(chat_id, "chat_id")
+
+        async def work(conn: AsyncConnection, fx: Effects) -> bool:
+            if await self.repo.lock_session(conn, tenant, session_id) is None:
+                raise SessionNotFoundError(session_id, tenant)
+            return await self.repo.delete_chat(conn, tenant, session_id, chat_id)
+
+        return await self.ctx.transact(work, operation="delete_chat")
+
+    # -- messages -------------------------------------------------------------------------
+    async def add_messages(
+        self, tenant: str, session_id: str, new: Sequence[NewMessage], chat_id: str | None
+    ) -> list[Message]:
+        """Append ``new`` in order to a chat of an active session, in one transaction."""
+        v.identifier(session_id)
+        if chat_id is not None:
+            v.identifier(chat_id, "chat_id")
+        settings = self.ctx.settings
+
+        async def work(conn: AsyncConnection, fx: Effects) -> list[Message] | None:
+            session = await self.sessions.require_active(conn, fx, tenant, session_id)
+            if session is None:
+                return None
+            chat = chat_id if chat_id is not None else session.current_chat_id
+            if chat is None:
+                raise ChatNotFoundError(session_id, None)
+            # Locks the chat row until commit: sequence numbers follow commit order.
+            row = await self.repo.take_seqs(conn, tenant, session_id, chat, len(new))
+            if row is None:
+                raise ChatNotFoundError(session_id, chat)
+            first = int(row.next_seq) - len(new) + 1
+            limit = (
+                row.max_messages if row.max_messages is not None else settings.max_messages_per_chat
+            )
+            if limit is not None and row.message_count > limit:
+                excess = int(row.message_count) - limit
+                if settings.history_overflow == "reject" or excess > await self.repo.delete_oldest(
+                    conn, tenant, session_id, chat, excess, keep_system=True, below_seq=first
+                ):
+                    raise HistoryLimitError(session_id, chat, limit)
+            rows = [
+                message_values(tenant, session_id, chat, first + i, message, fx.now)
+                for i, message in enumerate(new)
+            ]
+            await self.repo.insert_messages(conn, rows)
+            for values in rows:
+                fx.emit(
+                    "message.added",
+                    tenant,
+                    session_id,
+                    session.user_id,
+                    chat_id=chat,
+                    seq=values["seq"],
+                    role=values["role"],
+                )
+            return [Message._trusted(_public_message(values)) for values in rows]
+
+        return done(await self.ctx.transact(work, operation="add_message"))
+
+    async def get_messages(
+        self,
+        tenant: str,
+        session_id: str,
+        chat_id: str | None,
+        limit: int | None,
+        before_seq: int | None,
+    ) -> list[Message]:
+        v.identifier(session_id)
+        if chat_id is not None:
+            v.identifier(chat_id, "chat_id")
+        if limit is not None:
+            v.limit(limit)
+        if before_seq is not None:
+            v.count(before_seq, "before_seq")
+
+        async def work(conn: AsyncConnection, fx: Effects) -> list[Message]:
+            rows = await self.repo.page(conn, tenant, session_id, chat_id, limit, before_seq)
+            if not rows:
+                chat = await self._resolve_chat(conn, tenant, session_id, chat_id)
+                if await self.repo.get_chat(conn, tenant, session_id, chat) is None:
+                    raise await self._missing_chat(conn, tenant, session_id, chat)
+            return [to_message(row) for row in reversed(rows)]
+
+        return await self.ctx.transact(work, write=False, operation="get_messages")
+
+    async def count_messages(self, tenant: str, session_id: str, chat_id: str | None) -> int:
+        v.identifier(session_id)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> int:
+            chat = await self._resolve_chat(conn, tenant, session_id, chat_id)
+            row = await self.repo.get_chat(conn, tenant, session_id, chat)
+            if row is None:
+                raise await self._missing_chat(conn, tenant, session_id, chat)
+            return int(row.message_count)
+
+        return await self.ctx.transact(work, write=False, operation="count_messages")
+
+    async def pop_message(
+        self, tenant: str, session_id: str, chat_id: str | None
+    ) -> Message | None:
+        v.identifier(session_id)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> Message | None:
+            chat, _ = await self._lock_chat(conn, tenant, session_id, chat_id)
+            row = await self.repo.pop_last(conn, tenant, session_id, chat)
+            return None if row is None else to_message(row)
+
+        return await self.ctx.transact(work, operation="pop_message")
+
+    async def clear_messages(
+        self, tenant: str, session_id: str, chat_id: str | None, keep_system: bool
+    ) -> int:
+        v.identifier(session_id)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> int:
+            chat, _ = await self._lock_chat(conn, tenant, session_id, chat_id)
+            return await self.repo.delete_messages(
+                conn, tenant, session_id, chat, keep_system=keep_system
+            )
+
+        return await self.ctx.transact(work, operation="clear_messages")
+
+    async def trim_history(
+        self,
+        tenant: str,
+        session_id: str,
+        keep_last: int,
+        keep_system: bool,
+        chat_id: str | None,
+    ) -> int:
+        v.identifier(session_id)
+        keep = v.count(keep_last, "keep_last")
+
+        async def work(conn: AsyncConnection, fx: Effects) -> int:
+            chat, total = await self._lock_chat(conn, tenant, session_id, chat_id)
+            if keep_system:
+                total = await self.repo.count_where(conn, tenant, session_id, chat, system=False)
+            return await self.repo.delete_oldest(
+                conn, tenant, session_id, chat, total - keep, keep_system=keep_system
+            )
+
+        return await self.ctx.transact(work, operation="trim_history")
+
+    # -- metadata -------------------------------------------------------------------------
+    async def change_metadata(
+        self, tenant: str, session_id: str, patch: object, remove: str | None = None
+    ) -> dict[str, Any]:
+        """Merge ``patch`` into the session's metadata (or remove the key ``remove``) in
+        SQL; the whole metadata after the change."""
+        v.identifier(session_id)
+        max_bytes = self.ctx.settings.max_metadata_bytes
+        changes = {} if remove is not None else v.json_object(patch, "metadata", max_bytes)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> dict[str, Any]:
+            if remove is not None:
+                result = await self.repo.remove_metadata(conn, tenant, session_id, remove)
+            else:
+                result = await self.repo.merge_metadata(conn, tenant, session_id, changes)
+            if result is None:
+                raise SessionNotFoundError(session_id, tenant)
+            v.merged_size(result, "metadata", max_bytes)
+            return result
+
+        return await self.ctx.transact(work, operation="update_metadata")
+
+    async def metadata(self, tenant: str, session_id: str) -> dict[str, Any]:
+        v.identifier(session_id)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> dict[str, Any]:
+            row = await self.sessions.repo.get(conn, tenant, session_id)
+            if row is None:
+                raise SessionNotFoundError(session_id, tenant)
+            return dict(row._mapping["metadata"])
+
+        return await self.ctx.transact(work, write=False, operation="get_metadata")
+
+    # -- shared state ---------------------------------------------------------------------
+    async def shared_state(self, tenant: str, key: str) -> dict[str, Any]:
+        v.identifier(key, "key")
+
+        async def work(conn: AsyncConnection, fx: Effects) -> dict[str, Any]:
+            return await self.repo.shared_state(conn, tenant, key)
+
+        return await self.ctx.transact(work, write=False, operation="get_shared_state")
+
+    async def update_shared_state(self, tenant: str, key: str, patch: object) -> dict[str, Any]:
+        v.identifier(key, "key")
+        max_bytes = self.ctx.settings.max_metadata_bytes
+        changes = v.json_object(patch, "state", max_bytes)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> dict[str, Any]:
+            result = await self.repo.merge_shared_state(conn, tenant, key, changes, fx.now)
+            v.merged_size(result, "state", max_bytes)
+            return result
+
+        return await self.ctx.transact(work, operation="update_shared_state")
+
+    # -- checkpoints ----------------------------------------------------------------------
+    async def _conversation(
+        self, conn: AsyncConnection, tenant: str, session_id: str, session: Session
+    ) -> dict[str, Any]:
+        """The conversation part of a checkpoint or export, JSON-safe."""
+        chats = await self.repo.chats(conn, tenant, session_id)
+        messages = await self.repo.all_messages(conn, tenant, session_id)
+        return {
+            "metadata": session.metadata,
+            "current_chat_id": session.current_chat_id,
+            "chats": [
+                {
+                    "chat_id": m["chat_id"],
+                    "name": m["name"],
+                    "metadata": m["metadata"],
+                    "max_messages": m["max_messages"],
+                    "created_at": _iso(m["created_at"]),
+                    "next_seq": m["next_seq"],
+                }
+                for m in (row._mapping for row in chats)
+            ],
+            "messages": [
+                {
+                    "chat_id": m["chat_id"],
+                    "seq": m["seq"],
+                    "message_id": m["message_id"],
+                    "role": m["role"],
+                    "content": m["content"],
+                    "metadata": m["metadata"],
+                    "tokens": m["tokens"],
+                    "created_at": _iso(m["created_at"]),
+                }
+                for m in (row._mapping for row in messages)
+            ],
+        }
+
+    async def _put_conversation(
+        self, conn: AsyncConnection, tenant: str, session_id: str, doc: d.ConversationDoc
+    ) -> None:
+        """Replace the session's chats, messages, metadata and current chat with ``doc``
+        (the session row must already be locked or new)."""
+        await self.repo.restore_session_columns(
+            conn,
+            tenant,
+            session_id,
+            metadata=doc.metadata,
+            current_chat_id=doc.current_chat_id,
+            chat_count=len(doc.chats),
+        )
+        await self.repo.delete_chats(conn, tenant, session_id)
+        counts = Counter(m.chat_id for m in doc.messages)
+        await self.repo.insert_chats(
+            conn,
+            [
+                {
+                    "tenant_id": tenant,
+                    "session_id": session_id,
+                    **c.model_dump(),
+                    "message_count": counts[c.chat_id],
+                }
+                for c in doc.chats
+            ],
+        )
+        await self.repo.insert_messages(
+            conn,
+            [
+                {"tenant_id": tenant, "session_id": session_id, **m.model_dump()}
+                for m in doc.messages
+            ],
+        )
+
+    def _checked(self, doc: D) -> D:
+        """Metadata of every level is JSON within max_metadata_bytes; content redacted."""
+        max_bytes = self.ctx.settings.max_metadata_bytes
+        v.json_object(doc.metadata, "metadata", max_bytes)
+        for chat in doc.chats:
+            v.json_object(chat.metadata, "chat metadata", max_bytes)
+        messages = []
+        for m in doc.messages:
+            v.json_object(m.metadata, "message metadata", max_bytes)
+            text = v.text(m.content, "content", self.ctx.settings.max_message_bytes)
+            messages.append(m.model_copy(update={"content": self.ctx.redactor.redact(text)}))
+        return doc.model_copy(update={"messages": messages})
+
+    async def checkpoint(self, tenant: str, session_id: str, description: object) -> Checkpoint:
+        v.identifier(session_id)
+        if not isinstance(description, str):
+            raise ValidationError("description must be a string", field="description")
+
+        async def work(conn: AsyncConnection, fx: Effects) -> Checkpoint:
+            if await self.repo.lock_session(conn, tenant, session_id) is None:
+                raise SessionNotFoundError(session_id, tenant)
+            session = await self._session(conn, fx, tenant, session_id)
+            row = await self.repo.insert_checkpoint(
+                conn,
+                {
+                    "tenant_id": tenant,
+                    "session_id": session_id,
+                    "checkpoint_id": new_id(),
+                    "description": description,
+                    "created_at": fx.now,
+                    "content": await self._conversation(conn, tenant, session_id, session),
+                },
+            )
+            return to_checkpoint(row, session_id)
+
+        return await self.ctx.transact(work, operation="checkpoint")
+
+    async def list_checkpoints(self, tenant: str, session_id: str) -> list[Checkpoint]:
+        v.identifier(session_id)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> list[Checkpoint]:
+            rows = await self.repo.checkpoints(conn, tenant, session_id)
+            if not rows and await self.repo.current_chat(conn, tenant, session_id) is None:
+                raise SessionNotFoundError(session_id, tenant)
+            return [to_checkpoint(row, session_id) for row in rows]
+
+        return await self.ctx.transact(work, write=False, operation="list_checkpoints")
+
+    async def restore_checkpoint(self, tenant: str, session_id: str, checkpoint_id: str) -> Session:
+        v.identifier(session_id)
+        v.identifier(checkpoint_id, "checkpoint_id")
+
+        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+            if await self.repo.lock_session(conn, tenant, session_id) is None:
+                raise SessionNotFoundError(session_id, tenant)
+            content = await self.repo.checkpoint_content(conn, tenant, session_id, checkpoint_id)
+            if content is None:
+                raise CheckpointNotFoundError(session_id, checkpoint_id)
+            doc = d.parse(d.ConversationDoc, content, "checkpoint")
+            await self._put_conversation(conn, tenant, session_id, doc)
+            return await self._session(conn, fx, tenant, session_id)
+
+        return await self.ctx.transact(work, operation="restore_checkpoint")
+
+    # -- export and import ----------------------------------------------------------------
+    async def export(self, tenant: str, session_id: str) -> dict[str, Any]:
+        v.identifier(session_id)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> dict[str, Any]:
+            # Holding the session row keeps concurrent writers out of the copy.
+            if await self.repo.lock_session(conn, tenant, session_id) is None:
+                raise SessionNotFoundError(session_id, tenant)
+            session = await self._session(conn, fx, tenant, session_id)
+            quotas = await self.usage.quota_rows(conn, tenant, session_id)
+            s = session.to_dict()
+            return {
+                "format_version": d.FORMAT_VERSION,
+                "session": {field: s[field] for field in d.SessionDoc.model_fields},
+                **await self._conversation(conn, tenant, session_id, session),
+                "quotas": [
+                    {"resource_type": kind, "used": used, "limit": limit, "custom": custom}
+                    for kind, (used, limit, custom) in sorted(quotas.items())
+                ],
+            }
+
+        return await self.ctx.transact(work, operation="export_session")
+
+    async def import_(self, tenant: str, data: object, new_session_id: str | None) -> Session:
+        doc = self._checked(d.parse(d.ExportDoc, data, "export"))
+        source = doc.session
+        sid = source.session_id if new_session_id is None else v.identifier(new_session_id)
+        settings = self.ctx.settings
+        v.tier(source.tier, settings.tiers)
+        v.json_object(source.preferences, "preferences", settings.max_metadata_bytes)
+        if not math.isfinite(source.total_processing_time):
+            raise ValidationError("total_processing_time must be finite", field="data")
+
+        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+            if source.status in OPEN_STATUSES:
+                await self.sessions.check_limits(conn, tenant, source.user_id, fx.now)
+            values = {
+                **source.model_dump(),
+                "session_id": sid,
+                "tenant_id": tenant,
+                "status": source.status.value,
+                "metadata": {},
+                "current_chat_id": None,
+                "chat_count": 0,
+            }
+            if await self.sessions.repo.insert(conn, values) is None:
+                raise SessionExistsError(sid, tenant)
+            await self._put_conversation(conn, tenant, sid, doc)
+            await self.usage.restore_quotas(
+                conn,
+                tenant,
+                sid,
+                [(q.resource_type.value, q.used, q.limit, q.custom) for q in doc.quotas],
+            )
+            session = await self._session(conn, fx, tenant, sid)
+            fx.emit(
+                "session.created", tenant, sid, session.user_id, tier=session.tier, imported=True
+            )
+            return session
+
+        return await self.ctx.transact(work, operation="import_session")
+
+    # -- statistics -----------------------------------------------------------------------
+    async def stats(self, tenant: str, session_id: str) -> SessionStats:
+        v.identifier(session_id)
+
+        async def work(conn: AsyncConnection, fx: Effects) -> SessionStats:
+            session = await self._session(conn, fx, tenant, session_id)
+            chats, messages = await self.repo.message_totals(conn, tenant, session_id)
+            return SessionStats(
+                session_id=session_id,
+                chat_count=chats,
+                total_messages=messages,
+                created_at=session.created_at,
+                last_activity=session.last_activity,
+                is_active=session.is_active,
+                is_paused=session.is_paused,
+            )
+
+        return await self.ctx.transact(work, write=False, operation="get_session_stats")
+
+    async def total_messages(self, conn: AsyncConnection, tenant: str) -> int:
+        return (await self.repo.message_totals(conn, tenant))[1]
+
+    async def _session(
+        self, conn: AsyncConnection, fx: Effects, tenant: str, session_id: str
+    ) -> Session:
+        row = await self.sessions.repo.get(conn, tenant, session_id, fx.now)
+        if row is None:
+            raise SessionNotFoundError(session_id, tenant)
+        return to_session(row, fx.now)
+
+
+def _public_message(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if key != "tenant_id"}

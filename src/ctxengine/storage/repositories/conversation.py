@@ -1,0 +1,433 @@
+"""SQL for chats, messages, checkpoints and session metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Row, and_, delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ...models import Chat, Checkpoint, Message
+from ..backend import Backend
+from ..schema import chats, checkpoints, messages, shared_state
+from ..schema import sessions as s
+
+_CHAT = list(chats.c)
+#: The columns of a Message, in the order of its fields.
+_MESSAGE = [messages.c[name] for name in Message.model_fields]
+_CHECKPOINT = [checkpoints.c[name] for name in Checkpoint.model_fields if name != "session_id"]
+_SYSTEM = "system"
+
+
+def to_chat(row: Row[Any]) -> Chat:
+    m = row._mapping
+    return Chat._trusted(
+        {
+            "chat_id": m["chat_id"],
+            "session_id": m["session_id"],
+            "name": m["name"],
+            "metadata": m["metadata"],
+            "max_messages": m["max_messages"],
+            "created_at": m["created_at"],
+            "message_count": m["message_count"],
+        }
+    )
+
+
+_MESSAGE_FIELDS = tuple(Message.model_fields)
+
+
+def to_message(row: Row[Any]) -> Message:
+    """A Message from a row of the ``_MESSAGE`` columns."""
+    return Message._trusted(dict(zip(_MESSAGE_FIELDS, row, strict=True)))
+
+
+def to_checkpoint(row: Row[Any], session_id: str) -> Checkpoint:
+    m = row._mapping
+    return Checkpoint._trusted(
+        {
+            "checkpoint_id": m["checkpoint_id"],
+            "session_id": session_id,
+            "description": m["description"],
+            "created_at": m["created_at"],
+        }
+    )
+
+
+class ConversationRepository:
+    """Every statement on ``ctx_chats``, ``ctx_messages`` and ``ctx_checkpoints``, and the
+    conversation columns of ``ctx_sessions`` (metadata, current chat, chat count)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    # -- conditions ---------------------------------------------------------------------
+    @staticmethod
+    def _session(tenant: str, session_id: str) -> ColumnElement[bool]:
+        return and_(s.c.tenant_id == tenant, s.c.session_id == session_id)
+
+    @staticmethod
+    def _chat(tenant: str, session_id: str, chat_id: str) -> ColumnElement[bool]:
+        c = chats.c
+        return and_(c.tenant_id == tenant, c.session_id == session_id, c.chat_id == chat_id)
+
+    @staticmethod
+    def _in_chat(tenant: str, session_id: str, chat_id: str) -> ColumnElement[bool]:
+        m = messages.c
+        return and_(m.tenant_id == tenant, m.session_id == session_id, m.chat_id == chat_id)
+
+    # -- chats --------------------------------------------------------------------------
+    async def lock_session(
+        self, conn: AsyncConnection, tenant: str, session_id: str
+    ) -> Row[Any] | None:
+        """Lock the session row (taken first by every write that also locks chats, so
+        writers never wait on each other in a cycle); its current chat and metadata."""
+        stmt = (
+            update(s)
+            .where(self._session(tenant, session_id))
+            .values(chat_count=s.c.chat_count)
+            .returning(s.c.current_chat_id, s.c.metadata)
+        )
+        return (await conn.execute(stmt)).first()
+
+    async def current_chat(
+        self, conn: AsyncConnection, tenant: str, session_id: str
+    ) -> Row[Any] | None:
+        """(current_chat_id,) of the session, or None when it does not exist."""
+        stmt = select(s.c.current_chat_id).where(self._session(tenant, session_id))
+        return (await conn.execute(stmt)).first()
+
+    async def reserve_chat(
+        self, conn: AsyncConnection, tenant: str, session_id: str, limit: int | None
+    ) -> bool:
+        """Count one more chat on the session row if it stays within ``limit``."""
+        stmt = update(s).where(self._session(tenant, session_id))
+        if limit is not None:
+            stmt = stmt.where(s.c.chat_count < limit)
+        result = await conn.execute(stmt.values(chat_count=s.c.chat_count + 1))
+        return bool(result.rowcount)
+
+    async def insert_chat(self, conn: AsyncConnection, values: dict[str, Any]) -> Row[Any] | None:
+        """Insert unless the chat id exists in the session; the new row or None."""
+        stmt = (
+            self.backend.insert_or_ignore(chats, ("tenant_id", "session_id", "chat_id"))
+            .values(**values)
+            .returning(*_CHAT)
+        )
+        return (await conn.execute(stmt)).first()
+
+    async def get_chat(
+        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str
+    ) -> Row[Any] | None:
+        stmt = select(*_CHAT).where(self._chat(tenant, session_id, chat_id))
+        return (await conn.execute(stmt)).first()
+
+    async def chats(
+        self, conn: AsyncConnection, tenant: str, session_id: str
+    ) -> Sequence[Row[Any]]:
+        """The session's chats, oldest first."""
+        c = chats.c
+        stmt = (
+            select(*_CHAT)
+            .where(c.tenant_id == tenant, c.session_id == session_id)
+            .order_by(c.created_at, c.chat_id)
+        )
+        return (await conn.execute(stmt)).all()
+
+    async def set_current_chat(
+        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str | None
+    ) -> None:
+        await conn.execute(
+            update(s).where(self._session(tenant, session_id)).values(current_chat_id=chat_id)
+        )
+
+    async def delete_chat(
+        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str
+    ) -> bool:
+        """Delete the chat and its messages; the session's current chat becomes its newest
+        remaining chat when it was this one."""
+        result = await conn.execute(delete(chats).where(self._chat(tenant, session_id, chat_id)))
+        if not result.rowcount:
+            return False
+        c = chats.c
+        newest = (
+            select(c.chat_id)
+            .where(c.tenant_id == tenant, c.session_id == session_id)
+            .order_by(c.created_at.desc(), c.chat_id.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        await conn.execute(
+            update(s)
+            .where(self._session(tenant, session_id))
+            .values(
+                chat_count=s.c.chat_count - 1,
+                current_chat_id=func.coalesce(func.nullif(s.c.current_chat_id, chat_id), newest),
+            )
+        )
+        return True
+
+    # -- messages -----------------------------------------------------------------------
+    async def take_seqs(
+        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str, n: int
+    ) -> Row[Any] | None:
+        """Hand out the next ``n`` sequence numbers of the chat, locking its row until
+        commit; (next_seq, message_count, max_messages) after the change, or None."""
+        c = chats.c
+        stmt = (
+            update(chats)
+            .where(self._chat(tenant, session_id, chat_id))
+            .values(next_seq=c.next_seq + n, message_count=c.message_count + n)
+            .returning(c.next_seq, c.message_count, c.max_messages)
+        )
+        return (await conn.execute(stmt)).first()
+
+    async def insert_messages(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            await conn.execute(insert(messages), list(rows))
+
+    async def delete_oldest(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        session_id: str,
+        chat_id: str,
+        count: int,
+        *,
+        keep_system: bool,
+        below_seq: int | None = None,
+    ) -> int:
+        """Delete the ``count`` oldest messages of the chat (never system messages when
+        ``keep_system``, only below ``below_seq`` when given), keeping the chat's count
+        right; the number deleted."""
+        if count <= 0:
+            return 0
+        m = messages.c
+        oldest = select(m.seq).where(self._in_chat(tenant, session_id, chat_id))
+        if keep_system:
+            oldest = oldest.where(m.role != _SYSTEM)
+        if below_seq is not None:
+            oldest = oldest.where(m.seq < below_seq)
+        oldest = oldest.order_by(m.seq).limit(count)
+        result = await conn.execute(
+            delete(messages).where(self._in_chat(tenant, session_id, chat_id), m.seq.in_(oldest))
+        )
+        deleted = int(result.rowcount)
+        await self._uncount(conn, tenant, session_id, chat_id, deleted)
+        return deleted
+
+    async def pop_last(
+        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str
+    ) -> Row[Any] | None:
+        """Delete and return the chat's newest message (the chat row must be locked)."""
+        m = messages.c
+        row = (
+            await conn.execute(
+                select(*_MESSAGE)
+                .where(self._in_chat(tenant, session_id, chat_id))
+                .order_by(m.seq.desc())
+                .limit(1)
+            )
+        ).first()
+        if row is not None:
+            await conn.execute(
+                delete(messages).where(self._in_chat(tenant, session_id, chat_id), m.seq == row.seq)
+            )
+            await self._uncount(conn, tenant, session_id, chat_id, 1)
+        return row
+
+    async def delete_messages(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        session_id: str,
+        chat_id: str,
+        *,
+        keep_system: bool,
+    ) -> int:
+        stmt = delete(messages).where(self._in_chat(tenant, session_id, chat_id))
+        if keep_system:
+            stmt = stmt.where(messages.c.role != _SYSTEM)
+        deleted = int((await conn.execute(stmt)).rowcount)
+        await self._uncount(conn, tenant, session_id, chat_id, deleted)
+        return deleted
+
+    async def _uncount(
+        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str, n: int
+    ) -> None:
+        if n:
+            await conn.execute(
+                update(chats)
+                .where(self._chat(tenant, session_id, chat_id))
+                .values(message_count=chats.c.message_count - n)
+            )
+
+    async def count_where(
+        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str, *, system: bool
+    ) -> int:
+        """Messages of the chat that are (``system``) or are not system messages."""
+        m = messages.c
+        role = m.role == _SYSTEM if system else m.role != _SYSTEM
+        stmt = select(func.count()).where(self._in_chat(tenant, session_id, chat_id), role)
+        return int((await conn.execute(stmt)).scalar_one())
+
+    async def page(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        session_id: str,
+        chat_id: str | None,
+        limit: int | None,
+        before_seq: int | None,
+    ) -> Sequence[Row[Any]]:
+        """The last ``limit`` messages before ``before_seq``, newest first (an index range
+        scan on (chat, seq)); ``chat_id`` None reads the session's current chat."""
+        m = messages.c
+        chat: Any = chat_id
+        if chat is None:
+            chat = (
+                select(s.c.current_chat_id).where(self._session(tenant, session_id))
+            ).scalar_subquery()
+        stmt = select(*_MESSAGE).where(
+            m.tenant_id == tenant, m.session_id == session_id, m.chat_id == chat
+        )
+        if before_seq is not None:
+            stmt = stmt.where(m.seq < before_seq)
+        stmt = stmt.order_by(m.seq.desc())
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return (await conn.execute(stmt)).all()
+
+    async def all_messages(
+        self, conn: AsyncConnection, tenant: str, session_id: str
+    ) -> Sequence[Row[Any]]:
+        """Every message of the session, by chat then sequence."""
+        m = messages.c
+        stmt = (
+            select(*_MESSAGE)
+            .where(m.tenant_id == tenant, m.session_id == session_id)
+            .order_by(m.chat_id, m.seq)
+        )
+        return (await conn.execute(stmt)).all()
+
+    async def delete_chats(self, conn: AsyncConnection, tenant: str, session_id: str) -> None:
+        """Every chat and message of the session (before a restore)."""
+        await conn.execute(
+            delete(chats).where(chats.c.tenant_id == tenant, chats.c.session_id == session_id)
+        )
+
+    async def insert_chats(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            await conn.execute(insert(chats), list(rows))
+
+    async def message_totals(
+        self, conn: AsyncConnection, tenant: str, session_id: str | None = None
+    ) -> tuple[int, int]:
+        """(chats, messages) of one session, or of the whole tenant."""
+        c = chats.c
+        stmt = select(func.count(), func.coalesce(func.sum(c.message_count), 0)).where(
+            c.tenant_id == tenant
+        )
+        if session_id is not None:
+            stmt = stmt.where(c.session_id == session_id)
+        row = (await conn.execute(stmt)).one()
+        return int(row[0]), int(row[1])
+
+    # -- session metadata and conversation columns ---------------------------------------
+    async def merge_metadata(
+        self, conn: AsyncConnection, tenant: str, session_id: str, patch: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Set the keys of ``patch`` in the session's metadata, in SQL; the result."""
+        return await self._set_metadata(
+            conn, tenant, session_id, self.backend.json_merge(s.c.metadata, patch)
+        )
+
+    async def remove_metadata(
+        self, conn: AsyncConnection, tenant: str, session_id: str, key: str
+    ) -> dict[str, Any] | None:
+        return await self._set_metadata(
+            conn, tenant, session_id, self.backend.json_remove(s.c.metadata, key)
+        )
+
+    async def _set_metadata(
+        self, conn: AsyncConnection, tenant: str, session_id: str, value: Any
+    ) -> dict[str, Any] | None:
+        stmt = (
+            update(s)
+            .where(self._session(tenant, session_id))
+            .values(metadata=value)
+            .returning(s.c.metadata)
+        )
+        row = (await conn.execute(stmt)).first()
+        return None if row is None else dict(row[0])
+
+    async def restore_session_columns(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        session_id: str,
+        *,
+        metadata: dict[str, Any],
+        current_chat_id: str | None,
+        chat_count: int,
+    ) -> None:
+        await conn.execute(
+            update(s)
+            .where(self._session(tenant, session_id))
+            .values(metadata=metadata, current_chat_id=current_chat_id, chat_count=chat_count)
+        )
+
+    # -- checkpoints --------------------------------------------------------------------
+    async def insert_checkpoint(self, conn: AsyncConnection, values: dict[str, Any]) -> Row[Any]:
+        stmt = insert(checkpoints).values(**values).returning(*_CHECKPOINT)
+        return (await conn.execute(stmt)).one()
+
+    async def checkpoints(
+        self, conn: AsyncConnection, tenant: str, session_id: str
+    ) -> Sequence[Row[Any]]:
+        """The session's checkpoints, oldest first."""
+        k = checkpoints.c
+        stmt = (
+            select(*_CHECKPOINT)
+            .where(k.tenant_id == tenant, k.session_id == session_id)
+            .order_by(k.created_at, k.checkpoint_id)
+        )
+        return (await conn.execute(stmt)).all()
+
+    async def checkpoint_content(
+        self, conn: AsyncConnection, tenant: str, session_id: str, checkpoint_id: str
+    ) -> dict[str, Any] | None:
+        k = checkpoints.c
+        stmt = select(k.content).where(
+            k.tenant_id == tenant, k.session_id == session_id, k.checkpoint_id == checkpoint_id
+        )
+        row = (await conn.execute(stmt)).first()
+        return None if row is None else dict(row[0])
+
+    # -- shared state -------------------------------------------------------------------
+    async def shared_state(self, conn: AsyncConnection, tenant: str, key: str) -> dict[str, Any]:
+        stmt = select(shared_state.c.document).where(
+            shared_state.c.tenant_id == tenant, shared_state.c.key == key
+        )
+        row = (await conn.execute(stmt)).first()
+        return {} if row is None else dict(row[0])
+
+    async def merge_shared_state(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        key: str,
+        patch: dict[str, Any],
+        now: datetime,
+    ) -> dict[str, Any]:
+        """Set the keys of ``patch`` in the document (created if missing), in SQL."""
+        merged = self.backend.json_merge(shared_state.c.document, patch)
+        stmt = self.backend.upsert(
+            shared_state,
+            ("tenant_id", "key"),
+            {"tenant_id": tenant, "key": key, "document": patch, "updated_at": now},
+            lambda excluded: {"document": merged, "updated_at": excluded.updated_at},
+        ).returning(shared_state.c.document)
+        return dict((await conn.execute(stmt)).one()[0])

@@ -1,0 +1,63 @@
+"""Code run in spawned child processes by the conversation concurrency tests."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ctxengine import ContextEngine, EngineSettings
+from ctxengine.errors import ChatLimitError
+
+SETTINGS = EngineSettings(auto_cleanup=False, auto_migrate=False, max_messages_per_chat=None)
+
+
+def append(url: str, session_id: str, writer: str, tasks: int, messages: int) -> int:
+    """``tasks`` coroutines each append ``messages`` messages; how many raised."""
+
+    async def main() -> int:
+        failures = 0
+        async with ContextEngine(url, settings=SETTINGS) as engine:
+
+            async def task(t: int) -> None:
+                nonlocal failures
+                for i in range(messages):
+                    try:
+                        await engine.add_message(session_id, "user", f"{writer}/{t}/{i}")
+                    except Exception:
+                        failures += 1
+
+            await asyncio.gather(*(task(t) for t in range(tasks)))
+        return failures
+
+    return asyncio.run(main())
+
+
+def set_keys(url: str, session_id: str, prefix: str, keys: int) -> None:
+    async def main() -> None:
+        async with ContextEngine(url, settings=SETTINGS) as engine:
+            await asyncio.gather(
+                *(engine.set_metadata(session_id, f"{prefix}{i}", i) for i in range(keys))
+            )
+
+    asyncio.run(main())
+
+
+def create_chats(url: str, session_id: str, attempts: int, limit: int) -> int:
+    """Try to create chats under max_chats_per_session; how many this process created."""
+
+    async def main() -> int:
+        settings = SETTINGS.model_copy(update={"max_chats_per_session": limit})
+        created = 0
+        async with ContextEngine(url, settings=settings) as engine:
+
+            async def attempt() -> None:
+                nonlocal created
+                try:
+                    await engine.create_chat(session_id)
+                    created += 1
+                except ChatLimitError:
+                    pass
+
+            await asyncio.gather(*(attempt() for _ in range(attempts)))
+        return created
+
+    return asyncio.run(main())
