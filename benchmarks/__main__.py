@@ -216,13 +216,17 @@ def async_url(url: str) -> str:
 
 async def peer_plan(engine: ContextEngine, url: str) -> list[tuple[str, Op, str, Op]]:
     """The agent SDKs' own stores doing the same job, where they are installed."""
-    plan: list[tuple[str, Op, str, Op]] = []
+    return [*await openai_plan(engine, url), *await adk_plan(engine, url)]
+
+
+async def openai_plan(engine: ContextEngine, url: str) -> list[tuple[str, Op, str, Op]]:
+    """One item per ``add_items``: ours against the SDK's ``SQLAlchemySession``."""
     try:
         from agents.extensions.memory.sqlalchemy_session import SQLAlchemySession
 
         from ctxengine.integrations.openai_agents import ContextEngineSession
     except ImportError:
-        return plan
+        return []
     ours = ContextEngineSession(engine, f"openai-{uuid.uuid4().hex[:8]}", tier="enterprise")
     theirs = SQLAlchemySession.from_url(
         f"peer-{uuid.uuid4().hex[:8]}", url=async_url(url), create_tables=True
@@ -235,8 +239,36 @@ async def peer_plan(engine: ContextEngine, url: str) -> list[tuple[str, Op, str,
     async def theirs_add(i: int) -> None:
         await theirs.add_items(item)
 
-    plan.append(("openai add_items", ours_add, "OpenAI SQLAlchemySession", theirs_add))
-    return plan
+    return [("openai add_items", ours_add, "OpenAI SQLAlchemySession", theirs_add)]
+
+
+async def adk_plan(engine: ContextEngine, url: str) -> list[tuple[str, Op, str, Op]]:
+    """One event per ``append_event``: ours against ADK's ``DatabaseSessionService``."""
+    try:
+        from google.adk.events.event import Event
+        from google.adk.sessions import DatabaseSessionService
+        from google.genai import types
+
+        from ctxengine.integrations.adk import ContextEngineSessionService
+    except ImportError:
+        return []
+    ours = ContextEngineSessionService(engine, tier="enterprise")
+    theirs = DatabaseSessionService(db_url=async_url(url))
+    app = f"bench-{uuid.uuid4().hex[:8]}"
+    our_session = await ours.create_session(app_name=app, user_id="u")
+    their_session = await theirs.create_session(app_name=app, user_id="u")
+    content = types.Content(role="user", parts=[types.Part(text="what is the weather like?")])
+
+    def event(i: int) -> Event:
+        return Event(invocation_id=f"i{i}", author="user", content=content)
+
+    async def ours_append(i: int) -> None:
+        await ours.append_event(our_session, event(i))
+
+    async def theirs_append(i: int) -> None:
+        await theirs.append_event(their_session, event(i))
+
+    return [("adk append_event", ours_append, "ADK DatabaseSession", theirs_append)]
 
 
 async def run(backend: str, n: int, repeats: int) -> dict[str, list[dict[str, Any]]]:

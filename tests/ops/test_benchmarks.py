@@ -39,5 +39,9 @@ def test_the_harness_runs_and_writes_json(tmp_path: Path) -> None:
         "create_session",
         "track_usage",
         "enforce_rate_limit",
+        "add_message",
+        "get_messages last 50 of 1000",
+        "openai add_items",
+        "adk append_event",
     } <= operations
     assert all(row["ratio"] > 0 for row in results["sqlite"])
