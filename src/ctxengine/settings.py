@@ -86,7 +86,9 @@ class EngineSettings(BaseSettings):
     pool_timeout: float = Field(30.0, gt=0)
     pool_recycle: float = Field(1800.0, gt=0)
     pool_pre_ping: bool = Field(
-        True, description="test pooled PostgreSQL connections before use (one round trip)"
+        False,
+        description="PostgreSQL: ping every pooled connection before use (one round trip); "
+        "off, only connections idle for over 10 s are pinged and closed ones are replaced",
     )
     cross_process_events: bool = Field(
         False,

@@ -23,6 +23,7 @@ DEFAULT_URL = "sqlite+aiosqlite:///ctxengine.db"
 _DRIVERS: dict[str, tuple[str, type[Backend]]] = {
     "sqlite": ("sqlite+aiosqlite", SQLiteBackend),
     "sqlite+aiosqlite": ("sqlite+aiosqlite", SQLiteBackend),
+    "sqlite+ctxengine": ("sqlite+aiosqlite", SQLiteBackend),
     "postgres": ("postgresql+asyncpg", PostgresBackend),
     "postgresql": ("postgresql+asyncpg", PostgresBackend),
     "postgresql+asyncpg": ("postgresql+asyncpg", PostgresBackend),

@@ -34,8 +34,13 @@ class Backend:
     def __init__(self, url: URL) -> None:
         self.url = url
 
+    @property
+    def engine_url(self) -> URL:
+        """The URL of the engines this backend creates (its driver may differ)."""
+        return self.url
+
     def create_engine(self, settings: EngineSettings) -> AsyncEngine:
-        engine = create_async_engine(self.url, **self.engine_options(settings))
+        engine = create_async_engine(self.engine_url, **self.engine_options(settings))
         self.prepare(engine, settings)
         return engine
 

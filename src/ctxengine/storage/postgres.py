@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Boolean, ColumnElement, String, Table, cast, func, literal, select
+from sqlalchemy import Boolean, ColumnElement, String, Table, cast, event, func, literal, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from ..models import Event
 from ..settings import EngineSettings
@@ -18,6 +20,8 @@ from .relay import EventRelay
 
 #: serialization_failure, deadlock_detected, lock_not_available
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+#: A pooled connection idle longer than this is pinged before use.
+PING_AFTER_IDLE = 10.0
 
 
 class PostgresBackend(Backend):
@@ -31,6 +35,30 @@ class PostgresBackend(Backend):
             "pool_recycle": settings.pool_recycle,
             "pool_pre_ping": settings.pool_pre_ping,
         }
+
+    def prepare(self, engine: AsyncEngine, settings: EngineSettings) -> None:
+        # Without pool_pre_ping's round trip on every checkout: a connection the server
+        # closed (restart, pg_terminate_backend) is known to asyncpg already, and only
+        # one idle for a while, which a network could have dropped silently, is pinged.
+        dialect = engine.dialect
+
+        @event.listens_for(engine.sync_engine, "checkout")
+        def _on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+            if record.driver_connection.is_closed():  # type: ignore[union-attr]
+                raise DisconnectionError("the server closed the connection")
+            idle = time.monotonic() - record.info.get("ctxengine_checkin", time.monotonic())
+            if idle > PING_AFTER_IDLE and not dialect.do_ping(dbapi_connection):
+                raise DisconnectionError("the connection does not answer")
+
+        @event.listens_for(engine.sync_engine, "checkin")
+        def _on_checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            record.info["ctxengine_checkin"] = time.monotonic()
+
+    async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
+        # Reads run in autocommit, without BEGIN and COMMIT round trips; every statement
+        # sees a consistent snapshot of its own, as on SQLite.
+        if not write:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
 
     async def lock(self, conn: AsyncConnection, name: str) -> None:
         await conn.execute(select(func.pg_advisory_xact_lock(lock_key(name))))

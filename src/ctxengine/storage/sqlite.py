@@ -1,20 +1,92 @@
-"""SQLite (aiosqlite): WAL, BEGIN IMMEDIATE for writes, Python JSON helpers."""
+"""SQLite: WAL, BEGIN IMMEDIATE for writes, Python JSON helpers, statements run inline.
+
+SQLite is a library, not a server: a statement on a page-cached database takes
+microseconds, less than handing it to a worker thread and back (aiosqlite hops threads
+several times per statement). Engines created by ctxengine therefore run SQLite
+statements directly on the event loop thread, with the busy timeout at zero so none
+of them can wait for a lock there; the only wait, taking the write lock while another
+process holds it, happens in a worker thread (:meth:`SQLiteBackend.begin`). An
+AsyncEngine given by the caller (aiosqlite) is used as it is.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, Table, event, func, literal
+from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, Pool, StaticPool
 
 from ..settings import EngineSettings
 from .backend import Backend
+
+try:
+    from sqlalchemy.util import await_
+except ImportError:  # SQLAlchemy 2.0
+    from sqlalchemy.util import await_only as await_
+
+#: The URL driver name of the inline dialect.
+INLINE_DRIVER = "sqlite+ctxengine"
+
+
+class InlineSQLiteDialect(SQLiteDialect_pysqlite):
+    """The standard library's sqlite3, run on the calling (event loop) thread.
+
+    Declared async so SQLAlchemy's asyncio layer accepts it: its calls never
+    suspend, so each completes without a trip through the event loop.
+    """
+
+    driver = "ctxengine"
+    is_async = True
+    runs_inline = True
+    supports_statement_cache = True
+
+    @classmethod
+    def get_pool_class(cls, url: URL) -> type[Pool]:
+        return AsyncAdaptedQueuePool if cls._is_url_file_db(url) else StaticPool
+
+    # SQLAlchemy's AsyncConnection checks that executing a statement awaited
+    # something; awaiting a finished coroutine satisfies it without suspending.
+    def do_execute(self, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
+        await_(_nothing())
+        cursor.execute(statement, parameters)
+
+    def do_execute_no_params(self, cursor: Any, statement: Any, context: Any = None) -> None:
+        await_(_nothing())
+        cursor.execute(statement)
+
+    def do_executemany(
+        self, cursor: Any, statement: Any, parameters: Any, context: Any = None
+    ) -> None:
+        await_(_nothing())
+        cursor.executemany(statement, parameters)
+
+
+async def _nothing() -> None:
+    return None
+
+
+class _Cursor(sqlite3.Cursor):
+    async def _async_soft_close(self) -> None:
+        """Called by SQLAlchemy's asyncio layer once a result is handed over; this
+        cursor is read on the same thread, on demand, so there is nothing to do."""
+
+
+class _Connection(sqlite3.Connection):
+    def cursor(self, factory: Any = _Cursor) -> Any:
+        return super().cursor(factory)
+
+
+registry.register("sqlite.ctxengine", __name__, "InlineSQLiteDialect")
 
 
 def _json_contains_all(array: str | None, wanted: str) -> int:
@@ -45,19 +117,33 @@ class SQLiteBackend(Backend):
     def serialize(self) -> bool:  # type: ignore[override]
         return self.in_memory
 
+    #: How long the lock-taking BEGIN waits (set from the settings by ``prepare``).
+    _busy_ms = 30_000
+
+    @property
+    def engine_url(self) -> URL:
+        return self.url.set(drivername=INLINE_DRIVER)
+
     def engine_options(self, settings: EngineSettings) -> dict[str, Any]:
+        # the lock-taking BEGIN moves a connection to a worker thread and back
+        connect_args = {
+            "factory": _Connection,
+            "check_same_thread": False,
+            "timeout": settings.sqlite_busy_timeout,
+        }
         if self.in_memory:
-            return {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
+            return {"poolclass": StaticPool, "connect_args": connect_args}
         return {
             "pool_size": settings.pool_size,
             "max_overflow": settings.max_overflow,
             "pool_timeout": settings.pool_timeout,
-            "connect_args": {"timeout": settings.sqlite_busy_timeout},
+            "connect_args": connect_args,
         }
 
     def prepare(self, engine: AsyncEngine, settings: EngineSettings) -> None:
-        busy_ms = int(settings.sqlite_busy_timeout * 1000)
+        busy_ms = self._busy_ms = int(settings.sqlite_busy_timeout * 1000)
         in_memory = self.in_memory
+        inline = isinstance(engine.dialect, InlineSQLiteDialect)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -75,12 +161,31 @@ class SQLiteBackend(Backend):
             dbapi_connection.create_function(
                 "ctx_json_contains_all", 2, _json_contains_all, deterministic=True
             )
+            if inline:  # nothing may wait for a lock on the event loop thread
+                dbapi_connection.execute("PRAGMA busy_timeout=0")
 
     async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
         # Writers take the lock up front. Reads run in autocommit: each statement
         # sees a consistent snapshot of its own, and no BEGIN/COMMIT round trips.
-        if write:
+        if not write:
+            return
+        if not getattr(conn.dialect, "runs_inline", False):
             await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            return
+        await conn.begin()  # SQLAlchemy's side of it: pysqlite issues no statement
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert isinstance(raw, sqlite3.Connection)
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not self.is_transient(exc):
+                raise
+            # another process holds the write lock: wait for it in a worker thread
+            raw.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+            try:
+                await asyncio.to_thread(raw.execute, "BEGIN IMMEDIATE")
+            finally:
+                raw.execute("PRAGMA busy_timeout=0")
 
     def _insert(self, table: Table) -> Any:
         return sqlite_insert(table)

@@ -49,6 +49,8 @@ class Store:
         self.owned = owned
         self._retries = retries
         self._serial = asyncio.Lock() if backend.serialize else None
+        #: Whether the driver runs on the calling thread (its calls never suspend).
+        self._inline = bool(getattr(engine.dialect, "runs_inline", False))
 
     async def run(
         self,
@@ -87,15 +89,28 @@ class Store:
         return await self._transaction(work, write)
 
     async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]], write: bool) -> T:
-        async with self.engine.connect() as conn:
-            await self.backend.begin(conn, write=write)
+        if self._inline:
+            # the unit of work itself never suspends: let other tasks run first
+            await asyncio.sleep(0)
+            conn = await self.engine.connect()
             try:
-                result = await work(conn)
-            except BaseException:
-                await _quiet_rollback(conn)
-                raise
-            await conn.commit()
-            return result
+                return await self._commit(conn, work, write)
+            finally:
+                await conn.close()  # never suspends here, so it cannot be abandoned midway
+        async with self.engine.connect() as conn:  # closes even if the caller is cancelled
+            return await self._commit(conn, work, write)
+
+    async def _commit(
+        self, conn: AsyncConnection, work: Callable[[AsyncConnection], Awaitable[T]], write: bool
+    ) -> T:
+        await self.backend.begin(conn, write=write)
+        try:
+            result = await work(conn)
+        except BaseException:
+            await _quiet_rollback(conn)
+            raise
+        await conn.commit()
+        return result
 
     async def dispose(self) -> None:
         """Release the pool, if this store created the engine."""

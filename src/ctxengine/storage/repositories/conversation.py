@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Row, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ...models import Chat, Checkpoint, Message
@@ -19,6 +19,69 @@ _CHAT = list(chats.c)
 _MESSAGE = [messages.c[name] for name in Message.model_fields]
 _CHECKPOINT = [checkpoints.c[name] for name in Checkpoint.model_fields if name != "session_id"]
 _SYSTEM = "system"
+
+# Statements of the hot paths, built once (parameters: tenant, sid, chat, n, before,
+# limit): building a statement costs more than executing it on SQLite.
+_IN_CHAT = and_(
+    messages.c.tenant_id == bindparam("tenant"),
+    messages.c.session_id == bindparam("sid"),
+    messages.c.chat_id == bindparam("chat"),
+)
+_CHAT_KEY = and_(
+    chats.c.tenant_id == bindparam("tenant"),
+    chats.c.session_id == bindparam("sid"),
+    chats.c.chat_id == bindparam("chat"),
+)
+_TAKE_SEQS = (
+    update(chats)
+    .where(_CHAT_KEY)
+    .values(
+        next_seq=chats.c.next_seq + bindparam("n"),
+        message_count=chats.c.message_count + bindparam("n"),
+    )
+    .returning(chats.c.next_seq, chats.c.message_count, chats.c.max_messages)
+)
+_UNCOUNT = (
+    update(chats).where(_CHAT_KEY).values(message_count=chats.c.message_count - bindparam("n"))
+)
+_INSERT_MESSAGES = insert(messages)
+_OLDEST = select(messages.c.seq).where(_IN_CHAT, messages.c.seq < bindparam("before"))
+_DELETE_OLDEST = {
+    keep_system: delete(messages).where(
+        _IN_CHAT,
+        messages.c.seq.in_(
+            (_OLDEST.where(messages.c.role != _SYSTEM) if keep_system else _OLDEST)
+            .order_by(messages.c.seq)
+            .limit(bindparam("n"))
+        ),
+    )
+    for keep_system in (False, True)
+}
+_CURRENT_CHAT = (
+    select(s.c.current_chat_id)
+    .where(s.c.tenant_id == bindparam("tenant"), s.c.session_id == bindparam("sid"))
+    .scalar_subquery()
+)
+
+
+def _page(*, current: bool, before: bool, limited: bool) -> Any:
+    m = messages.c
+    chat = _CURRENT_CHAT if current else bindparam("chat")
+    stmt = select(*_MESSAGE).where(
+        m.tenant_id == bindparam("tenant"), m.session_id == bindparam("sid"), m.chat_id == chat
+    )
+    if before:
+        stmt = stmt.where(m.seq < bindparam("before"))
+    stmt = stmt.order_by(m.seq.desc())
+    return stmt.limit(bindparam("limit")) if limited else stmt
+
+
+_PAGES = {
+    (current, before, limited): _page(current=current, before=before, limited=limited)
+    for current in (False, True)
+    for before in (False, True)
+    for limited in (False, True)
+}
 
 
 def to_chat(row: Row[Any]) -> Chat:
@@ -62,6 +125,10 @@ class ConversationRepository:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        #: The columns inserted are those of the parameters (compiled once per set).
+        self._insert_chat = backend.insert_or_ignore(
+            chats, ("tenant_id", "session_id", "chat_id")
+        ).returning(*_CHAT)
 
     # -- conditions ---------------------------------------------------------------------
     @staticmethod
@@ -111,12 +178,7 @@ class ConversationRepository:
 
     async def insert_chat(self, conn: AsyncConnection, values: dict[str, Any]) -> Row[Any] | None:
         """Insert unless the chat id exists in the session; the new row or None."""
-        stmt = (
-            self.backend.insert_or_ignore(chats, ("tenant_id", "session_id", "chat_id"))
-            .values(**values)
-            .returning(*_CHAT)
-        )
-        return (await conn.execute(stmt)).first()
+        return (await conn.execute(self._insert_chat, values)).first()
 
     async def get_chat(
         self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str
@@ -175,18 +237,12 @@ class ConversationRepository:
     ) -> Row[Any] | None:
         """Hand out the next ``n`` sequence numbers of the chat, locking its row until
         commit; (next_seq, message_count, max_messages) after the change, or None."""
-        c = chats.c
-        stmt = (
-            update(chats)
-            .where(self._chat(tenant, session_id, chat_id))
-            .values(next_seq=c.next_seq + n, message_count=c.message_count + n)
-            .returning(c.next_seq, c.message_count, c.max_messages)
-        )
-        return (await conn.execute(stmt)).first()
+        params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "n": n}
+        return (await conn.execute(_TAKE_SEQS, params)).first()
 
     async def insert_messages(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
-            await conn.execute(insert(messages), list(rows))
+            await conn.execute(_INSERT_MESSAGES, list(rows))
 
     async def delete_oldest(
         self,
@@ -204,17 +260,14 @@ class ConversationRepository:
         right; the number deleted."""
         if count <= 0:
             return 0
-        m = messages.c
-        oldest = select(m.seq).where(self._in_chat(tenant, session_id, chat_id))
-        if keep_system:
-            oldest = oldest.where(m.role != _SYSTEM)
-        if below_seq is not None:
-            oldest = oldest.where(m.seq < below_seq)
-        oldest = oldest.order_by(m.seq).limit(count)
-        result = await conn.execute(
-            delete(messages).where(self._in_chat(tenant, session_id, chat_id), m.seq.in_(oldest))
-        )
-        deleted = int(result.rowcount)
+        params = {
+            "tenant": tenant,
+            "sid": session_id,
+            "chat": chat_id,
+            "n": count,
+            "before": 2**63 - 1 if below_seq is None else below_seq,
+        }
+        deleted = int((await conn.execute(_DELETE_OLDEST[keep_system], params)).rowcount)
         await self._uncount(conn, tenant, session_id, chat_id, deleted)
         return deleted
 
@@ -258,11 +311,8 @@ class ConversationRepository:
         self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str, n: int
     ) -> None:
         if n:
-            await conn.execute(
-                update(chats)
-                .where(self._chat(tenant, session_id, chat_id))
-                .values(message_count=chats.c.message_count - n)
-            )
+            params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "n": n}
+            await conn.execute(_UNCOUNT, params)
 
     async def count_where(
         self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str, *, system: bool
@@ -284,21 +334,15 @@ class ConversationRepository:
     ) -> Sequence[Row[Any]]:
         """The last ``limit`` messages before ``before_seq``, newest first (an index range
         scan on (chat, seq)); ``chat_id`` None reads the session's current chat."""
-        m = messages.c
-        chat: Any = chat_id
-        if chat is None:
-            chat = (
-                select(s.c.current_chat_id).where(self._session(tenant, session_id))
-            ).scalar_subquery()
-        stmt = select(*_MESSAGE).where(
-            m.tenant_id == tenant, m.session_id == session_id, m.chat_id == chat
-        )
-        if before_seq is not None:
-            stmt = stmt.where(m.seq < before_seq)
-        stmt = stmt.order_by(m.seq.desc())
-        if limit is not None:
-            stmt = stmt.limit(limit)
-        return (await conn.execute(stmt)).all()
+        shape = (chat_id is None, before_seq is not None, limit is not None)
+        params = {
+            "tenant": tenant,
+            "sid": session_id,
+            "chat": chat_id,
+            "before": before_seq,
+            "limit": limit,
+        }
+        return (await conn.execute(_PAGES[shape], params)).all()
 
     async def all_messages(
         self, conn: AsyncConnection, tenant: str, session_id: str

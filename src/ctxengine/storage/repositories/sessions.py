@@ -11,6 +11,7 @@ from sqlalchemy import (
     ColumnElement,
     Row,
     and_,
+    bindparam,
     case,
     delete,
     exists,
@@ -45,6 +46,31 @@ def _columns(now: datetime) -> list[Any]:
         .label("concurrent_operations")
     )
     return [*_COLUMNS, live]
+
+
+# Statements of the hot paths, built once: building a statement costs more than
+# executing it on SQLite. Parameters: tenant, sid, now, cutoff (oldest live activity),
+# requests, errors, processing_time.
+_BY_KEY = and_(t.c.tenant_id == bindparam("tenant"), t.c.session_id == bindparam("sid"))
+_LIVE = and_(
+    t.c.last_activity >= bindparam("cutoff"),
+    or_(t.c.expires_at.is_(None), t.c.expires_at > bindparam("now")),
+)
+_COUNTED = _columns(bindparam("now"))  # type: ignore[arg-type]
+_GET = select(*_COLUMNS).where(_BY_KEY)
+_GET_COUNTED = select(*_COUNTED).where(_BY_KEY)
+_RECORD = (
+    update(t)
+    .where(_BY_KEY)
+    .values(
+        last_activity=bindparam("now"),
+        request_count=t.c.request_count + bindparam("requests"),
+        error_count=t.c.error_count + bindparam("errors"),
+        total_processing_time=t.c.total_processing_time + bindparam("processing_time"),
+    )
+    .returning(*_COUNTED)
+)
+_RECORD_ACTIVE = _RECORD.where(t.c.status == SessionStatus.ACTIVE.value, _LIVE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +128,8 @@ class SessionRepository:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        #: The columns inserted are those of the parameters (compiled once per set).
+        self._insert = backend.insert_or_ignore(t, ("tenant_id", "session_id")).returning(*_COLUMNS)
 
     # -- conditions ---------------------------------------------------------------------
     @staticmethod
@@ -125,8 +153,11 @@ class SessionRepository:
         self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime | None = None
     ) -> Row[Any] | None:
         """The session row (with its live leases counted when ``now`` is given)."""
-        columns = _COLUMNS if now is None else _columns(now)
-        result = await conn.execute(select(*columns).where(self._key(tenant, session_id)))
+        if now is None:
+            result = await conn.execute(_GET, {"tenant": tenant, "sid": session_id})
+        else:
+            params = {"tenant": tenant, "sid": session_id, "now": now}
+            result = await conn.execute(_GET_COUNTED, params)
         return result.first()
 
     async def count_open(
@@ -228,12 +259,7 @@ class SessionRepository:
     # -- writes -------------------------------------------------------------------------
     async def insert(self, conn: AsyncConnection, values: dict[str, Any]) -> Row[Any] | None:
         """Insert unless the id exists; the new row, or None on conflict."""
-        stmt = (
-            self.backend.insert_or_ignore(t, ("tenant_id", "session_id"))
-            .values(**values)
-            .returning(*_COLUMNS)
-        )
-        return (await conn.execute(stmt)).first()
+        return (await conn.execute(self._insert, values)).first()
 
     async def record(
         self,
@@ -250,19 +276,20 @@ class SessionRepository:
         With a ``timeout`` the session must be active and live; with None any
         status is accepted (metrics of work admitted earlier). None when no row matched.
         """
-        values: dict[str, Any] = {"last_activity": now}
-        if counters.requests:
-            values["request_count"] = t.c.request_count + counters.requests
-        if counters.errors:
-            values["error_count"] = t.c.error_count + counters.errors
-        if counters.processing_time:
-            values["total_processing_time"] = t.c.total_processing_time + counters.processing_time
-        if metadata:
-            values["metadata"] = self.backend.json_merge(t.c.metadata, metadata)
-        stmt = update(t).where(self._key(tenant, session_id))
+        params = {
+            "tenant": tenant,
+            "sid": session_id,
+            "now": now,
+            "requests": counters.requests,
+            "errors": counters.errors,
+            "processing_time": counters.processing_time,
+        }
+        stmt = _RECORD if idle_limit is None else _RECORD_ACTIVE
         if idle_limit is not None:
-            stmt = stmt.where(t.c.status == SessionStatus.ACTIVE.value, self._live(now, idle_limit))
-        return (await conn.execute(stmt.values(**values).returning(*_columns(now)))).first()
+            params["cutoff"] = now - timedelta(seconds=idle_limit)
+        if metadata:
+            stmt = stmt.values(metadata=self.backend.json_merge(t.c.metadata, metadata))
+        return (await conn.execute(stmt, params)).first()
 
     async def transition(
         self,

@@ -7,13 +7,30 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Executable, Row, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Row, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..backend import Backend
 from ..schema import leases, quotas, rate_limit_rules, rate_limit_state, usage_records
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
+_INSERT_RECORD = insert(usage_records)
+#: The quota row can take ``amount`` (parameters: amount).
+_FITS = or_(
+    quotas.c.quota_limit.is_(None), quotas.c.used + bindparam("amount") <= quotas.c.quota_limit
+)
+#: Add to an existing row only (parameters: tenant, sid, resource, amount).
+_ADD_TO_EXISTING = (
+    update(quotas)
+    .where(
+        quotas.c.tenant_id == bindparam("tenant"),
+        quotas.c.session_id == bindparam("sid"),
+        quotas.c.resource_type == bindparam("resource"),
+        _FITS,
+    )
+    .values(used=quotas.c.used + bindparam("amount"))
+    .returning(quotas.c.used, quotas.c.quota_limit)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +44,58 @@ class UsageFilter:
     since: datetime | None = None
 
 
+_RULE = select(rate_limit_rules.c.max_calls, rate_limit_rules.c.window_seconds).where(
+    rate_limit_rules.c.tenant_id == bindparam("tenant"),
+    rate_limit_rules.c.scope == bindparam("scope"),
+    rate_limit_rules.c.subject == bindparam("subject"),
+    rate_limit_rules.c.operation == bindparam("operation"),
+)
+_STATE_KEY = ("tenant_id", "scope", "subject", "operation", "window_ms")
+#: Parameters of a limiter state's key, by column (named apart from the columns).
+_STATE_PARAMS: dict[str, Any] = {column: bindparam(f"k_{column}") for column in _STATE_KEY}
+_STATE_WHERE = and_(*(rate_limit_state.c[column] == bind for column, bind in _STATE_PARAMS.items()))
+_PEEK_STATE = select(rate_limit_state.c.state).where(_STATE_WHERE)
+_SAVE_STATE = (
+    update(rate_limit_state)
+    .where(_STATE_WHERE)
+    .values(state=bindparam("state"), updated_at=bindparam("now"))
+)
+
+
+def _state_params(key: tuple[str, str, str, str, int]) -> dict[str, Any]:
+    return {f"k_{column}": value for column, value in zip(_STATE_KEY, key, strict=True)}
+
+
 class UsageRepository:
     """Every statement on the usage and limit tables."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        q = quotas.c
+        #: Add to the row, creating it with the tier's limit (parameters: tenant, sid,
+        #: resource, amount, limit); built once, as building costs more than running it.
+        self._add_or_create = backend.upsert(
+            quotas,
+            _Q_KEY,
+            {
+                "tenant_id": bindparam("tenant"),
+                "session_id": bindparam("sid"),
+                "resource_type": bindparam("resource"),
+                "used": bindparam("amount"),
+                "quota_limit": bindparam("limit"),
+                "custom": False,
+            },
+            lambda excluded: {"used": q.used + excluded.used},
+            lambda excluded: _FITS,
+        ).returning(q.used, q.quota_limit)
+        #: The limiter state row, created empty, locked (parameters: the key, state, now).
+        self._lock_state = backend.upsert(
+            rate_limit_state,
+            _STATE_KEY,
+            {**_STATE_PARAMS, "state": bindparam("state"), "updated_at": bindparam("now")},
+            # a no-op update: it takes the row lock and returns the stored state
+            lambda excluded: {"updated_at": rate_limit_state.c.updated_at},
+        ).returning(rate_limit_state.c.state)
 
     # -- quotas -------------------------------------------------------------------------
     async def add_to_quota(
@@ -45,37 +109,18 @@ class UsageRepository:
     ) -> tuple[float, float | None] | None:
         """Add ``amount`` if it fits under the row's limit (the tier's limit for a new
         row); the new (used, limit), or None when it does not fit."""
-        q = quotas.c
-        fits = or_(q.quota_limit.is_(None), q.used + amount <= q.quota_limit)
-        stmt: Executable
-        if tier_limit is None or amount <= tier_limit:
-            stmt = self.backend.upsert(
-                quotas,
-                _Q_KEY,
-                {
-                    "tenant_id": tenant,
-                    "session_id": session_id,
-                    "resource_type": resource_type,
-                    "used": amount,
-                    "quota_limit": tier_limit,
-                    "custom": False,
-                },
-                lambda excluded: {"used": q.used + excluded.used},
-                lambda excluded: fits,
-            ).returning(q.used, q.quota_limit)
-        else:  # a new row could not take it: only an existing (custom) limit might
-            stmt = (
-                update(quotas)
-                .where(
-                    q.tenant_id == tenant,
-                    q.session_id == session_id,
-                    q.resource_type == resource_type,
-                    fits,
-                )
-                .values(used=q.used + amount)
-                .returning(q.used, q.quota_limit)
-            )
-        row = (await conn.execute(stmt)).first()
+        params = {
+            "tenant": tenant,
+            "sid": session_id,
+            "resource": resource_type,
+            "amount": amount,
+            "limit": tier_limit,
+        }
+        # a new row could take it only if it is within the tier's limit; else only an
+        # existing (custom) limit might
+        fits_new = tier_limit is None or amount <= tier_limit
+        stmt = self._add_or_create if fits_new else _ADD_TO_EXISTING
+        row = (await conn.execute(stmt, params)).first()
         return None if row is None else (float(row[0]), _opt_float(row[1]))
 
     async def quota_rows(
@@ -179,7 +224,7 @@ class UsageRepository:
 
     # -- usage records ------------------------------------------------------------------
     async def insert_record(self, conn: AsyncConnection, values: dict[str, Any]) -> None:
-        await conn.execute(usage_records.insert().values(**values))
+        await conn.execute(_INSERT_RECORD, values)
 
     async def history(
         self, conn: AsyncConnection, tenant: str, f: UsageFilter, limit: int
@@ -228,17 +273,8 @@ class UsageRepository:
     async def rule(
         self, conn: AsyncConnection, tenant: str, scope: str, subject: str, operation: str
     ) -> tuple[int, float] | None:
-        r = rate_limit_rules.c
-        row = (
-            await conn.execute(
-                select(r.max_calls, r.window_seconds).where(
-                    r.tenant_id == tenant,
-                    r.scope == scope,
-                    r.subject == subject,
-                    r.operation == operation,
-                )
-            )
-        ).first()
+        params = {"tenant": tenant, "scope": scope, "subject": subject, "operation": operation}
+        row = (await conn.execute(_RULE, params)).first()
         return None if row is None else (int(row[0]), float(row[1]))
 
     async def set_rule(
@@ -275,38 +311,11 @@ class UsageRepository:
         self, conn: AsyncConnection, key: tuple[str, str, str, str, int], now: datetime
     ) -> Any:
         """The limiter state of ``key``, locked until the transaction ends (created empty)."""
-        tenant, scope, subject, operation, window_ms = key
-        stmt = self.backend.upsert(
-            rate_limit_state,
-            ("tenant_id", "scope", "subject", "operation", "window_ms"),
-            {
-                "tenant_id": tenant,
-                "scope": scope,
-                "subject": subject,
-                "operation": operation,
-                "window_ms": window_ms,
-                "state": {},
-                "updated_at": now,
-            },
-            # a no-op update: it takes the row lock and returns the stored state
-            lambda excluded: {"updated_at": rate_limit_state.c.updated_at},
-        ).returning(rate_limit_state.c.state)
-        return (await conn.execute(stmt)).scalar_one()
+        params = {**_state_params(key), "state": {}, "now": now}
+        return (await conn.execute(self._lock_state, params)).scalar_one()
 
     async def peek_state(self, conn: AsyncConnection, key: tuple[str, str, str, str, int]) -> Any:
-        s = rate_limit_state.c
-        tenant, scope, subject, operation, window_ms = key
-        return (
-            await conn.execute(
-                select(s.state).where(
-                    s.tenant_id == tenant,
-                    s.scope == scope,
-                    s.subject == subject,
-                    s.operation == operation,
-                    s.window_ms == window_ms,
-                )
-            )
-        ).scalar_one_or_none()
+        return (await conn.execute(_PEEK_STATE, _state_params(key))).scalar_one_or_none()
 
     async def save_state(
         self,
@@ -315,19 +324,7 @@ class UsageRepository:
         state: Any,
         now: datetime,
     ) -> None:
-        s = rate_limit_state.c
-        tenant, scope, subject, operation, window_ms = key
-        await conn.execute(
-            update(rate_limit_state)
-            .where(
-                s.tenant_id == tenant,
-                s.scope == scope,
-                s.subject == subject,
-                s.operation == operation,
-                s.window_ms == window_ms,
-            )
-            .values(state=state, updated_at=now)
-        )
+        await conn.execute(_SAVE_STATE, {**_state_params(key), "state": state, "now": now})
 
     # -- leases -------------------------------------------------------------------------
     async def live_leases(
