@@ -86,18 +86,23 @@ class Context:
     def __post_init__(self) -> None:
         self.redactor = Redactor(self.settings.redact_patterns)
 
-    async def transact(self, work: Work[T], *, write: bool = True, operation: str = "") -> T:
+    async def transact(
+        self, work: Work[T], *, write: bool = True, one_statement: bool = False, operation: str = ""
+    ) -> T:
         """Run ``work`` as one unit of work, then publish its events and raise the error
         it left: after the commit (a change it committed, such as a lazy expiry, stays),
-        or after the rollback when it refused (see :meth:`Effects.refuse`)."""
+        or after the rollback when it refused (see :meth:`Effects.refuse`).
+        ``one_statement``: see :meth:`Store.run` (not with the relay, whose NOTIFY is a
+        statement of the same transaction)."""
+        one_statement = one_statement and self.relay is None
         if not self.observers:
-            return await self._transact(work, write, operation)
+            return await self._transact(work, write, one_statement, operation)
         with ExitStack() as observed:
             for observer in self.observers:
                 observed.enter_context(observer(operation))
-            return await self._transact(work, write, operation)
+            return await self._transact(work, write, one_statement, operation)
 
-    async def _transact(self, work: Work[T], write: bool, operation: str) -> T:
+    async def _transact(self, work: Work[T], write: bool, one_statement: bool, operation: str) -> T:
         effects: Effects | None = None
 
         async def attempt(conn: AsyncConnection) -> T:
@@ -111,7 +116,9 @@ class Context:
             return result
 
         try:
-            result = await self.store.run(attempt, write=write, operation=operation)
+            result = await self.store.run(
+                attempt, write=write, one_statement=one_statement, operation=operation
+            )
         except _Refused as refused:
             effects = refused.effects
             await self.announce(effects.events)

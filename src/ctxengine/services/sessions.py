@@ -202,7 +202,9 @@ class SessionService:
                 v.merged_size(session.metadata, "metadata", max_bytes)
             return session
 
-        return done(await self.ctx.transact(work, operation=operation))
+        # without a metadata patch (whose merged size is checked afterwards), a call that
+        # succeeds is one guarded UPDATE
+        return done(await self.ctx.transact(work, one_statement=patch is None, operation=operation))
 
     async def require_active(
         self,

@@ -50,8 +50,8 @@ class Backend:
     def prepare(self, engine: AsyncEngine, settings: EngineSettings) -> None:
         """Attach connection-level setup (pragmas, functions) to ``engine``."""
 
-    async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
-        """Open the transaction of one unit of work."""
+    async def begin(self, conn: AsyncConnection, *, write: bool, one_statement: bool) -> None:
+        """Open the transaction of one unit of work (see :meth:`Store.run`)."""
 
     async def lock(self, conn: AsyncConnection, name: str) -> None:
         """Hold a named lock until the transaction ends (mutual exclusion across processes)."""

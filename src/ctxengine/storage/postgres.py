@@ -54,10 +54,10 @@ class PostgresBackend(Backend):
         def _on_checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             record.info["ctxengine_checkin"] = time.monotonic()
 
-    async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
-        # Reads run in autocommit, without BEGIN and COMMIT round trips; every statement
-        # sees a consistent snapshot of its own, as on SQLite.
-        if not write:
+    async def begin(self, conn: AsyncConnection, *, write: bool, one_statement: bool) -> None:
+        # Reads and single-statement writes run in autocommit, without BEGIN and COMMIT
+        # round trips; every statement sees a consistent snapshot of its own, as on SQLite.
+        if not write or one_statement:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
 
     async def lock(self, conn: AsyncConnection, name: str) -> None:

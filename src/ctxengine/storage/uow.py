@@ -57,10 +57,13 @@ class Store:
         work: Callable[[AsyncConnection], Awaitable[T]],
         *,
         write: bool = True,
+        one_statement: bool = False,
         operation: str = "",
     ) -> T:
         """Run ``work`` in one transaction and commit it.
 
+        ``one_statement`` declares that ``work`` writes with a single statement (atomic
+        by itself) whenever it succeeds, so a backend may run it without BEGIN/COMMIT.
         Transient conflicts retry the whole transaction a bounded number of times;
         every other database error leaves as :class:`StorageError`. Errors raised
         by ``work`` itself roll the transaction back and propagate unchanged.
@@ -74,7 +77,7 @@ class Store:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._once(work, write)
+                    return await self._once(work, write, one_statement)
         except _STORAGE_ERRORS as exc:
             raise StorageError(
                 f"database error during {operation or 'a ctxengine call'}: {exc}",
@@ -82,28 +85,36 @@ class Store:
             ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _once(self, work: Callable[[AsyncConnection], Awaitable[T]], write: bool) -> T:
+    async def _once(
+        self, work: Callable[[AsyncConnection], Awaitable[T]], write: bool, one_statement: bool
+    ) -> T:
         if self._serial is not None:
             async with self._serial:
-                return await self._transaction(work, write)
-        return await self._transaction(work, write)
+                return await self._transaction(work, write, one_statement)
+        return await self._transaction(work, write, one_statement)
 
-    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]], write: bool) -> T:
+    async def _transaction(
+        self, work: Callable[[AsyncConnection], Awaitable[T]], write: bool, one_statement: bool
+    ) -> T:
         if self._inline:
             # the unit of work itself never suspends: let other tasks run first
             await asyncio.sleep(0)
             conn = await self.engine.connect()
             try:
-                return await self._commit(conn, work, write)
+                return await self._commit(conn, work, write, one_statement)
             finally:
                 await conn.close()  # never suspends here, so it cannot be abandoned midway
         async with self.engine.connect() as conn:  # closes even if the caller is cancelled
-            return await self._commit(conn, work, write)
+            return await self._commit(conn, work, write, one_statement)
 
     async def _commit(
-        self, conn: AsyncConnection, work: Callable[[AsyncConnection], Awaitable[T]], write: bool
+        self,
+        conn: AsyncConnection,
+        work: Callable[[AsyncConnection], Awaitable[T]],
+        write: bool,
+        one_statement: bool,
     ) -> T:
-        await self.backend.begin(conn, write=write)
+        await self.backend.begin(conn, write=write, one_statement=one_statement)
         try:
             result = await work(conn)
         except BaseException:
