@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -15,6 +16,11 @@ from ..errors import ValidationError
 from ..models import Event
 from ..settings import EngineSettings
 from .relay import EventRelay
+
+
+def _loads(document: str) -> Any:
+    """``json.loads``, without parsing the empty object most metadata columns hold."""
+    return {} if document == "{}" else json.loads(document)
 
 
 def lock_key(name: str) -> int:
@@ -40,7 +46,9 @@ class Backend:
         return self.url
 
     def create_engine(self, settings: EngineSettings) -> AsyncEngine:
-        engine = create_async_engine(self.engine_url, **self.engine_options(settings))
+        engine = create_async_engine(
+            self.engine_url, json_deserializer=_loads, **self.engine_options(settings)
+        )
         self.prepare(engine, settings)
         return engine
 
