@@ -169,7 +169,7 @@ class SQLiteBackend(Backend):
         # sees a consistent snapshot of its own, and no BEGIN/COMMIT round trips.
         if not write:
             return
-        if not getattr(conn.dialect, "runs_inline", False):
+        if not isinstance(conn.dialect, InlineSQLiteDialect):
             await conn.exec_driver_sql("BEGIN IMMEDIATE")
             return
         await conn.begin()  # SQLAlchemy's side of it: pysqlite issues no statement
