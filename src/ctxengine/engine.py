@@ -13,7 +13,7 @@ from typing import Any, Literal
 import asyncpg
 from sqlalchemy import text
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import migrate as migrations
 from .cleanup import CleanupLoop
@@ -27,6 +27,7 @@ from .services.sessions import SessionService
 from .services.usage import UsageService
 from .settings import EngineSettings
 from .storage import Store, normalize_url, open_store, resolve_url
+from .storage.connection import Connection
 from .tenant import TenantView
 
 log = logging.getLogger("ctxengine")
@@ -220,5 +221,5 @@ class ContextEngine(TenantView):
         return None
 
 
-async def _ping(conn: AsyncConnection) -> None:
+async def _ping(conn: Connection) -> None:
     await conn.execute(text("SELECT 1"))

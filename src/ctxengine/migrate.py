@@ -8,10 +8,10 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection as SyncConnection
 
 from .storage import Store
+from .storage.connection import Connection
 
 #: Alembic's version table for ctxengine's schema (leaves the user's own alembic alone).
 VERSION_TABLE = "ctxengine_alembic_version"
@@ -43,12 +43,12 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-async def run_locked(conn: AsyncConnection, store: Store, revision: str, *, down: bool) -> None:
+async def run_locked(conn: Connection, store: Store, revision: str, *, down: bool) -> None:
     """Upgrade (or downgrade) on ``conn`` inside the caller's transaction, holding the
     migration lock so concurrent starters migrate once (the revision is re-read under it)."""
     await store.backend.lock(conn, MIGRATION_LOCK)
 
-    def run(sync_conn: Connection) -> None:
+    def run(sync_conn: SyncConnection) -> None:
         config = alembic_config()
         config.attributes["connection"] = sync_conn
         if down:
@@ -62,7 +62,7 @@ async def run_locked(conn: AsyncConnection, store: Store, revision: str, *, down
 async def migrate(store: Store, revision: str = "head", *, down: bool = False) -> None:
     """Bring the database of ``store`` to ``revision`` in one transaction."""
 
-    async def work(conn: AsyncConnection) -> None:
+    async def work(conn: Connection) -> None:
         await run_locked(conn, store, revision, down=down)
 
     await store.run(work, operation="migrate")
@@ -71,8 +71,8 @@ async def migrate(store: Store, revision: str = "head", *, down: bool = False) -
 async def current_revision(store: Store) -> str | None:
     """The revision the database is at (None when never migrated)."""
 
-    async def work(conn: AsyncConnection) -> str | None:
-        def read(sync_conn: Connection) -> str | None:
+    async def work(conn: Connection) -> str | None:
+        def read(sync_conn: SyncConnection) -> str | None:
             context = MigrationContext.configure(sync_conn, opts={"version_table": VERSION_TABLE})
             return context.get_current_revision()
 

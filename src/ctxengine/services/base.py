@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from ..clock import Clock
 from ..errors import ContextEngineError
 from ..events import EventBus
@@ -17,6 +15,7 @@ from ..models import Event
 from ..redaction import Redactor
 from ..settings import EngineSettings
 from ..storage import Store
+from ..storage.connection import Connection
 from ..storage.relay import EventRelay
 
 T = TypeVar("T")
@@ -63,7 +62,7 @@ class _Refused(Exception):
         self.effects = effects
 
 
-Work = Callable[[AsyncConnection, Effects], Awaitable[T]]
+Work = Callable[[Connection, Effects], Awaitable[T]]
 
 #: Wraps every unit of work, given its operation name (tracing, metrics).
 CallObserver = Callable[[str], AbstractContextManager[None]]
@@ -105,7 +104,7 @@ class Context:
     async def _transact(self, work: Work[T], write: bool, one_statement: bool, operation: str) -> T:
         effects: Effects | None = None
 
-        async def attempt(conn: AsyncConnection) -> T:
+        async def attempt(conn: Connection) -> T:
             nonlocal effects
             effects = Effects(self.clock())
             result = await work(conn, effects)
@@ -140,7 +139,7 @@ class Context:
         relay = self.relay
         if relay is not None and events:
 
-            async def send(conn: AsyncConnection) -> None:
+            async def send(conn: Connection) -> None:
                 await relay.notify(conn, events)
 
             await self.store.run(send, operation="announce events")

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from .. import validation as v
 from ..errors import (
     ChatLimitError,
@@ -24,6 +22,7 @@ from ..errors import (
 from ..ids import new_id
 from ..lifecycle import OPEN_STATUSES
 from ..models import Chat, Checkpoint, Message, Session, SessionStats
+from ..storage.connection import Connection
 from ..storage.repositories.conversation import (
     ConversationRepository,
     to_chat,
@@ -98,7 +97,7 @@ def message_values(
 
 async def insert_chat(
     repo: ConversationRepository,
-    conn: AsyncConnection,
+    conn: Connection,
     now: datetime,
     tenant: str,
     session_id: str,
@@ -172,7 +171,7 @@ class ConversationService:
         )
 
     async def _missing_chat(
-        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str | None
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str | None
     ) -> ChatNotFoundError:
         """The error for a chat that was not found (SessionNotFoundError is raised when
         the session itself is missing)."""
@@ -181,7 +180,7 @@ class ConversationService:
         return ChatNotFoundError(session_id, chat_id)
 
     async def _resolve_chat(
-        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str | None
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str | None
     ) -> str:
         """``chat_id``, or the session's current chat when None."""
         if chat_id is not None:
@@ -194,7 +193,7 @@ class ConversationService:
         return str(row[0])
 
     async def _lock_chat(
-        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str | None
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str | None
     ) -> tuple[str, int]:
         """Resolve and lock the chat; (chat_id, message_count)."""
         chat = await self._resolve_chat(conn, tenant, session_id, chat_id)
@@ -221,7 +220,7 @@ class ConversationService:
         prompt = None if system_prompt is None else self.new_message("system", system_prompt)
         limit = self.ctx.settings.max_chats_per_session
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Chat | None:
+        async def work(conn: Connection, fx: Effects) -> Chat | None:
             session = await self.sessions.require_active(conn, fx, tenant, session_id)
             if session is None:
                 return None
@@ -242,7 +241,7 @@ class ConversationService:
     async def list_chats(self, tenant: str, session_id: str) -> list[Chat]:
         v.identifier(session_id)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> list[Chat]:
+        async def work(conn: Connection, fx: Effects) -> list[Chat]:
             rows = await self.repo.chats(conn, tenant, session_id)
             if not rows and await self.repo.current_chat(conn, tenant, session_id) is None:
                 raise SessionNotFoundError(session_id, tenant)
@@ -254,7 +253,7 @@ class ConversationService:
         v.identifier(session_id)
         v.identifier(chat_id, "chat_id")
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Chat | None:
+        async def work(conn: Connection, fx: Effects) -> Chat | None:
             row = await self.repo.get_chat(conn, tenant, session_id, chat_id)
             if row is None:
                 await self._missing_chat(conn, tenant, session_id, chat_id)
@@ -267,7 +266,7 @@ class ConversationService:
         v.identifier(session_id)
         v.identifier(chat_id, "chat_id")
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+        async def work(conn: Connection, fx: Effects) -> Session:
             if await self.repo.get_chat(conn, tenant, session_id, chat_id) is None:
                 raise await self._missing_chat(conn, tenant, session_id, chat_id)
             await self.repo.set_current_chat(conn, tenant, session_id, chat_id)
@@ -279,7 +278,7 @@ class ConversationService:
         v.identifier(session_id)
         v.identifier(chat_id, "chat_id")
 
-        async def work(conn: AsyncConnection, fx: Effects) -> bool:
+        async def work(conn: Connection, fx: Effects) -> bool:
             if await self.repo.lock_session(conn, tenant, session_id) is None:
                 raise SessionNotFoundError(session_id, tenant)
             return await self.repo.delete_chat(conn, tenant, session_id, chat_id)
@@ -296,7 +295,7 @@ class ConversationService:
             v.identifier(chat_id, "chat_id")
         settings = self.ctx.settings
 
-        async def work(conn: AsyncConnection, fx: Effects) -> list[Message] | None:
+        async def work(conn: Connection, fx: Effects) -> list[Message] | None:
             session = await self.sessions.require_active(conn, fx, tenant, session_id)
             if session is None:
                 return None
@@ -352,7 +351,7 @@ class ConversationService:
         if before_seq is not None:
             v.count(before_seq, "before_seq")
 
-        async def work(conn: AsyncConnection, fx: Effects) -> list[Message]:
+        async def work(conn: Connection, fx: Effects) -> list[Message]:
             rows = await self.repo.page(conn, tenant, session_id, chat_id, limit, before_seq)
             if not rows:
                 chat = await self._resolve_chat(conn, tenant, session_id, chat_id)
@@ -365,7 +364,7 @@ class ConversationService:
     async def count_messages(self, tenant: str, session_id: str, chat_id: str | None) -> int:
         v.identifier(session_id)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> int:
+        async def work(conn: Connection, fx: Effects) -> int:
             chat = await self._resolve_chat(conn, tenant, session_id, chat_id)
             row = await self.repo.get_chat(conn, tenant, session_id, chat)
             if row is None:
@@ -379,7 +378,7 @@ class ConversationService:
     ) -> Message | None:
         v.identifier(session_id)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Message | None:
+        async def work(conn: Connection, fx: Effects) -> Message | None:
             chat, _ = await self._lock_chat(conn, tenant, session_id, chat_id)
             row = await self.repo.pop_last(conn, tenant, session_id, chat)
             return None if row is None else to_message(row)
@@ -391,7 +390,7 @@ class ConversationService:
     ) -> int:
         v.identifier(session_id)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> int:
+        async def work(conn: Connection, fx: Effects) -> int:
             chat, _ = await self._lock_chat(conn, tenant, session_id, chat_id)
             return await self.repo.delete_messages(
                 conn, tenant, session_id, chat, keep_system=keep_system
@@ -410,7 +409,7 @@ class ConversationService:
         v.identifier(session_id)
         keep = v.count(keep_last, "keep_last")
 
-        async def work(conn: AsyncConnection, fx: Effects) -> int:
+        async def work(conn: Connection, fx: Effects) -> int:
             chat, total = await self._lock_chat(conn, tenant, session_id, chat_id)
             if keep_system:
                 total = await self.repo.count_where(conn, tenant, session_id, chat, system=False)
@@ -430,7 +429,7 @@ class ConversationService:
         max_bytes = self.ctx.settings.max_metadata_bytes
         changes = {} if remove is not None else v.json_object(patch, "metadata", max_bytes)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> dict[str, Any]:
+        async def work(conn: Connection, fx: Effects) -> dict[str, Any]:
             if remove is not None:
                 result = await self.repo.remove_metadata(conn, tenant, session_id, remove)
             else:
@@ -445,7 +444,7 @@ class ConversationService:
     async def metadata(self, tenant: str, session_id: str) -> dict[str, Any]:
         v.identifier(session_id)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> dict[str, Any]:
+        async def work(conn: Connection, fx: Effects) -> dict[str, Any]:
             row = await self.sessions.repo.get(conn, tenant, session_id)
             if row is None:
                 raise SessionNotFoundError(session_id, tenant)
@@ -457,7 +456,7 @@ class ConversationService:
     async def shared_state(self, tenant: str, key: str) -> dict[str, Any]:
         v.identifier(key, "key")
 
-        async def work(conn: AsyncConnection, fx: Effects) -> dict[str, Any]:
+        async def work(conn: Connection, fx: Effects) -> dict[str, Any]:
             return await self.repo.shared_state(conn, tenant, key)
 
         return await self.ctx.transact(work, write=False, operation="get_shared_state")
@@ -467,7 +466,7 @@ class ConversationService:
         max_bytes = self.ctx.settings.max_metadata_bytes
         changes = v.json_object(patch, "state", max_bytes)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> dict[str, Any]:
+        async def work(conn: Connection, fx: Effects) -> dict[str, Any]:
             result = await self.repo.merge_shared_state(conn, tenant, key, changes, fx.now)
             v.merged_size(result, "state", max_bytes)
             return result
@@ -476,7 +475,7 @@ class ConversationService:
 
     # -- checkpoints ----------------------------------------------------------------------
     async def _conversation(
-        self, conn: AsyncConnection, tenant: str, session_id: str, session: Session
+        self, conn: Connection, tenant: str, session_id: str, session: Session
     ) -> dict[str, Any]:
         """The conversation part of a checkpoint or export, JSON-safe."""
         chats = await self.repo.chats(conn, tenant, session_id)
@@ -511,7 +510,7 @@ class ConversationService:
         }
 
     async def _put_conversation(
-        self, conn: AsyncConnection, tenant: str, session_id: str, doc: d.ConversationDoc
+        self, conn: Connection, tenant: str, session_id: str, doc: d.ConversationDoc
     ) -> None:
         """Replace the session's chats, messages, metadata and current chat with ``doc``
         (the session row must already be locked or new)."""
@@ -563,7 +562,7 @@ class ConversationService:
         if not isinstance(description, str):
             raise ValidationError("description must be a string", field="description")
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Checkpoint:
+        async def work(conn: Connection, fx: Effects) -> Checkpoint:
             if await self.repo.lock_session(conn, tenant, session_id) is None:
                 raise SessionNotFoundError(session_id, tenant)
             session = await self._session(conn, fx, tenant, session_id)
@@ -585,7 +584,7 @@ class ConversationService:
     async def list_checkpoints(self, tenant: str, session_id: str) -> list[Checkpoint]:
         v.identifier(session_id)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> list[Checkpoint]:
+        async def work(conn: Connection, fx: Effects) -> list[Checkpoint]:
             rows = await self.repo.checkpoints(conn, tenant, session_id)
             if not rows and await self.repo.current_chat(conn, tenant, session_id) is None:
                 raise SessionNotFoundError(session_id, tenant)
@@ -597,7 +596,7 @@ class ConversationService:
         v.identifier(session_id)
         v.identifier(checkpoint_id, "checkpoint_id")
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+        async def work(conn: Connection, fx: Effects) -> Session:
             if await self.repo.lock_session(conn, tenant, session_id) is None:
                 raise SessionNotFoundError(session_id, tenant)
             content = await self.repo.checkpoint_content(conn, tenant, session_id, checkpoint_id)
@@ -613,7 +612,7 @@ class ConversationService:
     async def export(self, tenant: str, session_id: str) -> dict[str, Any]:
         v.identifier(session_id)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> dict[str, Any]:
+        async def work(conn: Connection, fx: Effects) -> dict[str, Any]:
             # Holding the session row keeps concurrent writers out of the copy.
             if await self.repo.lock_session(conn, tenant, session_id) is None:
                 raise SessionNotFoundError(session_id, tenant)
@@ -642,7 +641,7 @@ class ConversationService:
         if not math.isfinite(source.total_processing_time):
             raise ValidationError("total_processing_time must be finite", field="data")
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+        async def work(conn: Connection, fx: Effects) -> Session:
             if source.status in OPEN_STATUSES:
                 await self.sessions.check_limits(conn, tenant, source.user_id, fx.now)
             values = {
@@ -675,7 +674,7 @@ class ConversationService:
     async def stats(self, tenant: str, session_id: str) -> SessionStats:
         v.identifier(session_id)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> SessionStats:
+        async def work(conn: Connection, fx: Effects) -> SessionStats:
             session = await self._session(conn, fx, tenant, session_id)
             chats, messages = await self.repo.message_totals(conn, tenant, session_id)
             return SessionStats(
@@ -690,11 +689,11 @@ class ConversationService:
 
         return await self.ctx.transact(work, write=False, operation="get_session_stats")
 
-    async def total_messages(self, conn: AsyncConnection, tenant: str) -> int:
+    async def total_messages(self, conn: Connection, tenant: str) -> int:
         return (await self.repo.message_totals(conn, tenant))[1]
 
     async def _session(
-        self, conn: AsyncConnection, fx: Effects, tenant: str, session_id: str
+        self, conn: Connection, fx: Effects, tenant: str, session_id: str
     ) -> Session:
         row = await self.sessions.repo.get(conn, tenant, session_id, fx.now)
         if row is None:

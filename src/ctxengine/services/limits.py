@@ -10,8 +10,6 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from .. import validation as v
 from ..errors import (
     ConcurrencyLimitError,
@@ -23,6 +21,7 @@ from ..errors import (
 from ..ids import new_id
 from ..models import QuotaType, RateLimitStatus, RateLimitType, Session
 from ..ratelimit import LimiterState, decide
+from ..storage.connection import Connection
 from ..storage.repositories.usage import UsageRepository
 from .base import Context, Effects
 from .sessions import SessionService
@@ -59,7 +58,7 @@ class LeaseService:
         v.identifier(operation, "operation")
         lease_id = new_id()
 
-        async def work(conn: AsyncConnection, fx: Effects) -> None:
+        async def work(conn: Connection, fx: Effects) -> None:
             session = await self.sessions.require_active(conn, fx, tenant, session_id)
             if session is None:
                 return
@@ -116,7 +115,7 @@ class LeaseService:
                 )
 
     async def _renew(self, tenant: str, lease_id: str) -> bool:
-        async def work(conn: AsyncConnection, fx: Effects) -> bool:
+        async def work(conn: Connection, fx: Effects) -> bool:
             return await self.repo.renew_lease(conn, tenant, lease_id, fx.now, self.ttl)
 
         return await self.ctx.transact(work, operation="renew lease")
@@ -129,7 +128,7 @@ class LeaseService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-        async def work(conn: AsyncConnection, fx: Effects) -> None:
+        async def work(conn: Connection, fx: Effects) -> None:
             await self.repo.release_lease(conn, tenant, lease_id)
 
         await self.ctx.transact(work, operation="release concurrency slot")
@@ -147,7 +146,7 @@ class LeaseService:
             )
 
     async def live(self, tenant: str, session_id: str) -> int:
-        async def work(conn: AsyncConnection, fx: Effects) -> int:
+        async def work(conn: Connection, fx: Effects) -> int:
             return await self.repo.live_leases(conn, tenant, session_id, fx.now)
 
         return await self.ctx.transact(work, write=False, operation="count leases")
@@ -205,7 +204,7 @@ class RateLimitService:
 
     async def _rules(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         session: Session,
         operation: str,
@@ -230,7 +229,7 @@ class RateLimitService:
 
     async def admit(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         fx: Effects,
         tenant: str,
         session: Session,
@@ -306,7 +305,7 @@ class RateLimitService:
         types = [v.choice(RateLimitType, limit_type, "limit_type")]
         units = _cost(cost)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> RateLimitStatus | None:
+        async def work(conn: Connection, fx: Effects) -> RateLimitStatus | None:
             if consume:
                 session = await self.sessions.require_active(conn, fx, tenant, session_id)
             else:
@@ -326,7 +325,7 @@ class RateLimitService:
     async def enforce_all(self, tenant: str, session_id: str, operation: str) -> None:
         """Consume one call of every limit that applies to ``operation`` (track_request)."""
 
-        async def work(conn: AsyncConnection, fx: Effects) -> None:
+        async def work(conn: Connection, fx: Effects) -> None:
             session = await self.sessions.require_active(conn, fx, tenant, session_id)
             if session is not None:
                 await self.admit(
@@ -358,7 +357,7 @@ class RateLimitService:
             else ("user", v.identifier(user_id, "user_id"))
         )
 
-        async def work(conn: AsyncConnection, fx: Effects) -> None:
+        async def work(conn: Connection, fx: Effects) -> None:
             if scope == "session" and await self.sessions.repo.get(conn, tenant, subject) is None:
                 raise SessionNotFoundError(subject, tenant)
             await self.repo.set_rule(conn, tenant, scope, subject, operation, max_calls, window)

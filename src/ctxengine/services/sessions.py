@@ -7,7 +7,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import validation as v
 from ..errors import (
@@ -22,6 +21,7 @@ from ..errors import (
 from ..ids import new_id
 from ..lifecycle import END_STATUSES, sources_of
 from ..models import Session, SessionStatus, Statistics
+from ..storage.connection import Connection
 from ..storage.repositories.conversation import ConversationRepository
 from ..storage.repositories.sessions import Counters, SessionFilter, SessionRepository, to_session
 from .base import Context, Effects, done
@@ -88,7 +88,7 @@ class SessionService:
         }
 
     async def check_limits(
-        self, conn: AsyncConnection, tenant: str, user_id: str, now: datetime
+        self, conn: Connection, tenant: str, user_id: str, now: datetime
     ) -> None:
         settings = self.ctx.settings
         if settings.max_active_sessions is None and settings.max_sessions_per_user is None:
@@ -137,7 +137,7 @@ class SessionService:
         )
         sid = values["session_id"]
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+        async def work(conn: Connection, fx: Effects) -> Session:
             if exist_ok:
                 existing = await self.repo.get(conn, tenant, sid, fx.now)
                 if existing is not None:
@@ -168,7 +168,7 @@ class SessionService:
     async def get(self, tenant: str, session_id: str) -> Session | None:
         v.identifier(session_id)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Session | None:
+        async def work(conn: Connection, fx: Effects) -> Session | None:
             row = await self.repo.get(conn, tenant, session_id, fx.now)
             return None if row is None else to_session(row, fx.now)
 
@@ -194,7 +194,7 @@ class SessionService:
         max_bytes = self.ctx.settings.max_metadata_bytes
         patch = v.json_object(metadata, "metadata", max_bytes) if metadata is not None else None
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Session | None:
+        async def work(conn: Connection, fx: Effects) -> Session | None:
             session = await self.require_active(
                 conn, fx, tenant, session_id, counters, patch, require=require_active
             )
@@ -208,7 +208,7 @@ class SessionService:
 
     async def require_active(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         fx: Effects,
         tenant: str,
         session_id: str,
@@ -242,7 +242,7 @@ class SessionService:
         return None
 
     async def peek_active(
-        self, conn: AsyncConnection, fx: Effects, tenant: str, session_id: str
+        self, conn: Connection, fx: Effects, tenant: str, session_id: str
     ) -> Session | None:
         """The session if it can work, without writing; else None with the error in ``fx``."""
         row = await self.repo.get(conn, tenant, session_id)
@@ -258,7 +258,7 @@ class SessionService:
         return session
 
     async def _diagnose(
-        self, conn: AsyncConnection, fx: Effects, tenant: str, session_id: str
+        self, conn: Connection, fx: Effects, tenant: str, session_id: str
     ) -> SessionStatus:
         """Why a guarded statement matched nothing: the session's status, after moving it
         to expired if it was open but stale (announced once, by whoever expired it)."""
@@ -281,7 +281,7 @@ class SessionService:
     async def transition(self, tenant: str, session_id: str, target: SessionStatus) -> Session:
         v.identifier(session_id)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Session | None:
+        async def work(conn: Connection, fx: Effects) -> Session | None:
             row = await self.repo.transition(
                 conn, tenant, session_id, fx.now, self.timeout, sorted(sources_of(target)), target
             )
@@ -337,7 +337,7 @@ class SessionService:
         if limit is not None:
             v.limit(limit)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> list[Session]:
+        async def work(conn: Connection, fx: Effects) -> list[Session]:
             after = None
             if cursor is not None:
                 after = await self.repo.position(conn, tenant, v.identifier(cursor, "cursor"))
@@ -365,7 +365,7 @@ class SessionService:
             cursor = batch[-1].session_id
 
     async def count(self, tenant: str, f: SessionFilter) -> int:
-        async def work(conn: AsyncConnection, fx: Effects) -> int:
+        async def work(conn: Connection, fx: Effects) -> int:
             return await self.repo.count(conn, tenant, f, fx.now)
 
         return await self.ctx.transact(work, write=False, operation="count_sessions")
@@ -374,7 +374,7 @@ class SessionService:
     async def delete(self, tenant: str, session_id: str) -> bool:
         v.identifier(session_id)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> bool:
+        async def work(conn: Connection, fx: Effects) -> bool:
             return await self.repo.delete(conn, tenant, session_id)
 
         return await self.ctx.transact(work, operation="delete_session")
@@ -389,7 +389,7 @@ class SessionService:
                     field="statuses",
                 )
 
-        async def work(conn: AsyncConnection, fx: Effects) -> int:
+        async def work(conn: Connection, fx: Effects) -> int:
             return await self.repo.purge(conn, tenant, cutoff, chosen)
 
         return await self.ctx.transact(work, operation="purge_sessions")
@@ -405,7 +405,7 @@ class SessionService:
         by_tenant: dict[str, int] = {}
         while True:
 
-            async def work(conn: AsyncConnection, fx: Effects) -> int:
+            async def work(conn: Connection, fx: Effects) -> int:
                 rows = await self.repo.expire_stale(conn, tenant, fx.now, idle, _EXPIRE_BATCH)
                 await self.repo.release_leases(
                     conn, [(r._mapping["tenant_id"], r._mapping["session_id"]) for r in rows]
@@ -433,7 +433,7 @@ class SessionService:
 
     # -- aggregates ---------------------------------------------------------------------
     async def statistics(self, tenant: str) -> Statistics:
-        async def work(conn: AsyncConnection, fx: Effects) -> Statistics:
+        async def work(conn: Connection, fx: Effects) -> Statistics:
             s = await self.repo.statistics(conn, tenant)
             usage = await self.repo.usage_by_resource(conn, tenant)
             _, messages = await self.chats.message_totals(conn, tenant)

@@ -7,13 +7,12 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from .. import validation as v
 from ..errors import QuotaExceededError, SessionNotFoundError, ValidationError
 from ..ids import new_id
 from ..models import Event, QuotaStatus, QuotaType, Session, UsageRecord, UserAnalytics
 from ..settings import TierPolicy
+from ..storage.connection import Connection
 from ..storage.repositories.sessions import to_session
 from ..storage.repositories.usage import UsageFilter, UsageRepository
 from .base import Context, Effects
@@ -70,7 +69,7 @@ class UsageService:
         qty = v.positive(amount, "amount")
         meta = v.json_object(metadata, "metadata", self.ctx.settings.max_metadata_bytes)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> UsageRecord | None:
+        async def work(conn: Connection, fx: Effects) -> UsageRecord | None:
             session = await self.sessions.require_active(conn, fx, tenant, session_id)
             if session is None:
                 return None
@@ -140,7 +139,7 @@ class UsageService:
     async def quotas(self, tenant: str, session_id: str) -> dict[QuotaType, QuotaStatus]:
         v.identifier(session_id)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> dict[QuotaType, QuotaStatus]:
+        async def work(conn: Connection, fx: Effects) -> dict[QuotaType, QuotaStatus]:
             row = await self.sessions.repo.get(conn, tenant, session_id)
             if row is None:
                 raise SessionNotFoundError(session_id, tenant)
@@ -169,7 +168,7 @@ class UsageService:
         if limit is not None:
             limit = v.non_negative(limit, "limit")
 
-        async def work(conn: AsyncConnection, fx: Effects) -> None:
+        async def work(conn: Connection, fx: Effects) -> None:
             if await self.sessions.repo.get(conn, tenant, session_id) is None:
                 raise SessionNotFoundError(session_id, tenant)
             await self.repo.set_quota(conn, tenant, session_id, resource.value, limit)
@@ -181,7 +180,7 @@ class UsageService:
         v.identifier(session_id)
         policy = self.ctx.settings.tiers[v.tier(tier, self.ctx.settings.tiers)]
 
-        async def work(conn: AsyncConnection, fx: Effects) -> Session:
+        async def work(conn: Connection, fx: Effects) -> Session:
             row = await self.sessions.repo.set_tier(conn, tenant, session_id, tier)
             if row is None:
                 raise SessionNotFoundError(session_id, tenant)
@@ -211,7 +210,7 @@ class UsageService:
         )
         v.limit(limit)
 
-        async def work(conn: AsyncConnection, fx: Effects) -> list[UsageRecord]:
+        async def work(conn: Connection, fx: Effects) -> list[UsageRecord]:
             rows = await self.repo.history(conn, tenant, f, limit)
             return [
                 UsageRecord(
@@ -236,7 +235,7 @@ class UsageService:
         status = await self.quotas(tenant, session_id)
         now = self.ctx.clock()
 
-        async def work(conn: AsyncConnection, fx: Effects) -> dict[str, float]:
+        async def work(conn: Connection, fx: Effects) -> dict[str, float]:
             since = now - timedelta(seconds=seconds)
             return await self.repo.amounts_since(conn, tenant, session_id, since)
 
@@ -262,7 +261,7 @@ class UsageService:
     async def analytics(self, tenant: str, user_id: str) -> UserAnalytics:
         v.identifier(user_id, "user_id")
 
-        async def work(conn: AsyncConnection, fx: Effects) -> UserAnalytics:
+        async def work(conn: Connection, fx: Effects) -> UserAnalytics:
             total, active = await self.sessions.repo.user_counts(conn, tenant, user_id)
             ops, resources = await self.repo.user_breakdown(conn, tenant, user_id)
             most = min(ops, key=lambda op: (-ops[op], op)) if ops else None

@@ -15,6 +15,7 @@ from sqlalchemy.sql.dml import Insert
 from ..errors import ValidationError
 from ..models import Event
 from ..settings import EngineSettings
+from .connection import Connection
 from .relay import EventRelay
 
 
@@ -61,7 +62,7 @@ class Backend:
     async def begin(self, conn: AsyncConnection, *, write: bool, one_statement: bool) -> None:
         """Open the transaction of one unit of work (see :meth:`Store.run`)."""
 
-    async def lock(self, conn: AsyncConnection, name: str) -> None:
+    async def lock(self, conn: Connection, name: str) -> None:
         """Hold a named lock until the transaction ends (mutual exclusion across processes)."""
 
     def _insert(self, table: Table) -> Any:

@@ -16,6 +16,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from ..models import Event
 from ..settings import EngineSettings
 from .backend import Backend, lock_key
+from .connection import Connection
 from .relay import EventRelay
 
 #: serialization_failure, deadlock_detected, lock_not_available
@@ -60,7 +61,7 @@ class PostgresBackend(Backend):
         if not write or one_statement:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
 
-    async def lock(self, conn: AsyncConnection, name: str) -> None:
+    async def lock(self, conn: Connection, name: str) -> None:
         await conn.execute(select(func.pg_advisory_xact_lock(lock_key(name))))
 
     def _insert(self, table: Table) -> Any:

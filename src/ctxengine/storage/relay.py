@@ -14,9 +14,9 @@ from typing import Any
 import asyncpg
 from sqlalchemy import text
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..models import Event
+from .connection import Connection
 
 log = logging.getLogger("ctxengine.events")
 
@@ -56,7 +56,7 @@ class EventRelay:
             payload = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
         return payload
 
-    async def notify(self, conn: AsyncConnection, events: Sequence[Event]) -> None:
+    async def notify(self, conn: Connection, events: Sequence[Event]) -> None:
         """Queue ``events`` in ``conn``'s transaction: sent when (and if) it commits."""
         if events:
             payloads = [self.encode(event) for event in events]

@@ -5,7 +5,7 @@ microseconds, less than handing it to a worker thread and back (aiosqlite hops t
 several times per statement). Engines created by ctxengine therefore run SQLite
 statements directly on the event loop thread, with the busy timeout at zero so none
 of them can wait for a lock there; the only wait, taking the write lock while another
-process holds it, happens in a worker thread (:meth:`SQLiteBackend.begin`). An
+process holds it, happens in a worker thread (:meth:`SQLiteBackend.begin_inline`). An
 AsyncEngine given by the caller (aiosqlite) is used as it is.
 """
 
@@ -14,17 +14,19 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Table, event, func, literal
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Connection, CursorResult
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, Pool, StaticPool
+from sqlalchemy.sql import Executable
+from sqlalchemy.util.concurrency import in_greenlet
 
 from ..settings import EngineSettings
 from .backend import Backend
@@ -33,6 +35,8 @@ try:
     from sqlalchemy.util import await_
 except ImportError:  # SQLAlchemy 2.0
     from sqlalchemy.util import await_only as await_
+
+T = TypeVar("T")
 
 #: The URL driver name of the inline dialect.
 INLINE_DRIVER = "sqlite+ctxengine"
@@ -54,20 +58,24 @@ class InlineSQLiteDialect(SQLiteDialect_pysqlite):
     def get_pool_class(cls, url: URL) -> type[Pool]:
         return AsyncAdaptedQueuePool if cls._is_url_file_db(url) else StaticPool
 
-    # SQLAlchemy's AsyncConnection checks that executing a statement awaited
-    # something; awaiting a finished coroutine satisfies it without suspending.
+    # Units of work run statements on a sync Connection (see InlineConnection). Through
+    # an AsyncConnection (migrations, a caller's own use of the engine), SQLAlchemy
+    # checks that executing awaited something: a finished coroutine satisfies it.
     def do_execute(self, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
-        await_(_nothing())
+        if in_greenlet():
+            await_(_nothing())
         cursor.execute(statement, parameters)
 
     def do_execute_no_params(self, cursor: Any, statement: Any, context: Any = None) -> None:
-        await_(_nothing())
+        if in_greenlet():
+            await_(_nothing())
         cursor.execute(statement)
 
     def do_executemany(
         self, cursor: Any, statement: Any, parameters: Any, context: Any = None
     ) -> None:
-        await_(_nothing())
+        if in_greenlet():
+            await_(_nothing())
         cursor.executemany(statement, parameters)
 
 
@@ -87,6 +95,26 @@ class _Connection(sqlite3.Connection):
 
 
 registry.register("sqlite.ctxengine", __name__, "InlineSQLiteDialect")
+
+
+class InlineConnection:
+    """The connection of a unit of work on the inline dialect: statements run on a
+    pooled sync Connection directly, without a hop through a greenlet per call."""
+
+    __slots__ = ("sync",)
+
+    def __init__(self, sync: Connection) -> None:
+        self.sync = sync
+
+    async def execute(
+        self,
+        statement: Executable,
+        parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    ) -> CursorResult[*tuple[Any, ...]]:
+        return self.sync.execute(statement, parameters)
+
+    async def run_sync(self, fn: Callable[[Connection], T]) -> T:
+        return fn(self.sync)
 
 
 def _json_contains_all(array: str | None, wanted: str) -> int:
@@ -133,12 +161,9 @@ class SQLiteBackend(Backend):
         }
         if self.in_memory:
             return {"poolclass": StaticPool, "connect_args": connect_args}
-        return {
-            "pool_size": settings.pool_size,
-            "max_overflow": settings.max_overflow,
-            "pool_timeout": settings.pool_timeout,
-            "connect_args": connect_args,
-        }
+        # Units of work check connections out without suspending: the pool must never
+        # make them wait (only units waiting for another process's lock hold extras).
+        return {"pool_size": settings.pool_size, "max_overflow": -1, "connect_args": connect_args}
 
     def prepare(self, engine: AsyncEngine, settings: EngineSettings) -> None:
         busy_ms = self._busy_ms = int(settings.sqlite_busy_timeout * 1000)
@@ -167,20 +192,20 @@ class SQLiteBackend(Backend):
     async def begin(self, conn: AsyncConnection, *, write: bool, one_statement: bool) -> None:
         # Writers take the lock up front. Reads run in autocommit: each statement
         # sees a consistent snapshot of its own, and no BEGIN/COMMIT round trips.
-        if not write:
-            return
-        if not isinstance(conn.dialect, InlineSQLiteDialect):
+        if write:
             await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            return
-        await conn.begin()  # SQLAlchemy's side of it: pysqlite issues no statement
-        raw = (await conn.get_raw_connection()).driver_connection
+
+    async def begin_inline(self, conn: Connection) -> None:
+        """Open a write transaction on an inline connection. The write lock is taken on
+        the loop thread when it is free, else waited for in a worker thread."""
+        conn.begin()  # SQLAlchemy's side of it: pysqlite issues no statement
+        raw = conn.connection.driver_connection
         assert isinstance(raw, sqlite3.Connection)
         try:
             raw.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if not self.is_transient(exc):
                 raise
-            # another process holds the write lock: wait for it in a worker thread
             raw.execute(f"PRAGMA busy_timeout={self._busy_ms}")
             try:
                 await asyncio.to_thread(raw.execute, "BEGIN IMMEDIATE")

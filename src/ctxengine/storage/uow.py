@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -12,6 +13,7 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.util.concurrency import greenlet_spawn
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -21,10 +23,15 @@ from tenacity import (
 
 from ..errors import StorageError
 from .backend import Backend
+from .connection import Connection
+from .sqlite import InlineConnection, InlineSQLiteDialect, SQLiteBackend
 
 log = logging.getLogger("ctxengine.storage")
 
 T = TypeVar("T")
+
+#: The longest first back-off after a transient conflict, in seconds (later ones grow).
+_FIRST_BACKOFF = 0.01
 
 #: What "the database failed" looks like: SQLAlchemy's wrappers of driver errors, and
 #: errors from below SQLAlchemy that can escape it (connect failures, driver internals).
@@ -49,12 +56,17 @@ class Store:
         self.owned = owned
         self._retries = retries
         self._serial = asyncio.Lock() if backend.serialize else None
-        #: Whether the driver runs on the calling thread (its calls never suspend).
-        self._inline = bool(getattr(engine.dialect, "runs_inline", False))
+        #: Set when the driver runs on the calling thread (its calls never suspend).
+        self._inline = (
+            backend
+            if isinstance(backend, SQLiteBackend)
+            and isinstance(engine.dialect, InlineSQLiteDialect)
+            else None
+        )
 
     async def run(
         self,
-        work: Callable[[AsyncConnection], Awaitable[T]],
+        work: Callable[[Connection], Awaitable[T]],
         *,
         write: bool = True,
         one_statement: bool = False,
@@ -68,13 +80,20 @@ class Store:
         every other database error leaves as :class:`StorageError`. Errors raised
         by ``work`` itself roll the transaction back and propagate unchanged.
         """
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(self.backend.is_transient),
-            stop=stop_after_attempt(self._retries + 1),
-            wait=wait_random_exponential(multiplier=0.01, max=0.5),
-            reraise=True,
-        )
         try:
+            try:
+                return await self._once(work, write, one_statement)
+            except _STORAGE_ERRORS as exc:
+                if not self._retries or not self.backend.is_transient(exc):
+                    raise
+            # a conflict: back off, then retry (the first attempt skips this machinery)
+            await asyncio.sleep(random.uniform(0, _FIRST_BACKOFF))
+            retrying = AsyncRetrying(
+                retry=retry_if_exception(self.backend.is_transient),
+                stop=stop_after_attempt(self._retries),
+                wait=wait_random_exponential(multiplier=2 * _FIRST_BACKOFF, max=0.5),
+                reraise=True,
+            )
             async for attempt in retrying:
                 with attempt:
                     return await self._once(work, write, one_statement)
@@ -86,7 +105,7 @@ class Store:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _once(
-        self, work: Callable[[AsyncConnection], Awaitable[T]], write: bool, one_statement: bool
+        self, work: Callable[[Connection], Awaitable[T]], write: bool, one_statement: bool
     ) -> T:
         if self._serial is not None:
             async with self._serial:
@@ -94,23 +113,35 @@ class Store:
         return await self._transaction(work, write, one_statement)
 
     async def _transaction(
-        self, work: Callable[[AsyncConnection], Awaitable[T]], write: bool, one_statement: bool
+        self, work: Callable[[Connection], Awaitable[T]], write: bool, one_statement: bool
     ) -> T:
-        if self._inline:
-            # the unit of work itself never suspends: let other tasks run first
-            await asyncio.sleep(0)
-            conn = await self.engine.connect()
-            try:
-                return await self._commit(conn, work, write, one_statement)
-            finally:
-                await conn.close()  # never suspends here, so it cannot be abandoned midway
+        if self._inline is not None:
+            return await self._inline_transaction(self._inline, work, write)
         async with self.engine.connect() as conn:  # closes even if the caller is cancelled
             return await self._commit(conn, work, write, one_statement)
+
+    async def _inline_transaction(
+        self, backend: SQLiteBackend, work: Callable[[Connection], Awaitable[T]], write: bool
+    ) -> T:
+        # the unit of work itself never suspends (unless it waits for another process's
+        # write lock): let other tasks run first
+        await asyncio.sleep(0)
+        # (checked out in a greenlet: the pool's first connect takes an asyncio lock)
+        with await greenlet_spawn(self.engine.sync_engine.connect) as conn:
+            if write:
+                await backend.begin_inline(conn)
+            try:
+                result = await work(InlineConnection(conn))
+            except BaseException:
+                _quiet(conn.rollback)
+                raise
+            conn.commit()
+            return result
 
     async def _commit(
         self,
         conn: AsyncConnection,
-        work: Callable[[AsyncConnection], Awaitable[T]],
+        work: Callable[[Connection], Awaitable[T]],
         write: bool,
         one_statement: bool,
     ) -> T:
@@ -133,4 +164,11 @@ async def _quiet_rollback(conn: AsyncConnection) -> None:
     try:
         await conn.rollback()
     except _STORAGE_ERRORS:  # the connection is gone; the pool will discard it
+        log.debug("rollback failed", exc_info=True)
+
+
+def _quiet(rollback: Callable[[], None]) -> None:
+    try:
+        rollback()
+    except _STORAGE_ERRORS:
         log.debug("rollback failed", exc_info=True)

@@ -7,10 +7,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Row, and_, bindparam, delete, func, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ...models import Chat, Checkpoint, Message
 from ..backend import Backend
+from ..connection import Connection
 from ..schema import chats, checkpoints, messages, shared_state
 from ..schema import sessions as s
 
@@ -146,9 +146,7 @@ class ConversationRepository:
         return and_(m.tenant_id == tenant, m.session_id == session_id, m.chat_id == chat_id)
 
     # -- chats --------------------------------------------------------------------------
-    async def lock_session(
-        self, conn: AsyncConnection, tenant: str, session_id: str
-    ) -> Row[Any] | None:
+    async def lock_session(self, conn: Connection, tenant: str, session_id: str) -> Row[Any] | None:
         """Lock the session row (taken first by every write that also locks chats, so
         writers never wait on each other in a cycle); its current chat and metadata."""
         stmt = (
@@ -159,15 +157,13 @@ class ConversationRepository:
         )
         return (await conn.execute(stmt)).first()
 
-    async def current_chat(
-        self, conn: AsyncConnection, tenant: str, session_id: str
-    ) -> Row[Any] | None:
+    async def current_chat(self, conn: Connection, tenant: str, session_id: str) -> Row[Any] | None:
         """(current_chat_id,) of the session, or None when it does not exist."""
         stmt = select(s.c.current_chat_id).where(self._session(tenant, session_id))
         return (await conn.execute(stmt)).first()
 
     async def reserve_chat(
-        self, conn: AsyncConnection, tenant: str, session_id: str, limit: int | None
+        self, conn: Connection, tenant: str, session_id: str, limit: int | None
     ) -> bool:
         """Count one more chat on the session row if it stays within ``limit``."""
         stmt = update(s).where(self._session(tenant, session_id))
@@ -176,19 +172,17 @@ class ConversationRepository:
         result = await conn.execute(stmt.values(chat_count=s.c.chat_count + 1))
         return bool(result.rowcount)
 
-    async def insert_chat(self, conn: AsyncConnection, values: dict[str, Any]) -> Row[Any] | None:
+    async def insert_chat(self, conn: Connection, values: dict[str, Any]) -> Row[Any] | None:
         """Insert unless the chat id exists in the session; the new row or None."""
         return (await conn.execute(self._insert_chat, values)).first()
 
     async def get_chat(
-        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str
     ) -> Row[Any] | None:
         stmt = select(*_CHAT).where(self._chat(tenant, session_id, chat_id))
         return (await conn.execute(stmt)).first()
 
-    async def chats(
-        self, conn: AsyncConnection, tenant: str, session_id: str
-    ) -> Sequence[Row[Any]]:
+    async def chats(self, conn: Connection, tenant: str, session_id: str) -> Sequence[Row[Any]]:
         """The session's chats, oldest first."""
         c = chats.c
         stmt = (
@@ -199,14 +193,14 @@ class ConversationRepository:
         return (await conn.execute(stmt)).all()
 
     async def set_current_chat(
-        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str | None
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str | None
     ) -> None:
         await conn.execute(
             update(s).where(self._session(tenant, session_id)).values(current_chat_id=chat_id)
         )
 
     async def delete_chat(
-        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str
     ) -> bool:
         """Delete the chat and its messages; the session's current chat becomes its newest
         remaining chat when it was this one."""
@@ -233,20 +227,20 @@ class ConversationRepository:
 
     # -- messages -----------------------------------------------------------------------
     async def take_seqs(
-        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str, n: int
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str, n: int
     ) -> Row[Any] | None:
         """Hand out the next ``n`` sequence numbers of the chat, locking its row until
         commit; (next_seq, message_count, max_messages) after the change, or None."""
         params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "n": n}
         return (await conn.execute(_TAKE_SEQS, params)).first()
 
-    async def insert_messages(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    async def insert_messages(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
             await conn.execute(_INSERT_MESSAGES, list(rows))
 
     async def delete_oldest(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         session_id: str,
         chat_id: str,
@@ -272,7 +266,7 @@ class ConversationRepository:
         return deleted
 
     async def pop_last(
-        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str
     ) -> Row[Any] | None:
         """Delete and return the chat's newest message (the chat row must be locked)."""
         m = messages.c
@@ -293,7 +287,7 @@ class ConversationRepository:
 
     async def delete_messages(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         session_id: str,
         chat_id: str,
@@ -308,14 +302,14 @@ class ConversationRepository:
         return deleted
 
     async def _uncount(
-        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str, n: int
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str, n: int
     ) -> None:
         if n:
             params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "n": n}
             await conn.execute(_UNCOUNT, params)
 
     async def count_where(
-        self, conn: AsyncConnection, tenant: str, session_id: str, chat_id: str, *, system: bool
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str, *, system: bool
     ) -> int:
         """Messages of the chat that are (``system``) or are not system messages."""
         m = messages.c
@@ -325,7 +319,7 @@ class ConversationRepository:
 
     async def page(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         session_id: str,
         chat_id: str | None,
@@ -345,7 +339,7 @@ class ConversationRepository:
         return (await conn.execute(_PAGES[shape], params)).all()
 
     async def all_messages(
-        self, conn: AsyncConnection, tenant: str, session_id: str
+        self, conn: Connection, tenant: str, session_id: str
     ) -> Sequence[Row[Any]]:
         """Every message of the session, by chat then sequence."""
         m = messages.c
@@ -356,18 +350,18 @@ class ConversationRepository:
         )
         return (await conn.execute(stmt)).all()
 
-    async def delete_chats(self, conn: AsyncConnection, tenant: str, session_id: str) -> None:
+    async def delete_chats(self, conn: Connection, tenant: str, session_id: str) -> None:
         """Every chat and message of the session (before a restore)."""
         await conn.execute(
             delete(chats).where(chats.c.tenant_id == tenant, chats.c.session_id == session_id)
         )
 
-    async def insert_chats(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    async def insert_chats(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
             await conn.execute(insert(chats), list(rows))
 
     async def message_totals(
-        self, conn: AsyncConnection, tenant: str, session_id: str | None = None
+        self, conn: Connection, tenant: str, session_id: str | None = None
     ) -> tuple[int, int]:
         """(chats, messages) of one session, or of the whole tenant."""
         c = chats.c
@@ -381,7 +375,7 @@ class ConversationRepository:
 
     # -- session metadata and conversation columns ---------------------------------------
     async def merge_metadata(
-        self, conn: AsyncConnection, tenant: str, session_id: str, patch: dict[str, Any]
+        self, conn: Connection, tenant: str, session_id: str, patch: dict[str, Any]
     ) -> dict[str, Any] | None:
         """Set the keys of ``patch`` in the session's metadata, in SQL; the result."""
         return await self._set_metadata(
@@ -389,14 +383,14 @@ class ConversationRepository:
         )
 
     async def remove_metadata(
-        self, conn: AsyncConnection, tenant: str, session_id: str, key: str
+        self, conn: Connection, tenant: str, session_id: str, key: str
     ) -> dict[str, Any] | None:
         return await self._set_metadata(
             conn, tenant, session_id, self.backend.json_remove(s.c.metadata, key)
         )
 
     async def _set_metadata(
-        self, conn: AsyncConnection, tenant: str, session_id: str, value: Any
+        self, conn: Connection, tenant: str, session_id: str, value: Any
     ) -> dict[str, Any] | None:
         stmt = (
             update(s)
@@ -409,7 +403,7 @@ class ConversationRepository:
 
     async def restore_session_columns(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         session_id: str,
         *,
@@ -424,12 +418,12 @@ class ConversationRepository:
         )
 
     # -- checkpoints --------------------------------------------------------------------
-    async def insert_checkpoint(self, conn: AsyncConnection, values: dict[str, Any]) -> Row[Any]:
+    async def insert_checkpoint(self, conn: Connection, values: dict[str, Any]) -> Row[Any]:
         stmt = insert(checkpoints).values(**values).returning(*_CHECKPOINT)
         return (await conn.execute(stmt)).one()
 
     async def checkpoints(
-        self, conn: AsyncConnection, tenant: str, session_id: str
+        self, conn: Connection, tenant: str, session_id: str
     ) -> Sequence[Row[Any]]:
         """The session's checkpoints, oldest first."""
         k = checkpoints.c
@@ -441,7 +435,7 @@ class ConversationRepository:
         return (await conn.execute(stmt)).all()
 
     async def checkpoint_content(
-        self, conn: AsyncConnection, tenant: str, session_id: str, checkpoint_id: str
+        self, conn: Connection, tenant: str, session_id: str, checkpoint_id: str
     ) -> dict[str, Any] | None:
         k = checkpoints.c
         stmt = select(k.content).where(
@@ -451,7 +445,7 @@ class ConversationRepository:
         return None if row is None else dict(row[0])
 
     # -- shared state -------------------------------------------------------------------
-    async def shared_state(self, conn: AsyncConnection, tenant: str, key: str) -> dict[str, Any]:
+    async def shared_state(self, conn: Connection, tenant: str, key: str) -> dict[str, Any]:
         stmt = select(shared_state.c.document).where(
             shared_state.c.tenant_id == tenant, shared_state.c.key == key
         )
@@ -460,7 +454,7 @@ class ConversationRepository:
 
     async def merge_shared_state(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         key: str,
         patch: dict[str, Any],

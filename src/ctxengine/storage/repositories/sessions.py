@@ -21,11 +21,11 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ...lifecycle import OPEN_STATUSES
 from ...models import Session, SessionStatus
 from ..backend import Backend
+from ..connection import Connection
 from ..schema import leases, quotas, rate_limit_rules, rate_limit_state
 from ..schema import sessions as t
 
@@ -150,7 +150,7 @@ class SessionRepository:
 
     # -- reads --------------------------------------------------------------------------
     async def get(
-        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime | None = None
+        self, conn: Connection, tenant: str, session_id: str, now: datetime | None = None
     ) -> Row[Any] | None:
         """The session row (with its live leases counted when ``now`` is given)."""
         if now is None:
@@ -162,7 +162,7 @@ class SessionRepository:
 
     async def count_open(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         now: datetime,
         idle_limit: float,
@@ -198,7 +198,7 @@ class SessionRepository:
 
     async def page(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         f: SessionFilter,
         now: datetime,
@@ -215,7 +215,7 @@ class SessionRepository:
         return (await conn.execute(stmt)).all()
 
     async def position(
-        self, conn: AsyncConnection, tenant: str, session_id: str
+        self, conn: Connection, tenant: str, session_id: str
     ) -> tuple[datetime, str] | None:
         row = (
             await conn.execute(
@@ -224,13 +224,11 @@ class SessionRepository:
         ).first()
         return None if row is None else (row[0], row[1])
 
-    async def count(
-        self, conn: AsyncConnection, tenant: str, f: SessionFilter, now: datetime
-    ) -> int:
+    async def count(self, conn: Connection, tenant: str, f: SessionFilter, now: datetime) -> int:
         stmt = self._filtered(select(func.count()).select_from(t), tenant, f, now)
         return int((await conn.execute(stmt)).scalar_one())
 
-    async def statistics(self, conn: AsyncConnection, tenant: str) -> dict[str, Any]:
+    async def statistics(self, conn: Connection, tenant: str) -> dict[str, Any]:
         by_status = (
             await conn.execute(
                 select(t.c.status, func.count()).where(t.c.tenant_id == tenant).group_by(t.c.status)
@@ -257,13 +255,13 @@ class SessionRepository:
         }
 
     # -- writes -------------------------------------------------------------------------
-    async def insert(self, conn: AsyncConnection, values: dict[str, Any]) -> Row[Any] | None:
+    async def insert(self, conn: Connection, values: dict[str, Any]) -> Row[Any] | None:
         """Insert unless the id exists; the new row, or None on conflict."""
         return (await conn.execute(self._insert, values)).first()
 
     async def record(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         session_id: str,
         now: datetime,
@@ -293,7 +291,7 @@ class SessionRepository:
 
     async def transition(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         session_id: str,
         now: datetime,
@@ -320,7 +318,7 @@ class SessionRepository:
         return (await conn.execute(stmt)).first()
 
     async def expire_one(
-        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime, idle_limit: float
+        self, conn: Connection, tenant: str, session_id: str, now: datetime, idle_limit: float
     ) -> Row[Any] | None:
         """Expire this session if it is open and stale; the expired row, or None."""
         cutoff = now - timedelta(seconds=idle_limit)
@@ -338,7 +336,7 @@ class SessionRepository:
 
     async def expire_stale(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str | None,
         now: datetime,
         idle_seconds: float,
@@ -366,7 +364,7 @@ class SessionRepository:
         )
         return (await conn.execute(stmt)).all()
 
-    async def usage_by_resource(self, conn: AsyncConnection, tenant: str) -> dict[str, float]:
+    async def usage_by_resource(self, conn: Connection, tenant: str) -> dict[str, float]:
         """Total use per resource type over the tenant's quotas."""
         q = quotas.c
         rows = await conn.execute(
@@ -377,14 +375,12 @@ class SessionRepository:
         return {r[0]: float(r[1]) for r in rows}
 
     async def set_tier(
-        self, conn: AsyncConnection, tenant: str, session_id: str, tier: str
+        self, conn: Connection, tenant: str, session_id: str, tier: str
     ) -> Row[Any] | None:
         stmt = update(t).where(self._key(tenant, session_id)).values(tier=tier).returning(*_COLUMNS)
         return (await conn.execute(stmt)).first()
 
-    async def user_counts(
-        self, conn: AsyncConnection, tenant: str, user_id: str
-    ) -> tuple[int, int]:
+    async def user_counts(self, conn: Connection, tenant: str, user_id: str) -> tuple[int, int]:
         """(all sessions, active sessions) of a user."""
         active = func.sum(case((t.c.status == SessionStatus.ACTIVE.value, 1), else_=0))
         row = (
@@ -396,7 +392,7 @@ class SessionRepository:
         ).one()
         return int(row[0]), int(row[1])
 
-    async def release_leases(self, conn: AsyncConnection, keys: Sequence[tuple[str, str]]) -> None:
+    async def release_leases(self, conn: Connection, keys: Sequence[tuple[str, str]]) -> None:
         """Drop every concurrency lease of the given (tenant_id, session_id) sessions."""
         if keys:
             lc = leases.c
@@ -404,7 +400,7 @@ class SessionRepository:
                 delete(leases).where(tuple_(lc.tenant_id, lc.session_id).in_(list(keys)))
             )
 
-    async def delete(self, conn: AsyncConnection, tenant: str, session_id: str) -> bool:
+    async def delete(self, conn: Connection, tenant: str, session_id: str) -> bool:
         """Delete the session; owned rows go by ON DELETE CASCADE, its rate limits here."""
         result = await conn.execute(delete(t).where(self._key(tenant, session_id)))
         for table in (rate_limit_rules, rate_limit_state):
@@ -417,7 +413,7 @@ class SessionRepository:
             )
         return bool(result.rowcount)
 
-    async def drop_orphan_limits(self, conn: AsyncConnection, tenant: str) -> None:
+    async def drop_orphan_limits(self, conn: Connection, tenant: str) -> None:
         """Delete per-session rate-limit rules and state of sessions that are gone."""
         for table in (rate_limit_rules, rate_limit_state):
             gone = ~exists().where(
@@ -429,7 +425,7 @@ class SessionRepository:
 
     async def purge(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         ended_before: datetime,
         statuses: Sequence[SessionStatus],

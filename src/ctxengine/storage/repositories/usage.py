@@ -8,9 +8,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row, and_, bindparam, delete, func, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..backend import Backend
+from ..connection import Connection
 from ..schema import leases, quotas, rate_limit_rules, rate_limit_state, usage_records
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
@@ -100,7 +100,7 @@ class UsageRepository:
     # -- quotas -------------------------------------------------------------------------
     async def add_to_quota(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         session_id: str,
         resource_type: str,
@@ -124,7 +124,7 @@ class UsageRepository:
         return None if row is None else (float(row[0]), _opt_float(row[1]))
 
     async def quota_rows(
-        self, conn: AsyncConnection, tenant: str, session_id: str
+        self, conn: Connection, tenant: str, session_id: str
     ) -> dict[str, tuple[float, float | None, bool]]:
         """resource_type → (used, limit, custom) for the rows that exist."""
         q = quotas.c
@@ -137,7 +137,7 @@ class UsageRepository:
 
     async def set_quota(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         session_id: str,
         resource_type: str,
@@ -162,7 +162,7 @@ class UsageRepository:
 
     async def retier_quotas(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         session_id: str,
         limits: dict[str, float | None],
@@ -182,7 +182,7 @@ class UsageRepository:
             )
 
     async def custom_limit(
-        self, conn: AsyncConnection, tenant: str, session_id: str, resource_type: str
+        self, conn: Connection, tenant: str, session_id: str, resource_type: str
     ) -> tuple[bool, float | None]:
         """(True, limit) when set_quota() set this quota, else (False, None)."""
         q = quotas.c
@@ -200,7 +200,7 @@ class UsageRepository:
 
     async def restore_quotas(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         session_id: str,
         rows: Sequence[tuple[str, float, float | None, bool]],
@@ -223,11 +223,11 @@ class UsageRepository:
             )
 
     # -- usage records ------------------------------------------------------------------
-    async def insert_record(self, conn: AsyncConnection, values: dict[str, Any]) -> None:
+    async def insert_record(self, conn: Connection, values: dict[str, Any]) -> None:
         await conn.execute(_INSERT_RECORD, values)
 
     async def history(
-        self, conn: AsyncConnection, tenant: str, f: UsageFilter, limit: int
+        self, conn: Connection, tenant: str, f: UsageFilter, limit: int
     ) -> Sequence[Row[Any]]:
         u = usage_records.c
         stmt = select(usage_records).where(u.tenant_id == tenant)
@@ -245,7 +245,7 @@ class UsageRepository:
         return (await conn.execute(stmt)).all()
 
     async def amounts_since(
-        self, conn: AsyncConnection, tenant: str, session_id: str, since: datetime
+        self, conn: Connection, tenant: str, session_id: str, since: datetime
     ) -> dict[str, float]:
         u = usage_records.c
         rows = await conn.execute(
@@ -256,7 +256,7 @@ class UsageRepository:
         return {r[0]: float(r[1]) for r in rows}
 
     async def user_breakdown(
-        self, conn: AsyncConnection, tenant: str, user_id: str
+        self, conn: Connection, tenant: str, user_id: str
     ) -> tuple[dict[str, int], dict[str, float]]:
         """(operation → count, resource type → amount) over the user's usage records."""
         u = usage_records.c
@@ -271,7 +271,7 @@ class UsageRepository:
 
     # -- rate limits --------------------------------------------------------------------
     async def rule(
-        self, conn: AsyncConnection, tenant: str, scope: str, subject: str, operation: str
+        self, conn: Connection, tenant: str, scope: str, subject: str, operation: str
     ) -> tuple[int, float] | None:
         params = {"tenant": tenant, "scope": scope, "subject": subject, "operation": operation}
         row = (await conn.execute(_RULE, params)).first()
@@ -279,7 +279,7 @@ class UsageRepository:
 
     async def set_rule(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         tenant: str,
         scope: str,
         subject: str,
@@ -308,18 +308,18 @@ class UsageRepository:
         )
 
     async def lock_state(
-        self, conn: AsyncConnection, key: tuple[str, str, str, str, int], now: datetime
+        self, conn: Connection, key: tuple[str, str, str, str, int], now: datetime
     ) -> Any:
         """The limiter state of ``key``, locked until the transaction ends (created empty)."""
         params = {**_state_params(key), "state": {}, "now": now}
         return (await conn.execute(self._lock_state, params)).scalar_one()
 
-    async def peek_state(self, conn: AsyncConnection, key: tuple[str, str, str, str, int]) -> Any:
+    async def peek_state(self, conn: Connection, key: tuple[str, str, str, str, int]) -> Any:
         return (await conn.execute(_PEEK_STATE, _state_params(key))).scalar_one_or_none()
 
     async def save_state(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         key: tuple[str, str, str, str, int],
         state: Any,
         now: datetime,
@@ -328,7 +328,7 @@ class UsageRepository:
 
     # -- leases -------------------------------------------------------------------------
     async def live_leases(
-        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime
+        self, conn: Connection, tenant: str, session_id: str, now: datetime
     ) -> int:
         lc = leases.c
         stmt = select(func.count()).where(
@@ -336,11 +336,11 @@ class UsageRepository:
         )
         return int((await conn.execute(stmt)).scalar_one())
 
-    async def insert_lease(self, conn: AsyncConnection, values: dict[str, Any]) -> None:
+    async def insert_lease(self, conn: Connection, values: dict[str, Any]) -> None:
         await conn.execute(leases.insert().values(**values))
 
     async def drop_dead_leases(
-        self, conn: AsyncConnection, tenant: str, session_id: str, now: datetime
+        self, conn: Connection, tenant: str, session_id: str, now: datetime
     ) -> None:
         lc = leases.c
         await conn.execute(
@@ -350,7 +350,7 @@ class UsageRepository:
         )
 
     async def renew_lease(
-        self, conn: AsyncConnection, tenant: str, lease_id: str, now: datetime, ttl: float
+        self, conn: Connection, tenant: str, lease_id: str, now: datetime, ttl: float
     ) -> bool:
         lc = leases.c
         result = await conn.execute(
@@ -360,7 +360,7 @@ class UsageRepository:
         )
         return bool(result.rowcount)
 
-    async def release_lease(self, conn: AsyncConnection, tenant: str, lease_id: str) -> None:
+    async def release_lease(self, conn: Connection, tenant: str, lease_id: str) -> None:
         lc = leases.c
         await conn.execute(delete(leases).where(lc.tenant_id == tenant, lc.lease_id == lease_id))
 
