@@ -20,8 +20,12 @@ from .relay import EventRelay
 
 
 def _loads(document: str) -> Any:
-    """``json.loads``, without parsing the empty object most metadata columns hold."""
-    return {} if document == "{}" else json.loads(document)
+    """``json.loads``, without parsing the empty documents most JSON columns hold."""
+    if document == "{}":
+        return {}
+    if document == "[]":
+        return []
+    return json.loads(document)
 
 
 def lock_key(name: str) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
+from sqlalchemy.engine import Connection as SyncConnection
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -63,6 +64,7 @@ class Store:
             and isinstance(engine.dialect, InlineSQLiteDialect)
             else None
         )
+        self._pool_started = False
 
     async def run(
         self,
@@ -126,8 +128,7 @@ class Store:
         # the unit of work itself never suspends (unless it waits for another process's
         # write lock): let other tasks run first
         await asyncio.sleep(0)
-        # (checked out in a greenlet: the pool's first connect takes an asyncio lock)
-        with await greenlet_spawn(self.engine.sync_engine.connect) as conn:
+        with await self._checkout_inline() as conn:  # closing it never suspends
             if write:
                 await backend.begin_inline(conn)
             try:
@@ -137,6 +138,14 @@ class Store:
                 raise
             conn.commit()
             return result
+
+    async def _checkout_inline(self) -> SyncConnection:
+        if self._pool_started:
+            return self.engine.sync_engine.connect()  # the pool never makes it wait
+        # the pool's first connect takes an asyncio lock, which needs a greenlet
+        conn = await greenlet_spawn(self.engine.sync_engine.connect)
+        self._pool_started = True
+        return conn
 
     async def _commit(
         self,
