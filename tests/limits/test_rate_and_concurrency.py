@@ -102,6 +102,20 @@ async def test_per_user_limit_is_shared_by_the_users_sessions(engine: ContextEng
         await engine.enforce_rate_limit(a, "gen")
 
 
+async def test_a_sessions_own_rule_wins_over_its_users(engine: ContextEngine) -> None:
+    own = (await engine.create_session(user_id="ann")).session_id
+    sibling = (await engine.create_session(user_id="ann")).session_id
+    await engine.set_rate_limit(None, "gen", 1, 3600, user_id="ann")
+    await engine.set_rate_limit(own, "gen", 3, 3600)
+    for _ in range(3):
+        await engine.enforce_rate_limit(own, "gen")
+    with pytest.raises(RateLimitError):
+        await engine.enforce_rate_limit(own, "gen")
+    await engine.enforce_rate_limit(sibling, "gen")  # the user's rule: 1 per hour
+    with pytest.raises(RateLimitError):
+        await engine.enforce_rate_limit(sibling, "gen")
+
+
 async def test_rate_limit_is_exact_across_processes(engine: ContextEngine, db_url: str) -> None:
     sid = (await engine.create_session(user_id="u")).session_id
     await engine.set_rate_limit(sid, "search", 30, 3600)

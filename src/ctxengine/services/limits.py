@@ -212,11 +212,11 @@ class RateLimitService:
     ) -> list[tuple[_Key, int, float]]:
         """The limits that apply: a custom rule of the session, else of its user, else
         the tier's rule for each of ``limit_types`` (unlimited ones are left out)."""
-        for scope, subject in (("session", session.session_id), ("user", session.user_id)):
-            rule = await self.repo.rule(conn, tenant, scope, subject, operation)
-            if rule is not None:
-                key = (tenant, scope, subject, operation, round(rule[1] * 1000))
-                return [(key, *rule)]
+        rule = await self.repo.rule(conn, tenant, session.session_id, session.user_id, operation)
+        if rule is not None:
+            scope, max_calls, window = rule
+            subject = session.session_id if scope == "session" else session.user_id
+            return [((tenant, scope, subject, operation, round(window * 1000)), max_calls, window)]
         policy = self.ctx.settings.tiers.get(session.tier)
         rules = []
         for limit_type in limit_types:

@@ -44,11 +44,20 @@ class UsageFilter:
     since: datetime | None = None
 
 
-_RULE = select(rate_limit_rules.c.max_calls, rate_limit_rules.c.window_seconds).where(
-    rate_limit_rules.c.tenant_id == bindparam("tenant"),
-    rate_limit_rules.c.scope == bindparam("scope"),
-    rate_limit_rules.c.subject == bindparam("subject"),
-    rate_limit_rules.c.operation == bindparam("operation"),
+_r = rate_limit_rules.c
+#: The custom rule of a session, else of its user: one lookup for both scopes.
+_RULE = (
+    select(_r.scope, _r.max_calls, _r.window_seconds)
+    .where(
+        _r.tenant_id == bindparam("tenant"),
+        _r.operation == bindparam("operation"),
+        or_(
+            and_(_r.scope == "session", _r.subject == bindparam("session_id")),
+            and_(_r.scope == "user", _r.subject == bindparam("user_id")),
+        ),
+    )
+    .order_by(_r.scope)  # "session" < "user": the session's rule first
+    .limit(1)
 )
 _STATE_KEY = ("tenant_id", "scope", "subject", "operation", "window_ms")
 #: Parameters of a limiter state's key, by column (named apart from the columns).
@@ -271,11 +280,17 @@ class UsageRepository:
 
     # -- rate limits --------------------------------------------------------------------
     async def rule(
-        self, conn: Connection, tenant: str, scope: str, subject: str, operation: str
-    ) -> tuple[int, float] | None:
-        params = {"tenant": tenant, "scope": scope, "subject": subject, "operation": operation}
+        self, conn: Connection, tenant: str, session_id: str, user_id: str, operation: str
+    ) -> tuple[str, int, float] | None:
+        """(scope, max_calls, window) of the session's custom rule, else its user's."""
+        params = {
+            "tenant": tenant,
+            "session_id": session_id,
+            "user_id": user_id,
+            "operation": operation,
+        }
         row = (await conn.execute(_RULE, params)).first()
-        return None if row is None else (int(row[0]), float(row[1]))
+        return None if row is None else (row[0], int(row[1]), float(row[2]))
 
     async def set_rule(
         self,
