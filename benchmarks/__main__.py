@@ -2,8 +2,9 @@
 
     python -m benchmarks --backend all --n 2000 --json results.json
 
-Each operation runs sequentially ``n`` times after a warm-up; the raw baseline is the
-driver executing the equivalent single statement (asyncpg on a pool; aiosqlite with
+Each operation runs sequentially ``n`` times after a warm-up (the ``16 tasks`` row
+spreads them over concurrent tasks); the raw baseline is the driver executing the
+equivalent single statement (asyncpg on a pool; aiosqlite with
 the same pragmas, one transaction per statement). Repeats are run and the median
 taken, because these machines are noisy: the ratios are what counts.
 """
@@ -25,6 +26,7 @@ from typing import Any
 
 import aiosqlite
 import asyncpg
+from sqlalchemy import text
 
 from ctxengine import ContextEngine, EngineSettings, QuotaType
 
@@ -33,6 +35,8 @@ PG_SERVER = os.environ.get(
 )
 
 Op = Callable[[int], Awaitable[Any]]
+#: Tasks of the concurrent variants, each on its own session (or row).
+TASKS = 16
 
 
 async def timed(op: Op, n: int) -> dict[str, float]:
@@ -44,10 +48,32 @@ async def timed(op: Op, n: int) -> dict[str, float]:
         t = time.perf_counter()
         await op(i)
         latencies.append(time.perf_counter() - t)
+    return summary(latencies, time.perf_counter() - start)
+
+
+async def timed_concurrent(op: Callable[[int, int], Awaitable[Any]], n: int) -> dict[str, float]:
+    """``n`` calls spread over :data:`TASKS` tasks, task ``t`` calling ``op(t, i)``."""
+    per_task = max(1, n // TASKS)
+    latencies: list[float] = []
+
+    async def task(t: int, calls: int, record: bool) -> None:
+        for i in range(calls):
+            started = time.perf_counter()
+            await op(t, i)
+            if record:
+                latencies.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(task(t, min(10, per_task), False) for t in range(TASKS)))  # warm-up
+    start = time.perf_counter()
+    await asyncio.gather(*(task(t, per_task, True) for t in range(TASKS)))
     total = time.perf_counter() - start
+    return summary(latencies, total)
+
+
+def summary(latencies: list[float], total: float) -> dict[str, float]:
     latencies.sort()
     return {
-        "ops_per_s": n / total,
+        "ops_per_s": len(latencies) / total,
         "p50_ms": latencies[len(latencies) // 2] * 1000,
         "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
     }
@@ -61,6 +87,7 @@ class RawSQLite:
         self.db = await aiosqlite.connect(self.path, isolation_level=None)
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
             await self.db.execute(f"PRAGMA {pragma}")
+        self.lock = asyncio.Lock()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -70,6 +97,13 @@ class RawSQLite:
         await self.db.execute("BEGIN IMMEDIATE")
         await self.db.execute(sql.replace("$1", "?").replace("$2", "?"), args)
         await self.db.execute("COMMIT")
+
+    async def write_from(self, task: int, sql: str, *args: Any) -> None:
+        """``write`` from one of :data:`TASKS` concurrent tasks: they share the connection
+        in turn (the fastest way with one file; a connection each would wait on the
+        file lock in SQLite's busy handler)."""
+        async with self.lock:
+            await self.write(sql, *args)
 
     async def read(self, sql: str, *args: Any) -> Any:
         cursor = await self.db.execute(sql.replace("$1", "?"), args)
@@ -86,13 +120,19 @@ class RawPostgres:
 
     async def __aenter__(self) -> RawPostgres:
         self.pool = await asyncpg.create_pool(self.url, min_size=2, max_size=5)
+        self.wide = await asyncpg.create_pool(self.url, min_size=TASKS, max_size=TASKS)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.pool.close()
+        await self.wide.close()
 
     async def write(self, sql: str, *args: Any) -> None:
         await self.pool.execute(sql, *args)
+
+    async def write_from(self, task: int, sql: str, *args: Any) -> None:
+        """``write`` from one of :data:`TASKS` concurrent tasks (a pool as wide)."""
+        await self.wide.execute(sql, *args)
 
     async def read(self, sql: str, *args: Any) -> Any:
         return await self.pool.fetchrow(sql, *args)
@@ -123,6 +163,13 @@ async def bench_backend(url: str, raw: Any, n: int) -> list[dict[str, Any]]:
             await raw.write(
                 "INSERT INTO bench_raw VALUES ($1, 0, $2)", f"{run}-{next(serial)}", "x"
             )
+
+        # the floor under every call: one statement in ctxengine's unit of work
+        # (SQLAlchemy Core, the pool, BEGIN/COMMIT), the same UPDATE as the raw driver's
+        floor_update = text("UPDATE bench_raw SET n = n + 1 WHERE id = :k")
+
+        async def floor(i: int) -> None:
+            await engine._store.run(lambda conn: conn.execute(floor_update, {"k": "hot"}))
 
         async def update(i: int) -> None:
             await engine.update_session(hot, increment_requests=True, add_processing_time=0.001)
@@ -192,19 +239,44 @@ async def bench_backend(url: str, raw: Any, n: int) -> list[dict[str, Any]]:
             ("get_messages all 1000", all_1000, "raw SELECT 1000 rows", raw_all_1000),
             *peers,
         ]
+        plan.append(("1-statement unit of work", floor, "raw UPDATE by key", raw_update))
         for name, op, base_name, base in plan:
-            ours = await timed(op, n)
-            baseline = await timed(base, n)
-            results.append(
-                {
-                    "operation": name,
-                    **ours,
-                    "baseline": base_name,
-                    "baseline_ops_per_s": baseline["ops_per_s"],
-                    "ratio": ours["ops_per_s"] / baseline["ops_per_s"],
-                }
+            results.append(row(name, await timed(op, n), base_name, await timed(base, n)))
+
+        # concurrent: each task updates its own session (its own row for the driver)
+        mine = [
+            (await engine.create_session(user_id=f"bench-{t}", tier="enterprise")).session_id
+            for t in range(TASKS)
+        ]
+        for t in range(TASKS):
+            await raw.write(
+                "INSERT INTO bench_raw VALUES ($1, 0, '') ON CONFLICT DO NOTHING", f"task-{t}"
             )
+
+        async def update_own(t: int, i: int) -> None:
+            await engine.update_session(mine[t], increment_requests=True)
+
+        async def raw_update_own(t: int, i: int) -> None:
+            await raw.write_from(t, "UPDATE bench_raw SET n = n + 1 WHERE id = $1", f"task-{t}")
+
+        ours = await timed_concurrent(update_own, n)
+        baseline = await timed_concurrent(raw_update_own, n)
+        results.append(
+            row(f"update_session, {TASKS} tasks", ours, f"raw UPDATE, {TASKS} tasks", baseline)
+        )
     return results
+
+
+def row(
+    name: str, ours: dict[str, float], baseline_name: str, baseline: dict[str, float]
+) -> dict[str, Any]:
+    return {
+        "operation": name,
+        **ours,
+        "baseline": baseline_name,
+        "baseline_ops_per_s": baseline["ops_per_s"],
+        "ratio": ours["ops_per_s"] / baseline["ops_per_s"],
+    }
 
 
 def async_url(url: str) -> str:
@@ -314,14 +386,14 @@ def main() -> None:
     args = parser.parse_args()
     results = asyncio.run(run(args.backend, args.n, args.repeats))
     for backend, rows in results.items():
-        print(f"\n{backend}: {args.n} sequential calls, median of {args.repeats}")
+        print(f"\n{backend}: {args.n} calls per operation, median of {args.repeats}")
         print(
-            f"{'operation':<20}{'ops/s':>9}{'p50 ms':>9}{'p99 ms':>9}  "
+            f"{'operation':<30}{'ops/s':>9}{'p50 ms':>9}{'p99 ms':>9}  "
             f"{'baseline':<20}{'ops/s':>9}{'ratio':>7}"
         )
         for r in rows:
             print(
-                f"{r['operation']:<20}{r['ops_per_s']:>9.0f}{r['p50_ms']:>9.2f}"
+                f"{r['operation']:<30}{r['ops_per_s']:>9.0f}{r['p50_ms']:>9.2f}"
                 f"{r['p99_ms']:>9.2f}  {r['baseline']:<20}{r['baseline_ops_per_s']:>9.0f}"
                 f"{r['ratio']:>7.2f}"
             )

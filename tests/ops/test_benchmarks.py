@@ -42,6 +42,8 @@ def test_the_harness_runs_and_writes_json(tmp_path: Path) -> None:
         "add_message",
         "get_messages last 50 of 1000",
         "openai add_items",
+        "1-statement unit of work",
+        "update_session, 16 tasks",
         "adk append_event",
     } <= operations
     assert all(row["ratio"] > 0 for row in results["sqlite"])
