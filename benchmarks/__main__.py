@@ -28,7 +28,7 @@ import aiosqlite
 import asyncpg
 from sqlalchemy import text
 
-from ctxengine import ContextEngine, EngineSettings, QuotaType
+from ctxengine import ContextEngine, EngineSettings, Message, QuotaType
 
 PG_SERVER = os.environ.get(
     "CTXENGINE_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -142,7 +142,9 @@ class RawPostgres:
 
 
 async def bench_backend(url: str, raw: Any, n: int) -> list[dict[str, Any]]:
-    settings = EngineSettings(auto_cleanup=False)
+    # as wide a pool as the raw driver's for the concurrent row (SQLAlchemy closes
+    # connections above pool_size on return: a narrower pool would reconnect per call)
+    settings = EngineSettings(auto_cleanup=False, pool_size=TASKS)
     results = []
     async with ContextEngine(url, settings=settings) as engine, raw:
         hot = (await engine.create_session(user_id="bench", tier="enterprise")).session_id
@@ -239,7 +241,20 @@ async def bench_backend(url: str, raw: Any, n: int) -> list[dict[str, Any]]:
             ("get_messages all 1000", all_1000, "raw SELECT 1000 rows", raw_all_1000),
             *peers,
         ]
+        # the floor under reading long histories: one Python object per message
+        history_rows = [
+            tuple(m.model_dump().values()) for m in await engine.get_messages(history, limit=None)
+        ]
+
+        fields = tuple(Message.model_fields)
+
+        async def build_messages(i: int) -> None:
+            [Message._trusted(dict(zip(fields, r, strict=True))) for r in history_rows]
+
         plan.append(("1-statement unit of work", floor, "raw UPDATE by key", raw_update))
+        plan.append(
+            ("1000 Message objects, no I/O", build_messages, "raw SELECT 1000 rows", raw_all_1000)
+        )
         for name, op, base_name, base in plan:
             results.append(row(name, await timed(op, n), base_name, await timed(base, n)))
 
