@@ -98,6 +98,12 @@ class RawSQLite:
         await self.db.execute(sql.replace("$1", "?").replace("$2", "?"), args)
         await self.db.execute("COMMIT")
 
+    async def transaction(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        await self.db.execute("BEGIN IMMEDIATE")
+        for sql, args in statements:
+            await self.db.execute(sql.replace("$1", "?").replace("$2", "?"), args)
+        await self.db.execute("COMMIT")
+
     async def write_from(self, task: int, sql: str, *args: Any) -> None:
         """``write`` from one of :data:`TASKS` concurrent tasks: they share the connection
         in turn (the fastest way with one file; a connection each would wait on the
@@ -129,6 +135,11 @@ class RawPostgres:
 
     async def write(self, sql: str, *args: Any) -> None:
         await self.pool.execute(sql, *args)
+
+    async def transaction(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            for sql, args in statements:
+                await conn.execute(sql, *args)
 
     async def write_from(self, task: int, sql: str, *args: Any) -> None:
         """``write`` from one of :data:`TASKS` concurrent tasks (a pool as wide)."""
@@ -241,6 +252,19 @@ async def bench_backend(url: str, raw: Any, n: int) -> list[dict[str, Any]]:
             ("get_messages all 1000", all_1000, "raw SELECT 1000 rows", raw_all_1000),
             *peers,
         ]
+
+        # the floor under a call of three statements (track_usage, add_message): the
+        # driver running three in one transaction (BEGIN and COMMIT are round trips too)
+        async def raw_three(i: int) -> None:
+            key = f"{run}-t{next(serial)}"
+            await raw.transaction(
+                [
+                    ("UPDATE bench_raw SET n = n + 1 WHERE id = $1", ("hot",)),
+                    ("INSERT INTO bench_raw VALUES ($1, 0, $2)", (key, "x")),
+                    ("INSERT INTO bench_raw VALUES ($1, 0, $2)", (f"{key}b", "x")),
+                ]
+            )
+
         # the floor under reading long histories: one Python object per message
         history_rows = [
             tuple(m.model_dump().values()) for m in await engine.get_messages(history, limit=None)
@@ -252,6 +276,7 @@ async def bench_backend(url: str, raw: Any, n: int) -> list[dict[str, Any]]:
             [Message._trusted(dict(zip(fields, r, strict=True))) for r in history_rows]
 
         plan.append(("1-statement unit of work", floor, "raw UPDATE by key", raw_update))
+        plan.append(("raw 3-statement transaction", raw_three, "raw INSERT", raw_insert))
         plan.append(
             ("1000 Message objects, no I/O", build_messages, "raw SELECT 1000 rows", raw_all_1000)
         )

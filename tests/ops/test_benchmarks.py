@@ -44,6 +44,8 @@ def test_the_harness_runs_and_writes_json(tmp_path: Path) -> None:
         "openai add_items",
         "1-statement unit of work",
         "update_session, 16 tasks",
+        "raw 3-statement transaction",
+        "1000 Message objects, no I/O",
         "adk append_event",
     } <= operations
     assert all(row["ratio"] > 0 for row in results["sqlite"])
