@@ -407,9 +407,8 @@ class SessionService:
 
             async def work(conn: Connection, fx: Effects) -> int:
                 rows = await self.repo.expire_stale(conn, tenant, fx.now, idle, _EXPIRE_BATCH)
-                await self.repo.release_leases(
-                    conn, [(r._mapping["tenant_id"], r._mapping["session_id"]) for r in rows]
-                )
+                if rows:
+                    await self.repo.release_leases_of_ended(conn, tenant)
                 if self.ctx.listened:
                     for row in rows:
                         self._announce_expired(fx, row, reason="idle")

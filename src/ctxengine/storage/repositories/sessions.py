@@ -400,6 +400,20 @@ class SessionRepository:
                 delete(leases).where(tuple_(lc.tenant_id, lc.session_id).in_(list(keys)))
             )
 
+    async def release_leases_of_ended(self, conn: Connection, tenant: str | None) -> None:
+        """Drop every concurrency lease held for a session that is no longer open (work
+        proportional to the leases held, however many sessions ended)."""
+        lc = leases.c
+        ended = exists().where(
+            t.c.tenant_id == lc.tenant_id,
+            t.c.session_id == lc.session_id,
+            t.c.status.not_in(_OPEN),
+        )
+        stmt = delete(leases).where(ended)
+        if tenant is not None:
+            stmt = stmt.where(lc.tenant_id == tenant)
+        await conn.execute(stmt)
+
     async def delete(self, conn: Connection, tenant: str, session_id: str) -> bool:
         """Delete the session; owned rows go by ON DELETE CASCADE, its rate limits here."""
         result = await conn.execute(delete(t).where(self._key(tenant, session_id)))
