@@ -36,7 +36,12 @@ class UTCDateTime(TypeDecorator[datetime]):
             # The stored text is ISO 8601 in UTC: parse it directly (the generic
             # SQLite processor uses a regular expression, slow on long histories).
             def parse(value: str | None) -> datetime | None:
-                return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+                if value is None:
+                    return None
+                try:  # parsing the offset is several times faster than replace(tzinfo=)
+                    return datetime.fromisoformat(value + "+00:00")
+                except ValueError:  # text written with an offset of its own
+                    return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
             return parse
         return super().result_processor(dialect, coltype)
