@@ -63,7 +63,11 @@ class Backend:
     def prepare(self, engine: AsyncEngine, settings: EngineSettings) -> None:
         """Attach connection-level setup (pragmas, functions) to ``engine``."""
 
-    async def begin(self, conn: AsyncConnection, *, write: bool, one_statement: bool) -> None:
+    #: The isolation level under which units of work that need no transaction (reads,
+    #: single-statement writes) run, without BEGIN and COMMIT; None: they run as others.
+    autocommit_level: str | None = None
+
+    async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
         """Open the transaction of one unit of work (see :meth:`Store.run`)."""
 
     async def lock(self, conn: Connection, name: str) -> None:

@@ -10,7 +10,7 @@ from sqlalchemy import Boolean, ColumnElement, String, Table, cast, event, func,
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError, DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from ..models import Event
@@ -27,6 +27,9 @@ PING_AFTER_IDLE = 10.0
 
 class PostgresBackend(Backend):
     name = "postgresql"
+    # Reads and single-statement writes skip the BEGIN and COMMIT round trips; every
+    # statement sees a consistent snapshot of its own, as on SQLite.
+    autocommit_level = "AUTOCOMMIT"
 
     def engine_options(self, settings: EngineSettings) -> dict[str, Any]:
         return {
@@ -54,12 +57,6 @@ class PostgresBackend(Backend):
         @event.listens_for(engine.sync_engine, "checkin")
         def _on_checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             record.info["ctxengine_checkin"] = time.monotonic()
-
-    async def begin(self, conn: AsyncConnection, *, write: bool, one_statement: bool) -> None:
-        # Reads and single-statement writes run in autocommit, without BEGIN and COMMIT
-        # round trips; every statement sees a consistent snapshot of its own, as on SQLite.
-        if not write or one_statement:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
 
     async def lock(self, conn: Connection, name: str) -> None:
         await conn.execute(select(func.pg_advisory_xact_lock(lock_key(name))))

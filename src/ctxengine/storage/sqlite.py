@@ -189,7 +189,7 @@ class SQLiteBackend(Backend):
             if inline:  # nothing may wait for a lock on the event loop thread
                 dbapi_connection.execute("PRAGMA busy_timeout=0")
 
-    async def begin(self, conn: AsyncConnection, *, write: bool, one_statement: bool) -> None:
+    async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
         # Writers take the lock up front. Reads run in autocommit: each statement
         # sees a consistent snapshot of its own, and no BEGIN/COMMIT round trips.
         if write:

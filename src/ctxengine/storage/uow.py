@@ -65,6 +65,13 @@ class Store:
             else None
         )
         self._pool_started = False
+        #: The same pool, with connections in autocommit: units of work that need no
+        #: BEGIN/COMMIT (see :meth:`Backend.autocommit`) run on it.
+        self._autocommit = (
+            engine.execution_options(isolation_level=backend.autocommit_level)
+            if backend.autocommit_level is not None
+            else None
+        )
 
     async def run(
         self,
@@ -119,8 +126,12 @@ class Store:
     ) -> T:
         if self._inline is not None:
             return await self._inline_transaction(self._inline, work, write)
+        if self._autocommit is not None and (one_statement or not write):
+            # each statement commits by itself; nothing to begin, commit or roll back
+            async with self._autocommit.connect() as conn:
+                return await work(conn)
         async with self.engine.connect() as conn:  # closes even if the caller is cancelled
-            return await self._commit(conn, work, write, one_statement)
+            return await self._commit(conn, work, write)
 
     async def _inline_transaction(
         self, backend: SQLiteBackend, work: Callable[[Connection], Awaitable[T]], write: bool
@@ -148,13 +159,9 @@ class Store:
         return conn
 
     async def _commit(
-        self,
-        conn: AsyncConnection,
-        work: Callable[[Connection], Awaitable[T]],
-        write: bool,
-        one_statement: bool,
+        self, conn: AsyncConnection, work: Callable[[Connection], Awaitable[T]], write: bool
     ) -> T:
-        await self.backend.begin(conn, write=write, one_statement=one_statement)
+        await self.backend.begin(conn, write=write)
         try:
             result = await work(conn)
         except BaseException:
