@@ -25,10 +25,13 @@ from ``CTXENGINE_BENCH_PG_URL`` and dropped afterwards):
    each with its own ContextEngine and several tasks on distinct sessions).
 
 Bulk sessions are created over the 60 days before the run (one per
-``59 days / sessions``), active, last active about two hours ago; the engine runs with
-a session timeout of 30 days, so none of them expires while the benchmark runs. For
-the expiry measurement the oldest ``--expire`` sessions are made idle with one
-UPDATE (``last_activity = created_at``). Timings are never asserted by the tests.
+``59 days / sessions``) and are active. ``--expire`` of them, every n-th one among those
+created more than 30 days ago, were last active when created; the others were last
+active about two hours ago. The engine runs with a session timeout of 30 days, so the
+idle ones are due to expire and no other one expires while the benchmark runs (the
+ordinary calls never touch an idle session: a work call would expire it). On
+PostgreSQL every growth step ends with CHECKPOINT and ANALYZE, what a server with
+autovacuum does on its own. Timings are never asserted by the tests.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ DAY_MS = 86_400_000
 TIMEOUT_S = 30 * 86_400.0
 TENANT = "default"
 FILLER = "the quick brown fox jumps over the lazy dog, and then over the lazy dog again."
+#: Sessions one sweep statement expires (``_EXPIRE_BATCH`` of services/sessions.py).
+SWEEP_BATCH = 5000
 TARGETS = {"list_p50_ms": 5.0, "sweep_ms": 20.0, "expire_s": 3.0}
 
 Op = Callable[[int], Awaitable[Any]]
@@ -109,12 +114,23 @@ class Plan:
     def created_at(self, i: int) -> datetime:
         return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=self.created_ms(i))
 
+    @property
+    def old(self) -> int:
+        """How many sessions were created longer ago than the timeout (plus an hour)."""
+        return (self.now_ms - int(TIMEOUT_S * 1000) - 3_600_000 - self.base_ms) // self.step_ms
+
+    @property
+    def stride(self) -> int:
+        """Every ``stride``-th of the old sessions is idle, ``expire`` of them in all."""
+        return max(1, self.old // self.expire) if self.expire else 1
+
+    def is_idle(self, i: int) -> bool:
+        return i % self.stride == 0 and i < self.expire * self.stride
+
     def check(self) -> None:
         if self.sessions < 100:
             raise SystemExit("--sessions must be at least 100")
-        # the idle sessions must have been created longer ago than the session timeout
-        newest_idle = self.created_ms(self.expire)
-        if newest_idle > self.now_ms - int(TIMEOUT_S * 1000) - 3_600_000:
+        if self.expire * self.stride > self.old:
             raise SystemExit("--expire may be at most 45 % of --sessions")
 
 
@@ -180,7 +196,12 @@ def growth_sql(dialect: str, plan: Plan, a: int, b: int) -> list[str]:
         )
         seq = ""
         per_message = "FROM g CROSS JOIN LATERAL generate_series(1, g.n) AS k"
-    last = f"{plan.now_ms} - 7200000 + (i % 3600) * 1000"  # about two hours ago
+    # idle sessions were last active when created (over 30 days ago), the others about
+    # two hours ago
+    last = (
+        f"CASE WHEN i % {plan.stride} = 0 AND i < {plan.expire * plan.stride} THEN c "
+        f"ELSE {plan.now_ms} - 7200000 + (i % 3600) * 1000 END"
+    )
     sessions = (
         f"{rows} INSERT INTO ctx_sessions (tenant_id, session_id, user_id, tier, status, name, "
         "metadata, tags, preferences, created_at, last_activity, ended_at, expires_at, "
@@ -206,18 +227,9 @@ def growth_sql(dialect: str, plan: Plan, a: int, b: int) -> list[str]:
     return [sessions, chats] + ([messages] if kmax else [])
 
 
-def idle_sql(dialect: str, plan: Plan) -> str:
-    """Make the oldest ``plan.expire`` bulk sessions idle for longer than the timeout."""
-    ts = _sql_parts(dialect, plan)["ts"]
-    return (
-        "UPDATE ctx_sessions SET last_activity = created_at "
-        f"WHERE tenant_id = '{TENANT}' AND created_at < {ts(str(plan.created_ms(plan.expire)))}"
-    )
-
-
 # -- work done in the helper process (bulk SQL, EXPLAIN) -------------------------------------
 def db_task(dialect: str, dsn: str, action: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """Run in the helper process: ``grow``, ``idle``, ``analyze`` or ``explain``."""
+    """Run in the helper process: ``grow``, ``analyze`` or ``explain``."""
     if dialect == "sqlite":
         return _sqlite_task(dsn, action, payload)
     return asyncio.run(_pg_task(dsn, action, payload))
@@ -296,6 +308,11 @@ async def _pg_task(dsn: str, action: str, payload: dict[str, Any]) -> dict[str, 
         except asyncpg.InsufficientPrivilegeError:
             pass
         timings.append(time.perf_counter() - t)
+        # what autovacuum does after a tenth more rows (it may be off on a test server):
+        # without statistics the engine's cached plans can be those of a tiny table
+        t = time.perf_counter()
+        await conn.execute("ANALYZE ctx_sessions, ctx_chats, ctx_messages")
+        timings.append(time.perf_counter() - t)
         return {"seconds": time.perf_counter() - started, "statements": timings, "rows": rows}
     finally:
         await conn.close()
@@ -337,23 +354,24 @@ def maxrss_mb() -> float:
 
 
 @contextmanager
-def peak_rss(period: float = 0.005) -> Iterator[list[float]]:
-    """Sample RSS in a thread while the block runs; the list holds the peak on exit."""
-    peak = [rss_mb()]
+def peak_rss(period: float = 0.005) -> Iterator[list[tuple[float, float]]]:
+    """Sample RSS in a thread while the block runs: (seconds since the start, MB)."""
+    started = time.perf_counter()
+    series = [(0.0, rss_mb())]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(period):
-            peak[0] = max(peak[0], rss_mb())
+            series.append((time.perf_counter() - started, rss_mb()))
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     try:
-        yield peak
+        yield series
     finally:
         stop.set()
         thread.join()
-        peak[0] = max(peak[0], rss_mb())
+        series.append((time.perf_counter() - started, rss_mb()))
 
 
 def summary(latencies: list[float]) -> dict[str, float]:
@@ -389,7 +407,8 @@ async def ordinary_calls(
     engine: ContextEngine, plan: Plan, upto: int, rng: random.Random, rounds: int
 ) -> dict[str, float]:
     """get_session, add_message, get_messages(50), a list_sessions page, on random
-    sessions among the first ``upto`` (never the ones ``verify`` checks); p50 in ms."""
+    sessions among the first ``upto`` (never the ones ``verify`` checks, nor the idle
+    ones, which a work call would expire); p50 in ms."""
     times: dict[str, list[float]] = {
         "get_session": [],
         "add_message": [],
@@ -400,7 +419,7 @@ async def ordinary_calls(
     def pick() -> str:
         while True:
             i = rng.randrange(upto)
-            if i % 7 != 3:
+            if i % 7 != 3 and not plan.is_idle(i):
                 return plan.session_id(i)
 
     for _ in range(rounds):
@@ -494,7 +513,11 @@ def _messages_below(plan: Plan, b: int) -> int:
 
 async def verify(engine: ContextEngine, plan: Plan) -> dict[str, Any]:
     """Read a few bulk rows back through the public API."""
-    picked = sorted({i - (i % 7) + 3 for i in (0, plan.sessions // 2, plan.sessions - 8)})
+    picked = sorted(
+        i
+        for i in {j - (j % 7) + 3 for j in (0, 7, 14, plan.sessions // 2, plan.sessions - 8)}
+        if not plan.is_idle(i)
+    )
     for i in picked:
         sid = plan.session_id(i)
         session = await engine.get_session(sid)
@@ -518,11 +541,15 @@ async def verify(engine: ContextEngine, plan: Plan) -> dict[str, Any]:
     assert first[0].session_id == plan.session_id(plan.sessions - 1), first[0]
     total = await engine.count_sessions()
     assert total == plan.sessions, total
-    return {"sessions_checked": len(picked), "count_sessions": total, "ok": True}
+    idle = await engine.get_session(plan.session_id(0))
+    assert idle is not None and idle.status == "active" and idle.is_expired(TIMEOUT_S), idle
+    return {"sessions_checked": len(picked) + 1, "count_sessions": total, "ok": True}
 
 
 # -- 2. list_sessions pages -------------------------------------------------------------------
-async def list_pages(engine: ContextEngine, plan: Plan, walk: int, rounds: int) -> dict[str, Any]:
+async def list_pages(
+    engine: ContextEngine, helper: Helper, plan: Plan, walk: int, rounds: int
+) -> dict[str, Any]:
     """Walk ``walk`` consecutive pages (following the cursor) from three positions,
     ``rounds`` times each; every page is timed."""
     n = plan.sessions
@@ -550,6 +577,9 @@ async def list_pages(engine: ContextEngine, plan: Plan, walk: int, rounds: int) 
                     assert page[0].session_id == expected, (page[0].session_id, expected)
                 cursor = page[-1].session_id
         out[name] = summary(latencies)
+    out["plan_middle_page"] = await explain(
+        engine, helper, lambda: engine.list_sessions(limit=100, cursor=starts["middle"])
+    )
     worst = max(out[k]["p50_ms"] for k in starts)
     out["pages_per_walk"] = walk
     out["target_p50_ms"] = TARGETS["list_p50_ms"]
@@ -559,24 +589,38 @@ async def list_pages(engine: ContextEngine, plan: Plan, walk: int, rounds: int) 
 
 # -- 3. expiring idle sessions, 4. an empty sweep -----------------------------------------------
 async def expire_idle(engine: ContextEngine, helper: Helper, plan: Plan) -> dict[str, Any]:
-    made = await helper("idle", statements=[idle_sql(helper.dialect, plan)])
-    if helper.dialect == "postgresql":
-        await helper("analyze", statements=["VACUUM ANALYZE ctx_sessions"])
+    idle = await engine.count_sessions(status="active", idle_for=TIMEOUT_S)
+    first_batch = await explain(engine, helper, engine._sweep, dry_run=True)
+    if helper.dialect == "postgresql":  # the rolled-back EXPLAIN ANALYZE left dead rows
+        await helper("analyze", statements=["VACUUM ctx_sessions"])
     gc.collect()
     before, max_before = rss_mb(), maxrss_mb()
-    with peak_rss() as peak:
+    with peak_rss() as series:
         t = time.perf_counter()
         expired = await engine._sweep()
         seconds = time.perf_counter() - t
     after, max_after = rss_mb(), maxrss_mb()
     remaining = await engine.count_sessions(status="active")
+    peak = max(rss for _, rss in series)
+    # flat: no growth over the second half of the sweep (a batch's working set is fine,
+    # memory that grows with the number expired is not)
+    half = [rss for at, rss in series if at >= seconds / 2] or [after]
+    second_half = max(half) - min(half)
+    batches = expired // SWEEP_BATCH + 1
     return {
-        "made_idle": made["rows"],
+        "made_idle": idle,
+        "plan_first_batch": first_batch,
         "expired": expired,
         "active_after": remaining,
         "seconds": seconds,
         "rss_before_mb": before,
-        "rss_peak_mb": peak[0],
+        "rss_peak_mb": peak,
+        "rss_growth_second_half_mb": second_half,
+        "rss_series_mb": [
+            (round(at, 3), round(rss, 1)) for at, rss in series[:: max(1, len(series) // 40)]
+        ],
+        # with fewer batches the second half is one batch's working set: no verdict
+        "memory_flat": second_half <= 2.0 if batches >= 4 else None,
         "rss_after_mb": after,
         "maxrss_before_mb": max_before,
         "maxrss_after_mb": max_after,
@@ -585,60 +629,80 @@ async def expire_idle(engine: ContextEngine, helper: Helper, plan: Plan) -> dict
     }
 
 
-async def empty_sweeps(engine: ContextEngine, repeats: int) -> dict[str, Any]:
-    await engine._sweep()  # warm-up
-    loop_sweeps, public = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        assert await engine._sweep() == 0
-        loop_sweeps.append((time.perf_counter() - t) * 1000)
-        t = time.perf_counter()
-        assert await engine.cleanup_inactive_sessions() == 0
-        public.append((time.perf_counter() - t) * 1000)
-    median = statistics.median(loop_sweeps)
-    return {
+async def empty_sweeps(engine: ContextEngine, helper: Helper, repeats: int) -> dict[str, Any]:
+    """Sweeps that find nothing, right after the expiry; on PostgreSQL again after a
+    VACUUM (the expired rows' old index entries stay until one runs)."""
+
+    async def median_of_sweeps() -> tuple[float, list[float], float]:
+        await engine._sweep()  # warm-up
+        loop_sweeps, public = [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            assert await engine._sweep() == 0
+            loop_sweeps.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            assert await engine.cleanup_inactive_sessions() == 0
+            public.append((time.perf_counter() - t) * 1000)
+        return statistics.median(loop_sweeps), loop_sweeps, statistics.median(public)
+
+    median, samples, public = await median_of_sweeps()
+    out: dict[str, Any] = {
         "median_ms": median,
-        "samples_ms": [round(x, 3) for x in loop_sweeps],
-        "cleanup_inactive_sessions_median_ms": statistics.median(public),
+        "samples_ms": [round(x, 3) for x in samples],
+        "cleanup_inactive_sessions_median_ms": public,
+        "plan": await explain(engine, helper, engine._sweep),
         "target_ms": TARGETS["sweep_ms"],
         "met": median < TARGETS["sweep_ms"],
     }
+    if helper.dialect == "postgresql":
+        await helper("analyze", statements=["VACUUM ctx_sessions"])
+        after, samples, _ = await median_of_sweeps()
+        out["after_vacuum_median_ms"] = after
+        out["after_vacuum_samples_ms"] = [round(x, 3) for x in samples]
+        out["after_vacuum_plan"] = await explain(engine, helper, engine._sweep)
+        out["after_vacuum_met"] = after < TARGETS["sweep_ms"]
+    return out
 
 
-async def query_plans(engine: ContextEngine, helper: Helper, plan: Plan) -> dict[str, str]:
-    """EXPLAIN of the statements a middle list_sessions page and an empty sweep run
-    (captured from the engine, run again by the helper: PostgreSQL EXPLAIN ANALYZE in
-    a rolled-back transaction, SQLite EXPLAIN QUERY PLAN)."""
+class _Captured(Exception):
+    """Stops a call at its first statement (a dry run that writes nothing)."""
+
+
+async def explain(
+    engine: ContextEngine,
+    helper: Helper,
+    call: Callable[[], Awaitable[Any]],
+    *,
+    dry_run: bool = False,
+) -> str:
+    """EXPLAIN of the SELECT/UPDATE statements ``call`` runs, captured from the engine
+    and run again by the helper (PostgreSQL: EXPLAIN ANALYZE in a rolled-back
+    transaction; SQLite: EXPLAIN QUERY PLAN). ``dry_run`` stops the call before its
+    first statement executes, so the plan is of the data as it is now."""
     captured: list[tuple[str, Any]] = []
     sync_engine = engine._store.engine.sync_engine
 
     def capture(conn: Any, cursor: Any, statement: str, params: Any, *rest: Any) -> None:
         if statement.lstrip().upper().startswith(("SELECT", "UPDATE", "WITH")):
             captured.append((statement, params))
+            if dry_run:
+                raise _Captured
 
-    plans: dict[str, str] = {}
-    calls: dict[str, Callable[[], Awaitable[Any]]] = {
-        "list_sessions_middle_page": lambda: engine.list_sessions(
-            limit=100, cursor=plan.session_id(plan.sessions // 2)
-        ),
-        "cleanup_sweep": engine._sweep,
-    }
-    for name, call in calls.items():
-        captured.clear()
-        event.listen(sync_engine, "before_cursor_execute", capture)
+    event.listen(sync_engine, "before_cursor_execute", capture)
+    try:
+        await call()
+    except _Captured:
+        pass
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", capture)
+    parts = []
+    for sql, params in captured:
         try:
-            await call()
-        finally:
-            event.remove(sync_engine, "before_cursor_execute", capture)
-        parts = []
-        for sql, params in captured:
-            try:
-                explained = await helper("explain", sql=sql, params=list(params or ()))
-                parts.append(f"{sql}\n{explained['plan']}")
-            except Exception as exc:  # a plan is a diagnostic: never fail the run for it
-                parts.append(f"{sql}\n(EXPLAIN failed: {exc!r})")
-        plans[name] = "\n\n".join(parts)
-    return plans
+            explained = await helper("explain", sql=sql, params=list(params or ()))
+            parts.append(f"{sql}\n{explained['plan']}")
+        except Exception as exc:  # a plan is a diagnostic: never fail the run for it
+            parts.append(f"{sql}\n(EXPLAIN failed: {exc!r})")
+    return "\n\n".join(parts)
 
 
 # -- 5. the cost of the guarantees ---------------------------------------------------------------
@@ -853,12 +917,11 @@ async def run_backend(dialect: str, url: str, dsn: str, args: argparse.Namespace
             out["verify"] = await verify(engine, plan)
             walk = max(1, min(args.pages, plan.sessions // 300))
             section("list_sessions")
-            out["list_sessions"] = await list_pages(engine, plan, walk, args.walks)
+            out["list_sessions"] = await list_pages(engine, helper, plan, walk, args.walks)
             section("expire_idle")
             out["expire_idle"] = await expire_idle(engine, helper, plan)
             section("sweep_nothing_to_expire")
-            out["sweep_nothing_to_expire"] = await empty_sweeps(engine, args.sweeps)
-            out["plans"] = await query_plans(engine, helper, plan)
+            out["sweep_nothing_to_expire"] = await empty_sweeps(engine, helper, args.sweeps)
             section("guarantees")
             out["guarantees"] = await guarantees(engine, dialect, dsn, args.ops, args.repeats)
     finally:
@@ -940,6 +1003,13 @@ def report(backend: str, r: dict[str, Any]) -> None:
         "< 20 ms",
         _verdict(sw["met"]),
     )
+    if "after_vacuum_median_ms" in sw:
+        _line(
+            "  the same after VACUUM ctx_sessions",
+            f"median {sw['after_vacuum_median_ms']:.2f} ms",
+            "< 20 ms",
+            _verdict(sw["after_vacuum_met"]),
+        )
     ex = r["expire_idle"]
     _line(
         f"expire {ex['expired']:,} idle sessions (one sweep)",
@@ -949,9 +1019,10 @@ def report(backend: str, r: dict[str, Any]) -> None:
     )
     _line(
         "  RSS before / peak / after",
-        f"{ex['rss_before_mb']:.1f} / {ex['rss_peak_mb']:.1f} / {ex['rss_after_mb']:.1f} MB",
+        f"{ex['rss_before_mb']:.1f} / {ex['rss_peak_mb']:.1f} / {ex['rss_after_mb']:.1f} MB "
+        f"(2nd half {ex['rss_growth_second_half_mb']:+.1f})",
         "flat",
-        _verdict(ex["rss_peak_mb"] - ex["rss_before_mb"] < 16),
+        "n/a (< 4 batches)" if ex["memory_flat"] is None else _verdict(ex["memory_flat"]),
     )
     mg = r["memory_growth"]
     _line(
