@@ -264,6 +264,23 @@ async def test_deleting_and_purging_remove_what_sessions_own(engine: ContextEngi
         assert await rows(engine, f"SELECT * FROM {table}") == [], table
 
 
+async def test_every_snapshot_counts_only_its_own_sessions_slots(engine: ContextEngine) -> None:
+    held = (await engine.create_session(user_id="u")).session_id
+    other = engine.tenant("acme")
+    elsewhere = (await other.create_session(user_id="u")).session_id
+    await engine.manage_concurrency(held)
+    await other.manage_concurrency(elsewhere)
+    free = (await engine.create_session(user_id="u")).session_id
+    # every call that returns a snapshot: from a read, and from each kind of write
+    assert (await engine.get_session(free)).concurrent_operations == 0  # type: ignore[union-attr]
+    assert (await engine.update_session(free, increment_requests=True)).concurrent_operations == 0
+    assert (await engine.touch(free)).concurrent_operations == 0
+    assert (await engine.pause_session(free)).concurrent_operations == 0
+    assert (await engine.resume_session(free)).concurrent_operations == 0
+    assert (await engine.update_session(held)).concurrent_operations == 1
+    assert (await engine.touch(held)).concurrent_operations == 1
+
+
 async def test_expiring_a_session_releases_its_slots(db_url: str, clock: Any) -> None:
     settings = EngineSettings(auto_cleanup=False, session_timeout=60, lease_ttl=3600)
     async with ContextEngine(db_url, settings=settings, clock=clock) as engine:

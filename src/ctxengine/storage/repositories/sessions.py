@@ -33,19 +33,30 @@ _OPEN = [s.value for s in OPEN_STATUSES]
 _COLUMNS = list(t.c)
 
 
-def _columns(now: datetime) -> list[Any]:
-    """Every session column plus the number of live leases at ``now``."""
-    live = (
+def _live_leases(tenant: Any, session_id: Any, now: Any) -> Any:
+    """The number of live leases of one session at ``now``, as a labelled column."""
+    return (
         select(func.count())
         .where(
-            leases.c.tenant_id == t.c.tenant_id,
-            leases.c.session_id == t.c.session_id,
+            leases.c.tenant_id == tenant,
+            leases.c.session_id == session_id,
             leases.c.expires_at > now,
         )
         .scalar_subquery()
         .label("concurrent_operations")
     )
-    return [*_COLUMNS, live]
+
+
+def _columns(now: datetime) -> list[Any]:
+    """Every session column plus the number of live leases at ``now`` (for SELECTs)."""
+    return [*_COLUMNS, _live_leases(t.c.tenant_id, t.c.session_id, now)]
+
+
+def _returned(tenant: Any, session_id: Any, now: Any) -> list[Any]:
+    """``_columns`` for the RETURNING clause of a write to the one session of the key:
+    SQLite renders RETURNING columns unqualified, so a subquery correlated to the
+    written row would compare the lease table's columns with themselves."""
+    return [*_COLUMNS, _live_leases(tenant, session_id, now)]
 
 
 # Statements of the hot paths, built once: building a statement costs more than
@@ -68,7 +79,7 @@ _RECORD = (
         error_count=t.c.error_count + bindparam("errors"),
         total_processing_time=t.c.total_processing_time + bindparam("processing_time"),
     )
-    .returning(*_COUNTED)
+    .returning(*_returned(bindparam("tenant"), bindparam("sid"), bindparam("now")))
 )
 _RECORD_ACTIVE = _RECORD.where(t.c.status == SessionStatus.ACTIVE.value, _LIVE)
 
@@ -305,7 +316,7 @@ class SessionRepository:
                 self._live(now, idle_limit),
             )
             .values(**values)
-            .returning(*_columns(now))
+            .returning(*_returned(tenant, session_id, now))
         )
         return (await conn.execute(stmt)).first()
 
