@@ -49,6 +49,38 @@ async def test_cleanup_expires_idle_and_overdue_sessions(db_url: str, clock: Fak
         assert done == [1, 2, 1, 0]
 
 
+async def test_a_sweep_goes_on_across_batches_and_reasons(
+    db_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("ctxengine.services.sessions._EXPIRE_BATCH", 3)
+    async with ContextEngine(db_url, settings=settings(), clock=clock) as engine:
+        stale = []
+        for i in range(4):  # idle, active and paused
+            stale.append((await engine.create_session(f"idle-{i}", "u")).session_id)
+            stale.append((await engine.create_session(f"asleep-{i}", "u")).session_id)
+            await engine.pause_session(f"asleep-{i}")
+        clock.advance(30)
+        for i in range(3):  # past their deadline, active and paused
+            deadline = clock.now + timedelta(seconds=1)
+            stale.append(
+                (await engine.create_session(f"due-{i}", "u", expires_at=deadline)).session_id
+            )
+            stale.append(
+                (
+                    await engine.create_session(f"due-asleep-{i}", "u", expires_at=deadline)
+                ).session_id
+            )
+            await engine.pause_session(f"due-asleep-{i}")
+        await engine.create_session("fresh", "u")
+        clock.advance(31)
+        await engine.touch("fresh")
+        assert await engine.cleanup_inactive_sessions() == len(stale) == 14
+        statuses = {s.session_id: s.status for s in await engine.list_sessions()}
+        assert statuses.pop("fresh") is SessionStatus.ACTIVE
+        assert set(statuses) == set(stale)
+        assert set(statuses.values()) == {SessionStatus.EXPIRED}
+
+
 async def test_the_background_task_expires_sessions(db_url: str, clock: FakeClock) -> None:
     cfg = settings(auto_cleanup=True, cleanup_interval=0.05)
     async with ContextEngine(db_url, settings=cfg, clock=clock) as engine:

@@ -349,23 +349,40 @@ class SessionRepository:
         their deadline. Rows locked by other transactions are skipped (PostgreSQL), so
         concurrent sweepers never expire the same session twice."""
         cutoff = now - timedelta(seconds=idle_seconds)
-        candidates = select(t.c.tenant_id, t.c.session_id).where(
-            t.c.status.in_(_OPEN), self._stale(cutoff, now)
-        )
-        if tenant is not None:
-            candidates = candidates.where(t.c.tenant_id == tenant)
-        candidates = candidates.limit(batch).with_for_update(skip_locked=True)
-        stmt = (
-            update(t)
-            .where(
-                tuple_(t.c.tenant_id, t.c.session_id).in_(candidates),
-                t.c.status.in_(_OPEN),
-                self._stale(cutoff, now),
-            )
-            .values(status=SessionStatus.EXPIRED.value, ended_at=now)
-            .returning(t.c.tenant_id, t.c.session_id, t.c.user_id, t.c.status)
-        )
-        return (await conn.execute(stmt)).all()
+        rows: list[Row[Any]] = []
+        # One status and one reason at a time, oldest first: each search is a range of
+        # an index ((status, last_activity) or (status, expires_at)), whatever the
+        # planner's row estimates, so a sweep with nothing to expire costs four probes.
+        for status in _OPEN:
+            for column, stale in (
+                (t.c.last_activity, t.c.last_activity < cutoff),
+                (t.c.expires_at, t.c.expires_at <= now),
+            ):
+                if len(rows) == batch:
+                    return rows
+                found = select(t.c.tenant_id, t.c.session_id).where(t.c.status == status, stale)
+                if tenant is not None:
+                    found = found.where(t.c.tenant_id == tenant)
+                # Candidates are locked as they are found, their condition re-checked on
+                # the row version locked (PostgreSQL; SQLite has one writer at a time):
+                # the update goes by their keys alone.
+                candidates = (
+                    found.order_by(column)
+                    .limit(batch - len(rows))
+                    .with_for_update(skip_locked=True)
+                    .subquery()
+                )
+                stmt = (
+                    update(t)
+                    .where(
+                        t.c.tenant_id == candidates.c.tenant_id,
+                        t.c.session_id == candidates.c.session_id,
+                    )
+                    .values(status=SessionStatus.EXPIRED.value, ended_at=now)
+                    .returning(t.c.tenant_id, t.c.session_id, t.c.user_id, t.c.status)
+                )
+                rows.extend((await conn.execute(stmt)).all())
+        return rows
 
     async def usage_by_resource(self, conn: Connection, tenant: str) -> dict[str, float]:
         """Total use per resource type over the tenant's quotas."""
