@@ -64,9 +64,10 @@ class Store:
             and isinstance(engine.dialect, InlineSQLiteDialect)
             else None
         )
+        #: Whether the inline pool has made its first connection (see _checkout_inline).
         self._pool_started = False
         #: The same pool, with connections in autocommit: units of work that need no
-        #: BEGIN/COMMIT (see :meth:`Backend.autocommit`) run on it.
+        #: BEGIN/COMMIT (see :attr:`Backend.autocommit_level`) run on it.
         self._autocommit = (
             engine.execution_options(isolation_level=backend.autocommit_level)
             if backend.autocommit_level is not None
