@@ -28,27 +28,15 @@ import aiosqlite
 import asyncpg
 from sqlalchemy import text
 
+from benchmarks.timing import Op, summary, timed
 from ctxengine import ContextEngine, EngineSettings, Message, QuotaType
 
 PG_SERVER = os.environ.get(
     "CTXENGINE_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 
-Op = Callable[[int], Awaitable[Any]]
 #: Tasks of the concurrent variants, each on its own session (or row).
 TASKS = 16
-
-
-async def timed(op: Op, n: int) -> dict[str, float]:
-    for i in range(min(50, n)):  # warm-up: caches, pools, prepared statements
-        await op(i)
-    latencies = []
-    start = time.perf_counter()
-    for i in range(n):
-        t = time.perf_counter()
-        await op(i)
-        latencies.append(time.perf_counter() - t)
-    return summary(latencies, time.perf_counter() - start)
 
 
 async def timed_concurrent(op: Callable[[int, int], Awaitable[Any]], n: int) -> dict[str, float]:
@@ -67,16 +55,7 @@ async def timed_concurrent(op: Callable[[int, int], Awaitable[Any]], n: int) -> 
     start = time.perf_counter()
     await asyncio.gather(*(task(t, per_task, True) for t in range(TASKS)))
     total = time.perf_counter() - start
-    return summary(latencies, total)
-
-
-def summary(latencies: list[float], total: float) -> dict[str, float]:
-    latencies.sort()
-    return {
-        "ops_per_s": len(latencies) / total,
-        "p50_ms": latencies[len(latencies) // 2] * 1000,
-        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
-    }
+    return {"ops_per_s": len(latencies) / total, **summary(latencies)}
 
 
 class RawSQLite:

@@ -62,6 +62,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import event
 
+from benchmarks.timing import Op, summary, timed
 from ctxengine import ContextEngine, EngineSettings, QuotaType
 
 PG_SERVER = os.environ.get(
@@ -76,8 +77,6 @@ FILLER = "the quick brown fox jumps over the lazy dog, and then over the lazy do
 #: Sessions one sweep statement expires (``_EXPIRE_BATCH`` of services/sessions.py).
 SWEEP_BATCH = 5000
 TARGETS = {"list_p50_ms": 5.0, "sweep_ms": 20.0, "expire_s": 3.0}
-
-Op = Callable[[int], Awaitable[Any]]
 
 
 # -- the generated data ---------------------------------------------------------------------
@@ -372,30 +371,6 @@ def peak_rss(period: float = 0.005) -> Iterator[list[tuple[float, float]]]:
         stop.set()
         thread.join()
         series.append((time.perf_counter() - started, rss_mb()))
-
-
-def summary(latencies: list[float]) -> dict[str, float]:
-    ordered = sorted(latencies)
-    n = len(ordered)
-    return {
-        "n": n,
-        "p50_ms": ordered[n // 2] * 1000,
-        "p99_ms": ordered[min(n - 1, int(n * 0.99))] * 1000,
-        "max_ms": ordered[-1] * 1000,
-    }
-
-
-async def timed(op: Op, n: int) -> dict[str, float]:
-    for i in range(min(50, n)):  # warm-up: caches, pools, prepared statements
-        await op(i)
-    latencies = []
-    start = time.perf_counter()
-    for i in range(n):
-        t = time.perf_counter()
-        await op(i)
-        latencies.append(time.perf_counter() - t)
-    total = time.perf_counter() - start
-    return {"ops_per_s": n / total, **summary(latencies)}
 
 
 def engine_settings() -> EngineSettings:

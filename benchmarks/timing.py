@@ -1,0 +1,36 @@
+"""Timing shared by the harnesses: sequential calls after a warm-up, latency summaries."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+#: One call of an operation, given its index.
+Op = Callable[[int], Awaitable[Any]]
+
+
+def summary(latencies: list[float]) -> dict[str, float]:
+    """Count, p50, p99 and max of ``latencies`` (seconds), in milliseconds."""
+    ordered = sorted(latencies)
+    n = len(ordered)
+    return {
+        "n": n,
+        "p50_ms": ordered[n // 2] * 1000,
+        "p99_ms": ordered[min(n - 1, int(n * 0.99))] * 1000,
+        "max_ms": ordered[-1] * 1000,
+    }
+
+
+async def timed(op: Op, n: int) -> dict[str, float]:
+    """``n`` sequential calls of ``op`` after a warm-up: ops/s and the latency summary."""
+    for i in range(min(50, n)):  # warm-up: caches, pools, prepared statements
+        await op(i)
+    latencies = []
+    start = time.perf_counter()
+    for i in range(n):
+        t = time.perf_counter()
+        await op(i)
+        latencies.append(time.perf_counter() - t)
+    total = time.perf_counter() - start
+    return {"ops_per_s": n / total, **summary(latencies)}
