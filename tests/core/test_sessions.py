@@ -64,6 +64,21 @@ async def test_duplicate_ids_are_refused(engine: ContextEngine) -> None:
     assert (await engine.get_session("dup")).user_id == "u"  # type: ignore[union-attr]
 
 
+async def test_a_new_session_comes_with_its_chat_and_a_refused_one_writes_nothing(
+    engine: ContextEngine,
+) -> None:
+    # on PostgreSQL both rows go in one statement; a taken id must insert no chat either
+    created = await engine.create_session("pair", "u", metadata={"k": 1}, tags=["a"])
+    assert [c.chat_id for c in await engine.list_chats("pair")] == ["default"]
+    stored = await engine.get_session("pair")
+    assert stored is not None
+    assert created.model_dump(exclude={"observed_at"}) == stored.model_dump(exclude={"observed_at"})
+    sessions, chats = await count_rows(engine), await count_rows(engine, "ctx_chats")
+    with pytest.raises(SessionExistsError):
+        await engine.create_session("pair", "v")
+    assert (await count_rows(engine), await count_rows(engine, "ctx_chats")) == (sessions, chats)
+
+
 async def test_get_or_create_returns_the_existing_session(engine: ContextEngine) -> None:
     first = await engine.get_or_create_session("g", "u", tier="basic")
     again = await engine.get_or_create_session("g", "someone-else", tier="pro")

@@ -25,7 +25,7 @@ from ..storage.connection import Connection
 from ..storage.repositories.conversation import ConversationRepository
 from ..storage.repositories.sessions import Counters, SessionFilter, SessionRepository, to_session
 from .base import Context, Effects, done
-from .conversation import DEFAULT_CHAT_ID, NewMessage, insert_chat
+from .conversation import DEFAULT_CHAT_ID, NewMessage, chat_values, insert_chat
 
 _EXPIRE_BATCH = 5000
 NO_COUNTERS = Counters()
@@ -87,11 +87,19 @@ class SessionService:
             "chat_count": 1,
         }
 
+    @property
+    def _limited(self) -> bool:
+        """Whether creating a session must count others (session limits are set)."""
+        settings = self.ctx.settings
+        return (
+            settings.max_active_sessions is not None or settings.max_sessions_per_user is not None
+        )
+
     async def check_limits(
         self, conn: Connection, tenant: str, user_id: str, now: datetime
     ) -> None:
         settings = self.ctx.settings
-        if settings.max_active_sessions is None and settings.max_sessions_per_user is None:
+        if not self._limited:
             return
         # Counting other rows is only exact while the creators it concerns are serialized:
         # all of the tenant's for a total limit, else only the user's.
@@ -136,22 +144,36 @@ class SessionService:
             expires_at=expires_at,
         )
         sid = values["session_id"]
+        # Without limits to count, an id to look up or a first message, the session and
+        # its chat go in one statement where the database can (one round trip).
+        at_once = (
+            self.ctx.store.backend.data_modifying_ctes
+            and not exist_ok
+            and system_prompt is None
+            and not self._limited
+        )
 
         async def work(conn: Connection, fx: Effects) -> Session:
             if exist_ok:
                 existing = await self.repo.get(conn, tenant, sid, fx.now)
                 if existing is not None:
                     return to_session(existing, fx.now)
-            await self.check_limits(conn, tenant, values["user_id"], fx.now)
-            row = await self.repo.insert(
-                conn, {**values, "created_at": fx.now, "last_activity": fx.now}
-            )
+            stored = {**values, "created_at": fx.now, "last_activity": fx.now}
+            if at_once:
+                chat = chat_values(tenant, sid, DEFAULT_CHAT_ID, fx.now)
+                row = await self.repo.insert_with_chat(conn, stored, chat)
+            else:
+                await self.check_limits(conn, tenant, values["user_id"], fx.now)
+                row = await self.repo.insert(conn, stored)
             if row is None:
                 existing = await self.repo.get(conn, tenant, sid, fx.now)
                 if not exist_ok or existing is None:
                     raise SessionExistsError(sid, tenant)
                 return to_session(existing, fx.now)
-            await insert_chat(self.chats, conn, fx.now, tenant, sid, DEFAULT_CHAT_ID, system_prompt)
+            if not at_once:
+                await insert_chat(
+                    self.chats, conn, fx.now, tenant, sid, DEFAULT_CHAT_ID, system_prompt
+                )
             session = to_session(row, fx.now)
             fx.emit(
                 "session.created",
@@ -162,7 +184,7 @@ class SessionService:
             )
             return session
 
-        return await self.ctx.transact(work, operation="create_session")
+        return await self.ctx.transact(work, one_statement=at_once, operation="create_session")
 
     # -- reads --------------------------------------------------------------------------
     async def get(self, tenant: str, session_id: str) -> Session | None:

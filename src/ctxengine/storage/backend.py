@@ -63,6 +63,8 @@ class Backend:
     def prepare(self, engine: AsyncEngine, settings: EngineSettings) -> None:
         """Attach connection-level setup (pragmas, functions) to ``engine``."""
 
+    #: Whether INSERT … RETURNING may feed other INSERTs in one statement (WITH).
+    data_modifying_ctes: bool = False
     #: The isolation level under which units of work that need no transaction (reads,
     #: single-statement writes) run, without BEGIN and COMMIT; None: they run as others.
     autocommit_level: str | None = None

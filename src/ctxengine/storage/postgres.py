@@ -30,6 +30,7 @@ class PostgresBackend(Backend):
     # Reads and single-statement writes skip the BEGIN and COMMIT round trips; every
     # statement sees a consistent snapshot of its own, as on SQLite.
     autocommit_level = "AUTOCOMMIT"
+    data_modifying_ctes = True
 
     def engine_options(self, settings: EngineSettings) -> dict[str, Any]:
         return {

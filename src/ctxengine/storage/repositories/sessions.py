@@ -16,6 +16,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    insert,
     or_,
     select,
     tuple_,
@@ -26,7 +27,7 @@ from ...lifecycle import OPEN_STATUSES
 from ...models import Session, SessionStatus
 from ..backend import Backend
 from ..connection import Connection
-from ..schema import leases, quotas, rate_limit_rules, rate_limit_state
+from ..schema import chats, leases, quotas, rate_limit_rules, rate_limit_state
 from ..schema import sessions as t
 
 _OPEN = [s.value for s in OPEN_STATUSES]
@@ -84,6 +85,20 @@ _RECORD = (
 _RECORD_ACTIVE = _RECORD.where(t.c.status == SessionStatus.ACTIVE.value, _LIVE)
 
 
+def _insert_with_chat(backend: Backend, columns: Sequence[str], chat_columns: Sequence[str]) -> Any:
+    """``WITH s AS (INSERT session … RETURNING *), c AS (INSERT chat SELECT … FROM s)
+    SELECT * FROM s``; parameters ``s_<column>`` and ``c_<column>``."""
+    new_session = (
+        backend.insert_or_ignore(t, ("tenant_id", "session_id"))
+        .values({c: bindparam(f"s_{c}", type_=t.c[c].type) for c in columns})
+        .returning(*_COLUMNS)
+        .cte("new_session")
+    )
+    chat_row = select(*(bindparam(f"c_{c}", type_=chats.c[c].type) for c in chat_columns))
+    new_chat = insert(chats).from_select(list(chat_columns), chat_row.select_from(new_session))
+    return select(new_session).add_cte(new_chat.cte("new_chat"))
+
+
 @dataclass(frozen=True, slots=True)
 class SessionFilter:
     """Filters of list/iter/count_sessions."""
@@ -133,6 +148,8 @@ class SessionRepository:
         self.backend = backend
         #: The columns inserted are those of the parameters (compiled once per set).
         self._insert = backend.insert_or_ignore(t, ("tenant_id", "session_id")).returning(*_COLUMNS)
+        #: ``insert_with_chat`` statements, by the columns of the two rows.
+        self._inserts_with_chat: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
 
     # -- conditions ---------------------------------------------------------------------
     @staticmethod
@@ -433,6 +450,19 @@ class SessionRepository:
         if tenant is not None:
             stmt = stmt.where(lc.tenant_id == tenant)
         await conn.execute(stmt)
+
+    async def insert_with_chat(
+        self, conn: Connection, values: dict[str, Any], chat: dict[str, Any]
+    ) -> Row[Any] | None:
+        """Insert the session and its first chat in ONE statement (a data-modifying CTE,
+        :attr:`Backend.data_modifying_ctes`): the chat row is inserted only if the session
+        row was. The new session row, or None when the id exists (nothing written)."""
+        shape = (tuple(values), tuple(chat))
+        stmt = self._inserts_with_chat.get(shape)
+        if stmt is None:
+            stmt = self._inserts_with_chat[shape] = _insert_with_chat(self.backend, *shape)
+        params = {f"s_{k}": v for k, v in values.items()} | {f"c_{k}": v for k, v in chat.items()}
+        return (await conn.execute(stmt, params)).first()
 
     async def delete(self, conn: Connection, tenant: str, session_id: str) -> bool:
         """Delete the session; owned rows go by ON DELETE CASCADE, its rate limits here."""
