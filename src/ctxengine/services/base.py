@@ -26,6 +26,8 @@ class Effects:
     """What a unit of work leaves for after its commit: events, and an error to raise."""
 
     now: datetime
+    #: Whether anyone may hear events; when not, ``emit`` builds none.
+    listened: bool = True
     events: list[Event] = field(default_factory=list)
     error: ContextEngineError | None = None
     rollback: bool = False
@@ -43,6 +45,8 @@ class Effects:
         user_id: str | None = None,
         **data: Any,
     ) -> None:
+        if not self.listened:
+            return
         self.events.append(
             Event.model_construct(
                 type=type_,
@@ -106,7 +110,7 @@ class Context:
 
         async def attempt(conn: Connection) -> T:
             nonlocal effects
-            effects = Effects(self.clock())
+            effects = Effects(self.clock(), listened=self.listened)
             result = await work(conn, effects)
             if effects.rollback:
                 raise _Refused(effects)

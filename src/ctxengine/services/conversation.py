@@ -445,9 +445,7 @@ class ConversationService:
         v.identifier(session_id)
 
         async def work(conn: Connection, fx: Effects) -> dict[str, Any]:
-            row = await self.sessions.repo.get(conn, tenant, session_id)
-            if row is None:
-                raise SessionNotFoundError(session_id, tenant)
+            row = await self.sessions.existing(conn, tenant, session_id)
             return dict(row._mapping["metadata"])
 
         return await self.ctx.transact(work, write=False, operation="get_metadata")
@@ -695,10 +693,7 @@ class ConversationService:
     async def _session(
         self, conn: Connection, fx: Effects, tenant: str, session_id: str
     ) -> Session:
-        row = await self.sessions.repo.get(conn, tenant, session_id, fx.now)
-        if row is None:
-            raise SessionNotFoundError(session_id, tenant)
-        return to_session(row, fx.now)
+        return to_session(await self.sessions.existing(conn, tenant, session_id, fx.now), fx.now)
 
 
 def _public_message(values: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from ..errors import (
     ConcurrencyLimitError,
     ContextEngineError,
     RateLimitError,
-    SessionNotFoundError,
     ValidationError,
 )
 from ..ids import new_id
@@ -358,8 +357,8 @@ class RateLimitService:
         )
 
         async def work(conn: Connection, fx: Effects) -> None:
-            if scope == "session" and await self.sessions.repo.get(conn, tenant, subject) is None:
-                raise SessionNotFoundError(subject, tenant)
+            if scope == "session":
+                await self.sessions.existing(conn, tenant, subject)
             await self.repo.set_rule(conn, tenant, scope, subject, operation, max_calls, window)
 
         await self.ctx.transact(work, operation="set_rate_limit")

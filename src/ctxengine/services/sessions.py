@@ -228,6 +228,15 @@ class SessionService:
         # succeeds is one guarded UPDATE
         return done(await self.ctx.transact(work, one_statement=patch is None, operation=operation))
 
+    async def existing(
+        self, conn: Connection, tenant: str, session_id: str, now: datetime | None = None
+    ) -> Row[Any]:
+        """The session's row (leases counted when ``now`` is given), or SessionNotFoundError."""
+        row = await self.repo.get(conn, tenant, session_id, now)
+        if row is None:
+            raise SessionNotFoundError(session_id, tenant)
+        return row
+
     async def require_active(
         self,
         conn: Connection,
@@ -267,10 +276,7 @@ class SessionService:
         self, conn: Connection, fx: Effects, tenant: str, session_id: str
     ) -> Session | None:
         """The session if it can work, without writing; else None with the error in ``fx``."""
-        row = await self.repo.get(conn, tenant, session_id)
-        if row is None:
-            raise SessionNotFoundError(session_id, tenant)
-        session = to_session(row, fx.now)
+        session = to_session(await self.existing(conn, tenant, session_id), fx.now)
         if session.is_expired(self.timeout):
             fx.error = SessionExpiredError(session_id)
             return None
@@ -284,9 +290,7 @@ class SessionService:
     ) -> SessionStatus:
         """Why a guarded statement matched nothing: the session's status, after moving it
         to expired if it was open but stale (announced once, by whoever expired it)."""
-        row = await self.repo.get(conn, tenant, session_id)
-        if row is None:
-            raise SessionNotFoundError(session_id, tenant)
+        row = await self.existing(conn, tenant, session_id)
         expired = await self.repo.expire_one(conn, tenant, session_id, fx.now, self.timeout)
         if expired is not None:
             await self.repo.release_leases(conn, [(tenant, session_id)])
@@ -431,7 +435,7 @@ class SessionService:
                 rows = await self.repo.expire_stale(conn, tenant, fx.now, idle, _EXPIRE_BATCH)
                 if rows:
                     await self.repo.release_leases_of_ended(conn, tenant)
-                if self.ctx.listened:
+                if fx.listened:  # saves reading 5000 rows' keys for nobody
                     for row in rows:
                         self._announce_expired(fx, row, reason="idle")
                 for row in rows:

@@ -140,9 +140,7 @@ class UsageService:
         v.identifier(session_id)
 
         async def work(conn: Connection, fx: Effects) -> dict[QuotaType, QuotaStatus]:
-            row = await self.sessions.repo.get(conn, tenant, session_id)
-            if row is None:
-                raise SessionNotFoundError(session_id, tenant)
+            row = await self.sessions.existing(conn, tenant, session_id)
             policy = self.policy(row._mapping["tier"])
             rows = await self.repo.quota_rows(conn, tenant, session_id)
             live = await self.repo.live_leases(conn, tenant, session_id, fx.now)
@@ -169,8 +167,7 @@ class UsageService:
             limit = v.non_negative(limit, "limit")
 
         async def work(conn: Connection, fx: Effects) -> None:
-            if await self.sessions.repo.get(conn, tenant, session_id) is None:
-                raise SessionNotFoundError(session_id, tenant)
+            await self.sessions.existing(conn, tenant, session_id)
             await self.repo.set_quota(conn, tenant, session_id, resource.value, limit)
 
         await self.ctx.transact(work, operation="set_quota")

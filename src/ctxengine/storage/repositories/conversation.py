@@ -6,13 +6,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import Row, and_, bindparam, delete, func, insert, select, update
 
 from ...models import Chat, Checkpoint, Message
 from ..backend import Backend
 from ..connection import Connection
 from ..schema import chats, checkpoints, messages, shared_state
 from ..schema import sessions as s
+from . import of_session
 
 _CHAT = list(chats.c)
 #: The columns of a Message, in the order of its fields.
@@ -130,28 +131,13 @@ class ConversationRepository:
             chats, ("tenant_id", "session_id", "chat_id")
         ).returning(*_CHAT)
 
-    # -- conditions ---------------------------------------------------------------------
-    @staticmethod
-    def _session(tenant: str, session_id: str) -> ColumnElement[bool]:
-        return and_(s.c.tenant_id == tenant, s.c.session_id == session_id)
-
-    @staticmethod
-    def _chat(tenant: str, session_id: str, chat_id: str) -> ColumnElement[bool]:
-        c = chats.c
-        return and_(c.tenant_id == tenant, c.session_id == session_id, c.chat_id == chat_id)
-
-    @staticmethod
-    def _in_chat(tenant: str, session_id: str, chat_id: str) -> ColumnElement[bool]:
-        m = messages.c
-        return and_(m.tenant_id == tenant, m.session_id == session_id, m.chat_id == chat_id)
-
     # -- chats --------------------------------------------------------------------------
     async def lock_session(self, conn: Connection, tenant: str, session_id: str) -> Row[Any] | None:
         """Lock the session row (taken first by every write that also locks chats, so
         writers never wait on each other in a cycle); its current chat and metadata."""
         stmt = (
             update(s)
-            .where(self._session(tenant, session_id))
+            .where(of_session(s, tenant, session_id))
             .values(chat_count=s.c.chat_count)
             .returning(s.c.current_chat_id, s.c.metadata)
         )
@@ -159,14 +145,14 @@ class ConversationRepository:
 
     async def current_chat(self, conn: Connection, tenant: str, session_id: str) -> Row[Any] | None:
         """(current_chat_id,) of the session, or None when it does not exist."""
-        stmt = select(s.c.current_chat_id).where(self._session(tenant, session_id))
+        stmt = select(s.c.current_chat_id).where(of_session(s, tenant, session_id))
         return (await conn.execute(stmt)).first()
 
     async def reserve_chat(
         self, conn: Connection, tenant: str, session_id: str, limit: int | None
     ) -> bool:
         """Count one more chat on the session row if it stays within ``limit``."""
-        stmt = update(s).where(self._session(tenant, session_id))
+        stmt = update(s).where(of_session(s, tenant, session_id))
         if limit is not None:
             stmt = stmt.where(s.c.chat_count < limit)
         result = await conn.execute(stmt.values(chat_count=s.c.chat_count + 1))
@@ -179,7 +165,7 @@ class ConversationRepository:
     async def get_chat(
         self, conn: Connection, tenant: str, session_id: str, chat_id: str
     ) -> Row[Any] | None:
-        stmt = select(*_CHAT).where(self._chat(tenant, session_id, chat_id))
+        stmt = select(*_CHAT).where(of_session(chats, tenant, session_id, chat_id=chat_id))
         return (await conn.execute(stmt)).first()
 
     async def chats(self, conn: Connection, tenant: str, session_id: str) -> Sequence[Row[Any]]:
@@ -187,7 +173,7 @@ class ConversationRepository:
         c = chats.c
         stmt = (
             select(*_CHAT)
-            .where(c.tenant_id == tenant, c.session_id == session_id)
+            .where(of_session(chats, tenant, session_id))
             .order_by(c.created_at, c.chat_id)
         )
         return (await conn.execute(stmt)).all()
@@ -196,7 +182,7 @@ class ConversationRepository:
         self, conn: Connection, tenant: str, session_id: str, chat_id: str | None
     ) -> None:
         await conn.execute(
-            update(s).where(self._session(tenant, session_id)).values(current_chat_id=chat_id)
+            update(s).where(of_session(s, tenant, session_id)).values(current_chat_id=chat_id)
         )
 
     async def delete_chat(
@@ -204,20 +190,22 @@ class ConversationRepository:
     ) -> bool:
         """Delete the chat and its messages; the session's current chat becomes its newest
         remaining chat when it was this one."""
-        result = await conn.execute(delete(chats).where(self._chat(tenant, session_id, chat_id)))
+        result = await conn.execute(
+            delete(chats).where(of_session(chats, tenant, session_id, chat_id=chat_id))
+        )
         if not result.rowcount:
             return False
         c = chats.c
         newest = (
             select(c.chat_id)
-            .where(c.tenant_id == tenant, c.session_id == session_id)
+            .where(of_session(chats, tenant, session_id))
             .order_by(c.created_at.desc(), c.chat_id.desc())
             .limit(1)
             .scalar_subquery()
         )
         await conn.execute(
             update(s)
-            .where(self._session(tenant, session_id))
+            .where(of_session(s, tenant, session_id))
             .values(
                 chat_count=s.c.chat_count - 1,
                 current_chat_id=func.coalesce(func.nullif(s.c.current_chat_id, chat_id), newest),
@@ -273,14 +261,16 @@ class ConversationRepository:
         row = (
             await conn.execute(
                 select(*_MESSAGE)
-                .where(self._in_chat(tenant, session_id, chat_id))
+                .where(of_session(messages, tenant, session_id, chat_id=chat_id))
                 .order_by(m.seq.desc())
                 .limit(1)
             )
         ).first()
         if row is not None:
             await conn.execute(
-                delete(messages).where(self._in_chat(tenant, session_id, chat_id), m.seq == row.seq)
+                delete(messages).where(
+                    of_session(messages, tenant, session_id, chat_id=chat_id), m.seq == row.seq
+                )
             )
             await self._uncount(conn, tenant, session_id, chat_id, 1)
         return row
@@ -294,7 +284,7 @@ class ConversationRepository:
         *,
         keep_system: bool,
     ) -> int:
-        stmt = delete(messages).where(self._in_chat(tenant, session_id, chat_id))
+        stmt = delete(messages).where(of_session(messages, tenant, session_id, chat_id=chat_id))
         if keep_system:
             stmt = stmt.where(messages.c.role != _SYSTEM)
         deleted = int((await conn.execute(stmt)).rowcount)
@@ -314,7 +304,9 @@ class ConversationRepository:
         """Messages of the chat that are (``system``) or are not system messages."""
         m = messages.c
         role = m.role == _SYSTEM if system else m.role != _SYSTEM
-        stmt = select(func.count()).where(self._in_chat(tenant, session_id, chat_id), role)
+        stmt = select(func.count()).where(
+            of_session(messages, tenant, session_id, chat_id=chat_id), role
+        )
         return int((await conn.execute(stmt)).scalar_one())
 
     async def page(
@@ -345,16 +337,14 @@ class ConversationRepository:
         m = messages.c
         stmt = (
             select(*_MESSAGE)
-            .where(m.tenant_id == tenant, m.session_id == session_id)
+            .where(of_session(messages, tenant, session_id))
             .order_by(m.chat_id, m.seq)
         )
         return (await conn.execute(stmt)).all()
 
     async def delete_chats(self, conn: Connection, tenant: str, session_id: str) -> None:
         """Every chat and message of the session (before a restore)."""
-        await conn.execute(
-            delete(chats).where(chats.c.tenant_id == tenant, chats.c.session_id == session_id)
-        )
+        await conn.execute(delete(chats).where(of_session(chats, tenant, session_id)))
 
     async def insert_chats(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
@@ -394,7 +384,7 @@ class ConversationRepository:
     ) -> dict[str, Any] | None:
         stmt = (
             update(s)
-            .where(self._session(tenant, session_id))
+            .where(of_session(s, tenant, session_id))
             .values(metadata=value)
             .returning(s.c.metadata)
         )
@@ -413,7 +403,7 @@ class ConversationRepository:
     ) -> None:
         await conn.execute(
             update(s)
-            .where(self._session(tenant, session_id))
+            .where(of_session(s, tenant, session_id))
             .values(metadata=metadata, current_chat_id=current_chat_id, chat_count=chat_count)
         )
 
@@ -429,7 +419,7 @@ class ConversationRepository:
         k = checkpoints.c
         stmt = (
             select(*_CHECKPOINT)
-            .where(k.tenant_id == tenant, k.session_id == session_id)
+            .where(of_session(checkpoints, tenant, session_id))
             .order_by(k.created_at, k.checkpoint_id)
         )
         return (await conn.execute(stmt)).all()

@@ -29,6 +29,7 @@ from ..backend import Backend
 from ..connection import Connection
 from ..schema import chats, leases, quotas, rate_limit_rules, rate_limit_state
 from ..schema import sessions as t
+from . import of_session
 
 _OPEN = [s.value for s in OPEN_STATUSES]
 _COLUMNS = list(t.c)
@@ -153,10 +154,6 @@ class SessionRepository:
 
     # -- conditions ---------------------------------------------------------------------
     @staticmethod
-    def _key(tenant: str, session_id: str) -> ColumnElement[bool]:
-        return and_(t.c.tenant_id == tenant, t.c.session_id == session_id)
-
-    @staticmethod
     def _live(now: datetime, idle_limit: float) -> ColumnElement[bool]:
         """Not idle longer than the timeout and not past the deadline."""
         return and_(
@@ -239,7 +236,7 @@ class SessionRepository:
     ) -> tuple[datetime, str] | None:
         row = (
             await conn.execute(
-                select(t.c.created_at, t.c.session_id).where(self._key(tenant, session_id))
+                select(t.c.created_at, t.c.session_id).where(of_session(t, tenant, session_id))
             )
         ).first()
         return None if row is None else (row[0], row[1])
@@ -328,7 +325,7 @@ class SessionRepository:
         stmt = (
             update(t)
             .where(
-                self._key(tenant, session_id),
+                of_session(t, tenant, session_id),
                 t.c.status.in_([s.value for s in sources]),
                 self._live(now, idle_limit),
             )
@@ -345,7 +342,7 @@ class SessionRepository:
         stmt = (
             update(t)
             .where(
-                self._key(tenant, session_id),
+                of_session(t, tenant, session_id),
                 t.c.status.in_(_OPEN),
                 self._stale(cutoff, now),
             )
@@ -414,7 +411,12 @@ class SessionRepository:
     async def set_tier(
         self, conn: Connection, tenant: str, session_id: str, tier: str
     ) -> Row[Any] | None:
-        stmt = update(t).where(self._key(tenant, session_id)).values(tier=tier).returning(*_COLUMNS)
+        stmt = (
+            update(t)
+            .where(of_session(t, tenant, session_id))
+            .values(tier=tier)
+            .returning(*_COLUMNS)
+        )
         return (await conn.execute(stmt)).first()
 
     async def user_counts(self, conn: Connection, tenant: str, user_id: str) -> tuple[int, int]:
@@ -466,7 +468,7 @@ class SessionRepository:
 
     async def delete(self, conn: Connection, tenant: str, session_id: str) -> bool:
         """Delete the session; owned rows go by ON DELETE CASCADE, its rate limits here."""
-        result = await conn.execute(delete(t).where(self._key(tenant, session_id)))
+        result = await conn.execute(delete(t).where(of_session(t, tenant, session_id)))
         for table in (rate_limit_rules, rate_limit_state):
             await conn.execute(
                 delete(table).where(

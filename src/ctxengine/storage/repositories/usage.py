@@ -12,6 +12,7 @@ from sqlalchemy import Row, and_, bindparam, delete, func, insert, or_, select, 
 from ..backend import Backend
 from ..connection import Connection
 from ..schema import leases, quotas, rate_limit_rules, rate_limit_state, usage_records
+from . import of_session
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
 _INSERT_RECORD = insert(usage_records)
@@ -139,7 +140,7 @@ class UsageRepository:
         q = quotas.c
         rows = await conn.execute(
             select(q.resource_type, q.used, q.quota_limit, q.custom).where(
-                q.tenant_id == tenant, q.session_id == session_id
+                of_session(quotas, tenant, session_id)
             )
         )
         return {r[0]: (float(r[1]), _opt_float(r[2]), bool(r[3])) for r in rows}
@@ -259,7 +260,7 @@ class UsageRepository:
         u = usage_records.c
         rows = await conn.execute(
             select(u.resource_type, func.sum(u.amount))
-            .where(u.tenant_id == tenant, u.session_id == session_id, u.created_at > since)
+            .where(of_session(usage_records, tenant, session_id), u.created_at > since)
             .group_by(u.resource_type)
         )
         return {r[0]: float(r[1]) for r in rows}
@@ -347,7 +348,7 @@ class UsageRepository:
     ) -> int:
         lc = leases.c
         stmt = select(func.count()).where(
-            lc.tenant_id == tenant, lc.session_id == session_id, lc.expires_at > now
+            of_session(leases, tenant, session_id), lc.expires_at > now
         )
         return int((await conn.execute(stmt)).scalar_one())
 
@@ -359,9 +360,7 @@ class UsageRepository:
     ) -> None:
         lc = leases.c
         await conn.execute(
-            delete(leases).where(
-                lc.tenant_id == tenant, lc.session_id == session_id, lc.expires_at <= now
-            )
+            delete(leases).where(of_session(leases, tenant, session_id), lc.expires_at <= now)
         )
 
     async def renew_lease(
