@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from ctxengine import ContextEngine, EngineSettings
-from ctxengine.errors import ChatLimitError
+from ctxengine.errors import ChatLimitError, HistoryLimitError
 
 SETTINGS = EngineSettings(auto_cleanup=False, auto_migrate=False, max_messages_per_chat=None)
 
@@ -59,5 +59,30 @@ def create_chats(url: str, session_id: str, attempts: int, limit: int) -> int:
 
             await asyncio.gather(*(attempt() for _ in range(attempts)))
         return created
+
+    return asyncio.run(main())
+
+
+def append_under_limit(url: str, session_id: str, tasks: int, messages: int, limit: int) -> int:
+    """``tasks`` coroutines each try to append ``messages`` messages to a chat limited to
+    ``limit`` (refusing when full); how many were refused. Other errors propagate."""
+
+    async def main() -> int:
+        refused = 0
+        settings = SETTINGS.model_copy(
+            update={"max_messages_per_chat": limit, "history_overflow": "reject"}
+        )
+        async with ContextEngine(url, settings=settings) as engine:
+
+            async def task() -> None:
+                nonlocal refused
+                for _ in range(messages):
+                    try:
+                        await engine.add_message(session_id, "user", "hi")
+                    except HistoryLimitError:
+                        refused += 1
+
+            await asyncio.gather(*(task() for _ in range(tasks)))
+        return refused
 
     return asyncio.run(main())

@@ -148,6 +148,58 @@ async def test_history_limit(db_url: str, overflow: Any) -> None:
         assert await rows(engine, "ctx_messages", "s") == 4
 
 
+async def test_a_refused_add_message_leaves_the_session_untouched(
+    db_url: str, clock: FakeClock
+) -> None:
+    """Each refusal is found before anything is written: the session's last activity,
+    the chat's counters and the messages stay as they were."""
+    settings = EngineSettings(**QUIET, max_messages_per_chat=2, history_overflow="reject")
+    async with ContextEngine(db_url, settings=settings, clock=clock) as engine:
+        await engine.create_session("s", "u")
+        await engine.create_session("paused", "u")
+        await engine.pause_session("paused")
+        await engine.add_messages("s", [{"role": "user", "content": "a"}] * 2)
+        before = await engine.get_session("s")
+        clock.advance(5)
+        refusals: list[tuple[Any, type[Exception]]] = [
+            (engine.add_message("s", "user", "no room"), HistoryLimitError),
+            (engine.add_messages("s", [{"role": "user", "content": "x"}] * 3), HistoryLimitError),
+            (engine.add_message("s", "user", "hi", chat_id="missing"), ChatNotFoundError),
+            (engine.add_message("paused", "user", "hi"), SessionNotActiveError),
+        ]
+        for call, error in refusals:
+            with pytest.raises(error):
+                await call
+        after = await engine.get_session("s")
+        assert before is not None and after is not None
+        assert after.last_activity == before.last_activity
+        assert await engine.count_messages("s") == 2
+        assert await rows(engine, "ctx_messages") == 2
+        async with engine._store.engine.connect() as conn:
+            next_seq = (await conn.execute(text("SELECT next_seq FROM ctx_chats"))).scalars()
+            assert sorted(next_seq) == [0, 2]
+
+
+async def test_several_messages_in_one_call_take_consecutive_seqs(
+    engine: ContextEngine,
+) -> None:
+    seen: list[Any] = []
+    engine.subscribe(seen.append, "message.added")
+    await engine.create_session("s", "u", system_prompt="rules")
+    for size in (1, 3, 8, 9):  # up to 8 in one statement on PostgreSQL, 9 in several
+        added = await engine.add_messages(
+            "s", [{"role": "user", "content": f"{size}/{i}", "tokens": i} for i in range(size)]
+        )
+        assert [m.content for m in added] == [f"{size}/{i}" for i in range(size)]
+        assert [m.tokens for m in added] == list(range(size))
+    history = await engine.get_messages("s", limit=None)
+    assert [m.seq for m in history] == list(range(1, 23))
+    assert [(e.data["seq"], e.data["chat_id"]) for e in seen] == [
+        (seq, "default") for seq in range(2, 23)
+    ]
+    assert await engine.count_messages("s") == 22
+
+
 async def test_a_chat_full_of_system_messages_refuses_even_when_trimming(db_url: str) -> None:
     async with ContextEngine(db_url, settings=EngineSettings(**QUIET)) as engine:
         await engine.create_session("s", "u")

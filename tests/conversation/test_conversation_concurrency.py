@@ -125,3 +125,16 @@ async def test_chat_limit_holds_across_processes(engine: ContextEngine, db_url: 
         chats = (await conn.execute(text("SELECT count(*) FROM ctx_chats"))).scalar_one()
         counted = (await conn.execute(text("SELECT chat_count FROM ctx_sessions"))).scalar_one()
     assert chats == counted == 5
+
+
+async def test_history_limit_holds_across_processes(engine: ContextEngine, db_url: str) -> None:
+    """4 processes x 4 tasks race for the last places of a chat: exactly the limit is
+    stored, with seqs 1..limit, and every other call was refused."""
+    await engine.create_session("s", "u")
+    with pool(4) as workers:
+        refused = workers.starmap(_workers.append_under_limit, [(db_url, "s", 4, 10, 50)] * 4)
+    assert sum(refused) == 160 - 50
+    assert [seq for seq, _ in await stored(engine, "s")] == list(range(1, 51))
+    async with engine._store.engine.connect() as conn:
+        chat = (await conn.execute(text("SELECT next_seq, message_count FROM ctx_chats"))).one()
+    assert tuple(chat) == (50, 50)

@@ -6,7 +6,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import validation as v
@@ -24,6 +24,7 @@ from ..lifecycle import OPEN_STATUSES
 from ..models import Chat, Checkpoint, Message, Session, SessionStats
 from ..storage.connection import Connection
 from ..storage.repositories.conversation import (
+    APPEND_MAX,
     ConversationRepository,
     to_chat,
     to_checkpoint,
@@ -295,6 +296,26 @@ class ConversationService:
             v.identifier(chat_id, "chat_id")
         settings = self.ctx.settings
 
+        if self.ctx.store.backend.data_modifying_ctes and 0 < len(new) <= APPEND_MAX:
+            # one statement when the session can work and the chat has room; anything
+            # else (refusals, trimming the history) takes the general transaction below
+            async def append(conn: Connection, fx: Effects) -> list[Message] | None:
+                rows = [message_values(tenant, session_id, "", 0, m, fx.now) for m in new]
+                cutoff = fx.now - timedelta(seconds=self.sessions.timeout)
+                appended = await self.repo.append(
+                    conn, rows, chat_id, cutoff, settings.max_messages_per_chat
+                )
+                if appended is None:
+                    return None
+                user_id, chat, last = appended
+                for seq, values in enumerate(rows, start=last - len(rows) + 1):
+                    values["chat_id"], values["seq"] = chat, seq
+                return self._added(fx, user_id, rows)
+
+            added = await self.ctx.transact(append, one_statement=True, operation="add_message")
+            if added is not None:
+                return added
+
         async def work(conn: Connection, fx: Effects) -> list[Message] | None:
             session = await self.sessions.require_active(conn, fx, tenant, session_id)
             if session is None:
@@ -321,19 +342,24 @@ class ConversationService:
                 for i, message in enumerate(new)
             ]
             await self.repo.insert_messages(conn, rows)
-            for values in rows:
-                fx.emit(
-                    "message.added",
-                    tenant,
-                    session_id,
-                    session.user_id,
-                    chat_id=chat,
-                    seq=values["seq"],
-                    role=values["role"],
-                )
-            return [Message._trusted(_public_message(values)) for values in rows]
+            return self._added(fx, session.user_id, rows)
 
         return done(await self.ctx.transact(work, operation="add_message"))
+
+    @staticmethod
+    def _added(fx: Effects, user_id: str, rows: list[dict[str, Any]]) -> list[Message]:
+        """Announce the inserted ``rows`` (message values) and return them as Messages."""
+        for values in rows:
+            fx.emit(
+                "message.added",
+                values["tenant_id"],
+                values["session_id"],
+                user_id,
+                chat_id=values["chat_id"],
+                seq=values["seq"],
+                role=values["role"],
+            )
+        return [Message._trusted(_public_message(values)) for values in rows]
 
     async def get_messages(
         self,

@@ -19,8 +19,11 @@ from .backend import Backend, lock_key
 from .connection import Connection
 from .relay import EventRelay
 
-#: serialization_failure, deadlock_detected, lock_not_available
-_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+#: serialization_failure, deadlock_detected, lock_not_available, and division_by_zero:
+#: ctxengine divides by zero only to abort a one-statement write whose rows changed
+#: between its check and its write (see ConversationRepository.append); a retry
+#: sees the change.
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "22012"})
 #: A pooled connection idle longer than this is pinged before use.
 PING_AFTER_IDLE = 10.0
 

@@ -6,7 +6,22 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Row,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    true,
+    union_all,
+    update,
+)
 
 from ...models import Chat, Checkpoint, Message
 from ..backend import Backend
@@ -14,6 +29,7 @@ from ..connection import Connection
 from ..schema import chats, checkpoints, messages, shared_state
 from ..schema import sessions as s
 from . import of_session
+from .sessions import CAN_WORK
 
 _CHAT = list(chats.c)
 #: The columns of a Message, in the order of its fields.
@@ -83,6 +99,82 @@ _PAGES = {
     for before in (False, True)
     for limited in (False, True)
 }
+
+
+#: The most messages one add_messages call appends in one statement (see ``append``).
+APPEND_MAX = 8
+#: What an appended message carries before the statement gives it a chat and a seq.
+_APPENDED = ("message_id", "role", "content", "metadata", "tokens")
+
+
+def _append(n: int) -> Any:
+    """ONE statement appending ``n`` messages to a chat of a session that can work (data-
+    modifying CTEs): touch the session if it is active and live and the chat has room,
+    take ``n`` sequence numbers from the chat if it still has room, insert the messages.
+
+    The session row is locked first, then the chat row, as by every other write. The
+    chat is checked in the statement's snapshot before the session is touched, and
+    again on the locked row: when a concurrent writer filled or removed it in between,
+    the statement divides by zero, so that it writes nothing and is retried (see
+    ``PostgresBackend.is_transient``). It returns (user_id, chat_id, next_seq), or no
+    row when nothing was written. Parameters: tenant, sid, now, cutoff, chat (None for
+    the current chat), limit (the default history limit), and ``<field>_<k>`` for each
+    of the ``_APPENDED`` fields of message ``k``."""
+    chat_id = func.coalesce(bindparam("chat", type_=chats.c.chat_id.type), s.c.current_chat_id)
+    limit = func.coalesce(chats.c.max_messages, bindparam("limit", type_=chats.c.max_messages.type))
+    has_room = or_(limit.is_(None), chats.c.message_count + n <= limit)
+    touched = (
+        update(s)
+        .where(
+            s.c.tenant_id == bindparam("tenant"),
+            s.c.session_id == bindparam("sid"),
+            CAN_WORK,
+            exists().where(
+                chats.c.tenant_id == s.c.tenant_id,
+                chats.c.session_id == s.c.session_id,
+                chats.c.chat_id == chat_id,
+                has_room,
+            ),
+        )
+        .values(last_activity=bindparam("now"))
+        .returning(s.c.user_id, chat_id.label("chat_id"))
+        .cte("touched")
+    )
+    taken = (
+        update(chats)
+        .where(
+            chats.c.tenant_id == bindparam("tenant"),
+            chats.c.session_id == bindparam("sid"),
+            chats.c.chat_id == touched.c.chat_id,
+            has_room,
+        )
+        .values(next_seq=chats.c.next_seq + n, message_count=chats.c.message_count + n)
+        .returning(chats.c.chat_id, chats.c.next_seq)
+        .cte("taken")
+    )
+    m = messages.c
+    rows = [
+        select(
+            bindparam("tenant", type_=m.tenant_id.type),
+            bindparam("sid", type_=m.session_id.type),
+            taken.c.chat_id,
+            taken.c.next_seq - (n - 1 - k),
+            *(bindparam(f"{field}_{k}", type_=m[field].type) for field in _APPENDED),
+            bindparam("now", type_=m.created_at.type),
+        ).select_from(taken)
+        for k in range(n)
+    ]
+    columns = ["tenant_id", "session_id", "chat_id", "seq", *_APPENDED, "created_at"]
+    added = insert(messages).from_select(columns, rows[0] if n == 1 else union_all(*rows))
+    refused_late = case((taken.c.chat_id.is_(None), 0), else_=1)
+    return (
+        select(touched.c.user_id, taken.c.chat_id, taken.c.next_seq, literal(1) // refused_late)
+        .select_from(touched.outerjoin(taken, true()))
+        .add_cte(added.cte("added"))
+    )
+
+
+_APPENDS = {n: _append(n) for n in range(1, APPEND_MAX + 1)}
 
 
 def to_chat(row: Row[Any]) -> Chat:
@@ -225,6 +317,32 @@ class ConversationRepository:
     async def insert_messages(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
             await conn.execute(_INSERT_MESSAGES, list(rows))
+
+    async def append(
+        self,
+        conn: Connection,
+        rows: Sequence[dict[str, Any]],
+        chat_id: str | None,
+        cutoff: datetime,
+        default_limit: int | None,
+    ) -> tuple[str, str, int] | None:
+        """Append ``rows`` (message values of one session, up to ``APPEND_MAX``; their
+        chat and seq are not read) in ONE statement (:attr:`Backend.data_modifying_ctes`),
+        if the session can work and the chat (``chat_id``, else the current one) has room.
+        (user_id, chat_id, the last seq taken), or None when nothing was written."""
+        first = rows[0]
+        params = {
+            "tenant": first["tenant_id"],
+            "sid": first["session_id"],
+            "now": first["created_at"],
+            "cutoff": cutoff,
+            "chat": chat_id,
+            "limit": default_limit,
+        }
+        for k, values in enumerate(rows):
+            params.update({f"{field}_{k}": values[field] for field in _APPENDED})
+        row = (await conn.execute(_APPENDS[len(rows)], params)).first()
+        return None if row is None else (row[0], row[1], int(row[2]))
 
     async def delete_oldest(
         self,

@@ -69,6 +69,8 @@ _LIVE = and_(
     t.c.last_activity >= bindparam("cutoff"),
     or_(t.c.expires_at.is_(None), t.c.expires_at > bindparam("now")),
 )
+#: A session that can work: active and live (parameters now, cutoff).
+CAN_WORK = and_(t.c.status == SessionStatus.ACTIVE.value, _LIVE)
 _COUNTED = _columns(bindparam("now"))  # type: ignore[arg-type]
 _GET = select(*_COLUMNS).where(_BY_KEY)
 _GET_COUNTED = select(*_COUNTED).where(_BY_KEY)
@@ -83,7 +85,7 @@ _RECORD = (
     )
     .returning(*_returned(bindparam("tenant"), bindparam("sid"), bindparam("now")))
 )
-_RECORD_ACTIVE = _RECORD.where(t.c.status == SessionStatus.ACTIVE.value, _LIVE)
+_RECORD_ACTIVE = _RECORD.where(CAN_WORK)
 
 
 def _insert_with_chat(backend: Backend, columns: Sequence[str], chat_columns: Sequence[str]) -> Any:
