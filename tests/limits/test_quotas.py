@@ -88,6 +88,26 @@ async def test_threshold_events_fire_once_per_crossing(engine: ContextEngine) ->
     assert len(records) == 10 and records[0].amount == 10
 
 
+async def test_a_custom_quota_may_be_above_the_tiers(engine: ContextEngine) -> None:
+    """A new quota row takes the tier's limit; a custom row's limit, higher or lower,
+    is the one applied from then on."""
+    custom = (await engine.create_session(user_id="u", tier="free")).session_id
+    await engine.set_quota(custom, QuotaType.API_CALLS, 5000)  # the free tier gives 1000
+    record = await engine.track_usage(custom, "batch", QuotaType.API_CALLS, 3000)
+    assert (record.amount, record.user_id) == (3000, "u")
+    with pytest.raises(QuotaExceededError):
+        await engine.track_usage(custom, "batch", QuotaType.API_CALLS, 2001)
+    assert (await engine.get_quota(custom, QuotaType.API_CALLS)).used == 3000
+    plain = (await engine.create_session(user_id="u", tier="free")).session_id
+    with pytest.raises(QuotaExceededError) as refused:
+        await engine.track_usage(plain, "batch", QuotaType.API_CALLS, 1001)
+    assert (refused.value.used, refused.value.limit) == (0, 1000)
+    assert (
+        await scalar(engine, "SELECT COUNT(*) FROM ctx_quotas WHERE session_id = :s", s=plain) == 0
+    )
+    assert await scalar(engine, "SELECT COUNT(*) FROM ctx_usage_records") == 1
+
+
 async def test_tiers_set_quota_and_change_tier(engine: ContextEngine) -> None:
     session = await engine.create_session(user_id="u", tier="free")
     sid = session.session_id

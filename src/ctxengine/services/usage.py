@@ -38,6 +38,33 @@ def tier_limit(policy: TierPolicy | None, resource: QuotaType) -> float | None:
     return None if limit is None else float(limit)
 
 
+def _recorded(
+    fx: Effects, row: dict[str, Any], user_id: str, used: float, limit: float | None
+) -> UsageRecord:
+    """The record inserted as ``row``, announced with the quota thresholds it crossed
+    (``used`` of ``limit`` after it)."""
+    values = {**row, "user_id": user_id, "resource_type": QuotaType(row["resource_type"])}
+    record = UsageRecord._trusted({name: values[name] for name in UsageRecord.model_fields})
+    session_id = record.session_id
+    fx.emit("usage.recorded", row["tenant_id"], session_id, user_id, record=record)
+    if limit:
+        before, after = 100 * (used - record.amount) / limit, 100 * used / limit
+        for threshold, event in THRESHOLDS:
+            if before < threshold <= after:
+                fx.emit(
+                    event,
+                    row["tenant_id"],
+                    session_id,
+                    user_id,
+                    resource_type=row["resource_type"],
+                    used=used,
+                    limit=limit,
+                    usage_percentage=after,
+                )
+                break
+    return record
+
+
 class UsageService:
     """Business rules of SPEC §5 (quotas, usage) and the analytics of §3."""
 
@@ -69,6 +96,37 @@ class UsageService:
         qty = v.positive(amount, "amount")
         meta = v.json_object(metadata, "metadata", self.ctx.settings.max_metadata_bytes)
 
+        def values(fx: Effects) -> dict[str, Any]:
+            """The usage record's row, but its user_id."""
+            return {
+                "tenant_id": tenant,
+                "record_id": new_id(),
+                "session_id": session_id,
+                "operation": operation,
+                "resource_type": resource.value,
+                "amount": qty,
+                "metadata": meta,
+                "created_at": fx.now,
+            }
+
+        if self.ctx.store.backend.data_modifying_ctes:
+            # one statement when the session can work and the quota has room; refusals
+            # take the general transaction below
+            tier_limits = self._tier_limits(resource)
+
+            async def count(conn: Connection, fx: Effects) -> UsageRecord | None:
+                row = values(fx)
+                cutoff = fx.now - timedelta(seconds=self.sessions.timeout)
+                counted = await self.repo.track(conn, row, cutoff, tier_limits)
+                if counted is None:
+                    return None
+                user_id, used, limit = counted
+                return _recorded(fx, row, user_id, used, limit)
+
+            counted = await self.ctx.transact(count, one_statement=True, operation="track_usage")
+            if counted is not None:
+                return counted
+
         async def work(conn: Connection, fx: Effects) -> UsageRecord | None:
             session = await self.sessions.require_active(conn, fx, tenant, session_id)
             if session is None:
@@ -93,48 +151,20 @@ class UsageService:
                 )
                 fx.refuse(QuotaExceededError(resource.value, used, row_limit, qty))
                 return None
-            used, new_limit = result
-            record = UsageRecord(
-                record_id=new_id(),
-                session_id=session_id,
-                user_id=session.user_id,
-                operation=operation,
-                resource_type=resource,
-                amount=qty,
-                metadata=meta,
-                created_at=fx.now,
-            )
-            await self.repo.insert_record(
-                conn,
-                {**record.model_dump(), "tenant_id": tenant, "resource_type": resource.value},
-            )
-            fx.emit(
-                "usage.recorded",
-                tenant,
-                session_id,
-                session.user_id,
-                record=record,
-            )
-            if new_limit:
-                before, after = 100 * (used - qty) / new_limit, 100 * used / new_limit
-                for threshold, event in THRESHOLDS:
-                    if before < threshold <= after:
-                        fx.emit(
-                            event,
-                            tenant,
-                            session_id,
-                            session.user_id,
-                            resource_type=resource.value,
-                            used=used,
-                            limit=new_limit,
-                            usage_percentage=after,
-                        )
-                        break
-            return record
+            row = values(fx) | {"user_id": session.user_id}
+            await self.repo.insert_record(conn, row)
+            return _recorded(fx, row, session.user_id, *result)
 
         result = await self.ctx.transact(work, operation="track_usage")
         assert result is not None
         return result
+
+    def _tier_limits(self, resource: QuotaType) -> dict[str, float]:
+        """The limit of ``resource`` in each tier that limits it."""
+        limits = {
+            tier: tier_limit(policy, resource) for tier, policy in self.ctx.settings.tiers.items()
+        }
+        return {tier: limit for tier, limit in limits.items() if limit is not None}
 
     async def quotas(self, tenant: str, session_id: str) -> dict[QuotaType, QuotaStatus]:
         v.identifier(session_id)

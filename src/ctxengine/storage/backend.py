@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from sqlalchemy import ColumnElement, Table
+from sqlalchemy import ColumnElement, Select, Table
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
@@ -88,13 +88,18 @@ class Backend:
         self,
         table: Table,
         key: Sequence[str],
-        values: dict[str, Any],
+        values: dict[str, Any] | Select[Any],
         update: Callable[[Any], dict[str, Any]],
         where: Callable[[Any], ColumnElement[bool]] | None = None,
     ) -> Insert:
-        """INSERT ``values``; on a key conflict apply ``update(excluded)`` to the existing
-        row, only where ``where(excluded)`` holds (then nothing is returned)."""
-        stmt = self._insert(table).values(**values)
+        """INSERT ``values`` (or the rows of a SELECT whose columns are labelled with the
+        table's); on a key conflict apply ``update(excluded)`` to the existing row, only
+        where ``where(excluded)`` holds (then nothing is returned)."""
+        stmt = self._insert(table)
+        if isinstance(values, Select):
+            stmt = stmt.from_select([c.key for c in values.selected_columns], values)
+        else:
+            stmt = stmt.values(**values)
         result: Insert = stmt.on_conflict_do_update(
             index_elements=list(key),
             set_=update(stmt.excluded),

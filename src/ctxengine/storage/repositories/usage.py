@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Row,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    literal,
+    null,
+    or_,
+    select,
+    true,
+    update,
+)
 
 from ..backend import Backend
 from ..connection import Connection
 from ..schema import leases, quotas, rate_limit_rules, rate_limit_state, usage_records
+from ..schema import sessions as s
 from . import of_session
+from .sessions import CAN_WORK
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
 _INSERT_RECORD = insert(usage_records)
@@ -32,6 +50,87 @@ _ADD_TO_EXISTING = (
     .values(used=quotas.c.used + bindparam("amount"))
     .returning(quotas.c.used, quotas.c.quota_limit)
 )
+
+
+def _track(backend: Backend, tier_limits: Mapping[str, float]) -> Any:
+    """ONE statement for track_usage (data-modifying CTEs): touch the session if it can
+    work and the quota has room, add the amount to the quota row (created with the
+    limit ``tier_limits`` gives the session's tier, unlimited for other tiers), insert
+    the usage record.
+
+    As in ``ConversationRepository.append``: the session row is locked before the quota
+    row, the room is checked in the snapshot and again on the locked row, and when it
+    is gone in between, the statement divides by zero, writing nothing. It returns
+    (user_id, used, limit), or no row when nothing was written. Parameters: tenant,
+    sid, now, cutoff, resource, amount, record_id, operation, meta (named apart from the
+    sessions table's columns, which an UPDATE would set from parameters of their names)."""
+    q = quotas.c
+    of_row = and_(
+        q.tenant_id == bindparam("tenant"),
+        q.session_id == bindparam("sid"),
+        q.resource_type == bindparam("resource"),
+    )
+    row_exists = exists().where(of_row)
+    tier_limit = (
+        case(
+            {tier: literal(limit, q.quota_limit.type) for tier, limit in tier_limits.items()},
+            value=s.c.tier,
+            else_=null(),
+        )
+        if tier_limits
+        else null()
+    )
+    fits_new = or_(tier_limit.is_(None), bindparam("amount") <= tier_limit)
+    touched = (
+        update(s)
+        .where(
+            s.c.tenant_id == bindparam("tenant"),
+            s.c.session_id == bindparam("sid"),
+            CAN_WORK,
+            or_(exists().where(of_row, _FITS), and_(~row_exists, fits_new)),
+        )
+        .values(last_activity=bindparam("now"))
+        .returning(s.c.user_id, fits_new.label("fits_new"), tier_limit.label("tier_limit"))
+        .cte("touched")
+    )
+    new_row = select(
+        bindparam("tenant", type_=q.tenant_id.type).label("tenant_id"),
+        bindparam("sid", type_=q.session_id.type).label("session_id"),
+        bindparam("resource", type_=q.resource_type.type).label("resource_type"),
+        bindparam("amount", type_=q.used.type).label("used"),
+        touched.c.tier_limit.label("quota_limit"),
+        false().label("custom"),
+    ).where(or_(touched.c.fits_new, row_exists))
+    counted = (
+        backend.upsert(
+            quotas,
+            _Q_KEY,
+            new_row,
+            lambda excluded: {"used": q.used + excluded.used},
+            lambda excluded: _FITS,
+        )
+        .returning(q.used, q.quota_limit)
+        .cte("counted")
+    )
+    u = usage_records.c
+    record = select(
+        bindparam("tenant", type_=u.tenant_id.type),
+        bindparam("record_id", type_=u.record_id.type),
+        bindparam("sid", type_=u.session_id.type),
+        touched.c.user_id,
+        bindparam("operation", type_=u.operation.type),
+        bindparam("resource", type_=u.resource_type.type),
+        bindparam("amount", type_=u.amount.type),
+        bindparam("meta", type_=u.metadata.type),
+        bindparam("now", type_=u.created_at.type),
+    ).select_from(touched.join(counted, true()))
+    recorded = insert(usage_records).from_select([c.name for c in usage_records.c], record)
+    refused_late = case((counted.c.used.is_(None), 0), else_=1)
+    return (
+        select(touched.c.user_id, counted.c.used, counted.c.quota_limit, literal(1) // refused_late)
+        .select_from(touched.outerjoin(counted, true()))
+        .add_cte(recorded.cte("recorded"))
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +197,8 @@ class UsageRepository:
             lambda excluded: {"used": q.used + excluded.used},
             lambda excluded: _FITS,
         ).returning(q.used, q.quota_limit)
+        #: ``_track`` statements, by the tier limits they were built for.
+        self._tracks: dict[tuple[tuple[str, float], ...], Any] = {}
         #: The limiter state row, created empty, locked (parameters: the key, state, now).
         self._lock_state = backend.upsert(
             rate_limit_state,
@@ -132,6 +233,36 @@ class UsageRepository:
         stmt = self._add_or_create if fits_new else _ADD_TO_EXISTING
         row = (await conn.execute(stmt, params)).first()
         return None if row is None else (float(row[0]), _opt_float(row[1]))
+
+    async def track(
+        self,
+        conn: Connection,
+        record: dict[str, Any],
+        cutoff: datetime,
+        tier_limits: Mapping[str, float],
+    ) -> tuple[str, float, float | None] | None:
+        """Touch the session, count ``record`` (usage record values without user_id)
+        against its quota, insert it, in ONE statement (:attr:`Backend.data_modifying_ctes`),
+        if the session can work and the quota has room (a new quota row gets the limit
+        ``tier_limits`` gives the session's tier). (user_id, used, limit), or None when
+        nothing was written."""
+        key = tuple(sorted(tier_limits.items()))
+        stmt = self._tracks.get(key)
+        if stmt is None:
+            stmt = self._tracks[key] = _track(self.backend, tier_limits)
+        params = {
+            "tenant": record["tenant_id"],
+            "sid": record["session_id"],
+            "now": record["created_at"],
+            "cutoff": cutoff,
+            "resource": record["resource_type"],
+            "amount": record["amount"],
+            "record_id": record["record_id"],
+            "operation": record["operation"],
+            "meta": record["metadata"],
+        }
+        row = (await conn.execute(stmt, params)).first()
+        return None if row is None else (row[0], float(row[1]), _opt_float(row[2]))
 
     async def quota_rows(
         self, conn: Connection, tenant: str, session_id: str
