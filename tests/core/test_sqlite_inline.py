@@ -56,3 +56,41 @@ async def test_an_aiosqlite_engine_given_by_the_caller_is_used_as_it_is(tmp_path
             assert engine._store.engine is given
     finally:
         await given.dispose()
+
+
+async def test_prebuilt_statements_convert_values_as_sqlalchemy_does(tmp_path: Path) -> None:
+    """A prebuilt statement run on sqlite3 directly stores what SQLAlchemy would store
+    (timestamps in its text form, so comparisons hold) and reads the same values."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import text
+
+    from ctxengine.storage.prebuilt import run
+    from ctxengine.storage.repositories import sessions as repo
+    from ctxengine.storage.sqlite import InlineConnection
+
+    async with ContextEngine(f"sqlite:///{tmp_path / 'prebuilt.db'}", settings=SETTINGS) as engine:
+        await engine.create_session("s", "u", metadata={"k": [1, "ü"]})
+        now = datetime(2031, 2, 3, 4, 5, 6, 789, tzinfo=UTC)
+        params = {
+            "tenant": "default",
+            "sid": "s",
+            "now": now,
+            "cutoff": now - timedelta(days=3650),
+            "requests": 2,
+            "errors": 1,
+            "processing_time": 0.5,
+        }
+        sync = engine._store.engine.sync_engine
+        with sync.connect() as conn:
+            inline = InlineConnection(conn)
+            written = (await run(inline, repo._RECORD_ACTIVE, params)).first()
+            conn.commit()
+            direct = (await run(inline, repo._GET_COUNTED, params)).first()
+            through_sqlalchemy = conn.execute(repo._GET_COUNTED, params).first()
+            stored = conn.execute(text("SELECT last_activity FROM ctx_sessions")).scalar_one()
+        assert written is not None and direct is not None and through_sqlalchemy is not None
+        assert tuple(written) == tuple(direct) == tuple(through_sqlalchemy)
+        assert direct.last_activity == now and direct._mapping["metadata"] == {"k": [1, "ü"]}
+        assert (direct.request_count, direct.error_count) == (2, 1)
+        assert stored == "2031-02-03 04:05:06.000789"

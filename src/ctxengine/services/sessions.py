@@ -22,6 +22,7 @@ from ..ids import new_id
 from ..lifecycle import END_STATUSES, sources_of
 from ..models import Session, SessionStatus, Statistics
 from ..storage.connection import Connection
+from ..storage.prebuilt import Record
 from ..storage.repositories.conversation import ConversationRepository
 from ..storage.repositories.sessions import Counters, SessionFilter, SessionRepository, to_session
 from .base import Context, Effects, done
@@ -230,7 +231,7 @@ class SessionService:
 
     async def existing(
         self, conn: Connection, tenant: str, session_id: str, now: datetime | None = None
-    ) -> Row[Any]:
+    ) -> Record:
         """The session's row (leases counted when ``now`` is given), or SessionNotFoundError."""
         row = await self.repo.get(conn, tenant, session_id, now)
         if row is None:

@@ -26,6 +26,7 @@ from sqlalchemy import (
 from ...models import Chat, Checkpoint, Message
 from ..backend import Backend
 from ..connection import Connection
+from ..prebuilt import Record, run
 from ..schema import chats, checkpoints, messages, shared_state
 from ..schema import sessions as s
 from . import of_session
@@ -308,15 +309,15 @@ class ConversationRepository:
     # -- messages -----------------------------------------------------------------------
     async def take_seqs(
         self, conn: Connection, tenant: str, session_id: str, chat_id: str, n: int
-    ) -> Row[Any] | None:
+    ) -> Record | None:
         """Hand out the next ``n`` sequence numbers of the chat, locking its row until
         commit; (next_seq, message_count, max_messages) after the change, or None."""
         params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "n": n}
-        return (await conn.execute(_TAKE_SEQS, params)).first()
+        return (await run(conn, _TAKE_SEQS, params)).first()
 
     async def insert_messages(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
-            await conn.execute(_INSERT_MESSAGES, list(rows))
+            await run(conn, _INSERT_MESSAGES, rows)
 
     async def append(
         self,

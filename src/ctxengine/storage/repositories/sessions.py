@@ -27,6 +27,7 @@ from ...lifecycle import OPEN_STATUSES
 from ...models import Session, SessionStatus
 from ..backend import Backend
 from ..connection import Connection
+from ..prebuilt import Record, run
 from ..schema import chats, leases, quotas, rate_limit_rules, rate_limit_state
 from ..schema import sessions as t
 from . import of_session
@@ -134,7 +135,7 @@ _ROW_FIELDS = tuple(
 _LIVE_LEASES = len(_COLUMNS)  # position of concurrent_operations, when selected
 
 
-def to_session(row: Row[Any], observed_at: datetime) -> Session:
+def to_session(row: Record, observed_at: datetime) -> Session:
     """Build the public snapshot from a row whose first columns are ``_COLUMNS`` (values
     are already validated on write); by position, which costs less than by name."""
     values = {name: row[position] for name, position in _ROW_FIELDS}
@@ -170,13 +171,13 @@ class SessionRepository:
     # -- reads --------------------------------------------------------------------------
     async def get(
         self, conn: Connection, tenant: str, session_id: str, now: datetime | None = None
-    ) -> Row[Any] | None:
+    ) -> Record | None:
         """The session row (with its live leases counted when ``now`` is given)."""
         if now is None:
-            result = await conn.execute(_GET, {"tenant": tenant, "sid": session_id})
+            result = await run(conn, _GET, {"tenant": tenant, "sid": session_id})
         else:
             params = {"tenant": tenant, "sid": session_id, "now": now}
-            result = await conn.execute(_GET_COUNTED, params)
+            result = await run(conn, _GET_COUNTED, params)
         return result.first()
 
     async def count_open(
@@ -287,7 +288,7 @@ class SessionRepository:
         idle_limit: float | None,
         counters: Counters,
         metadata: dict[str, Any] | None,
-    ) -> Row[Any] | None:
+    ) -> Record | None:
         """Add counters, merge metadata and touch, atomically.
 
         With a ``timeout`` the session must be active and live; with None any
@@ -304,9 +305,10 @@ class SessionRepository:
         stmt = _RECORD if idle_limit is None else _RECORD_ACTIVE
         if idle_limit is not None:
             params["cutoff"] = now - timedelta(seconds=idle_limit)
-        if metadata:
+        if metadata:  # a statement of its own
             stmt = stmt.values(metadata=self.backend.json_merge(t.c.metadata, metadata))
-        return (await conn.execute(stmt, params)).first()
+            return (await conn.execute(stmt, params)).first()
+        return (await run(conn, stmt, params)).first()
 
     async def transition(
         self,

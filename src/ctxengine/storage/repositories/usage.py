@@ -27,6 +27,7 @@ from sqlalchemy import (
 
 from ..backend import Backend
 from ..connection import Connection
+from ..prebuilt import run
 from ..schema import leases, quotas, rate_limit_rules, rate_limit_state, usage_records
 from ..schema import sessions as s
 from . import of_session
@@ -231,7 +232,7 @@ class UsageRepository:
         # existing (custom) limit might
         fits_new = tier_limit is None or amount <= tier_limit
         stmt = self._add_or_create if fits_new else _ADD_TO_EXISTING
-        row = (await conn.execute(stmt, params)).first()
+        row = (await run(conn, stmt, params)).first()
         return None if row is None else (float(row[0]), _opt_float(row[1]))
 
     async def track(
@@ -365,7 +366,7 @@ class UsageRepository:
 
     # -- usage records ------------------------------------------------------------------
     async def insert_record(self, conn: Connection, values: dict[str, Any]) -> None:
-        await conn.execute(_INSERT_RECORD, values)
+        await run(conn, _INSERT_RECORD, values)
 
     async def history(
         self, conn: Connection, tenant: str, f: UsageFilter, limit: int
@@ -421,7 +422,7 @@ class UsageRepository:
             "user_id": user_id,
             "operation": operation,
         }
-        row = (await conn.execute(_RULE, params)).first()
+        row = (await run(conn, _RULE, params)).first()
         return None if row is None else (row[0], int(row[1]), float(row[2]))
 
     async def set_rule(
@@ -459,10 +460,10 @@ class UsageRepository:
     ) -> Any:
         """The limiter state of ``key``, locked until the transaction ends (created empty)."""
         params = {**_state_params(key), "state": {}, "now": now}
-        return (await conn.execute(self._lock_state, params)).scalar_one()
+        return (await run(conn, self._lock_state, params)).scalar_one()
 
     async def peek_state(self, conn: Connection, key: tuple[str, str, str, str, int]) -> Any:
-        return (await conn.execute(_PEEK_STATE, _state_params(key))).scalar_one_or_none()
+        return (await run(conn, _PEEK_STATE, _state_params(key))).scalar_one_or_none()
 
     async def save_state(
         self,
@@ -471,7 +472,7 @@ class UsageRepository:
         state: Any,
         now: datetime,
     ) -> None:
-        await conn.execute(_SAVE_STATE, {**_state_params(key), "state": state, "now": now})
+        await run(conn, _SAVE_STATE, {**_state_params(key), "state": state, "now": now})
 
     # -- leases -------------------------------------------------------------------------
     async def live_leases(
