@@ -2,7 +2,8 @@
 
 SQLAlchemy's per-execution work (cache key, parameter dictionary, execution context,
 result object) takes about 80 µs, more than SQLite takes to run a small statement.
-On an inline SQLite connection a prebuilt statement is therefore compiled once, by
+On an inline SQLite connection, and on an asyncpg connection in autocommit (where no
+transaction state can be missed), a prebuilt statement is therefore compiled once, by
 SQLAlchemy, and run on the driver directly, its parameters and results converted by
 the processors of the statement's own column types. Elsewhere it runs as any other.
 """
@@ -12,10 +13,12 @@ from __future__ import annotations
 import sqlite3
 import weakref
 from collections import namedtuple
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection as SyncConnection
+from sqlalchemy.engine import CursorResult, Dialect
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.selectable import ReturnsRows
@@ -23,6 +26,7 @@ from sqlalchemy.sql.selectable import ReturnsRows
 from .connection import Connection
 from .sqlite import InlineConnection
 
+T = TypeVar("T")
 Params = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 
 
@@ -51,23 +55,58 @@ class Rows(Protocol):
     def __iter__(self) -> Iterator[Any]: ...
 
 
+class AutocommitConnection:
+    """An asyncpg connection in autocommit, as the connection of a unit of work."""
+
+    __slots__ = ("conn", "driver")
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        assert conn.sync_connection is not None
+        self.driver = conn.sync_connection.connection.driver_connection
+
+    async def execute(
+        self,
+        statement: Executable,
+        parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    ) -> CursorResult[*tuple[Any, ...]]:
+        return await self.conn.execute(statement, parameters)
+
+    async def run_sync(self, fn: Callable[[SyncConnection], T]) -> T:
+        return await self.conn.run_sync(fn)
+
+
 async def run(conn: Connection, statement: Executable, parameters: Params) -> Rows:
     """Execute ``statement``, which must be built once (at import or per repository),
-    never per call: the inline SQLite connection keeps its compiled form."""
-    if type(conn) is InlineConnection:
-        compiled = _COMPILED.get(statement)
-        if compiled is None:
-            compiled = _COMPILED[statement] = _Compiled(statement, conn.sync.dialect)
+    never per call: its compiled form is kept."""
+    kind = type(conn)
+    if kind is InlineConnection:
+        assert isinstance(conn, InlineConnection)
         raw = conn.sync.connection.driver_connection
         assert isinstance(raw, sqlite3.Connection)
-        return compiled.run(raw, parameters)
+        return _compiled(statement, conn.sync.dialect).run_sqlite(raw, parameters)
+    if kind is AutocommitConnection and isinstance(parameters, Mapping):
+        assert isinstance(conn, AutocommitConnection)
+        form = _compiled(statement, conn.conn.dialect)
+        return await form.run_asyncpg(conn.driver, parameters)
     return await conn.execute(statement, parameters)
 
 
-class _Compiled:
-    """A statement compiled for the inline dialect (every engine's is configured alike)."""
+def _compiled(statement: Executable, dialect: Dialect) -> _Compiled:
+    forms = _COMPILED.get(statement)
+    if forms is None:
+        forms = _COMPILED[statement] = {}
+    key = (dialect.name, dialect.driver)  # ctxengine configures every engine alike
+    form = forms.get(key)
+    if form is None:
+        form = forms[key] = _Compiled(statement, dialect)
+    return form
 
-    __slots__ = ("binds", "results", "row", "sql")
+
+class _Compiled:
+    """A statement compiled for one dialect, with the processors of its values."""
+
+    __slots__ = ("binds", "dialect", "results", "row", "sql", "types")
 
     def __init__(self, statement: Executable, dialect: Dialect) -> None:
         assert isinstance(statement, ClauseElement)
@@ -87,10 +126,19 @@ class _Compiled:
         columns: list[Any] = []
         if isinstance(statement, ReturnsRows):
             columns.extend(statement.exported_columns)
-        self.results = tuple(
-            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
-        )
+        self.dialect = dialect
+        self.types = [column.type.dialect_impl(dialect) for column in columns]
+        #: the result processors, given the types of the driver's columns when it has them
+        self.results: tuple[Any, ...] | None = None
         self.row = _row_type(tuple(column.key for column in columns))
+
+    def processors(self, coltypes: Sequence[Any]) -> tuple[Any, ...]:
+        if self.results is None:
+            self.results = tuple(
+                t.result_processor(self.dialect, coltype)
+                for t, coltype in zip(self.types, coltypes, strict=True)
+            )
+        return self.results
 
     def values(self, parameters: Mapping[str, Any]) -> list[Any]:
         values = []
@@ -99,18 +147,32 @@ class _Compiled:
             values.append(value if process is None else process(value))
         return values
 
-    def run(self, raw: sqlite3.Connection, parameters: Params) -> _Result:
+    def run_sqlite(self, raw: sqlite3.Connection, parameters: Params) -> _Result:
         if isinstance(parameters, Mapping):
             cursor = raw.execute(self.sql, self.values(parameters))
         else:
             cursor = raw.executemany(self.sql, [self.values(p) for p in parameters])
         try:
-            if not self.results:
+            if not self.types:
                 return _Result([], cursor.rowcount)
-            fetched = cursor.fetchall()
+            return self.rows(cursor.fetchall(), self.processors([None] * len(self.types)))
         finally:
             cursor.close()
-        make, processors = self.row._make, self.results
+
+    async def run_asyncpg(self, driver: Any, parameters: Mapping[str, Any]) -> _Result:
+        values = self.values(parameters)
+        if not self.types:
+            status = await driver.execute(self.sql, *values)
+            count = status.rsplit(" ", 1)[-1]
+            return _Result([], int(count) if count.isdigit() else -1)
+        processors = self.results
+        if processors is None:  # the driver's column types (OIDs), as SQLAlchemy reads them
+            prepared = await driver.prepare(self.sql)
+            processors = self.processors([a.type.oid for a in prepared.get_attributes()])
+        return self.rows(await driver.fetch(self.sql, *values), processors)
+
+    def rows(self, fetched: Sequence[Sequence[Any]], processors: tuple[Any, ...]) -> _Result:
+        make = self.row._make
         rows = [
             make([v if p is None else p(v) for p, v in zip(processors, r, strict=True)])
             for r in fetched
@@ -152,4 +214,7 @@ class _Result:
 
 
 _namedtuple: Any = namedtuple
-_COMPILED: weakref.WeakKeyDictionary[Executable, _Compiled] = weakref.WeakKeyDictionary()
+#: Compiled forms of each statement, by dialect.
+_COMPILED: weakref.WeakKeyDictionary[Executable, dict[tuple[str, str], _Compiled]] = (
+    weakref.WeakKeyDictionary()
+)

@@ -25,6 +25,7 @@ from tenacity import (
 from ..errors import StorageError
 from .backend import Backend
 from .connection import Connection
+from .prebuilt import AutocommitConnection
 from .sqlite import InlineConnection, InlineSQLiteDialect, SQLiteBackend
 
 log = logging.getLogger("ctxengine.storage")
@@ -66,6 +67,8 @@ class Store:
         )
         #: Whether the inline pool has made its first connection (see _checkout_inline).
         self._pool_started = False
+        #: Whether autocommit units may run prebuilt statements on asyncpg directly.
+        self._asyncpg = engine.dialect.driver == "asyncpg"
         #: The same pool, with connections in autocommit: units of work that need no
         #: BEGIN/COMMIT (see :attr:`Backend.autocommit_level`) run on it.
         self._autocommit = (
@@ -130,7 +133,7 @@ class Store:
         if self._autocommit is not None and (one_statement or not write):
             # each statement commits by itself; nothing to begin, commit or roll back
             async with self._autocommit.connect() as conn:
-                return await work(conn)
+                return await work(AutocommitConnection(conn) if self._asyncpg else conn)
         async with self.engine.connect() as conn:  # closes even if the caller is cancelled
             return await self._commit(conn, work, write)
 

@@ -342,7 +342,7 @@ class ConversationRepository:
         }
         for k, values in enumerate(rows):
             params.update({f"{field}_{k}": values[field] for field in _APPENDED})
-        row = (await conn.execute(_APPENDS[len(rows)], params)).first()
+        row = (await run(conn, _APPENDS[len(rows)], params)).first()
         return None if row is None else (row[0], row[1], int(row[2]))
 
     async def delete_oldest(

@@ -459,7 +459,7 @@ class SessionRepository:
 
     async def insert_with_chat(
         self, conn: Connection, values: dict[str, Any], chat: dict[str, Any]
-    ) -> Row[Any] | None:
+    ) -> Record | None:
         """Insert the session and its first chat in ONE statement (a data-modifying CTE,
         :attr:`Backend.data_modifying_ctes`): the chat row is inserted only if the session
         row was. The new session row, or None when the id exists (nothing written)."""
@@ -468,7 +468,7 @@ class SessionRepository:
         if stmt is None:
             stmt = self._inserts_with_chat[shape] = _insert_with_chat(self.backend, *shape)
         params = {f"s_{k}": v for k, v in values.items()} | {f"c_{k}": v for k, v in chat.items()}
-        return (await conn.execute(stmt, params)).first()
+        return (await run(conn, stmt, params)).first()
 
     async def delete(self, conn: Connection, tenant: str, session_id: str) -> bool:
         """Delete the session; owned rows go by ON DELETE CASCADE, its rate limits here."""

@@ -262,7 +262,7 @@ class UsageRepository:
             "operation": record["operation"],
             "meta": record["metadata"],
         }
-        row = (await conn.execute(stmt, params)).first()
+        row = (await run(conn, stmt, params)).first()
         return None if row is None else (row[0], float(row[1]), _opt_float(row[2]))
 
     async def quota_rows(
