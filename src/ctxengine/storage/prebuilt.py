@@ -39,6 +39,8 @@ class Record(Protocol):
 
     def __len__(self) -> int: ...
 
+    def __iter__(self) -> Iterator[Any]: ...
+
 
 class Rows(Protocol):
     """What the hot paths read from a result (SQLAlchemy's CursorResult has all of it)."""
@@ -118,7 +120,7 @@ class _Compiled:
         self.binds = tuple(
             (
                 name,
-                None if binds[name].required else binds[name].effective_value,
+                _REQUIRED if binds[name].required else binds[name].effective_value,
                 binds[name].type.dialect_impl(dialect).bind_processor(dialect),
             )
             for name in compiled.positiontup or ()
@@ -143,7 +145,9 @@ class _Compiled:
     def values(self, parameters: Mapping[str, Any]) -> list[Any]:
         values = []
         for name, held, process in self.binds:
-            value = parameters[name] if name in parameters else held
+            value = parameters.get(name, held)
+            if value is _REQUIRED:
+                raise KeyError(f"no value for the parameter {name!r} of {self.sql!r}")
             values.append(value if process is None else process(value))
         return values
 
@@ -214,6 +218,8 @@ class _Result:
 
 
 _namedtuple: Any = namedtuple
+#: Held by a parameter that each execution must give.
+_REQUIRED = object()
 #: Compiled forms of each statement, by dialect.
 _COMPILED: weakref.WeakKeyDictionary[Executable, dict[tuple[str, str], _Compiled]] = (
     weakref.WeakKeyDictionary()

@@ -178,7 +178,7 @@ def _append(n: int) -> Any:
 _APPENDS = {n: _append(n) for n in range(1, APPEND_MAX + 1)}
 
 
-def to_chat(row: Row[Any]) -> Chat:
+def to_chat(row: Record) -> Chat:
     m = row._mapping
     return Chat._trusted(
         {
@@ -196,7 +196,7 @@ def to_chat(row: Row[Any]) -> Chat:
 _MESSAGE_FIELDS = tuple(Message.model_fields)
 
 
-def to_message(row: Row[Any]) -> Message:
+def to_message(row: Record) -> Message:
     """A Message from a row of the ``_MESSAGE`` columns."""
     return Message._trusted(dict(zip(_MESSAGE_FIELDS, row, strict=True)))
 
@@ -251,9 +251,9 @@ class ConversationRepository:
         result = await conn.execute(stmt.values(chat_count=s.c.chat_count + 1))
         return bool(result.rowcount)
 
-    async def insert_chat(self, conn: Connection, values: dict[str, Any]) -> Row[Any] | None:
+    async def insert_chat(self, conn: Connection, values: dict[str, Any]) -> Record | None:
         """Insert unless the chat id exists in the session; the new row or None."""
-        return (await conn.execute(self._insert_chat, values)).first()
+        return (await run(conn, self._insert_chat, values)).first()
 
     async def get_chat(
         self, conn: Connection, tenant: str, session_id: str, chat_id: str
@@ -436,7 +436,7 @@ class ConversationRepository:
         chat_id: str | None,
         limit: int | None,
         before_seq: int | None,
-    ) -> Sequence[Row[Any]]:
+    ) -> Sequence[Record]:
         """The last ``limit`` messages before ``before_seq``, newest first (an index range
         scan on (chat, seq)); ``chat_id`` None reads the session's current chat."""
         shape = (chat_id is None, before_seq is not None, limit is not None)
@@ -447,7 +447,7 @@ class ConversationRepository:
             "before": before_seq,
             "limit": limit,
         }
-        return (await conn.execute(_PAGES[shape], params)).all()
+        return list(await run(conn, _PAGES[shape], params))
 
     async def all_messages(
         self, conn: Connection, tenant: str, session_id: str

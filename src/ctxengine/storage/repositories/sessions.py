@@ -151,7 +151,8 @@ class SessionRepository:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         #: The columns inserted are those of the parameters (compiled once per set).
-        self._insert = backend.insert_or_ignore(t, ("tenant_id", "session_id")).returning(*_COLUMNS)
+        #: ``insert`` statements, by the columns of the row.
+        self._inserts: dict[tuple[str, ...], Any] = {}
         #: ``insert_with_chat`` statements, by the columns of the two rows.
         self._inserts_with_chat: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
 
@@ -275,9 +276,17 @@ class SessionRepository:
         }
 
     # -- writes -------------------------------------------------------------------------
-    async def insert(self, conn: Connection, values: dict[str, Any]) -> Row[Any] | None:
+    async def insert(self, conn: Connection, values: dict[str, Any]) -> Record | None:
         """Insert unless the id exists; the new row, or None on conflict."""
-        return (await conn.execute(self._insert, values)).first()
+        shape = tuple(values)
+        stmt = self._inserts.get(shape)
+        if stmt is None:
+            stmt = self._inserts[shape] = (
+                self.backend.insert_or_ignore(t, ("tenant_id", "session_id"))
+                .values({c: bindparam(c, type_=t.c[c].type) for c in shape})
+                .returning(*_COLUMNS)
+            )
+        return (await run(conn, stmt, values)).first()
 
     async def record(
         self,
