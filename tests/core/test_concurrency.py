@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import sqlite3
 
 import pytest
 from sqlalchemy import text
@@ -89,3 +90,38 @@ async def test_get_or_create_is_safe_across_processes(engine: ContextEngine, db_
         distinct = workers.starmap(_workers.get_or_create, [(db_url, "shared", 10)] * 4)
     assert distinct == [1, 1, 1, 1]
     assert await engine.count_sessions() == 1
+
+
+async def test_cancelled_calls_leave_no_transaction_open(db_url: str) -> None:
+    """Calls cancelled at every point of their transaction roll it back: afterwards no
+    connection holds a transaction (on SQLite, the write lock) and every call works."""
+    settings = EngineSettings(auto_cleanup=False, pool_size=2)
+    async with ContextEngine(db_url, settings=settings) as engine:
+        await engine.create_session("s", "u")
+        await engine.set_rate_limit("s", "op", 10**6, 60)
+        cancelled = 0
+        for steps in range(1, 16):  # cancel after 1, 2, … turns of the event loop
+            call = asyncio.ensure_future(engine.enforce_rate_limit("s", "op"))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            cancelled += call.cancel()
+            try:
+                await call
+            except asyncio.CancelledError:
+                pass
+        assert cancelled  # some were cancelled mid-way
+        if db_url.startswith("sqlite"):  # another writer gets the lock at once
+            other = sqlite3.connect(db_url.split("///", 1)[1], timeout=0, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            other.close()
+        else:
+            async with engine._store.engine.connect() as conn:
+                stuck = await conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND state LIKE 'idle in transaction%'"
+                    )
+                )
+                assert stuck.scalar_one() == 0
+        await asyncio.gather(*(engine.enforce_rate_limit("s", "op") for _ in range(8)))

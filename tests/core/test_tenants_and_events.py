@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+from sqlalchemy import text
 
 from ctxengine import ContextEngine, EngineSettings, Event, SessionStatus
 from ctxengine.errors import SessionExistsError, SessionNotFoundError, StorageError, ValidationError
@@ -117,9 +118,7 @@ async def test_a_lost_database_raises_storage_error_and_recovers(
         store = engine._store
         started = time.monotonic()
         with pytest.raises(StorageError) as info:
-            await store.run(
-                lambda conn: conn.exec_driver_sql("SELECT pg_sleep(5)"), operation="slow"
-            )
+            await store.run(lambda conn: conn.execute(text("SELECT pg_sleep(5)")), operation="slow")
         await killer
         assert time.monotonic() - started < 5
         assert info.value.__cause__ is not None

@@ -65,7 +65,9 @@ class AutocommitConnection:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
         assert conn.sync_connection is not None
-        self.driver = conn.sync_connection.connection.driver_connection
+        driver = conn.sync_connection.connection.driver_connection
+        assert driver is not None
+        self.driver: Any = driver
 
     async def execute(
         self,

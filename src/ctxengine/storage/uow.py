@@ -130,12 +130,50 @@ class Store:
     ) -> T:
         if self._inline is not None:
             return await self._inline_transaction(self._inline, work, write)
-        if self._autocommit is not None and (one_statement or not write):
-            # each statement commits by itself; nothing to begin, commit or roll back
+        if self._autocommit is not None and self._asyncpg:
             async with self._autocommit.connect() as conn:
-                return await work(AutocommitConnection(conn) if self._asyncpg else conn)
+                direct = AutocommitConnection(conn)
+                if one_statement or not write:
+                    # each statement commits by itself; nothing to begin or commit
+                    return await work(direct)
+                return await self._driver_transaction(conn, direct, work)
+        if self._autocommit is not None and (one_statement or not write):
+            async with self._autocommit.connect() as conn:
+                return await work(conn)
         async with self.engine.connect() as conn:  # closes even if the caller is cancelled
             return await self._commit(conn, work, write)
+
+    async def _driver_transaction(
+        self,
+        conn: AsyncConnection,
+        direct: AutocommitConnection,
+        work: Callable[[Connection], Awaitable[T]],
+    ) -> T:
+        """A transaction of asyncpg's own on a connection SQLAlchemy sees in autocommit:
+        statements through SQLAlchemy and prebuilt ones run on the driver directly are
+        both inside it. It must end here, since the pool resets autocommit connections
+        without a ROLLBACK: one that cannot be rolled back is discarded."""
+        transaction = direct.driver.transaction()
+        try:
+            await transaction.start()
+        except BaseException:  # interrupted, the BEGIN may have taken effect or not
+            await conn.invalidate()
+            raise
+        try:
+            result = await work(direct)
+        except BaseException:
+            try:
+                await transaction.rollback()
+            except BaseException:
+                await conn.invalidate()
+                raise
+            raise
+        try:
+            await transaction.commit()
+        except BaseException:
+            await conn.invalidate()
+            raise
+        return result
 
     async def _inline_transaction(
         self, backend: SQLiteBackend, work: Callable[[Connection], Awaitable[T]], write: bool
