@@ -41,6 +41,9 @@ class Backend:
     name: ClassVar[str]
     #: Whether units of work must be serialized in this process (one shared connection).
     serialize: bool = False
+    #: Whether write transactions exclude each other (a database-wide write lock), so
+    #: that rows read in one cannot change before it commits.
+    exclusive_writes: bool = False
 
     def __init__(self, url: URL) -> None:
         self.url = url

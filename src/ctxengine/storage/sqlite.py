@@ -136,6 +136,7 @@ def _json_remove(target: str | None, key: str) -> str:
 
 class SQLiteBackend(Backend):
     name = "sqlite"
+    exclusive_writes = True  # BEGIN IMMEDIATE takes the database's write lock
 
     @property
     def in_memory(self) -> bool:

@@ -208,6 +208,13 @@ class UsageRepository:
             # a no-op update: it takes the row lock and returns the stored state
             lambda excluded: {"updated_at": rate_limit_state.c.updated_at},
         ).returning(rate_limit_state.c.state)
+        #: The state written, the row created if missing (parameters: the key, state, now).
+        self._put_state = backend.upsert(
+            rate_limit_state,
+            _STATE_KEY,
+            {**_STATE_PARAMS, "state": bindparam("state"), "updated_at": bindparam("now")},
+            lambda excluded: {"state": excluded.state, "updated_at": excluded.updated_at},
+        )
 
     # -- quotas -------------------------------------------------------------------------
     async def add_to_quota(
@@ -458,7 +465,10 @@ class UsageRepository:
     async def lock_state(
         self, conn: Connection, key: tuple[str, str, str, str, int], now: datetime
     ) -> Any:
-        """The limiter state of ``key``, locked until the transaction ends (created empty)."""
+        """The limiter state of ``key`` (None for no calls yet), locked until the transaction
+        ends: on a backend whose write transactions exclude each other, a plain read."""
+        if self.backend.exclusive_writes:
+            return await self.peek_state(conn, key)
         params = {**_state_params(key), "state": {}, "now": now}
         return (await run(conn, self._lock_state, params)).scalar_one()
 
@@ -472,7 +482,9 @@ class UsageRepository:
         state: Any,
         now: datetime,
     ) -> None:
-        await run(conn, _SAVE_STATE, {**_state_params(key), "state": state, "now": now})
+        """Write the state of ``key`` read by ``lock_state`` in this transaction."""
+        stmt = self._put_state if self.backend.exclusive_writes else _SAVE_STATE
+        await run(conn, stmt, {**_state_params(key), "state": state, "now": now})
 
     # -- leases -------------------------------------------------------------------------
     async def live_leases(
