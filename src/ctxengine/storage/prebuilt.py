@@ -133,15 +133,17 @@ class _Compiled:
         self.dialect = dialect
         self.types = [column.type.dialect_impl(dialect) for column in columns]
         #: the result processors, given the types of the driver's columns when it has them
-        self.results: tuple[Any, ...] | None = None
+        self.results: tuple[tuple[int, Any], ...] | None = None
         self.row = _row_type(tuple(column.key for column in columns))
 
-    def processors(self, coltypes: Sequence[Any]) -> tuple[Any, ...]:
+    def processors(self, coltypes: Sequence[Any]) -> tuple[tuple[int, Any], ...]:
+        """(position, processor) of the result columns that have one."""
         if self.results is None:
-            self.results = tuple(
+            processors = (
                 t.result_processor(self.dialect, coltype)
                 for t, coltype in zip(self.types, coltypes, strict=True)
             )
+            self.results = tuple((i, p) for i, p in enumerate(processors) if p is not None)
         return self.results
 
     def values(self, parameters: Mapping[str, Any]) -> list[Any]:
@@ -177,12 +179,16 @@ class _Compiled:
             processors = self.processors([a.type.oid for a in prepared.get_attributes()])
         return self.rows(await driver.fetch(self.sql, *values), processors)
 
-    def rows(self, fetched: Sequence[Sequence[Any]], processors: tuple[Any, ...]) -> _Result:
+    def rows(
+        self, fetched: Sequence[Sequence[Any]], processors: tuple[tuple[int, Any], ...]
+    ) -> _Result:
         make = self.row._make
-        rows = [
-            make([v if p is None else p(v) for p, v in zip(processors, r, strict=True)])
-            for r in fetched
-        ]
+        rows = []
+        for fetched_row in fetched:
+            values = list(fetched_row)
+            for i, process in processors:
+                values[i] = process(values[i])
+            rows.append(make(values))
         return _Result(rows, len(rows))
 
 
