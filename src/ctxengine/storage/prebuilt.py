@@ -2,10 +2,11 @@
 
 SQLAlchemy's per-execution work (cache key, parameter dictionary, execution context,
 result object) takes about 80 µs, more than SQLite takes to run a small statement.
-On an inline SQLite connection, and on an asyncpg connection in autocommit (where no
-transaction state can be missed), a prebuilt statement is therefore compiled once, by
-SQLAlchemy, and run on the driver directly, its parameters and results converted by
-the processors of the statement's own column types. Elsewhere it runs as any other.
+On an inline SQLite connection, and on an asyncpg connection that SQLAlchemy sees in
+autocommit (a transaction, when a unit of work needs one, is the driver's own: see
+``Store``), a prebuilt statement is therefore compiled once, by SQLAlchemy, and run on
+the driver directly, its parameters and results converted by the processors of the
+statement's own column types. Elsewhere it runs as any other.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class Rows(Protocol):
 
 
 class AutocommitConnection:
-    """An asyncpg connection in autocommit, as the connection of a unit of work."""
+    """An asyncpg connection SQLAlchemy sees in autocommit, as the connection of a unit
+    of work (inside a transaction of the driver's own when the unit writes)."""
 
     __slots__ = ("conn", "driver")
 
@@ -100,7 +102,9 @@ def _compiled(statement: Executable, dialect: Dialect) -> _Compiled:
     forms = _COMPILED.get(statement)
     if forms is None:
         forms = _COMPILED[statement] = {}
-    key = (dialect.name, dialect.driver)  # ctxengine configures every engine alike
+    # engines of one driver compile alike (an engine passed in with its own JSON
+    # serializer gets the first engine's, which only changes the stored formatting)
+    key = (dialect.name, dialect.driver)
     form = forms.get(key)
     if form is None:
         form = forms[key] = _Compiled(statement, dialect)
