@@ -222,7 +222,7 @@ class ConversationService:
         limit = self.ctx.settings.max_chats_per_session
 
         async def work(conn: Connection, fx: Effects) -> Chat | None:
-            session = await self.sessions.require_active(conn, fx, tenant, session_id)
+            session = await self.sessions.touch_active(conn, fx, tenant, session_id)
             if session is None:
                 return None
             if not await self.repo.reserve_chat(conn, tenant, session_id, limit):
@@ -317,7 +317,7 @@ class ConversationService:
                 return added
 
         async def work(conn: Connection, fx: Effects) -> list[Message] | None:
-            session = await self.sessions.require_active(conn, fx, tenant, session_id)
+            session = await self.sessions.touch_active(conn, fx, tenant, session_id)
             if session is None:
                 return None
             chat = chat_id if chat_id is not None else session.current_chat_id

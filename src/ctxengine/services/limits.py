@@ -23,7 +23,7 @@ from ..ratelimit import LimiterState, decide
 from ..storage.connection import Connection
 from ..storage.repositories.usage import UsageRepository
 from .base import Context, Effects
-from .sessions import SessionService
+from .sessions import SessionService, Worker
 from .usage import tier_limit
 
 log = logging.getLogger("ctxengine.limits")
@@ -58,7 +58,7 @@ class LeaseService:
         lease_id = new_id()
 
         async def work(conn: Connection, fx: Effects) -> None:
-            session = await self.sessions.require_active(conn, fx, tenant, session_id)
+            session = await self.sessions.touch_active(conn, fx, tenant, session_id)
             if session is None:
                 return
             custom, limit = await self.repo.custom_limit(
@@ -205,7 +205,7 @@ class RateLimitService:
         self,
         conn: Connection,
         tenant: str,
-        session: Session,
+        session: Session | Worker,
         operation: str,
         limit_types: Sequence[RateLimitType],
     ) -> list[tuple[_Key, int, float]]:
@@ -231,7 +231,7 @@ class RateLimitService:
         conn: Connection,
         fx: Effects,
         tenant: str,
-        session: Session,
+        session: Session | Worker,
         operation: str,
         limit_types: Sequence[RateLimitType],
         cost: int,
@@ -305,8 +305,9 @@ class RateLimitService:
         units = _cost(cost)
 
         async def work(conn: Connection, fx: Effects) -> RateLimitStatus | None:
+            session: Session | Worker | None
             if consume:
-                session = await self.sessions.require_active(conn, fx, tenant, session_id)
+                session = await self.sessions.touch_active(conn, fx, tenant, session_id)
             else:
                 session = await self.sessions.peek_active(conn, fx, tenant, session_id)
             if session is None:
@@ -325,7 +326,7 @@ class RateLimitService:
         """Consume one call of every limit that applies to ``operation`` (track_request)."""
 
         async def work(conn: Connection, fx: Effects) -> None:
-            session = await self.sessions.require_active(conn, fx, tenant, session_id)
+            session = await self.sessions.touch_active(conn, fx, tenant, session_id)
             if session is not None:
                 await self.admit(
                     conn, fx, tenant, session, operation, list(RateLimitType), 1, consume=True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Row
 
@@ -30,6 +30,15 @@ from .conversation import DEFAULT_CHAT_ID, NewMessage, chat_values, insert_chat
 
 _EXPIRE_BATCH = 5000
 NO_COUNTERS = Counters()
+
+
+class Worker(NamedTuple):
+    """What most calls need of the session they work on: whose it is."""
+
+    session_id: str
+    user_id: str
+    tier: str
+    current_chat_id: str | None
 
 
 def _event_for(status: SessionStatus) -> str:
@@ -265,13 +274,29 @@ class SessionService:
         )
         if row is not None:
             return to_session(row, fx.now)
+        await self._refuse_work(conn, fx, tenant, session_id)
+        return None
+
+    async def touch_active(
+        self, conn: Connection, fx: Effects, tenant: str, session_id: str
+    ) -> Worker | None:
+        """``require_active`` for calls that need only whose the session is."""
+        row = await self.repo.touch_active(conn, tenant, session_id, fx.now, self.timeout)
+        if row is not None:
+            return Worker(*row)
+        await self._refuse_work(conn, fx, tenant, session_id)
+        return None
+
+    async def _refuse_work(
+        self, conn: Connection, fx: Effects, tenant: str, session_id: str
+    ) -> None:
+        """Leave in ``fx`` why the session cannot work."""
         status = await self._diagnose(conn, fx, tenant, session_id)
         fx.error = (
             SessionExpiredError(session_id)
             if status is SessionStatus.EXPIRED
             else SessionNotActiveError(session_id, status)
         )
-        return None
 
     async def peek_active(
         self, conn: Connection, fx: Effects, tenant: str, session_id: str

@@ -128,7 +128,7 @@ class UsageService:
                 return counted
 
         async def work(conn: Connection, fx: Effects) -> UsageRecord | None:
-            session = await self.sessions.require_active(conn, fx, tenant, session_id)
+            session = await self.sessions.touch_active(conn, fx, tenant, session_id)
             if session is None:
                 return None
             limit = tier_limit(self.policy(session.tier), resource)

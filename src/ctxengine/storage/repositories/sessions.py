@@ -87,6 +87,13 @@ _RECORD = (
     .returning(*_returned(bindparam("tenant"), bindparam("sid"), bindparam("now")))
 )
 _RECORD_ACTIVE = _RECORD.where(CAN_WORK)
+#: Touch a session that can work: whose it is (parameters: tenant, sid, now, cutoff).
+_TOUCH_ACTIVE = (
+    update(t)
+    .where(_BY_KEY, CAN_WORK)
+    .values(last_activity=bindparam("now"))
+    .returning(t.c.session_id, t.c.user_id, t.c.tier, t.c.current_chat_id)
+)
 
 
 def _insert_with_chat(backend: Backend, columns: Sequence[str], chat_columns: Sequence[str]) -> Any:
@@ -318,6 +325,19 @@ class SessionRepository:
             stmt = stmt.values(metadata=self.backend.json_merge(t.c.metadata, metadata))
             return (await conn.execute(stmt, params)).first()
         return (await run(conn, stmt, params)).first()
+
+    async def touch_active(
+        self, conn: Connection, tenant: str, session_id: str, now: datetime, idle_limit: float
+    ) -> Record | None:
+        """Touch the session if it is active and live: (session_id, user_id, tier,
+        current_chat_id), or None when no row matched."""
+        params = {
+            "tenant": tenant,
+            "sid": session_id,
+            "now": now,
+            "cutoff": now - timedelta(seconds=idle_limit),
+        }
+        return (await run(conn, _TOUCH_ACTIVE, params)).first()
 
     async def transition(
         self,
