@@ -72,6 +72,7 @@ class UsageService:
         self.ctx = ctx
         self.sessions = sessions
         self.repo = UsageRepository(ctx.store.backend)
+        self._limits_by_resource: dict[QuotaType, tuple[tuple[str, float], ...]] = {}
 
     def policy(self, tier: str) -> TierPolicy | None:
         return self.ctx.settings.tiers.get(tier)
@@ -159,12 +160,16 @@ class UsageService:
         assert result is not None
         return result
 
-    def _tier_limits(self, resource: QuotaType) -> dict[str, float]:
-        """The limit of ``resource`` in each tier that limits it."""
-        limits = {
-            tier: tier_limit(policy, resource) for tier, policy in self.ctx.settings.tiers.items()
-        }
-        return {tier: limit for tier, limit in limits.items() if limit is not None}
+    def _tier_limits(self, resource: QuotaType) -> tuple[tuple[str, float], ...]:
+        """(tier, limit of ``resource``) for each tier that limits it (the settings are
+        fixed, so each resource's are worked out once)."""
+        limits = self._limits_by_resource.get(resource)
+        if limits is None:
+            tiers = self.ctx.settings.tiers
+            pairs = ((tier, tier_limit(policy, resource)) for tier, policy in tiers.items())
+            limits = tuple(sorted((t, limit) for t, limit in pairs if limit is not None))
+            self._limits_by_resource[resource] = limits
+        return limits
 
     async def quotas(self, tenant: str, session_id: str) -> dict[QuotaType, QuotaStatus]:
         v.identifier(session_id)

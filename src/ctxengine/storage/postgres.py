@@ -21,7 +21,7 @@ from .relay import EventRelay
 
 #: serialization_failure, deadlock_detected, lock_not_available, and division_by_zero:
 #: ctxengine divides by zero only to abort a one-statement write whose rows changed
-#: between its check and its write (see ConversationRepository.append); a retry
+#: between its check and its write (see repositories.written_or_abort); a retry
 #: sees the change.
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "22012"})
 #: A pooled connection idle longer than this is pinged before use.

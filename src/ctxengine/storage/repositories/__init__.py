@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, and_
+from sqlalchemy import CTE, ColumnElement, Select, Table, and_, case, literal, select, true
 
 
 def of_session(table: Table, tenant: str, session_id: str, **columns: Any) -> ColumnElement[bool]:
@@ -16,3 +16,17 @@ def of_session(table: Table, tenant: str, session_id: str, **columns: Any) -> Co
         c.session_id == session_id,
         *(c[name] == value for name, value in columns.items()),
     )
+
+
+def written_or_abort(
+    touched: CTE, written: CTE, present: ColumnElement[Any], *columns: ColumnElement[Any]
+) -> Select[Any]:
+    """The final SELECT of a one-statement write (data-modifying CTEs): ``columns`` of
+    the session ``touched`` and of the row ``written`` (``present`` is a column of it
+    that is never NULL), or no row when the session was not touched. When it was
+    touched but nothing was written (a concurrent writer took the room between the
+    statement's check in its snapshot and its write on the locked row), the SELECT
+    divides by zero: the whole statement aborts, writing nothing, and is retried as a
+    transient conflict (see ``PostgresBackend.is_transient``)."""
+    abort_unless_written = literal(1) // case((present.is_(None), 0), else_=1)
+    return select(*columns, abort_unless_written).select_from(touched.outerjoin(written, true()))

@@ -10,15 +10,12 @@ from sqlalchemy import (
     Row,
     and_,
     bindparam,
-    case,
     delete,
     exists,
     func,
     insert,
-    literal,
     or_,
     select,
-    true,
     union_all,
     update,
 )
@@ -29,8 +26,8 @@ from ..connection import Connection
 from ..prebuilt import Record, run
 from ..schema import chats, checkpoints, messages, shared_state
 from ..schema import sessions as s
-from . import of_session
-from .sessions import CAN_WORK
+from . import of_session, written_or_abort
+from .sessions import TOUCH_WORKING
 
 _CHAT = list(chats.c)
 #: The columns of a Message, in the order of its fields.
@@ -116,8 +113,7 @@ def _append(n: int) -> Any:
     The session row is locked first, then the chat row, as by every other write. The
     chat is checked in the statement's snapshot before the session is touched, and
     again on the locked row: when a concurrent writer filled or removed it in between,
-    the statement divides by zero, so that it writes nothing and is retried (see
-    ``PostgresBackend.is_transient``). It returns (user_id, chat_id, next_seq), or no
+    the statement aborts (``written_or_abort``). It returns (user_id, chat_id, next_seq), or no
     row when nothing was written. Parameters: tenant, sid, now, cutoff, chat (None for
     the current chat), limit (the default history limit), and ``<field>_<k>`` for each
     of the ``_APPENDED`` fields of message ``k``."""
@@ -125,11 +121,7 @@ def _append(n: int) -> Any:
     limit = func.coalesce(chats.c.max_messages, bindparam("limit", type_=chats.c.max_messages.type))
     has_room = or_(limit.is_(None), chats.c.message_count + n <= limit)
     touched = (
-        update(s)
-        .where(
-            s.c.tenant_id == bindparam("tenant"),
-            s.c.session_id == bindparam("sid"),
-            CAN_WORK,
+        TOUCH_WORKING.where(
             exists().where(
                 chats.c.tenant_id == s.c.tenant_id,
                 chats.c.session_id == s.c.session_id,
@@ -137,7 +129,6 @@ def _append(n: int) -> Any:
                 has_room,
             ),
         )
-        .values(last_activity=bindparam("now"))
         .returning(s.c.user_id, chat_id.label("chat_id"))
         .cte("touched")
     )
@@ -167,12 +158,8 @@ def _append(n: int) -> Any:
     ]
     columns = ["tenant_id", "session_id", "chat_id", "seq", *_APPENDED, "created_at"]
     added = insert(messages).from_select(columns, rows[0] if n == 1 else union_all(*rows))
-    refused_late = case((taken.c.chat_id.is_(None), 0), else_=1)
-    return (
-        select(touched.c.user_id, taken.c.chat_id, taken.c.next_seq, literal(1) // refused_late)
-        .select_from(touched.outerjoin(taken, true()))
-        .add_cte(added.cte("added"))
-    )
+    returned = (touched.c.user_id, taken.c.chat_id, taken.c.next_seq)
+    return written_or_abort(touched, taken, taken.c.chat_id, *returned).add_cte(added.cte("added"))
 
 
 _APPENDS = {n: _append(n) for n in range(1, APPEND_MAX + 1)}

@@ -71,7 +71,7 @@ _LIVE = and_(
     or_(t.c.expires_at.is_(None), t.c.expires_at > bindparam("now")),
 )
 #: A session that can work: active and live (parameters now, cutoff).
-CAN_WORK = and_(t.c.status == SessionStatus.ACTIVE.value, _LIVE)
+_CAN_WORK = and_(t.c.status == SessionStatus.ACTIVE.value, _LIVE)
 _COUNTED = _columns(bindparam("now"))  # type: ignore[arg-type]
 _GET = select(*_COLUMNS).where(_BY_KEY)
 _GET_COUNTED = select(*_COUNTED).where(_BY_KEY)
@@ -86,14 +86,11 @@ _RECORD = (
     )
     .returning(*_returned(bindparam("tenant"), bindparam("sid"), bindparam("now")))
 )
-_RECORD_ACTIVE = _RECORD.where(CAN_WORK)
-#: Touch a session that can work: whose it is (parameters: tenant, sid, now, cutoff).
-_TOUCH_ACTIVE = (
-    update(t)
-    .where(_BY_KEY, CAN_WORK)
-    .values(last_activity=bindparam("now"))
-    .returning(t.c.session_id, t.c.user_id, t.c.tier, t.c.current_chat_id)
-)
+_RECORD_ACTIVE = _RECORD.where(_CAN_WORK)
+#: Touch a session that can work (parameters: tenant, sid, now, cutoff); the writes of
+#: the hot paths add their own conditions and RETURNING.
+TOUCH_WORKING = update(t).where(_BY_KEY, _CAN_WORK).values(last_activity=bindparam("now"))
+_TOUCH_ACTIVE = TOUCH_WORKING.returning(t.c.session_id, t.c.user_id, t.c.tier, t.c.current_chat_id)
 
 
 def _insert_with_chat(backend: Backend, columns: Sequence[str], chat_columns: Sequence[str]) -> Any:

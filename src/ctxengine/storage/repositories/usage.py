@@ -30,8 +30,8 @@ from ..connection import Connection
 from ..prebuilt import run
 from ..schema import leases, quotas, rate_limit_rules, rate_limit_state, usage_records
 from ..schema import sessions as s
-from . import of_session
-from .sessions import CAN_WORK
+from . import of_session, written_or_abort
+from .sessions import TOUCH_WORKING
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
 _INSERT_RECORD = insert(usage_records)
@@ -61,7 +61,7 @@ def _track(backend: Backend, tier_limits: Mapping[str, float]) -> Any:
 
     As in ``ConversationRepository.append``: the session row is locked before the quota
     row, the room is checked in the snapshot and again on the locked row, and when it
-    is gone in between, the statement divides by zero, writing nothing. It returns
+    is gone in between, the statement aborts (``written_or_abort``). It returns
     (user_id, used, limit), or no row when nothing was written. Parameters: tenant,
     sid, now, cutoff, resource, amount, record_id, operation, meta (named apart from the
     sessions table's columns, which an UPDATE would set from parameters of their names)."""
@@ -83,14 +83,7 @@ def _track(backend: Backend, tier_limits: Mapping[str, float]) -> Any:
     )
     fits_new = or_(tier_limit.is_(None), bindparam("amount") <= tier_limit)
     touched = (
-        update(s)
-        .where(
-            s.c.tenant_id == bindparam("tenant"),
-            s.c.session_id == bindparam("sid"),
-            CAN_WORK,
-            or_(exists().where(of_row, _FITS), and_(~row_exists, fits_new)),
-        )
-        .values(last_activity=bindparam("now"))
+        TOUCH_WORKING.where(or_(exists().where(of_row, _FITS), and_(~row_exists, fits_new)))
         .returning(s.c.user_id, fits_new.label("fits_new"), tier_limit.label("tier_limit"))
         .cte("touched")
     )
@@ -126,11 +119,9 @@ def _track(backend: Backend, tier_limits: Mapping[str, float]) -> Any:
         bindparam("now", type_=u.created_at.type),
     ).select_from(touched.join(counted, true()))
     recorded = insert(usage_records).from_select([c.name for c in usage_records.c], record)
-    refused_late = case((counted.c.used.is_(None), 0), else_=1)
-    return (
-        select(touched.c.user_id, counted.c.used, counted.c.quota_limit, literal(1) // refused_late)
-        .select_from(touched.outerjoin(counted, true()))
-        .add_cte(recorded.cte("recorded"))
+    returned = (touched.c.user_id, counted.c.used, counted.c.quota_limit)
+    return written_or_abort(touched, counted, counted.c.used, *returned).add_cte(
+        recorded.cte("recorded")
     )
 
 
@@ -247,17 +238,16 @@ class UsageRepository:
         conn: Connection,
         record: dict[str, Any],
         cutoff: datetime,
-        tier_limits: Mapping[str, float],
+        tier_limits: tuple[tuple[str, float], ...],
     ) -> tuple[str, float, float | None] | None:
         """Touch the session, count ``record`` (usage record values without user_id)
         against its quota, insert it, in ONE statement (:attr:`Backend.data_modifying_ctes`),
         if the session can work and the quota has room (a new quota row gets the limit
-        ``tier_limits`` gives the session's tier). (user_id, used, limit), or None when
-        nothing was written."""
-        key = tuple(sorted(tier_limits.items()))
-        stmt = self._tracks.get(key)
+        ``tier_limits``, (tier, limit) pairs, gives the session's tier). (user_id, used,
+        limit), or None when nothing was written."""
+        stmt = self._tracks.get(tier_limits)
         if stmt is None:
-            stmt = self._tracks[key] = _track(self.backend, tier_limits)
+            stmt = self._tracks[tier_limits] = _track(self.backend, dict(tier_limits))
         params = {
             "tenant": record["tenant_id"],
             "sid": record["session_id"],
