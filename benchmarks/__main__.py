@@ -140,7 +140,9 @@ class RawPostgres:
         return await self.pool.fetch(sql, *args)
 
 
-async def bench_backend(url: str, raw: Any, n: int) -> list[dict[str, Any]]:
+async def bench_backend(
+    url: str, raw: Any, n: int, only: str | None = None
+) -> list[dict[str, Any]]:
     # as wide a pool as the raw driver's for the concurrent row (SQLAlchemy closes
     # connections above pool_size on return: a narrower pool would reconnect per call)
     settings = EngineSettings(auto_cleanup=False, pool_size=TASKS)
@@ -269,9 +271,14 @@ async def bench_backend(url: str, raw: Any, n: int) -> list[dict[str, Any]]:
             ("1000 Message objects, no I/O", build_messages, "raw SELECT 1000 rows", raw_all_1000)
         )
         for name, op, base_name, base in plan:
+            if only is not None and only not in name:
+                continue
             await raw.analyze()
             results.append(row(name, await timed(op, n), base_name, await timed(base, n)))
 
+        concurrent = f"update_session, {TASKS} tasks"
+        if only is not None and only not in concurrent:
+            return results
         # concurrent: each task updates its own session (its own row for the driver)
         mine = [
             (await engine.create_session(user_id=f"bench-{t}", tier="enterprise")).session_id
@@ -292,7 +299,7 @@ async def bench_backend(url: str, raw: Any, n: int) -> list[dict[str, Any]]:
         ours = await timed_concurrent(update_own, n)
         baseline = await timed_concurrent(raw_update_own, n)
         results.append(
-            row(f"update_session, {TASKS} tasks", ours, f"raw UPDATE, {TASKS} tasks", baseline)
+            row(concurrent, ours, f"raw UPDATE, {TASKS} tasks", baseline)
         )
     return results
 
@@ -373,13 +380,15 @@ async def adk_plan(engine: ContextEngine, url: str) -> list[tuple[str, Op, str, 
     return [("adk append_event", ours_append, "ADK DatabaseSession", theirs_append)]
 
 
-async def run(backend: str, n: int, repeats: int) -> dict[str, list[dict[str, Any]]]:
+async def run(
+    backend: str, n: int, repeats: int, only: str | None = None
+) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     if backend in ("sqlite", "all"):
         with tempfile.TemporaryDirectory() as tmp:
             path = str(Path(tmp) / "bench.db")
             reps = [
-                await bench_backend(f"sqlite+aiosqlite:///{path}", RawSQLite(path), n)
+                await bench_backend(f"sqlite+aiosqlite:///{path}", RawSQLite(path), n, only)
                 for _ in range(repeats)
             ]
             out["sqlite"] = median_of(reps)
@@ -389,7 +398,9 @@ async def run(backend: str, n: int, repeats: int) -> dict[str, list[dict[str, An
         await admin.execute(f'CREATE DATABASE "{name}"')
         url = PG_SERVER.rsplit("/", 1)[0] + f"/{name}"
         try:
-            reps = [await bench_backend(url, RawPostgres(url), n) for _ in range(repeats)]
+            reps = [
+                await bench_backend(url, RawPostgres(url), n, only) for _ in range(repeats)
+            ]
             out["postgres"] = median_of(reps)
         finally:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -412,9 +423,12 @@ def main() -> None:
     parser.add_argument("--backend", choices=["sqlite", "postgres", "all"], default="all")
     parser.add_argument("--n", type=int, default=2000, help="calls per operation")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--only", default=None, help="run only the operations whose name contains this"
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="write results here")
     args = parser.parse_args()
-    results = asyncio.run(run(args.backend, args.n, args.repeats))
+    results = asyncio.run(run(args.backend, args.n, args.repeats, args.only))
     for backend, rows in results.items():
         print(f"\n{backend}: {args.n} calls per operation, median of {args.repeats}")
         print(

