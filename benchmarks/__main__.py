@@ -298,9 +298,7 @@ async def bench_backend(
         await raw.analyze()
         ours = await timed_concurrent(update_own, n)
         baseline = await timed_concurrent(raw_update_own, n)
-        results.append(
-            row(concurrent, ours, f"raw UPDATE, {TASKS} tasks", baseline)
-        )
+        results.append(row(concurrent, ours, f"raw UPDATE, {TASKS} tasks", baseline))
     return results
 
 
@@ -398,9 +396,7 @@ async def run(
         await admin.execute(f'CREATE DATABASE "{name}"')
         url = PG_SERVER.rsplit("/", 1)[0] + f"/{name}"
         try:
-            reps = [
-                await bench_backend(url, RawPostgres(url), n, only) for _ in range(repeats)
-            ]
+            reps = [await bench_backend(url, RawPostgres(url), n, only) for _ in range(repeats)]
             out["postgres"] = median_of(reps)
         finally:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
