@@ -19,10 +19,12 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.engine import Connection as SyncConnection
 from sqlalchemy.engine import CursorResult, Dialect
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql import ClauseElement, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.selectable import ReturnsRows
+from sqlalchemy.util.concurrency import greenlet_spawn
 
 from .connection import Connection
 from .sqlite import InlineConnection
@@ -59,27 +61,61 @@ class Rows(Protocol):
 
 
 class AutocommitConnection:
-    """An asyncpg connection SQLAlchemy sees in autocommit, as the connection of a unit
-    of work (inside a transaction of the driver's own when the unit writes)."""
+    """A pooled asyncpg connection as the connection of a unit of work: prebuilt
+    statements run on the driver (inside a transaction of the driver's own when the
+    unit writes), others through an AsyncConnection in autocommit, made on first use.
 
-    __slots__ = ("conn", "driver")
+    Most units run prebuilt statements only, and checking out the bare pool entry
+    costs a fifth of what an AsyncConnection does (measured: 14 µs against 59 µs).
+    """
 
-    def __init__(self, conn: AsyncConnection) -> None:
-        self.conn = conn
-        assert conn.sync_connection is not None
-        driver = conn.sync_connection.connection.driver_connection
-        assert driver is not None
-        self.driver: Any = driver
+    __slots__ = ("_conn", "_returned", "_view", "dialect", "driver", "entry")
+
+    def __init__(self, view: AsyncEngine, entry: PoolProxiedConnection) -> None:
+        #: the engine in autocommit the AsyncConnection is made from
+        self._view = view
+        self._conn: AsyncConnection | None = None
+        self._returned = False
+        self.entry = entry
+        self.dialect = view.dialect
+        self.driver: Any = entry.driver_connection
+
+    @classmethod
+    async def checkout(cls, view: AsyncEngine) -> AutocommitConnection:
+        # the pool may connect or wait for a connection: both need a greenlet
+        return cls(view, await greenlet_spawn(view.sync_engine.raw_connection))
+
+    async def _connection(self) -> AsyncConnection:
+        if self._conn is None:
+            sync = await greenlet_spawn(SyncConnection, self._view.sync_engine, self.entry)
+            self._conn = AsyncConnection(self._view, sync)
+        return self._conn
 
     async def execute(
         self,
         statement: Executable,
         parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ) -> CursorResult[*tuple[Any, ...]]:
-        return await self.conn.execute(statement, parameters)
+        return await (await self._connection()).execute(statement, parameters)
 
     async def run_sync(self, fn: Callable[[SyncConnection], T]) -> T:
-        return await self.conn.run_sync(fn)
+        return await (await self._connection()).run_sync(fn)
+
+    async def invalidate(self) -> None:
+        """Discard the connection: the pool replaces it."""
+        if self._conn is not None:
+            await self._conn.invalidate()
+        elif not self._returned:
+            self._returned = True
+            await greenlet_spawn(self.entry.invalidate)  # it returns the entry too
+
+    async def close(self) -> None:
+        """Return the connection to the pool (once)."""
+        if self._conn is not None:
+            await self._conn.close()
+        elif not self._returned:
+            self._returned = True
+            await greenlet_spawn(self.entry.close)
 
 
 async def run(conn: Connection, statement: Executable, parameters: Params) -> Rows:
@@ -93,7 +129,7 @@ async def run(conn: Connection, statement: Executable, parameters: Params) -> Ro
         return _compiled(statement, conn.sync.dialect).run_sqlite(raw, parameters)
     if kind is AutocommitConnection and isinstance(parameters, Mapping):
         assert isinstance(conn, AutocommitConnection)
-        form = _compiled(statement, conn.conn.dialect)
+        form = _compiled(statement, conn.dialect)
         return await form.run_asyncpg(conn.driver, parameters)
     return await conn.execute(statement, parameters)
 

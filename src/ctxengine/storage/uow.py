@@ -131,12 +131,17 @@ class Store:
         if self._inline is not None:
             return await self._inline_transaction(self._inline, work, write)
         if self._autocommit is not None and self._asyncpg:
-            async with self._autocommit.connect() as conn:
-                direct = AutocommitConnection(conn)
+            direct = await AutocommitConnection.checkout(self._autocommit)
+            try:
                 if one_statement or not write:
                     # each statement commits by itself; nothing to begin or commit
                     return await work(direct)
-                return await self._driver_transaction(conn, direct, work)
+                return await self._driver_transaction(direct, work)
+            finally:
+                # Not shielded (a task per call): closing suspends only to close an
+                # overflow connection, and the pool returns its slot even if that is
+                # interrupted. The cancellation test checks nothing stays checked out.
+                await direct.close()
         if self._autocommit is not None and (one_statement or not write):
             async with self._autocommit.connect() as conn:
                 return await work(conn)
@@ -145,7 +150,6 @@ class Store:
 
     async def _driver_transaction(
         self,
-        conn: AsyncConnection,
         direct: AutocommitConnection,
         work: Callable[[Connection], Awaitable[T]],
     ) -> T:
@@ -157,7 +161,7 @@ class Store:
         try:
             await transaction.start()
         except BaseException:  # interrupted, the BEGIN may have taken effect or not
-            await conn.invalidate()
+            await direct.invalidate()
             raise
         try:
             result = await work(direct)
@@ -165,13 +169,13 @@ class Store:
             try:
                 await transaction.rollback()
             except BaseException:
-                await conn.invalidate()
+                await direct.invalidate()
                 raise
             raise
         try:
             await transaction.commit()
         except BaseException:
-            await conn.invalidate()
+            await direct.invalidate()
             raise
         return result
 
