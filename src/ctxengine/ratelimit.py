@@ -72,6 +72,11 @@ class Decision:
     state: LimiterState
 
 
+def in_us(seconds: float) -> int:
+    """A time in whole microseconds, as the rule reckons it."""
+    return round(seconds * _US)
+
+
 def decide(
     state: LimiterState,
     now: float,
@@ -94,8 +99,8 @@ def decide(
         raise ValueError(f"cost {cost} exceeds max_calls {max_calls}")
     if not (math.isfinite(window) and window > 0) or not math.isfinite(now):
         raise ValueError(f"window must be finite and > 0 and now finite: {window}, {now}")
-    window_us = max(round(window * _US), 1)
-    now_us = round(now * _US)
+    window_us = max(in_us(window), 1)
+    now_us = in_us(now)
     # A clock that went back (another process) must not uncount anything.
     current = (now_us * SUBWINDOWS) // window_us
     if state.counts:

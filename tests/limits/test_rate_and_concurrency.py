@@ -41,6 +41,8 @@ async def test_retry_after_is_exact_with_an_injected_clock(db_url: str, clock: A
         for left in (4, 3, 2, 1, 0):
             status = await engine.enforce_rate_limit(sid, "search")
             assert (status.limit, status.remaining) == (5, left)
+            # the clock stands on a sub-window's start: it stops counting 61 s later
+            assert status.reset_after == pytest.approx(61)
         with pytest.raises(RateLimitError) as info:
             await engine.enforce_rate_limit(sid, "search")
         retry = info.value.retry_after
@@ -61,12 +63,15 @@ async def test_refused_calls_consume_nothing(db_url: str, clock: Any) -> None:
         await engine.set_rate_limit(sid, "op", 2, 10)
         await engine.enforce_rate_limit(sid, "op", cost=2)
         before = await rows(engine, "SELECT state FROM ctx_rate_limit_state")
+        touched = (await engine.get_session(sid)).last_activity
         events: list[str] = []
         engine.subscribe(lambda e: events.append(e.type), "rate_limit.exceeded")
         for _ in range(5):
+            clock.advance(1)
             with pytest.raises(RateLimitError):
                 await engine.enforce_rate_limit(sid, "op")
         assert await rows(engine, "SELECT state FROM ctx_rate_limit_state") == before
+        assert (await engine.get_session(sid)).last_activity == touched  # not even touched
         assert events == ["rate_limit.exceeded"] * 5
         assert (await engine.check_rate_limit(sid, "op")).remaining == 0
 

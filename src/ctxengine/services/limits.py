@@ -19,7 +19,7 @@ from ..errors import (
 )
 from ..ids import new_id
 from ..models import QuotaType, RateLimitStatus, RateLimitType, Session
-from ..ratelimit import LimiterState, decide
+from ..ratelimit import LimiterState, decide, in_us
 from ..storage.connection import Connection
 from ..storage.repositories.usage import UsageRepository
 from .base import Context, Effects
@@ -200,6 +200,20 @@ class RateLimitService:
         self.ctx = ctx
         self.sessions = sessions
         self.repo = UsageRepository(ctx.store.backend)
+        self._limits_by_type: dict[RateLimitType, tuple[tuple[str, int], ...]] = {}
+
+    def _tier_limits(self, limit_type: RateLimitType) -> tuple[tuple[str, int], ...]:
+        """(tier, max calls per ``limit_type`` window) of each tier that limits it (the
+        settings are fixed, so each type's are worked out once)."""
+        limits = self._limits_by_type.get(limit_type)
+        if limits is None:
+            pairs = (
+                (tier, policy.rate_limits.get(limit_type))
+                for tier, policy in self.ctx.settings.tiers.items()
+            )
+            limits = tuple(sorted((t, n) for t, n in pairs if n is not None))
+            self._limits_by_type[limit_type] = limits
+        return limits
 
     async def _rules(
         self,
@@ -303,6 +317,43 @@ class RateLimitService:
         v.identifier(operation, "operation")
         types = [v.choice(RateLimitType, limit_type, "limit_type")]
         units = _cost(cost)
+
+        if consume and self.ctx.store.backend.data_modifying_ctes:
+            # one statement when the call is admitted; refusals (and the rare call the
+            # statement cannot decide) take the general transaction below
+            limit_type = types[0]
+            tier_limits = self._tier_limits(limit_type)
+
+            async def take(conn: Connection, fx: Effects) -> RateLimitStatus | None:
+                now = fx.now.timestamp()
+                cutoff = fx.now - timedelta(seconds=self.sessions.timeout)
+                taken = await self.repo.take(
+                    conn,
+                    (tenant, session_id, operation),
+                    units,
+                    fx.now,
+                    in_us(now),
+                    cutoff,
+                    tier_limits,
+                    WINDOWS[limit_type],
+                )
+                if taken is None:
+                    return None
+                state, max_calls, window = taken
+                # the new state, peeked at the same instant: what is left, and when the
+                # oldest counted sub-window stops counting
+                after = decide(
+                    LimiterState.from_json(state), now, max_calls, window, units, consume=False
+                )
+                return RateLimitStatus(
+                    limit=max_calls, remaining=after.remaining, reset_after=after.reset_after
+                )
+
+            taken = await self.ctx.transact(
+                take, one_statement=True, operation="enforce_rate_limit"
+            )
+            if taken is not None:
+                return taken
 
         async def work(conn: Connection, fx: Effects) -> RateLimitStatus | None:
             session: Session | Worker | None

@@ -8,10 +8,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Row,
+    Select,
     and_,
     bindparam,
     case,
+    cast,
     delete,
     exists,
     false,
@@ -137,19 +140,27 @@ class UsageFilter:
 
 
 _r = rate_limit_rules.c
-#: The custom rule of a session, else of its user: one lookup for both scopes.
-_RULE = (
-    select(_r.scope, _r.max_calls, _r.window_seconds)
-    .where(
-        _r.tenant_id == bindparam("tenant"),
-        _r.operation == bindparam("operation"),
-        or_(
-            and_(_r.scope == "session", _r.subject == bindparam("session_id")),
-            and_(_r.scope == "user", _r.subject == bindparam("user_id")),
-        ),
+
+
+def _rule_of(session_id: Any, user_id: Any) -> Select[Any]:
+    """The custom rule of a session, else of its user (parameter: operation; the
+    caller adds the tenant): one lookup for both scopes."""
+    return (
+        select(_r.scope, _r.max_calls, _r.window_seconds)
+        .where(
+            _r.operation == bindparam("operation"),
+            or_(
+                and_(_r.scope == "session", _r.subject == session_id),
+                and_(_r.scope == "user", _r.subject == user_id),
+            ),
+        )
+        .order_by(_r.scope)  # "session" < "user": the session's rule first
+        .limit(1)
     )
-    .order_by(_r.scope)  # "session" < "user": the session's rule first
-    .limit(1)
+
+
+_RULE = _rule_of(bindparam("session_id"), bindparam("user_id")).where(
+    _r.tenant_id == bindparam("tenant")
 )
 _STATE_KEY = ("tenant_id", "scope", "subject", "operation", "window_ms")
 #: Parameters of a limiter state's key, by column (named apart from the columns).
@@ -161,6 +172,105 @@ _SAVE_STATE = (
     .where(_STATE_WHERE)
     .values(state=bindparam("state"), updated_at=bindparam("now"))
 )
+
+
+def _take(backend: Backend, tier_max: Mapping[str, int], tier_window: float) -> Any:
+    """ONE statement for an admission (data-modifying CTEs, PostgreSQL): find the limit
+    that applies (the session's rule, else its user's, else ``tier_max`` of the
+    session's tier, over ``tier_window`` seconds), touch the session if it can work and
+    the limit admits the call, and write the limiter state the function
+    ``ctx_rate_limit_take`` (migration 0005, the rule of ``ratelimit.decide``) gives.
+
+    As in ``_track``: the call is admitted in the statement's snapshot before the
+    session row is locked, and again on the locked state row; when it no longer is,
+    the statement aborts (``written_or_abort``). It returns (state, max_calls,
+    window_seconds), or no row when nothing was written: refused, no limit, the
+    session cannot work, or the state is newer than ``now_us``. Parameters: tenant,
+    sid, now, cutoff, operation, now_us, cost."""
+    r, st = rate_limit_rules.c, rate_limit_state.c
+    rule = _rule_of(s.c.session_id, s.c.user_id).where(r.tenant_id == s.c.tenant_id).lateral("rule")
+    by_tier = (
+        case({tier: literal(n, r.max_calls.type) for tier, n in tier_max.items()}, value=s.c.tier)
+        if tier_max
+        else null()
+    )
+    window = func.coalesce(rule.c.window_seconds, literal(tier_window, r.window_seconds.type))
+    limit = (
+        select(
+            func.coalesce(rule.c.scope, "session").label("scope"),
+            case((rule.c.scope == "user", s.c.user_id), else_=s.c.session_id).label("subject"),
+            func.coalesce(rule.c.max_calls, by_tier).label("max_calls"),
+            window.label("window_seconds"),
+            # as the Python keys: round() to the nearest, ties to even, on both sides
+            cast(func.round(window * 1000), BigInteger).label("window_ms"),
+            func.greatest(cast(func.round(window * 1_000_000), BigInteger), 1).label("window_us"),
+        )
+        .select_from(s.outerjoin(rule, true()))
+        .where(s.c.tenant_id == bindparam("tenant"), s.c.session_id == bindparam("sid"))
+        .cte("limit")
+    )
+    of_key = and_(
+        st.tenant_id == bindparam("tenant"),
+        st.scope == limit.c.scope,
+        st.subject == limit.c.subject,
+        st.operation == bindparam("operation"),
+        st.window_ms == limit.c.window_ms,
+    )
+
+    def take(state: Any, window_us: Any, max_calls: Any) -> Any:
+        """The new state, or NULL."""
+        return func.ctx_rate_limit_take(
+            state,
+            bindparam("now_us", type_=BigInteger),
+            window_us,
+            max_calls,
+            bindparam("cost", type_=BigInteger),
+            type_=st.state.type,
+        )
+
+    stored = select(st.state).where(of_key).scalar_subquery()
+    admitted = (
+        select(limit)
+        .where(
+            limit.c.max_calls.is_not(None),
+            take(stored, limit.c.window_us, limit.c.max_calls).is_not(None),
+        )
+        .cte("admitted")
+    )
+    touched = (
+        TOUCH_WORKING.where(exists(select(admitted.c.scope)))
+        .returning(s.c.session_id)
+        .cte("touched")
+    )
+    new_row = select(
+        bindparam("tenant", type_=st.tenant_id.type).label("tenant_id"),
+        admitted.c.scope,
+        admitted.c.subject,
+        bindparam("operation", type_=st.operation.type).label("operation"),
+        admitted.c.window_ms,
+        take(null(), admitted.c.window_us, admitted.c.max_calls).label("state"),
+        bindparam("now", type_=st.updated_at.type).label("updated_at"),
+    ).select_from(admitted.join(touched, true()))
+    # ON CONFLICT DO UPDATE sees only the locked row and EXCLUDED: the limit's columns
+    # come in as scalar subqueries
+    on_locked = (
+        st.state,
+        select(admitted.c.window_us).scalar_subquery(),
+        select(admitted.c.max_calls).scalar_subquery(),
+    )
+    written = (
+        backend.upsert(
+            rate_limit_state,
+            _STATE_KEY,
+            new_row,
+            lambda excluded: {"state": take(*on_locked), "updated_at": excluded.updated_at},
+            lambda excluded: take(*on_locked).is_not(None),
+        )
+        .returning(st.state)
+        .cte("written")
+    )
+    returned = (written.c.state, admitted.c.max_calls, admitted.c.window_seconds)
+    return written_or_abort(touched, written, written.c.state, *returned)
 
 
 def _state_params(key: tuple[str, str, str, str, int]) -> dict[str, Any]:
@@ -191,6 +301,8 @@ class UsageRepository:
         ).returning(q.used, q.quota_limit)
         #: ``_track`` statements, by the tier limits they were built for.
         self._tracks: dict[tuple[tuple[str, float], ...], Any] = {}
+        #: ``_take`` statements, by the tier limits and window they were built for.
+        self._takes: dict[tuple[tuple[tuple[str, int], ...], float], Any] = {}
         #: The limiter state row, created empty, locked (parameters: the key, state, now).
         self._lock_state = backend.upsert(
             rate_limit_state,
@@ -420,6 +532,38 @@ class UsageRepository:
             "operation": operation,
         }
         row = (await run(conn, _RULE, params)).first()
+        return None if row is None else (row[0], int(row[1]), float(row[2]))
+
+    async def take(
+        self,
+        conn: Connection,
+        key: tuple[str, str, str],
+        cost: int,
+        now: datetime,
+        now_us: int,
+        cutoff: datetime,
+        tier_limits: tuple[tuple[str, int], ...],
+        tier_window: float,
+    ) -> tuple[Any, int, float] | None:
+        """Admit a call of ``cost`` in ONE statement (:attr:`Backend.data_modifying_ctes`)
+        under the limit that applies to ``key`` (tenant, session_id, operation), the
+        session's tier giving ``tier_limits`` calls per ``tier_window`` seconds when it
+        has no rule: (new state, max_calls, window), or None when nothing was written."""
+        stmt = self._takes.get((tier_limits, tier_window))
+        if stmt is None:
+            stmt = _take(self.backend, dict(tier_limits), tier_window)
+            self._takes[(tier_limits, tier_window)] = stmt
+        tenant, session_id, operation = key
+        params = {
+            "tenant": tenant,
+            "sid": session_id,
+            "operation": operation,
+            "now": now,
+            "now_us": now_us,
+            "cutoff": cutoff,
+            "cost": cost,
+        }
+        row = (await run(conn, stmt, params)).first()
         return None if row is None else (row[0], int(row[1]), float(row[2]))
 
     async def set_rule(
