@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,7 @@ class RawPostgres:
         """What autovacuum does on a server that runs it (off on the machine measured
         here): without statistics PostgreSQL's generic plan for a session lookup by key
         picked a wrong index, whose cost grows with the sessions created so far."""
-        await self.pool.execute("ANALYZE")
+        await self.pool.execute("VACUUM ANALYZE")
 
     async def fetch(self, sql: str, *args: Any) -> Any:
         return await self.pool.fetch(sql, *args)
@@ -266,6 +267,9 @@ async def bench_backend(
             [Message._trusted(dict(zip(fields, r, strict=True))) for r in history_rows]
 
         plan.append(("1-statement unit of work", floor, "raw UPDATE by key", raw_update))
+        statement = append_floor(engine, raw, talk)
+        if statement is not None:
+            plan.append(("add_message's statement, raw", statement, "raw INSERT", raw_insert))
         plan.append(("raw 3-statement transaction", raw_three, "raw INSERT", raw_insert))
         plan.append(
             ("1000 Message objects, no I/O", build_messages, "raw SELECT 1000 rows", raw_all_1000)
@@ -300,6 +304,37 @@ async def bench_backend(
         baseline = await timed_concurrent(raw_update_own, n)
         results.append(row(concurrent, ours, f"raw UPDATE, {TASKS} tasks", baseline))
     return results
+
+
+def append_floor(engine: ContextEngine, raw: Any, session_id: str) -> Op | None:
+    """The floor under add_message where it is one statement (PostgreSQL): that
+    statement, run by the raw driver on its pool, with nothing of ctxengine around it."""
+    from ctxengine.storage.prebuilt import _compiled
+    from ctxengine.storage.repositories.conversation import _APPENDS
+
+    store = engine._store
+    if not store.backend.data_modifying_ctes:
+        return None
+    form = _compiled(_APPENDS[1], store.engine.dialect)
+
+    async def append(i: int) -> None:
+        now = datetime.now(UTC)
+        params = {
+            "tenant": "default",
+            "sid": session_id,
+            "now": now,
+            "cutoff": now - timedelta(hours=1),
+            "chat": None,
+            "limit": None,
+            "message_id_0": uuid.uuid4().hex,
+            "role_0": "user",
+            "content_0": "what is the weather like today?",
+            "metadata_0": {},
+            "tokens_0": None,
+        }
+        await raw.fetch(form.sql, *form.values(params))
+
+    return append
 
 
 def row(
