@@ -68,4 +68,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.execute("DROP FUNCTION IF EXISTS ctx_rate_limit_take(jsonb, bigint, bigint, bigint, bigint)")
+        op.execute(
+            "DROP FUNCTION IF EXISTS ctx_rate_limit_take(jsonb, bigint, bigint, bigint, bigint)"
+        )
