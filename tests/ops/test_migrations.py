@@ -76,8 +76,15 @@ async def diff(engine: ContextEngine, target: sa.MetaData) -> list[Any]:
 
 
 async def tables(engine: ContextEngine) -> set[str]:
+    """The tables, and on PostgreSQL the functions, of the database."""
     async with engine._store.engine.connect() as conn:
-        return set(await conn.run_sync(lambda c: sa.inspect(c).get_table_names()))
+        found = set(await conn.run_sync(lambda c: sa.inspect(c).get_table_names()))
+        if conn.dialect.name == "postgresql":
+            functions = await conn.execute(
+                sa.text("SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace")
+            )
+            found |= set(functions.scalars())
+        return found
 
 
 async def test_models_and_migrations_do_not_drift(empty_url: str) -> None:
@@ -97,6 +104,10 @@ async def test_upgrade_downgrade_and_upgrade_again(empty_url: str) -> None:
         await engine.migrate()
         assert TABLES <= await tables(engine)
         assert (await engine.health_check())["schema_revision"] == head_revision()
+        if empty_url.startswith("postgresql"):  # the rate-limit rule of revision 0005
+            assert "ctx_rate_limit_take" in await tables(engine)
+            await migrations.migrate(engine._store, "0004_shared_state", down=True)
+            assert "ctx_rate_limit_take" not in await tables(engine)
         await migrations.migrate(engine._store, "0001_sessions", down=True)
         assert "ctx_quotas" not in await tables(engine) and "ctx_sessions" in await tables(engine)
         await migrations.migrate(engine._store, "base", down=True)
