@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from tests.fixtures import PG_SERVER
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,3 +54,36 @@ def test_the_harness_runs_and_writes_json(tmp_path: Path) -> None:
         "adk append_event",
     } <= operations
     assert all(row["ratio"] > 0 for row in results["sqlite"])
+
+
+async def test_the_harness_runs_on_postgresql_and_filters(tmp_path: Path, pg_admin: Any) -> None:
+    """``--only`` keeps the operations named so; on PostgreSQL the harness also measures
+    add_message's one statement run by the raw driver (``pg_admin``: skipped without a
+    server, failed under CI)."""
+    out = tmp_path / "results.json"
+    await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--backend",
+            "postgres",
+            "--n",
+            "5",
+            "--repeats",
+            "1",
+            "--only",
+            "add_message",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "CTXENGINE_BENCH_PG_URL": PG_SERVER},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    rows = json.loads(out.read_text())["postgres"]
+    assert [row["operation"] for row in rows] == ["add_message", "add_message's statement, raw"]
+    assert all(row["ratio"] > 0 for row in rows)
