@@ -65,7 +65,7 @@ async def test_prebuilt_statements_convert_values_as_sqlalchemy_does(tmp_path: P
 
     from sqlalchemy import text
 
-    from ctxengine.storage.prebuilt import run
+    from ctxengine.storage.prebuilt import run, run_dicts
     from ctxengine.storage.repositories import sessions as repo
     from ctxengine.storage.sqlite import InlineConnection
 
@@ -88,9 +88,11 @@ async def test_prebuilt_statements_convert_values_as_sqlalchemy_does(tmp_path: P
             conn.commit()
             direct = (await run(inline, repo._GET_COUNTED, params)).first()
             through_sqlalchemy = conn.execute(repo._GET_COUNTED, params).first()
+            as_dicts = await run_dicts(inline, repo._GET_COUNTED, params)
             stored = conn.execute(text("SELECT last_activity FROM ctx_sessions")).scalar_one()
         assert written is not None and direct is not None and through_sqlalchemy is not None
         assert tuple(written) == tuple(direct) == tuple(through_sqlalchemy)
+        assert as_dicts == [dict(through_sqlalchemy._mapping)]
         assert direct.last_activity == now and direct._mapping["metadata"] == {"k": [1, "ü"]}
         assert (direct.request_count, direct.error_count) == (2, 1)
         assert stored == "2031-02-03 04:05:06.000789"

@@ -378,12 +378,13 @@ class ConversationService:
             v.count(before_seq, "before_seq")
 
         async def work(conn: Connection, fx: Effects) -> list[Message]:
-            rows = await self.repo.page(conn, tenant, session_id, chat_id, limit, before_seq)
-            if not rows:
+            page = await self.repo.page(conn, tenant, session_id, chat_id, limit, before_seq)
+            if not page:
                 chat = await self._resolve_chat(conn, tenant, session_id, chat_id)
                 if await self.repo.get_chat(conn, tenant, session_id, chat) is None:
                     raise await self._missing_chat(conn, tenant, session_id, chat)
-            return [to_message(row) for row in reversed(rows)]
+            page.reverse()
+            return page
 
         return await self.ctx.transact(work, write=False, operation="get_messages")
 

@@ -121,17 +121,37 @@ class AutocommitConnection:
 async def run(conn: Connection, statement: Executable, parameters: Params) -> Rows:
     """Execute ``statement``, which must be built once (at import or per repository),
     never per call: its compiled form is kept."""
+    ran = await _run(conn, statement, parameters, as_dicts=False)
+    return ran if ran is not None else await conn.execute(statement, parameters)
+
+
+async def run_dicts(
+    conn: Connection, statement: Executable, parameters: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The rows of ``statement`` (built once, as for :func:`run`) as dicts keyed by
+    column: the ``__dict__`` of a model whose fields the columns are, with no
+    intermediate row object."""
+    ran = await _run(conn, statement, parameters, as_dicts=True)
+    if ran is not None:
+        return ran.rows
+    return [dict(row._mapping) for row in await conn.execute(statement, parameters)]
+
+
+async def _run(
+    conn: Connection, statement: Executable, parameters: Params, *, as_dicts: bool
+) -> _Result | None:
+    """Run on the driver directly where the connection allows it; None elsewhere."""
     kind = type(conn)
     if kind is InlineConnection:
         assert isinstance(conn, InlineConnection)
         raw = conn.sync.connection.driver_connection
         assert isinstance(raw, sqlite3.Connection)
-        return _compiled(statement, conn.sync.dialect).run_sqlite(raw, parameters)
+        return _compiled(statement, conn.sync.dialect).run_sqlite(raw, parameters, as_dicts)
     if kind is AutocommitConnection and isinstance(parameters, Mapping):
         assert isinstance(conn, AutocommitConnection)
         form = _compiled(statement, conn.dialect)
-        return await form.run_asyncpg(conn.driver, parameters)
-    return await conn.execute(statement, parameters)
+        return await form.run_asyncpg(conn.driver, parameters, as_dicts)
+    return None
 
 
 def _compiled(statement: Executable, dialect: Dialect) -> _Compiled:
@@ -150,7 +170,7 @@ def _compiled(statement: Executable, dialect: Dialect) -> _Compiled:
 class _Compiled:
     """A statement compiled for one dialect, with the processors of its values."""
 
-    __slots__ = ("binds", "dialect", "results", "row", "sql", "types")
+    __slots__ = ("binds", "dialect", "keys", "results", "row", "sql", "types")
 
     def __init__(self, statement: Executable, dialect: Dialect) -> None:
         assert isinstance(statement, ClauseElement)
@@ -174,7 +194,8 @@ class _Compiled:
         self.types = [column.type.dialect_impl(dialect) for column in columns]
         #: the result processors, given the types of the driver's columns when it has them
         self.results: tuple[tuple[int, Any], ...] | None = None
-        self.row = _row_type(tuple(column.key for column in columns))
+        self.keys = tuple(column.key for column in columns)
+        self.row = _row_type(self.keys)
 
     def processors(self, coltypes: Sequence[Any]) -> tuple[tuple[int, Any], ...]:
         """(position, processor) of the result columns that have one."""
@@ -195,7 +216,9 @@ class _Compiled:
             values.append(value if process is None else process(value))
         return values
 
-    def run_sqlite(self, raw: sqlite3.Connection, parameters: Params) -> _Result:
+    def run_sqlite(
+        self, raw: sqlite3.Connection, parameters: Params, as_dicts: bool = False
+    ) -> _Result:
         if isinstance(parameters, Mapping):
             cursor = raw.execute(self.sql, self.values(parameters))
         else:
@@ -203,11 +226,14 @@ class _Compiled:
         try:
             if not self.types:
                 return _Result([], cursor.rowcount)
-            return self.rows(cursor.fetchall(), self.processors([None] * len(self.types)))
+            processors = self.processors([None] * len(self.types))
+            return self.rows(cursor.fetchall(), processors, as_dicts)
         finally:
             cursor.close()
 
-    async def run_asyncpg(self, driver: Any, parameters: Mapping[str, Any]) -> _Result:
+    async def run_asyncpg(
+        self, driver: Any, parameters: Mapping[str, Any], as_dicts: bool = False
+    ) -> _Result:
         values = self.values(parameters)
         if not self.types:
             status = await driver.execute(self.sql, *values)
@@ -217,18 +243,22 @@ class _Compiled:
         if processors is None:  # the driver's column types (OIDs), as SQLAlchemy reads them
             prepared = await driver.prepare(self.sql)
             processors = self.processors([a.type.oid for a in prepared.get_attributes()])
-        return self.rows(await driver.fetch(self.sql, *values), processors)
+        return self.rows(await driver.fetch(self.sql, *values), processors, as_dicts)
 
     def rows(
-        self, fetched: Sequence[Sequence[Any]], processors: tuple[tuple[int, Any], ...]
+        self,
+        fetched: Sequence[Sequence[Any]],
+        processors: tuple[tuple[int, Any], ...],
+        as_dicts: bool,
     ) -> _Result:
-        make = self.row._make
+        """Rows (named tuples, or dicts keyed by column) with converted values."""
+        make, keys = self.row._make, self.keys
         rows = []
         for fetched_row in fetched:
             values = list(fetched_row)
             for i, process in processors:
                 values[i] = process(values[i])
-            rows.append(make(values))
+            rows.append(dict(zip(keys, values, strict=True)) if as_dicts else make(values))
         return _Result(rows, len(rows))
 
 

@@ -23,7 +23,7 @@ from sqlalchemy import (
 from ...models import Chat, Checkpoint, Message
 from ..backend import Backend
 from ..connection import Connection
-from ..prebuilt import Record, run
+from ..prebuilt import Record, run, run_dicts
 from ..schema import chats, checkpoints, messages, shared_state
 from ..schema import sessions as s
 from . import of_session, written_or_abort
@@ -435,7 +435,7 @@ class ConversationRepository:
         chat_id: str | None,
         limit: int | None,
         before_seq: int | None,
-    ) -> Sequence[Record]:
+    ) -> list[Message]:
         """The last ``limit`` messages before ``before_seq``, newest first (an index range
         scan on (chat, seq)); ``chat_id`` None reads the session's current chat."""
         shape = (chat_id is None, before_seq is not None, limit is not None)
@@ -446,7 +446,8 @@ class ConversationRepository:
             "before": before_seq,
             "limit": limit,
         }
-        return list(await run(conn, _PAGES[shape], params))
+        # the rows' columns are the Message fields: each row is a message's __dict__
+        return [Message._trusted(row) for row in await run_dicts(conn, _PAGES[shape], params)]
 
     async def all_messages(
         self, conn: Connection, tenant: str, session_id: str
