@@ -6,7 +6,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import validation as v
@@ -301,7 +301,7 @@ class ConversationService:
             # else (refusals, trimming the history) takes the general transaction below
             async def append(conn: Connection, fx: Effects) -> list[Message] | None:
                 rows = [message_values(tenant, session_id, "", 0, m, fx.now) for m in new]
-                cutoff = fx.now - timedelta(seconds=self.sessions.timeout)
+                cutoff = self.sessions.cutoff(fx.now)
                 appended = await self.repo.append(
                     conn, rows, chat_id, cutoff, settings.max_messages_per_chat
                 )

@@ -20,11 +20,12 @@ from ..errors import (
 from ..ids import new_id
 from ..models import QuotaType, RateLimitStatus, RateLimitType, Session
 from ..ratelimit import LimiterState, decide, in_us
+from ..settings import TierPolicy
 from ..storage.connection import Connection
 from ..storage.repositories.usage import UsageRepository
 from .base import Context, Effects
 from .sessions import SessionService, Worker
-from .usage import tier_limit
+from .usage import limits_by_tier, tier_limit
 
 log = logging.getLogger("ctxengine.limits")
 
@@ -186,6 +187,10 @@ WINDOWS: dict[RateLimitType, float] = {
 _Key = tuple[str, str, str, str, int]
 
 
+def _rate_limit(policy: TierPolicy, limit_type: RateLimitType) -> int | None:
+    return policy.rate_limits.get(limit_type)
+
+
 def _cost(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValidationError(f"cost must be a whole number >= 1, got {value!r}", field="cost")
@@ -200,20 +205,11 @@ class RateLimitService:
         self.ctx = ctx
         self.sessions = sessions
         self.repo = UsageRepository(ctx.store.backend)
-        self._limits_by_type: dict[RateLimitType, tuple[tuple[str, int], ...]] = {}
-
-    def _tier_limits(self, limit_type: RateLimitType) -> tuple[tuple[str, int], ...]:
-        """(tier, max calls per ``limit_type`` window) of each tier that limits it (the
-        settings are fixed, so each type's are worked out once)."""
-        limits = self._limits_by_type.get(limit_type)
-        if limits is None:
-            pairs = (
-                (tier, policy.rate_limits.get(limit_type))
-                for tier, policy in self.ctx.settings.tiers.items()
-            )
-            limits = tuple(sorted((t, n) for t, n in pairs if n is not None))
-            self._limits_by_type[limit_type] = limits
-        return limits
+        #: Each limit type's tier limits (the settings are fixed).
+        self._tier_limits = {
+            limit_type: limits_by_tier(ctx.settings.tiers, _rate_limit, limit_type)
+            for limit_type in RateLimitType
+        }
 
     async def _rules(
         self,
@@ -322,11 +318,11 @@ class RateLimitService:
             # one statement when the call is admitted; refusals (and the rare call the
             # statement cannot decide) take the general transaction below
             limit_type = types[0]
-            tier_limits = self._tier_limits(limit_type)
+            tier_limits = self._tier_limits[limit_type]
 
             async def take(conn: Connection, fx: Effects) -> RateLimitStatus | None:
                 now = fx.now.timestamp()
-                cutoff = fx.now - timedelta(seconds=self.sessions.timeout)
+                cutoff = self.sessions.cutoff(fx.now)
                 taken = await self.repo.take(
                     conn,
                     (tenant, session_id, operation),

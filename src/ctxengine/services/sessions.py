@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import Row
@@ -60,6 +60,10 @@ class SessionService:
     @property
     def timeout(self) -> float:
         return self.ctx.settings.session_timeout
+
+    def cutoff(self, now: datetime) -> datetime:
+        """The oldest ``last_activity`` of a session that can still work at ``now``."""
+        return now - timedelta(seconds=self.timeout)
 
     # -- creation -----------------------------------------------------------------------
     def _new_values(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import validation as v
 from ..errors import QuotaExceededError, SessionNotFoundError, ValidationError
@@ -17,6 +17,9 @@ from ..storage.repositories.sessions import to_session
 from ..storage.repositories.usage import UsageFilter, UsageRepository
 from .base import Context, Effects
 from .sessions import SessionService
+
+N = TypeVar("N", int, float)
+K = TypeVar("K")
 
 #: Usage thresholds announced once per crossing, in percent.
 THRESHOLDS = ((90.0, "quota.critical"), (75.0, "quota.warning"))
@@ -36,6 +39,15 @@ def tier_limit(policy: TierPolicy | None, resource: QuotaType) -> float | None:
     else:
         limit = policy.quotas.get(resource)
     return None if limit is None else float(limit)
+
+
+def limits_by_tier(
+    tiers: Mapping[str, TierPolicy], limit_of: Callable[[TierPolicy, K], N | None], of: K
+) -> tuple[tuple[str, N], ...]:
+    """(tier, ``limit_of(policy, of)``) of every tier that has that limit, in tier order:
+    what a one-statement write turns into a CASE over the session's tier."""
+    pairs = ((tier, limit_of(policy, of)) for tier, policy in tiers.items())
+    return tuple(sorted((tier, limit) for tier, limit in pairs if limit is not None))
 
 
 def _recorded(
@@ -72,7 +84,11 @@ class UsageService:
         self.ctx = ctx
         self.sessions = sessions
         self.repo = UsageRepository(ctx.store.backend)
-        self._limits_by_resource: dict[QuotaType, tuple[tuple[str, float], ...]] = {}
+        #: Each resource's tier limits (the settings are fixed).
+        self._tier_limits = {
+            resource: limits_by_tier(ctx.settings.tiers, tier_limit, resource)
+            for resource in QuotaType
+        }
 
     def policy(self, tier: str) -> TierPolicy | None:
         return self.ctx.settings.tiers.get(tier)
@@ -113,11 +129,11 @@ class UsageService:
         if self.ctx.store.backend.data_modifying_ctes:
             # one statement when the session can work and the quota has room; refusals
             # take the general transaction below
-            tier_limits = self._tier_limits(resource)
+            tier_limits = self._tier_limits[resource]
 
             async def count(conn: Connection, fx: Effects) -> UsageRecord | None:
                 row = values(fx)
-                cutoff = fx.now - timedelta(seconds=self.sessions.timeout)
+                cutoff = self.sessions.cutoff(fx.now)
                 counted = await self.repo.track(conn, row, cutoff, tier_limits)
                 if counted is None:
                     return None
@@ -159,17 +175,6 @@ class UsageService:
         result = await self.ctx.transact(work, operation="track_usage")
         assert result is not None
         return result
-
-    def _tier_limits(self, resource: QuotaType) -> tuple[tuple[str, float], ...]:
-        """(tier, limit of ``resource``) for each tier that limits it (the settings are
-        fixed, so each resource's are worked out once)."""
-        limits = self._limits_by_resource.get(resource)
-        if limits is None:
-            tiers = self.ctx.settings.tiers
-            pairs = ((tier, tier_limit(policy, resource)) for tier, policy in tiers.items())
-            limits = tuple(sorted((t, limit) for t, limit in pairs if limit is not None))
-            self._limits_by_resource[resource] = limits
-        return limits
 
     async def quotas(self, tenant: str, session_id: str) -> dict[QuotaType, QuotaStatus]:
         v.identifier(session_id)
