@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from ctxengine import ContextEngine, EngineSettings, SessionStatus
 from ctxengine.errors import (
@@ -118,6 +119,30 @@ async def test_paging_backwards_with_before_seq(engine: ContextEngine) -> None:
     assert [m.seq for m in first] == list(range(1, 6))
     everything = await engine.get_messages("s", limit=None)
     assert [m.content for m in everything] == [f"m{i}" for i in range(1, 26)]
+
+
+async def test_history_reads_what_sqlalchemy_reads(engine: ContextEngine) -> None:
+    """Pages are converted from the driver's rows by generated converters: each message
+    holds exactly the values SQLAlchemy reads from its row, timestamps in UTC."""
+    from ctxengine.storage.schema import messages
+
+    await engine.create_session("s", "u")
+    added = await engine.add_messages(
+        "s",
+        [
+            {"role": "user", "content": "plain"},
+            {"role": "assistant", "content": "", "metadata": {"k": [1, "ü", None]}, "tokens": 7},
+            {"role": "tool", "content": "x" * 500, "metadata": {}, "tokens": 0},
+        ],
+    )
+    async with engine._store.engine.connect() as conn:
+        stored = (await conn.execute(select(messages).order_by(messages.c.seq))).mappings().all()
+    read = await engine.get_messages("s", limit=None)
+    assert read == added
+    for message, row in zip(read, stored, strict=True):
+        assert message.model_dump() == {k: row[k] for k in message.model_dump()}
+        assert message.created_at.utcoffset() == timedelta(0)
+    assert [m.seq for m in await engine.get_messages("s", limit=2)] == [2, 3]
 
 
 @pytest.mark.parametrize("overflow", ["trim", "reject"])

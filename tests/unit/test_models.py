@@ -30,5 +30,10 @@ def test_trusted_construction_matches_validation() -> None:
     assert trusted.model_fields_set == validated.model_fields_set
     assert repr(trusted) == repr(validated)
     assert trusted.model_copy(update={"seq": 4}).seq == 4
+    # the fields set is shared by trusted instances: changing a copy's leaves theirs
+    other = Message._trusted(dict(values))
+    copied = trusted.model_copy(update={"not_a_field": 1})
+    assert "not_a_field" in copied.model_fields_set
+    assert trusted.model_fields_set == other.model_fields_set == set(values)
     with pytest.raises(pydantic.ValidationError):
         trusted.seq = 5  # type: ignore[misc]

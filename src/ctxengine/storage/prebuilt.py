@@ -170,7 +170,7 @@ def _compiled(statement: Executable, dialect: Dialect) -> _Compiled:
 class _Compiled:
     """A statement compiled for one dialect, with the processors of its values."""
 
-    __slots__ = ("binds", "dialect", "keys", "results", "row", "sql", "types")
+    __slots__ = ("binds", "converters", "dialect", "keys", "row", "sql", "types")
 
     def __init__(self, statement: Executable, dialect: Dialect) -> None:
         assert isinstance(statement, ClauseElement)
@@ -192,20 +192,25 @@ class _Compiled:
             columns.extend(statement.exported_columns)
         self.dialect = dialect
         self.types = [column.type.dialect_impl(dialect) for column in columns]
-        #: the result processors, given the types of the driver's columns when it has them
-        self.results: tuple[tuple[int, Any], ...] | None = None
         self.keys = tuple(column.key for column in columns)
         self.row = _row_type(self.keys)
+        #: (to a Row, to a dict) for one driver row, made once the driver's column types
+        #: are known
+        self.converters: tuple[_Convert, _Convert] | None = None
 
-    def processors(self, coltypes: Sequence[Any]) -> tuple[tuple[int, Any], ...]:
-        """(position, processor) of the result columns that have one."""
-        if self.results is None:
-            processors = (
+    def converters_for(self, coltypes: Sequence[Any]) -> tuple[_Convert, _Convert]:
+        """(to a Row, to a dict) for one driver row, by the result processors of the
+        statement's column types for the driver's column types."""
+        if self.converters is None:
+            processors = [
                 t.result_processor(self.dialect, coltype)
                 for t, coltype in zip(self.types, coltypes, strict=True)
+            ]
+            self.converters = (
+                _converter(self.keys, processors, self.row),
+                _converter(self.keys, processors, None),
             )
-            self.results = tuple((i, p) for i, p in enumerate(processors) if p is not None)
-        return self.results
+        return self.converters
 
     def values(self, parameters: Mapping[str, Any]) -> list[Any]:
         values = []
@@ -226,8 +231,8 @@ class _Compiled:
         try:
             if not self.types:
                 return _Result([], cursor.rowcount)
-            processors = self.processors([None] * len(self.types))
-            return self.rows(cursor.fetchall(), processors, as_dicts)
+            converters = self.converters_for([None] * len(self.types))
+            return _Result.of(cursor.fetchall(), converters[as_dicts])
         finally:
             cursor.close()
 
@@ -239,27 +244,33 @@ class _Compiled:
             status = await driver.execute(self.sql, *values)
             count = status.rsplit(" ", 1)[-1]
             return _Result([], int(count) if count.isdigit() else -1)
-        processors = self.results
-        if processors is None:  # the driver's column types (OIDs), as SQLAlchemy reads them
+        converters = self.converters
+        if converters is None:  # the driver's column types (OIDs), as SQLAlchemy reads them
             prepared = await driver.prepare(self.sql)
-            processors = self.processors([a.type.oid for a in prepared.get_attributes()])
-        return self.rows(await driver.fetch(self.sql, *values), processors, as_dicts)
+            converters = self.converters_for([a.type.oid for a in prepared.get_attributes()])
+        return _Result.of(await driver.fetch(self.sql, *values), converters[as_dicts])
 
-    def rows(
-        self,
-        fetched: Sequence[Sequence[Any]],
-        processors: tuple[tuple[int, Any], ...],
-        as_dicts: bool,
-    ) -> _Result:
-        """Rows (named tuples, or dicts keyed by column) with converted values."""
-        make, keys = self.row._make, self.keys
-        rows = []
-        for fetched_row in fetched:
-            values = list(fetched_row)
-            for i, process in processors:
-                values[i] = process(values[i])
-            rows.append(dict(zip(keys, values, strict=True)) if as_dicts else make(values))
-        return _Result(rows, len(rows))
+
+_Convert = Callable[[Sequence[Any]], Any]
+
+
+def _converter(keys: tuple[str, ...], processors: Sequence[Any], row: Any) -> _Convert:
+    """One function turning a driver row into a ``row`` (or a dict keyed by column when
+    ``row`` is None), its values through their processors (None: as they are).
+
+    It is generated as one expression, as ``namedtuple`` generates its methods: a
+    loop over the columns of each row cost more than the conversion itself (1000
+    message rows: 1.2 ms looping, 0.5 ms generated)."""
+    values = [f"r[{i}]" if p is None else f"p{i}(r[{i}])" for i, p in enumerate(processors)]
+    if row is None:
+        items = (f"{key!r}: {value}" for key, value in zip(keys, values, strict=True))
+        body = "{" + ", ".join(items) + "}"
+    else:
+        body = f"new(row, ({', '.join(values)},))"
+    scope = {f"p{i}": p for i, p in enumerate(processors) if p is not None}
+    scope |= {"new": tuple.__new__, "row": row}
+    convert: _Convert = eval(f"lambda r: {body}", scope)
+    return convert
 
 
 def _row_type(names: tuple[str, ...]) -> Any:
@@ -278,6 +289,11 @@ class _Result:
     def __init__(self, rows: list[Any], rowcount: int) -> None:
         self.rows = rows
         self.rowcount = rowcount
+
+    @classmethod
+    def of(cls, fetched: Sequence[Sequence[Any]], convert: _Convert) -> _Result:
+        rows = list(map(convert, fetched))
+        return cls(rows, len(rows))
 
     def first(self) -> Any:
         return self.rows[0] if self.rows else None

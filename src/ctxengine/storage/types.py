@@ -10,6 +10,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
+#: PostgreSQL's type OID of ``timestamptz``.
+_TIMESTAMPTZ = 1184
+
 #: JSON everywhere, JSONB on PostgreSQL (indexable, mergeable with ``||``).
 JSONDocument = JSON().with_variant(JSONB(), "postgresql")
 
@@ -44,6 +47,8 @@ class UTCDateTime(TypeDecorator[datetime]):
                     return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
             return parse
+        if dialect.driver == "asyncpg" and coltype == _TIMESTAMPTZ:
+            return None  # asyncpg reads timestamptz as aware datetimes in UTC already
         return super().result_processor(dialect, coltype)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
