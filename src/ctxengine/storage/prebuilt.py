@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlite3
 import weakref
 from collections import namedtuple
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.engine import Connection as SyncConnection
@@ -232,7 +232,7 @@ class _Compiled:
             if not self.types:
                 return _Result([], cursor.rowcount)
             converters = self.converters_for([None] * len(self.types))
-            return _Result.of(cursor.fetchall(), converters[as_dicts])
+            return _Result.of(cursor, converters[as_dicts])  # row by row, as read
         finally:
             cursor.close()
 
@@ -291,7 +291,7 @@ class _Result:
         self.rowcount = rowcount
 
     @classmethod
-    def of(cls, fetched: Sequence[Sequence[Any]], convert: _Convert) -> _Result:
+    def of(cls, fetched: Iterable[Sequence[Any]], convert: _Convert) -> _Result:
         rows = list(map(convert, fetched))
         return cls(rows, len(rows))
 
