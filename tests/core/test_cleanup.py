@@ -8,10 +8,12 @@ from collections import Counter
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 
 from ctxengine import ContextEngine, EngineSettings, Event, SessionStatus
-from tests.fixtures import FakeClock
+from ctxengine.errors import SessionLimitError
+from tests.fixtures import PG_SERVER, FakeClock, new_pg_database
 
 
 def settings(**overrides: Any) -> EngineSettings:
@@ -79,6 +81,36 @@ async def test_a_sweep_goes_on_across_batches_and_reasons(
         assert statuses.pop("fresh") is SessionStatus.ACTIVE
         assert set(statuses) == set(stale)
         assert set(statuses.values()) == {SessionStatus.EXPIRED}
+
+
+async def test_sessions_sharing_an_idle_bucket_expire_by_their_own_idleness(
+    db_url: str, clock: FakeClock
+) -> None:
+    """The sweep and the live-session count find sessions through 10-second idle
+    buckets (an index that touches do not change), yet go by ``last_activity`` itself:
+    of two sessions in one bucket, only the one idle past the timeout is expired, or
+    stops counting against ``max_active_sessions``."""
+    async with ContextEngine(
+        db_url, settings=settings(max_active_sessions=2), clock=clock
+    ) as engine:
+        clock.advance(2)  # both inside one bucket, away from its edges
+        await engine.create_session("older", "u")
+        clock.advance(0.5)
+        await engine.create_session("newer", "u")
+        clock.advance(60 - 0.25)  # older idle 60.25 s, newer 59.75 s; timeout 60 s
+        await engine.create_session("third", "u")  # older no longer counts
+        with pytest.raises(SessionLimitError):
+            await engine.create_session("fourth", "u")
+        assert await engine.cleanup_inactive_sessions() == 1
+        statuses = {s.session_id: s.status for s in await engine.list_sessions()}
+        assert statuses == {
+            "older": SessionStatus.EXPIRED,
+            "newer": SessionStatus.ACTIVE,
+            "third": SessionStatus.ACTIVE,
+        }
+        clock.advance(0.5)
+        assert await engine.cleanup_inactive_sessions() == 1
+        assert (await engine.get_session("newer")).status is SessionStatus.EXPIRED  # type: ignore[union-attr]
 
 
 async def test_the_background_task_expires_sessions(db_url: str, clock: FakeClock) -> None:
@@ -164,3 +196,37 @@ async def test_two_engines_announce_each_expiry_once(db_url: str, clock: FakeClo
         await asyncio.sleep(0.1)  # a late duplicate would show up here
     assert len(seen) == 300 and set(seen.values()) == {1}
     assert sum(totals) == 300
+
+
+async def test_touches_within_a_bucket_are_hot_updates_on_postgres(
+    pg_admin: asyncpg.Connection, clock: FakeClock
+) -> None:
+    """No index covers ``last_activity``, so on PostgreSQL a touch that stays in its
+    idle bucket is a HOT update: it writes no index entry (with the old index on
+    (status, last_activity), none of these updates was)."""
+    url = await new_pg_database(pg_admin)
+    database = url.rsplit("/", 1)[1]
+    try:
+        async with ContextEngine(url, settings=settings(), clock=clock) as engine:
+            await engine.create_session("s", "u")
+            for _ in range(20):  # 4 s in all: one bucket
+                clock.advance(0.2)
+                await engine.update_session("s", increment_requests=True)
+                await engine.add_message("s", "user", "hi")
+        # the engine's server processes report their statistics as they end
+        probe = await asyncpg.connect(f"{PG_SERVER.rsplit('/', 1)[0]}/{database}")
+        try:
+            for _ in range(100):
+                updated, hot = await probe.fetchrow(
+                    "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                    "WHERE relname = 'ctx_sessions'"
+                )
+                if updated >= 40:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await probe.close()
+        assert updated >= 40
+        assert hot == updated
+    finally:
+        await pg_admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

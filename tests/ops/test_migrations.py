@@ -18,7 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
 
-from ctxengine import ContextEngine, EngineSettings
+from ctxengine import ContextEngine, EngineSettings, SessionStatus
 from ctxengine import migrate as migrations
 from ctxengine.migrate import VERSION_TABLE, head_revision
 from ctxengine.storage.schema import metadata
@@ -150,6 +150,46 @@ async def test_sessions_from_before_0003_get_their_default_chat(empty_url: str) 
         async with engine._store.engine.connect() as conn:
             left = (await conn.execute(text("SELECT count(*) FROM ctx_sessions"))).scalar_one()
         assert left == 1
+
+
+async def test_sessions_from_before_0006_are_swept_by_their_idle_bucket(empty_url: str) -> None:
+    async with engine_for(empty_url, auto_migrate=False, session_timeout=60) as engine:
+        await migrations.migrate(engine._store, "0005_rate_limit_take")
+        long_ago = datetime(2001, 1, 1, tzinfo=UTC)
+        async with engine._store.engine.begin() as conn:
+            for sid, last_activity in (("idle", long_ago), ("fresh", datetime.now(UTC))):
+                await conn.execute(
+                    sessions_table.insert().values(
+                        tenant_id="default",
+                        session_id=sid,
+                        user_id="u",
+                        tier="free",
+                        status="active",
+                        metadata={},
+                        tags=[],
+                        preferences={},
+                        created_at=long_ago,
+                        last_activity=last_activity,
+                        request_count=0,
+                        error_count=0,
+                        total_processing_time=0.0,
+                    )
+                )
+        await engine.migrate()  # computes the bucket of the sessions already stored
+        assert await engine.cleanup_inactive_sessions() == 1
+        assert (await engine.get_session("idle")).status is SessionStatus.EXPIRED  # type: ignore[union-attr]
+        await migrations.migrate(engine._store, "0005_rate_limit_take", down=True)
+        async with engine._store.engine.connect() as conn:
+            inspected = await conn.run_sync(
+                lambda c: (
+                    {i["name"] for i in sa.inspect(c).get_indexes("ctx_sessions")},
+                    {col["name"] for col in sa.inspect(c).get_columns("ctx_sessions")},
+                )
+            )
+        indexes, columns = inspected
+        assert "ix_ctx_sessions_status_last_activity" in indexes
+        assert "ix_ctx_sessions_status_idle_bucket" not in indexes
+        assert "idle_bucket" not in columns
 
 
 async def test_auto_migrate_setting(empty_url: str) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     tuple_,
@@ -28,12 +29,14 @@ from ...models import Session, SessionStatus
 from ..backend import Backend
 from ..connection import Connection
 from ..prebuilt import Record, run
-from ..schema import chats, leases, quotas, rate_limit_rules, rate_limit_state
+from ..schema import chats, idle_bucket, leases, quotas, rate_limit_rules, rate_limit_state
 from ..schema import sessions as t
+from ..types import UTCDateTime
 from . import of_session
 
 _OPEN = [s.value for s in OPEN_STATUSES]
-_COLUMNS = list(t.c)
+#: The columns of a Session (the idle bucket is the database's, for the sweep).
+_COLUMNS = [c for c in t.c if c is not t.c.idle_bucket]
 
 
 def _live_leases(tenant: Any, session_id: Any, now: Any) -> Any:
@@ -164,8 +167,10 @@ class SessionRepository:
     @staticmethod
     def _live(now: datetime, idle_limit: float) -> ColumnElement[bool]:
         """Not idle longer than the timeout and not past the deadline."""
+        cutoff = literal(now - timedelta(seconds=idle_limit), UTCDateTime)
         return and_(
-            t.c.last_activity >= now - timedelta(seconds=idle_limit),
+            t.c.idle_bucket >= idle_bucket(cutoff),  # a range of the sweep's index
+            t.c.last_activity >= cutoff,
             or_(t.c.expires_at.is_(None), t.c.expires_at > now),
         )
 
@@ -392,16 +397,15 @@ class SessionRepository:
         """Expire up to ``batch`` open sessions idle longer than ``idle_seconds`` or past
         their deadline. Rows locked by other transactions are skipped (PostgreSQL), so
         concurrent sweepers never expire the same session twice."""
-        cutoff = now - timedelta(seconds=idle_seconds)
+        cutoff = literal(now - timedelta(seconds=idle_seconds), UTCDateTime)
         rows: list[Row[Any]] = []
         # One status and one reason at a time, oldest first: each search is a range of
-        # an index ((status, last_activity) or (status, expires_at)), whatever the
-        # planner's row estimates, so a sweep with nothing to expire costs four probes.
+        # an index ((status, idle_bucket) or (status, expires_at)), whatever the
+        # planner's row estimates, so a sweep with nothing to expire costs four probes
+        # (and reads the sessions of the cutoff's bucket that are not idle yet).
+        idle = and_(t.c.idle_bucket <= idle_bucket(cutoff), t.c.last_activity < cutoff)
         for status in _OPEN:
-            for column, stale in (
-                (t.c.last_activity, t.c.last_activity < cutoff),
-                (t.c.expires_at, t.c.expires_at <= now),
-            ):
+            for column, stale in ((t.c.idle_bucket, idle), (t.c.expires_at, t.c.expires_at <= now)):
                 if len(rows) == batch:
                     return rows
                 found = select(t.c.tenant_id, t.c.session_id).where(t.c.status == status, stale)
