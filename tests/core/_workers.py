@@ -87,3 +87,20 @@ def get_or_create(url: str, session_id: str, tasks: int) -> int:
         return len({r.session_id for r in results})
 
     return asyncio.run(main())
+
+
+def sweep(url: str, batch: int, start_at: float) -> int:
+    """One cleanup_inactive_sessions (nobody listening) at ``start_at`` (a time.time()),
+    in batches of ``batch``."""
+    import time
+
+    from ctxengine.services import sessions
+
+    sessions._EXPIRE_BATCH = batch  # many batches, to interleave with other sweepers
+
+    async def main() -> int:
+        async with ContextEngine(url, settings=SETTINGS) as engine:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            return await engine.cleanup_inactive_sessions(max_idle_seconds=60)
+
+    return asyncio.run(main())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import sqlite3
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
@@ -49,6 +51,28 @@ async def test_updates_from_four_processes_are_exact(engine: ContextEngine, db_u
     assert row[0] == 4 * 5 * 50
     assert row[1] == 4 * 5 * 5
     assert row[2] == pytest.approx(1000 * 0.002, abs=1e-6)
+
+
+async def test_sweepers_in_four_processes_expire_each_session_once(db_url: str) -> None:
+    """Concurrent sweeps count what they expired themselves (on PostgreSQL in the
+    database, when nobody listens): the counts add up to the sessions expired."""
+    long_ago = datetime.now(UTC) - timedelta(hours=2)
+    settings = EngineSettings(auto_cleanup=False)
+    async with ContextEngine(db_url, settings=settings, clock=lambda: long_ago) as engine:
+        for start in range(0, 1200, 100):
+            await asyncio.gather(
+                *(engine.create_session(f"s{i}", "u") for i in range(start, start + 100))
+            )
+    async with ContextEngine(db_url, settings=settings) as engine:
+        await engine.create_session("live", "u")
+        with pool() as workers:
+            start_at = time.time() + 3  # all four open, then sweep at once
+            counts = workers.starmap(_workers.sweep, [(db_url, 10, start_at)] * 4)
+        assert sum(counts) == 1200
+        async with engine._store.engine.connect() as conn:
+            grouped = text("SELECT status, count(*) FROM ctx_sessions GROUP BY status")
+            by_status = {row[0]: row[1] for row in await conn.execute(grouped)}
+        assert by_status == {"expired": 1200, "active": 1}
 
 
 async def test_end_racing_with_updates_is_final(engine: ContextEngine, db_url: str) -> None:

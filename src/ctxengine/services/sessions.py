@@ -462,16 +462,16 @@ class SessionService:
         while True:
 
             async def work(conn: Connection, fx: Effects) -> int:
-                rows = await self.repo.expire_stale(conn, tenant, fx.now, idle, _EXPIRE_BATCH)
-                if rows:
+                expired = await self.repo.expire_stale(
+                    conn, tenant, fx.now, idle, _EXPIRE_BATCH, keys=fx.listened
+                )
+                if expired.count:
                     await self.repo.release_leases_of_ended(conn, tenant)
-                if fx.listened:  # saves reading 5000 rows' keys for nobody
-                    for row in rows:
-                        self._announce_expired(fx, row, reason="idle")
-                for row in rows:
-                    key = row._mapping["tenant_id"]
-                    by_tenant[key] = by_tenant.get(key, 0) + 1
-                return len(rows)
+                for row in expired.rows:  # only when someone listens
+                    self._announce_expired(fx, row, reason="idle")
+                for key, count in expired.by_tenant.items():
+                    by_tenant[key] = by_tenant.get(key, 0) + count
+                return expired.count
 
             n = await self.ctx.transact(work, operation="cleanup_inactive_sessions")
             total += n

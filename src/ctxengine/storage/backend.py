@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from sqlalchemy import ColumnElement, Select, Table
+from sqlalchemy import ColumnElement, Select, Table, and_, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
@@ -77,6 +77,24 @@ class Backend:
 
     async def lock(self, conn: Connection, name: str) -> None:
         """Hold a named lock until the transaction ends (mutual exclusion across processes)."""
+
+    def locked(
+        self, table: Table, where: Sequence[ColumnElement[bool]], order_by: Any, limit: int
+    ) -> ColumnElement[bool]:
+        """A condition, for an UPDATE of ``table``, matching the first ``limit`` rows
+        where ``where`` holds in the order of ``order_by``, each locked as it is found
+        and ``where`` checked again on the version locked; rows other transactions hold
+        locked are skipped (SELECT … FOR UPDATE SKIP LOCKED)."""
+        key = list(table.primary_key.columns)
+        found = (
+            select(*key)
+            .where(*where)
+            .order_by(order_by)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .subquery()
+        )
+        return and_(*(column == found.c[column.key] for column in key))
 
     def _insert(self, table: Table) -> Any:
         """The dialect's INSERT construct (it has ``on_conflict_do_*`` and ``excluded``)."""

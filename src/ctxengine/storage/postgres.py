@@ -6,7 +6,18 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Boolean, ColumnElement, String, Table, cast, event, func, literal, select
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    String,
+    Table,
+    cast,
+    event,
+    func,
+    literal,
+    literal_column,
+    select,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError, DisconnectionError
@@ -68,6 +79,25 @@ class PostgresBackend(Backend):
 
     async def lock(self, conn: Connection, name: str) -> None:
         await conn.execute(select(func.pg_advisory_xact_lock(lock_key(name))))
+
+    def locked(
+        self, table: Table, where: Sequence[ColumnElement[bool]], order_by: Any, limit: int
+    ) -> ColumnElement[bool]:
+        # The rows by their physical address (ctid), valid while they stay locked: the
+        # update reads them directly (a TID scan). Joined on the key, a batch of 5,000
+        # was planned as a hash join over the whole table (150,000 rows: 58 ms of the
+        # batch's 176).
+        ctid: ColumnElement[Any] = literal_column("ctid")
+        found = (
+            select(ctid)
+            .select_from(table)
+            .where(*where)
+            .order_by(order_by)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        return ctid == func.any(func.array(found))  # ctid = ANY(ARRAY((SELECT ctid …)))
 
     def _insert(self, table: Table) -> Any:
         return pg_insert(table)

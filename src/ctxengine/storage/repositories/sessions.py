@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,6 +36,21 @@ from ..types import UTCDateTime
 from . import of_session
 
 _OPEN = [s.value for s in OPEN_STATUSES]
+
+
+@dataclass
+class Expired:
+    """Sessions one sweep batch expired: how many per tenant, and their rows (tenant_id,
+    session_id, user_id, status) when asked for."""
+
+    by_tenant: Counter[str]
+    rows: list[Row[Any]]
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_tenant.values())
+
+
 #: The columns of a Session (the idle bucket is the database's, for the sweep).
 _COLUMNS = [c for c in t.c if c is not t.c.idle_bucket]
 
@@ -393,12 +409,16 @@ class SessionRepository:
         now: datetime,
         idle_seconds: float,
         batch: int,
-    ) -> Sequence[Row[Any]]:
+        *,
+        keys: bool,
+    ) -> Expired:
         """Expire up to ``batch`` open sessions idle longer than ``idle_seconds`` or past
-        their deadline. Rows locked by other transactions are skipped (PostgreSQL), so
-        concurrent sweepers never expire the same session twice."""
+        their deadline; the keys of those expired only when ``keys`` (on PostgreSQL the
+        database counts them otherwise, rather than sending back a row for each). Rows
+        locked by other transactions are skipped (PostgreSQL), so concurrent sweepers
+        never expire the same session twice."""
         cutoff = literal(now - timedelta(seconds=idle_seconds), UTCDateTime)
-        rows: list[Row[Any]] = []
+        expired = Expired(Counter(), [])
         # One status and one reason at a time, oldest first: each search is a range of
         # an index ((status, idle_bucket) or (status, expires_at)), whatever the
         # planner's row estimates, so a sweep with nothing to expire costs four probes
@@ -406,31 +426,29 @@ class SessionRepository:
         idle = and_(t.c.idle_bucket <= idle_bucket(cutoff), t.c.last_activity < cutoff)
         for status in _OPEN:
             for column, stale in ((t.c.idle_bucket, idle), (t.c.expires_at, t.c.expires_at <= now)):
-                if len(rows) == batch:
-                    return rows
-                found = select(t.c.tenant_id, t.c.session_id).where(t.c.status == status, stale)
+                room = batch - expired.count
+                if room == 0:
+                    return expired
+                where = [t.c.status == status, stale]
                 if tenant is not None:
-                    found = found.where(t.c.tenant_id == tenant)
-                # Candidates are locked as they are found, their condition re-checked on
-                # the row version locked (PostgreSQL; SQLite has one writer at a time):
-                # the update goes by their keys alone.
-                candidates = (
-                    found.order_by(column)
-                    .limit(batch - len(rows))
-                    .with_for_update(skip_locked=True)
-                    .subquery()
-                )
+                    where.append(t.c.tenant_id == tenant)
                 stmt = (
                     update(t)
-                    .where(
-                        t.c.tenant_id == candidates.c.tenant_id,
-                        t.c.session_id == candidates.c.session_id,
-                    )
+                    .where(self.backend.locked(t, where, column, room))
                     .values(status=SessionStatus.EXPIRED.value, ended_at=now)
-                    .returning(t.c.tenant_id, t.c.session_id, t.c.user_id, t.c.status)
                 )
-                rows.extend((await conn.execute(stmt)).all())
-        return rows
+                if keys or not self.backend.data_modifying_ctes:
+                    returned = (t.c.tenant_id, t.c.session_id, t.c.user_id, t.c.status)
+                    rows = (await conn.execute(stmt.returning(*returned))).all()
+                    expired.by_tenant.update(row.tenant_id for row in rows)
+                    if keys:
+                        expired.rows.extend(rows)
+                else:
+                    done = stmt.returning(t.c.tenant_id).cte("expired")
+                    counted = select(done.c.tenant_id, func.count()).group_by(done.c.tenant_id)
+                    for key, count in await conn.execute(counted):
+                        expired.by_tenant[key] += count
+        return expired
 
     async def usage_by_resource(self, conn: Connection, tenant: str) -> dict[str, float]:
         """Total use per resource type over the tenant's quotas."""
