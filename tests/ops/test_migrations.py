@@ -117,29 +117,32 @@ async def test_upgrade_downgrade_and_upgrade_again(empty_url: str) -> None:
         await engine.create_session("works", "u")
 
 
+def old_session(session_id: str, *, created_at: datetime, last_activity: datetime) -> Any:
+    """An INSERT of an active session with the columns every revision has."""
+    return sessions_table.insert().values(
+        tenant_id="default",
+        session_id=session_id,
+        user_id="u",
+        tier="free",
+        status="active",
+        metadata={},
+        tags=[],
+        preferences={},
+        created_at=created_at,
+        last_activity=last_activity,
+        request_count=0,
+        error_count=0,
+        total_processing_time=0.0,
+    )
+
+
 async def test_sessions_from_before_0003_get_their_default_chat(empty_url: str) -> None:
     async with engine_for(empty_url, auto_migrate=False) as engine:
         await migrations.migrate(engine._store, "0002_usage_and_limits")
         now = datetime(2099, 1, 1, tzinfo=UTC)
         async with engine._store.engine.begin() as conn:
             # the columns revision 0002 has (chat_count arrives with 0003)
-            await conn.execute(
-                sessions_table.insert().values(
-                    tenant_id="default",
-                    session_id="old",
-                    user_id="u",
-                    tier="free",
-                    status="active",
-                    metadata={},
-                    tags=[],
-                    preferences={},
-                    created_at=now,
-                    last_activity=now,
-                    request_count=0,
-                    error_count=0,
-                    total_processing_time=0.0,
-                )
-            )
+            await conn.execute(old_session("old", created_at=now, last_activity=now))
         await engine.migrate()
         session = await engine.get_session("old")
         assert session is not None and session.current_chat_id == "default"
@@ -159,21 +162,7 @@ async def test_sessions_from_before_0006_are_swept_by_their_idle_bucket(empty_ur
         async with engine._store.engine.begin() as conn:
             for sid, last_activity in (("idle", long_ago), ("fresh", datetime.now(UTC))):
                 await conn.execute(
-                    sessions_table.insert().values(
-                        tenant_id="default",
-                        session_id=sid,
-                        user_id="u",
-                        tier="free",
-                        status="active",
-                        metadata={},
-                        tags=[],
-                        preferences={},
-                        created_at=long_ago,
-                        last_activity=last_activity,
-                        request_count=0,
-                        error_count=0,
-                        total_processing_time=0.0,
-                    )
+                    old_session(sid, created_at=long_ago, last_activity=last_activity)
                 )
         await engine.migrate()  # computes the bucket of the sessions already stored
         assert await engine.cleanup_inactive_sessions() == 1

@@ -28,6 +28,14 @@ def _loads(document: str) -> Any:
     return json.loads(document)
 
 
+def first_locked(
+    found: Select[Any], where: Sequence[ColumnElement[bool]], order_by: Any, limit: int
+) -> Select[Any]:
+    """``found`` limited to its first ``limit`` rows where ``where`` holds, by
+    ``order_by``, each locked as it is found (rows locked elsewhere are skipped)."""
+    return found.where(*where).order_by(order_by).limit(limit).with_for_update(skip_locked=True)
+
+
 def lock_key(name: str) -> int:
     """A stable signed 64-bit key for a named lock."""
     return int.from_bytes(
@@ -86,14 +94,7 @@ class Backend:
         and ``where`` checked again on the version locked; rows other transactions hold
         locked are skipped (SELECT … FOR UPDATE SKIP LOCKED)."""
         key = list(table.primary_key.columns)
-        found = (
-            select(*key)
-            .where(*where)
-            .order_by(order_by)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .subquery()
-        )
+        found = first_locked(select(*key), where, order_by, limit).subquery()
         return and_(*(column == found.c[column.key] for column in key))
 
     def _insert(self, table: Table) -> Any:

@@ -26,7 +26,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from ..models import Event
 from ..settings import EngineSettings
-from .backend import Backend, lock_key
+from .backend import Backend, first_locked, lock_key
 from .connection import Connection
 from .relay import EventRelay
 
@@ -88,16 +88,10 @@ class PostgresBackend(Backend):
         # was planned as a hash join over the whole table (150,000 rows: 58 ms of the
         # batch's 176).
         ctid: ColumnElement[Any] = literal_column("ctid")
-        found = (
-            select(ctid)
-            .select_from(table)
-            .where(*where)
-            .order_by(order_by)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        return ctid == func.any(func.array(found))  # ctid = ANY(ARRAY((SELECT ctid …)))
+        found = first_locked(select(ctid).select_from(table), where, order_by, limit)
+        return ctid == func.any(
+            func.array(found.scalar_subquery())
+        )  # ctid = ANY(ARRAY((SELECT ctid …)))
 
     def _insert(self, table: Table) -> Any:
         return pg_insert(table)
