@@ -29,7 +29,7 @@ import aiosqlite
 import asyncpg
 from sqlalchemy import text
 
-from benchmarks.timing import Op, summary, timed
+from benchmarks.timing import Op, raw_pool, summary, timed
 from ctxengine import ContextEngine, EngineSettings, Message, QuotaType
 
 PG_SERVER = os.environ.get(
@@ -104,19 +104,13 @@ class RawSQLite:
         return await cursor.fetchall()
 
 
-async def _keep(connection: asyncpg.Connection) -> None:
-    """A pool's reset that sends nothing (the baselines change no session state)."""
-
-
 class RawPostgres:
     def __init__(self, url: str) -> None:
         self.url = url.replace("postgresql+asyncpg://", "postgresql://")
 
     async def __aenter__(self) -> RawPostgres:
-        # Without asyncpg's reset on release (a query resetting the session's state,
-        # one more round trip per call): the driver's statement and nothing else.
-        self.pool = await asyncpg.create_pool(self.url, min_size=2, max_size=5, reset=_keep)
-        self.wide = await asyncpg.create_pool(self.url, min_size=TASKS, max_size=TASKS, reset=_keep)
+        self.pool = await raw_pool(self.url, 2)
+        self.wide = await raw_pool(self.url, TASKS)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -62,7 +62,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import event
 
-from benchmarks.timing import Op, summary, timed
+from benchmarks.timing import Op, raw_pool, summary, timed
 from ctxengine import ContextEngine, EngineSettings, QuotaType
 
 PG_SERVER = os.environ.get(
@@ -702,7 +702,7 @@ class RawDriver:
             ):
                 self.db.execute(f"PRAGMA {pragma}")
         else:
-            self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2)
+            self.pool = await raw_pool(self.dsn, 2)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,10 +1,13 @@
-"""Timing shared by the harnesses: sequential calls after a warm-up, latency summaries."""
+"""Shared by the harnesses: sequential calls after a warm-up, latency summaries, the raw
+driver's pool."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import asyncpg
 
 #: One call of an operation, given its index.
 Op = Callable[[int], Awaitable[Any]]
@@ -34,3 +37,14 @@ async def timed(op: Op, n: int) -> dict[str, float]:
         latencies.append(time.perf_counter() - t)
     total = time.perf_counter() - start
     return {"ops_per_s": n / total, **summary(latencies)}
+
+
+async def raw_pool(dsn: str, size: int) -> asyncpg.Pool:
+    """An asyncpg pool of ``size`` connections for the raw baselines, without asyncpg's
+    reset query on release (one more round trip per call): the driver's statement and
+    nothing else."""
+    return await asyncpg.create_pool(dsn, min_size=size, max_size=size, reset=_keep)
+
+
+async def _keep(connection: asyncpg.Connection) -> None:
+    """Send nothing: the baselines change no session state."""
