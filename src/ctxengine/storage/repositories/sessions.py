@@ -437,12 +437,14 @@ class SessionRepository:
                     .where(self.backend.locked(t, where, column, room))
                     .values(status=SessionStatus.EXPIRED.value, ended_at=now)
                 )
-                if keys or not self.backend.data_modifying_ctes:
+                if keys:
                     returned = (t.c.tenant_id, t.c.session_id, t.c.user_id, t.c.status)
                     rows = (await conn.execute(stmt.returning(*returned))).all()
                     expired.by_tenant.update(row.tenant_id for row in rows)
-                    if keys:
-                        expired.rows.extend(rows)
+                    expired.rows.extend(rows)
+                elif not self.backend.data_modifying_ctes:
+                    tenants = await conn.execute(stmt.returning(t.c.tenant_id))
+                    expired.by_tenant.update(tenants.scalars())
                 else:
                     done = stmt.returning(t.c.tenant_id).cte("expired")
                     counted = select(done.c.tenant_id, func.count()).group_by(done.c.tenant_id)
