@@ -86,3 +86,22 @@ def append_under_limit(url: str, session_id: str, tasks: int, messages: int, lim
         return refused
 
     return asyncio.run(main())
+
+
+def append_trimming(url: str, session_id: str, tasks: int, messages: int, limit: int) -> None:
+    """``tasks`` coroutines each append ``messages`` messages to a chat limited to
+    ``limit`` that trims its oldest messages; any error propagates."""
+
+    async def main() -> None:
+        settings = SETTINGS.model_copy(
+            update={"max_messages_per_chat": limit, "history_overflow": "trim"}
+        )
+        async with ContextEngine(url, settings=settings) as engine:
+
+            async def task() -> None:
+                for _ in range(messages):
+                    await engine.add_message(session_id, "user", "hi")
+
+            await asyncio.gather(*(task() for _ in range(tasks)))
+
+    asyncio.run(main())

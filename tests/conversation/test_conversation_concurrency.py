@@ -138,3 +138,20 @@ async def test_history_limit_holds_across_processes(engine: ContextEngine, db_ur
     async with engine._store.engine.connect() as conn:
         chat = (await conn.execute(text("SELECT next_seq, message_count FROM ctx_chats"))).one()
     assert tuple(chat) == (50, 50)
+
+
+async def test_trimming_holds_the_limit_across_processes(
+    engine: ContextEngine, db_url: str
+) -> None:
+    """4 processes x 4 tasks append 160 messages to a chat of 50 that trims: every
+    call succeeds, and the chat keeps exactly the newest 50 (its system prompt too)."""
+    await engine.create_session("s", "u")
+    await engine.add_message("s", "system", "be brief")
+    with pool(4) as workers:
+        workers.starmap(_workers.append_trimming, [(db_url, "s", 4, 10, 50)] * 4)
+    kept = await stored(engine, "s")
+    assert kept[0] == (1, "be brief")
+    assert [seq for seq, _ in kept[1:]] == list(range(161 - 48, 162))
+    async with engine._store.engine.connect() as conn:
+        chat = (await conn.execute(text("SELECT next_seq, message_count FROM ctx_chats"))).one()
+    assert tuple(chat) == (161, 50)

@@ -147,10 +147,14 @@ async def _run(
         raw = conn.sync.connection.driver_connection
         assert isinstance(raw, sqlite3.Connection)
         return _compiled(statement, conn.sync.dialect).run_sqlite(raw, parameters, as_dicts)
-    if kind is AutocommitConnection and isinstance(parameters, Mapping):
+    if kind is AutocommitConnection:
         assert isinstance(conn, AutocommitConnection)
         form = _compiled(statement, conn.dialect)
-        return await form.run_asyncpg(conn.driver, parameters, as_dicts)
+        if isinstance(parameters, Mapping):
+            return await form.run_asyncpg(conn.driver, parameters, as_dicts)
+        if not form.types:  # rows of parameters for a statement returning nothing
+            await conn.driver.executemany(form.sql, [form.values(p) for p in parameters])
+            return _Result([], -1)
     return None
 
 

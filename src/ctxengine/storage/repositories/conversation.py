@@ -414,7 +414,7 @@ class ConversationRepository:
     ) -> None:
         if n:
             params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "n": n}
-            await conn.execute(_UNCOUNT, params)
+            await run(conn, _UNCOUNT, params)
 
     async def count_where(
         self, conn: Connection, tenant: str, session_id: str, chat_id: str, *, system: bool
