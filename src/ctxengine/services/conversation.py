@@ -296,11 +296,17 @@ class ConversationService:
             v.identifier(chat_id, "chat_id")
         settings = self.ctx.settings
 
-        if self.ctx.store.backend.data_modifying_ctes and 0 < len(new) <= APPEND_MAX:
+        appends = self.ctx.store.backend.data_modifying_ctes and 0 < len(new) <= APPEND_MAX
+
+        def unplaced(fx: Effects) -> list[dict[str, Any]]:
+            """The message values, before a statement gives them a chat and seqs."""
+            return [message_values(tenant, session_id, "", 0, m, fx.now) for m in new]
+
+        if appends:
             # one statement when the session can work and the chat has room; anything
             # else (refusals, trimming the history) takes the general transaction below
             async def append(conn: Connection, fx: Effects) -> list[Message] | None:
-                rows = [message_values(tenant, session_id, "", 0, m, fx.now) for m in new]
+                rows = unplaced(fx)
                 cutoff = self.sessions.cutoff(fx.now)
                 appended = await self.repo.append(
                     conn, rows, chat_id, cutoff, settings.max_messages_per_chat
@@ -308,15 +314,43 @@ class ConversationService:
                 if appended is None:
                     return None
                 user_id, chat, last = appended
-                for seq, values in enumerate(rows, start=last - len(rows) + 1):
-                    values["chat_id"], values["seq"] = chat, seq
-                return self._added(fx, user_id, rows)
+                return self._added(fx, user_id, _placed(rows, chat, last))
 
             added = await self.ctx.transact(append, one_statement=True, operation="add_message")
             if added is not None:
                 return added
 
+        async def trimming(conn: Connection, fx: Effects) -> list[Message] | None:
+            """The same statement whatever the room, then the history trimmed (a new
+            statement: it sees what concurrent trimmers of the chat, whose lock it
+            waited for, deleted); None, with nothing written, when the session cannot
+            work or the chat does not exist (``work`` then says why)."""
+            rows = unplaced(fx)
+            cutoff = self.sessions.cutoff(fx.now)
+            appended = await self.repo.append_anyway(
+                conn, rows, chat_id, cutoff, settings.max_messages_per_chat
+            )
+            if appended is None:
+                return None
+            first = appended.last_seq - len(rows) + 1
+            await self._keep_limit(
+                conn,
+                tenant,
+                session_id,
+                appended.chat_id,
+                first,
+                appended.message_count,
+                appended.limit,
+            )
+            return self._added(
+                fx, appended.user_id, _placed(rows, appended.chat_id, appended.last_seq)
+            )
+
         async def work(conn: Connection, fx: Effects) -> list[Message] | None:
+            if appends and settings.history_overflow == "trim":
+                added = await trimming(conn, fx)
+                if added is not None:
+                    return added
             session = await self.sessions.touch_active(conn, fx, tenant, session_id)
             if session is None:
                 return None
@@ -331,12 +365,9 @@ class ConversationService:
             limit = (
                 row.max_messages if row.max_messages is not None else settings.max_messages_per_chat
             )
-            if limit is not None and row.message_count > limit:
-                excess = int(row.message_count) - limit
-                if settings.history_overflow == "reject" or excess > await self.repo.delete_oldest(
-                    conn, tenant, session_id, chat, excess, keep_system=True, below_seq=first
-                ):
-                    raise HistoryLimitError(session_id, chat, limit)
+            await self._keep_limit(
+                conn, tenant, session_id, chat, first, int(row.message_count), limit
+            )
             rows = [
                 message_values(tenant, session_id, chat, first + i, message, fx.now)
                 for i, message in enumerate(new)
@@ -345,6 +376,27 @@ class ConversationService:
             return self._added(fx, session.user_id, rows)
 
         return done(await self.ctx.transact(work, operation="add_message"))
+
+    async def _keep_limit(
+        self,
+        conn: Connection,
+        tenant: str,
+        session_id: str,
+        chat: str,
+        first: int,
+        count: int,
+        limit: int | None,
+    ) -> None:
+        """With ``count`` messages in the chat (its row locked) once the messages from
+        seq ``first`` on are added: trim the oldest non-system ones below ``first`` down
+        to ``limit``, or raise HistoryLimitError ("reject", or too few to trim)."""
+        if limit is None or count <= limit:
+            return
+        excess = count - limit
+        if self.ctx.settings.history_overflow == "reject" or excess > await self.repo.delete_oldest(
+            conn, tenant, session_id, chat, excess, keep_system=True, below_seq=first
+        ):
+            raise HistoryLimitError(session_id, chat, limit)
 
     @staticmethod
     def _added(fx: Effects, user_id: str, rows: list[dict[str, Any]]) -> list[Message]:
@@ -725,3 +777,10 @@ class ConversationService:
 
 def _public_message(values: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if key != "tenant_id"}
+
+
+def _placed(rows: list[dict[str, Any]], chat_id: str, last_seq: int) -> list[dict[str, Any]]:
+    """``rows`` (message values) given their chat and consecutive seqs up to ``last_seq``."""
+    for seq, values in enumerate(rows, start=last_seq - len(rows) + 1):
+        values["chat_id"], values["seq"] = chat_id, seq
+    return rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Row,
@@ -16,6 +16,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    true,
     union_all,
     update,
 )
@@ -117,10 +118,13 @@ APPEND_MAX = 8
 _APPENDED = ("message_id", "role", "content", "metadata", "tokens")
 
 
-def _append(n: int) -> Any:
+def _append(n: int, *, room: bool = True) -> Any:
     """ONE statement appending ``n`` messages to a chat of a session that can work (data-
     modifying CTEs): touch the session if it is active and live and the chat has room,
     take ``n`` sequence numbers from the chat if it still has room, insert the messages.
+    Without ``room`` the chat's room is not checked, and the statement also returns the
+    chat's message count after it and its limit: for a transaction that trims the
+    history next.
 
     The session row is locked first, then the chat row, as by every other write. The
     chat is checked in the statement's snapshot before the session is touched, and
@@ -131,7 +135,7 @@ def _append(n: int) -> Any:
     of the ``_APPENDED`` fields of message ``k``."""
     chat_id = func.coalesce(bindparam("chat", type_=chats.c.chat_id.type), s.c.current_chat_id)
     limit = func.coalesce(chats.c.max_messages, bindparam("limit", type_=chats.c.max_messages.type))
-    has_room = or_(limit.is_(None), chats.c.message_count + n <= limit)
+    has_room = or_(limit.is_(None), chats.c.message_count + n <= limit) if room else true()
     touched = (
         TOUCH_WORKING.where(
             exists().where(
@@ -153,7 +157,7 @@ def _append(n: int) -> Any:
             has_room,
         )
         .values(next_seq=chats.c.next_seq + n, message_count=chats.c.message_count + n)
-        .returning(chats.c.chat_id, chats.c.next_seq)
+        .returning(chats.c.chat_id, chats.c.next_seq, chats.c.message_count, limit.label("limit"))
         .cte("taken")
     )
     m = messages.c
@@ -170,11 +174,43 @@ def _append(n: int) -> Any:
     ]
     columns = ["tenant_id", "session_id", "chat_id", "seq", *_APPENDED, "created_at"]
     added = insert(messages).from_select(columns, rows[0] if n == 1 else union_all(*rows))
-    returned = (touched.c.user_id, taken.c.chat_id, taken.c.next_seq)
+    returned = [touched.c.user_id, taken.c.chat_id, taken.c.next_seq]
+    if not room:
+        returned += [taken.c.message_count, taken.c["limit"]]
     return written_or_abort(touched, taken, taken.c.chat_id, *returned).add_cte(added.cte("added"))
 
 
 _APPENDS = {n: _append(n) for n in range(1, APPEND_MAX + 1)}
+_APPENDS_ANYWAY = {n: _append(n, room=False) for n in range(1, APPEND_MAX + 1)}
+
+
+def _append_params(
+    rows: Sequence[dict[str, Any]], chat_id: str | None, cutoff: datetime, limit: int | None
+) -> dict[str, Any]:
+    """The parameters of an ``_append`` statement for ``rows`` (message values)."""
+    first = rows[0]
+    params = {
+        "tenant": first["tenant_id"],
+        "sid": first["session_id"],
+        "now": first["created_at"],
+        "cutoff": cutoff,
+        "chat": chat_id,
+        "limit": limit,
+    }
+    for k, values in enumerate(rows):
+        params.update({f"{field}_{k}": values[field] for field in _APPENDED})
+    return params
+
+
+class Appended(NamedTuple):
+    """What ``append_anyway`` wrote: whose session, which chat, its last seq taken, its
+    message count now and its limit (None: unlimited)."""
+
+    user_id: str
+    chat_id: str
+    last_seq: int
+    message_count: int
+    limit: int | None
 
 
 def to_chat(row: Record) -> Chat:
@@ -330,19 +366,31 @@ class ConversationRepository:
         chat and seq are not read) in ONE statement (:attr:`Backend.data_modifying_ctes`),
         if the session can work and the chat (``chat_id``, else the current one) has room.
         (user_id, chat_id, the last seq taken), or None when nothing was written."""
-        first = rows[0]
-        params = {
-            "tenant": first["tenant_id"],
-            "sid": first["session_id"],
-            "now": first["created_at"],
-            "cutoff": cutoff,
-            "chat": chat_id,
-            "limit": default_limit,
-        }
-        for k, values in enumerate(rows):
-            params.update({f"{field}_{k}": values[field] for field in _APPENDED})
+        params = _append_params(rows, chat_id, cutoff, default_limit)
         row = (await run(conn, _APPENDS[len(rows)], params)).first()
         return None if row is None else (row[0], row[1], int(row[2]))
+
+    async def append_anyway(
+        self,
+        conn: Connection,
+        rows: Sequence[dict[str, Any]],
+        chat_id: str | None,
+        cutoff: datetime,
+        default_limit: int | None,
+    ) -> Appended | None:
+        """``append`` whatever the chat's room, in a transaction that trims the history
+        next (the chat row stays locked until it ends); None when nothing was written."""
+        row = (
+            await run(
+                conn,
+                _APPENDS_ANYWAY[len(rows)],
+                _append_params(rows, chat_id, cutoff, default_limit),
+            )
+        ).first()
+        if row is None:
+            return None
+        limit = None if row[4] is None else int(row[4])
+        return Appended(row[0], row[1], int(row[2]), int(row[3]), limit)
 
     async def delete_oldest(
         self,
