@@ -298,57 +298,38 @@ class ConversationService:
 
         appends = self.ctx.store.backend.data_modifying_ctes and 0 < len(new) <= APPEND_MAX
 
-        def unplaced(fx: Effects) -> list[dict[str, Any]]:
-            """The message values, before a statement gives them a chat and seqs."""
-            return [message_values(tenant, session_id, "", 0, m, fx.now) for m in new]
+        async def append(conn: Connection, fx: Effects, *, room: bool) -> list[Message] | None:
+            """ONE statement appending the messages if the session can work and the chat
+            has room (without ``room``: whatever its room, the history trimmed next by a
+            new statement, which sees what concurrent trimmers of the chat, whose lock it
+            waited for, deleted); None, with nothing written, otherwise."""
+            rows = [message_values(tenant, session_id, "", 0, m, fx.now) for m in new]
+            cutoff = self.sessions.cutoff(fx.now)
+            appended = await self.repo.append(
+                conn, rows, chat_id, cutoff, settings.max_messages_per_chat, room=room
+            )
+            if appended is None:
+                return None
+            chat, last = appended.chat_id, appended.last_seq
+            if not room:
+                first, count, limit = last - len(rows) + 1, appended.message_count, appended.limit
+                await self._keep_limit(conn, tenant, session_id, chat, first, count, limit)
+            return self._added(fx, appended.user_id, _placed(rows, chat, last))
 
         if appends:
             # one statement when the session can work and the chat has room; anything
             # else (refusals, trimming the history) takes the general transaction below
-            async def append(conn: Connection, fx: Effects) -> list[Message] | None:
-                rows = unplaced(fx)
-                cutoff = self.sessions.cutoff(fx.now)
-                appended = await self.repo.append(
-                    conn, rows, chat_id, cutoff, settings.max_messages_per_chat
-                )
-                if appended is None:
-                    return None
-                user_id, chat, last = appended
-                return self._added(fx, user_id, _placed(rows, chat, last))
-
-            added = await self.ctx.transact(append, one_statement=True, operation="add_message")
+            added = await self.ctx.transact(
+                lambda conn, fx: append(conn, fx, room=True),
+                one_statement=True,
+                operation="add_message",
+            )
             if added is not None:
                 return added
 
-        async def trimming(conn: Connection, fx: Effects) -> list[Message] | None:
-            """The same statement whatever the room, then the history trimmed (a new
-            statement: it sees what concurrent trimmers of the chat, whose lock it
-            waited for, deleted); None, with nothing written, when the session cannot
-            work or the chat does not exist (``work`` then says why)."""
-            rows = unplaced(fx)
-            cutoff = self.sessions.cutoff(fx.now)
-            appended = await self.repo.append_anyway(
-                conn, rows, chat_id, cutoff, settings.max_messages_per_chat
-            )
-            if appended is None:
-                return None
-            first = appended.last_seq - len(rows) + 1
-            await self._keep_limit(
-                conn,
-                tenant,
-                session_id,
-                appended.chat_id,
-                first,
-                appended.message_count,
-                appended.limit,
-            )
-            return self._added(
-                fx, appended.user_id, _placed(rows, appended.chat_id, appended.last_seq)
-            )
-
         async def work(conn: Connection, fx: Effects) -> list[Message] | None:
             if appends and settings.history_overflow == "trim":
-                added = await trimming(conn, fx)
+                added = await append(conn, fx, room=False)
                 if added is not None:
                     return added
             session = await self.sessions.touch_active(conn, fx, tenant, session_id)

@@ -122,17 +122,17 @@ def _append(n: int, *, room: bool = True) -> Any:
     """ONE statement appending ``n`` messages to a chat of a session that can work (data-
     modifying CTEs): touch the session if it is active and live and the chat has room,
     take ``n`` sequence numbers from the chat if it still has room, insert the messages.
-    Without ``room`` the chat's room is not checked, and the statement also returns the
-    chat's message count after it and its limit: for a transaction that trims the
-    history next.
+    Without ``room`` the chat's room is not checked (for a transaction that trims the
+    history next).
 
     The session row is locked first, then the chat row, as by every other write. The
     chat is checked in the statement's snapshot before the session is touched, and
     again on the locked row: when a concurrent writer filled or removed it in between,
-    the statement aborts (``written_or_abort``). It returns (user_id, chat_id, next_seq), or no
-    row when nothing was written. Parameters: tenant, sid, now, cutoff, chat (None for
-    the current chat), limit (the default history limit), and ``<field>_<k>`` for each
-    of the ``_APPENDED`` fields of message ``k``."""
+    the statement aborts (``written_or_abort``). It returns (user_id, chat_id, next_seq,
+    message_count, limit) after the change, or no row when nothing was written.
+    Parameters: tenant, sid, now, cutoff, chat (None for the current chat), limit (the
+    default history limit), and ``<field>_<k>`` for each of the ``_APPENDED`` fields of
+    message ``k``."""
     chat_id = func.coalesce(bindparam("chat", type_=chats.c.chat_id.type), s.c.current_chat_id)
     limit = func.coalesce(chats.c.max_messages, bindparam("limit", type_=chats.c.max_messages.type))
     has_room = or_(limit.is_(None), chats.c.message_count + n <= limit) if room else true()
@@ -174,9 +174,13 @@ def _append(n: int, *, room: bool = True) -> Any:
     ]
     columns = ["tenant_id", "session_id", "chat_id", "seq", *_APPENDED, "created_at"]
     added = insert(messages).from_select(columns, rows[0] if n == 1 else union_all(*rows))
-    returned = [touched.c.user_id, taken.c.chat_id, taken.c.next_seq]
-    if not room:
-        returned += [taken.c.message_count, taken.c["limit"]]
+    returned = (
+        touched.c.user_id,
+        taken.c.chat_id,
+        taken.c.next_seq,
+        taken.c.message_count,
+        taken.c["limit"],
+    )
     return written_or_abort(touched, taken, taken.c.chat_id, *returned).add_cte(added.cte("added"))
 
 
@@ -184,27 +188,9 @@ _APPENDS = {n: _append(n) for n in range(1, APPEND_MAX + 1)}
 _APPENDS_ANYWAY = {n: _append(n, room=False) for n in range(1, APPEND_MAX + 1)}
 
 
-def _append_params(
-    rows: Sequence[dict[str, Any]], chat_id: str | None, cutoff: datetime, limit: int | None
-) -> dict[str, Any]:
-    """The parameters of an ``_append`` statement for ``rows`` (message values)."""
-    first = rows[0]
-    params = {
-        "tenant": first["tenant_id"],
-        "sid": first["session_id"],
-        "now": first["created_at"],
-        "cutoff": cutoff,
-        "chat": chat_id,
-        "limit": limit,
-    }
-    for k, values in enumerate(rows):
-        params.update({f"{field}_{k}": values[field] for field in _APPENDED})
-    return params
-
-
 class Appended(NamedTuple):
-    """What ``append_anyway`` wrote: whose session, which chat, its last seq taken, its
-    message count now and its limit (None: unlimited)."""
+    """What ``append`` wrote: whose session, which chat, its last seq taken, its message
+    count now and its limit (None: unlimited)."""
 
     user_id: str
     chat_id: str
@@ -361,32 +347,27 @@ class ConversationRepository:
         chat_id: str | None,
         cutoff: datetime,
         default_limit: int | None,
-    ) -> tuple[str, str, int] | None:
+        *,
+        room: bool = True,
+    ) -> Appended | None:
         """Append ``rows`` (message values of one session, up to ``APPEND_MAX``; their
         chat and seq are not read) in ONE statement (:attr:`Backend.data_modifying_ctes`),
-        if the session can work and the chat (``chat_id``, else the current one) has room.
-        (user_id, chat_id, the last seq taken), or None when nothing was written."""
-        params = _append_params(rows, chat_id, cutoff, default_limit)
-        row = (await run(conn, _APPENDS[len(rows)], params)).first()
-        return None if row is None else (row[0], row[1], int(row[2]))
-
-    async def append_anyway(
-        self,
-        conn: Connection,
-        rows: Sequence[dict[str, Any]],
-        chat_id: str | None,
-        cutoff: datetime,
-        default_limit: int | None,
-    ) -> Appended | None:
-        """``append`` whatever the chat's room, in a transaction that trims the history
-        next (the chat row stays locked until it ends); None when nothing was written."""
-        row = (
-            await run(
-                conn,
-                _APPENDS_ANYWAY[len(rows)],
-                _append_params(rows, chat_id, cutoff, default_limit),
-            )
-        ).first()
+        if the session can work and the chat (``chat_id``, else the current one) has room
+        (whatever its room without ``room``: in a transaction that trims the history
+        next, the chat row locked until it ends). None when nothing was written."""
+        first = rows[0]
+        params = {
+            "tenant": first["tenant_id"],
+            "sid": first["session_id"],
+            "now": first["created_at"],
+            "cutoff": cutoff,
+            "chat": chat_id,
+            "limit": default_limit,
+        }
+        for k, values in enumerate(rows):
+            params.update({f"{field}_{k}": values[field] for field in _APPENDED})
+        statement = (_APPENDS if room else _APPENDS_ANYWAY)[len(rows)]
+        row = (await run(conn, statement, params)).first()
         if row is None:
             return None
         limit = None if row[4] is None else int(row[4])
