@@ -19,7 +19,7 @@ from ..errors import (
 )
 from ..ids import new_id
 from ..models import QuotaType, RateLimitStatus, RateLimitType, Session
-from ..ratelimit import LimiterState, decide, in_us
+from ..ratelimit import LimiterState, decide
 from ..settings import TierPolicy
 from ..storage.connection import Connection
 from ..storage.repositories.usage import UsageRepository
@@ -328,7 +328,6 @@ class RateLimitService:
                     (tenant, session_id, operation),
                     units,
                     fx.now,
-                    in_us(now),
                     cutoff,
                     tier_limits,
                     WINDOWS[limit_type],

@@ -183,10 +183,8 @@ class SessionRepository:
     @staticmethod
     def _live(now: datetime, idle_limit: float) -> ColumnElement[bool]:
         """Not idle longer than the timeout and not past the deadline."""
-        cutoff = literal(now - timedelta(seconds=idle_limit), UTCDateTime)
         return and_(
-            t.c.idle_bucket >= idle_bucket(cutoff),  # a range of the sweep's index
-            t.c.last_activity >= cutoff,
+            t.c.last_activity >= now - timedelta(seconds=idle_limit),
             or_(t.c.expires_at.is_(None), t.c.expires_at > now),
         )
 
@@ -215,10 +213,16 @@ class SessionRepository:
         user_id: str | None = None,
     ) -> int:
         """Active or paused sessions that are not due to expire."""
+        cutoff = literal(now - timedelta(seconds=idle_limit), UTCDateTime)
         stmt = (
             select(func.count())
             .select_from(t)
-            .where(t.c.tenant_id == tenant, t.c.status.in_(_OPEN), self._live(now, idle_limit))
+            .where(
+                t.c.tenant_id == tenant,
+                t.c.status.in_(_OPEN),
+                t.c.idle_bucket >= idle_bucket(cutoff),  # a range of the sweep's index
+                self._live(now, idle_limit),
+            )
         )
         if user_id is not None:
             stmt = stmt.where(t.c.user_id == user_id)

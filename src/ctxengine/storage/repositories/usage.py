@@ -28,6 +28,7 @@ from sqlalchemy import (
     update,
 )
 
+from ...ratelimit import in_us
 from ..backend import Backend
 from ..connection import Connection
 from ..prebuilt import run
@@ -540,7 +541,6 @@ class UsageRepository:
         key: tuple[str, str, str],
         cost: int,
         now: datetime,
-        now_us: int,
         cutoff: datetime,
         tier_limits: tuple[tuple[str, int], ...],
         tier_window: float,
@@ -559,7 +559,7 @@ class UsageRepository:
             "sid": session_id,
             "operation": operation,
             "now": now,
-            "now_us": now_us,
+            "now_us": in_us(now.timestamp()),
             "cutoff": cutoff,
             "cost": cost,
         }
