@@ -2,11 +2,14 @@
 
     python -m benchmarks --backend all --n 2000 --json results.json
 
-Each operation runs sequentially ``n`` times after a warm-up (the ``16 tasks`` row
-spreads them over concurrent tasks); the raw baseline is the driver executing the
-equivalent single statement (asyncpg on a pool; aiosqlite with
-the same pragmas, one transaction per statement). Repeats are run and the median
-taken, because these machines are noisy: the ratios are what counts.
+Each operation runs ``n`` times sequentially after a warm-up (the ``16 tasks`` rows
+spread them over concurrent tasks), interleaved in blocks with its baseline so that
+both meet the same machine; the raw baseline is the driver executing the equivalent
+single statement (asyncpg on a pool; aiosqlite with the same pragmas, one transaction
+per statement), and for reads the same rows. Repeats are run and the median taken,
+because these machines are noisy: the ratios are what counts. The floors (an
+operation's own statement run by the raw driver, building the result objects) say
+what a target costs before ctxengine does anything.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -29,7 +33,7 @@ import aiosqlite
 import asyncpg
 from sqlalchemy import text
 
-from benchmarks.timing import Op, raw_pool, summary, timed
+from benchmarks.timing import Op, Stats, raw_pool, summary, timed_pair
 from ctxengine import ContextEngine, EngineSettings, Message, QuotaType
 
 PG_SERVER = os.environ.get(
@@ -40,23 +44,46 @@ PG_SERVER = os.environ.get(
 TASKS = 16
 
 
-async def timed_concurrent(op: Callable[[int, int], Awaitable[Any]], n: int) -> dict[str, float]:
-    """``n`` calls spread over :data:`TASKS` tasks, task ``t`` calling ``op(t, i)``."""
-    per_task = max(1, n // TASKS)
-    latencies: list[float] = []
+#: A call from task ``t`` (its ``i``-th).
+TaskOp = Callable[[int, int], Awaitable[Any]]
 
-    async def task(t: int, calls: int, record: bool) -> None:
-        for i in range(calls):
+
+async def timed_concurrent_pair(
+    op: TaskOp, base: TaskOp, n: int, rounds: int = 4
+) -> tuple[Stats, Stats]:
+    """``n`` calls each of ``op`` and ``base``, spread over :data:`TASKS` tasks (task
+    ``t`` calling ``op(t, i)``), in ``rounds`` interleaved blocks as
+    :func:`~benchmarks.timing.timed_pair` does."""
+    per_block = max(1, n // TASKS // rounds)
+    latencies: tuple[list[float], list[float]] = ([], [])
+    spent = [0.0, 0.0]
+
+    async def task(call: TaskOp, t: int, calls: range, record: list[float] | None) -> None:
+        for i in calls:
             started = time.perf_counter()
-            await op(t, i)
-            if record:
-                latencies.append(time.perf_counter() - started)
+            await call(t, i)
+            if record is not None:
+                record.append(time.perf_counter() - started)
 
-    await asyncio.gather(*(task(t, min(10, per_task), False) for t in range(TASKS)))  # warm-up
-    start = time.perf_counter()
-    await asyncio.gather(*(task(t, per_task, True) for t in range(TASKS)))
-    total = time.perf_counter() - start
-    return {"ops_per_s": len(latencies) / total, **summary(latencies)}
+    for call in (op, base):  # warm-up
+        await asyncio.gather(*(task(call, t, range(10), None) for t in range(TASKS)))
+    for r in range(rounds):
+        calls = range(r * per_block, (r + 1) * per_block)
+        for which in (0, 1) if r % 2 == 0 else (1, 0):
+            call = (op, base)[which]
+            start = time.perf_counter()
+            await asyncio.gather(*(task(call, t, calls, latencies[which]) for t in range(TASKS)))
+            spent[which] += time.perf_counter() - start
+    ours, theirs = (
+        {"ops_per_s": len(lat) / took, **summary(lat)}
+        for lat, took in zip(latencies, spent, strict=True)
+    )
+    return ours, theirs
+
+
+def _qmarks(sql: str) -> str:
+    """``sql`` with asyncpg's numbered parameters as SQLite's ``?`` (each used once)."""
+    return re.sub(r"\$\d+", "?", sql)
 
 
 class RawSQLite:
@@ -75,13 +102,13 @@ class RawSQLite:
 
     async def write(self, sql: str, *args: Any) -> None:
         await self.db.execute("BEGIN IMMEDIATE")
-        await self.db.execute(sql.replace("$1", "?").replace("$2", "?"), args)
+        await self.db.execute(_qmarks(sql), args)
         await self.db.execute("COMMIT")
 
     async def transaction(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         await self.db.execute("BEGIN IMMEDIATE")
         for sql, args in statements:
-            await self.db.execute(sql.replace("$1", "?").replace("$2", "?"), args)
+            await self.db.execute(_qmarks(sql), args)
         await self.db.execute("COMMIT")
 
     async def write_from(self, task: int, sql: str, *args: Any) -> None:
@@ -92,7 +119,7 @@ class RawSQLite:
             await self.write(sql, *args)
 
     async def read(self, sql: str, *args: Any) -> Any:
-        cursor = await self.db.execute(sql.replace("$1", "?"), args)
+        cursor = await self.db.execute(_qmarks(sql), args)
         return await cursor.fetchone()
 
     async def maintain(self) -> None:
@@ -100,7 +127,7 @@ class RawSQLite:
         itself; nothing to do."""
 
     async def fetch(self, sql: str, *args: Any) -> Any:
-        cursor = await self.db.execute(sql.replace("$1", "?"), args)
+        cursor = await self.db.execute(_qmarks(sql), args)
         return await cursor.fetchall()
 
 
@@ -203,17 +230,11 @@ async def bench_backend(
                     for k in range(start, start + 100)
                 ],
             )
-        await raw.write(
-            "CREATE TABLE IF NOT EXISTS bench_msgs "
-            "(chat TEXT, seq BIGINT, content TEXT, PRIMARY KEY (chat, seq))"
+        # the raw driver reads the same rows: a Message's columns, by the same key
+        read_history = (
+            f"SELECT {', '.join(Message.model_fields)} FROM ctx_messages"
+            " WHERE tenant_id = $1 AND session_id = $2 AND chat_id = $3 ORDER BY seq"
         )
-        for k in range(1000):
-            await raw.write(
-                "INSERT INTO bench_msgs VALUES ($1, $2, 'message " + "x" * 80 + "') "
-                "ON CONFLICT DO NOTHING",
-                "c",
-                k,
-            )
         talk = (await engine.create_session(user_id="bench", tier="enterprise")).session_id
 
         async def add_message(i: int) -> None:
@@ -226,12 +247,10 @@ async def bench_backend(
             await engine.get_messages(history, limit=None)
 
         async def raw_last_50(i: int) -> None:
-            await raw.fetch(
-                "SELECT * FROM bench_msgs WHERE chat = $1 ORDER BY seq DESC LIMIT 50", "c"
-            )
+            await raw.fetch(read_history + " DESC LIMIT 50", "default", history, "default")
 
         async def raw_all_1000(i: int) -> None:
-            await raw.fetch("SELECT * FROM bench_msgs WHERE chat = $1 ORDER BY seq", "c")
+            await raw.fetch(read_history, "default", history, "default")
 
         await engine.set_rate_limit(hot, "bench", 10**9, 60)
         peers = await peer_plan(engine, url)
@@ -281,10 +300,11 @@ async def bench_backend(
             if only is not None and only not in name:
                 continue
             await raw.maintain()
-            results.append(row(name, await timed(op, n), base_name, await timed(base, n)))
+            results.append(row(name, *await timed_pair(op, base, n), base_name))
 
         concurrent = f"update_session, {TASKS} tasks"
-        if only is not None and only not in concurrent:
+        floor_name = f"update's statement, raw, {TASKS} tasks"
+        if only is not None and only not in concurrent and only not in floor_name:
             return results
         # concurrent: each task updates its own session (its own row for the driver)
         mine = [
@@ -302,11 +322,44 @@ async def bench_backend(
         async def raw_update_own(t: int, i: int) -> None:
             await raw.write_from(t, "UPDATE bench_raw SET n = n + 1 WHERE id = $1", f"task-{t}")
 
-        await raw.maintain()
-        ours = await timed_concurrent(update_own, n)
-        baseline = await timed_concurrent(raw_update_own, n)
-        results.append(row(concurrent, ours, f"raw UPDATE, {TASKS} tasks", baseline))
+        base_name = f"raw UPDATE, {TASKS} tasks"
+        if only is None or only in concurrent:
+            await raw.maintain()
+            pair = await timed_concurrent_pair(update_own, raw_update_own, n)
+            results.append(row(concurrent, *pair, base_name))
+        record = record_floor(engine, raw, mine)
+        if record is not None and (only is None or only in floor_name):
+            await raw.maintain()
+            pair = await timed_concurrent_pair(record, raw_update_own, n)
+            results.append(row(floor_name, *pair, base_name))
     return results
+
+
+def record_floor(engine: ContextEngine, raw: Any, sessions: list[str]) -> TaskOp | None:
+    """The floor under update_session from concurrent tasks (PostgreSQL): its one
+    statement (the guarded UPDATE returning the session), run by the raw driver on its
+    pool, with nothing of ctxengine around it."""
+    from ctxengine.storage.prebuilt import _compiled
+    from ctxengine.storage.repositories.sessions import _RECORD_ACTIVE
+
+    if not isinstance(raw, RawPostgres):
+        return None
+    form = _compiled(_RECORD_ACTIVE, engine._store.engine.dialect)
+
+    async def record(t: int, i: int) -> None:
+        now = datetime.now(UTC)
+        params = {
+            "tenant": "default",
+            "sid": sessions[t],
+            "now": now,
+            "cutoff": now - timedelta(hours=1),
+            "requests": 1,
+            "errors": 0,
+            "processing_time": 0.0,
+        }
+        await raw.wide.fetch(form.sql, *form.values(params))
+
+    return record
 
 
 def append_floor(engine: ContextEngine, raw: Any, session_id: str) -> Op | None:
@@ -340,9 +393,7 @@ def append_floor(engine: ContextEngine, raw: Any, session_id: str) -> Op | None:
     return append
 
 
-def row(
-    name: str, ours: dict[str, float], baseline_name: str, baseline: dict[str, float]
-) -> dict[str, Any]:
+def row(name: str, ours: Stats, baseline: Stats, baseline_name: str) -> dict[str, Any]:
     return {
         "operation": name,
         **ours,

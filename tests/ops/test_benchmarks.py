@@ -58,8 +58,8 @@ def test_the_harness_runs_and_writes_json(tmp_path: Path) -> None:
 
 async def test_the_harness_runs_on_postgresql_and_filters(tmp_path: Path, pg_admin: Any) -> None:
     """``--only`` keeps the operations named so; on PostgreSQL the harness also measures
-    add_message's one statement run by the raw driver (``pg_admin``: skipped without a
-    server, failed under CI)."""
+    the one statements of add_message and of update_session run by the raw driver
+    (``pg_admin``: skipped without a server, failed under CI)."""
     out = tmp_path / "results.json"
     await asyncio.to_thread(
         subprocess.run,
@@ -74,7 +74,7 @@ async def test_the_harness_runs_on_postgresql_and_filters(tmp_path: Path, pg_adm
             "--repeats",
             "1",
             "--only",
-            "add_message",
+            "statement, raw",
             "--json",
             str(out),
         ],
@@ -85,5 +85,8 @@ async def test_the_harness_runs_on_postgresql_and_filters(tmp_path: Path, pg_adm
         timeout=300,
     )
     rows = json.loads(out.read_text())["postgres"]
-    assert [row["operation"] for row in rows] == ["add_message", "add_message's statement, raw"]
+    assert [row["operation"] for row in rows] == [
+        "add_message's statement, raw",
+        "update's statement, raw, 16 tasks",
+    ]
     assert all(row["ratio"] > 0 for row in rows)
