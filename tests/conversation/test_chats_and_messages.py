@@ -173,6 +173,33 @@ async def test_history_limit(db_url: str, overflow: Any) -> None:
         assert await rows(engine, "ctx_messages", "s") == 4
 
 
+async def test_a_chat_that_trimmed_takes_appends_as_before_once_it_has_room(
+    db_url: str,
+) -> None:
+    """After a chat trimmed its history (on PostgreSQL its appends then skip the
+    one-statement attempt), appends to it once it has room again trim nothing, and
+    appends refused for the session's status write nothing."""
+    settings = EngineSettings(**QUIET, max_messages_per_chat=3, history_overflow="trim")
+    async with ContextEngine(db_url, settings=settings) as engine:
+        await engine.create_session("s", "u")
+        for i in range(5):
+            await engine.add_message("s", "user", f"m{i}")
+        assert [m.content for m in await engine.get_messages("s")] == ["m2", "m3", "m4"]
+        await engine.clear_messages("s")
+        await engine.add_messages("s", [{"role": "user", "content": c} for c in ("a", "b")])
+        assert [m.content for m in await engine.get_messages("s")] == ["a", "b"]
+        assert await engine.count_messages("s") == 2
+        for c in ("c", "d"):
+            await engine.add_message("s", "user", c)
+        assert [m.content for m in await engine.get_messages("s")] == ["b", "c", "d"]
+        await engine.pause_session("s")
+        with pytest.raises(SessionNotActiveError):
+            await engine.add_message("s", "user", "paused")
+        assert [m.content for m in await engine.get_messages("s")] == ["b", "c", "d"]
+        assert await engine.count_messages("s") == 3
+        assert await rows(engine, "ctx_messages", "s") == 3
+
+
 async def test_a_refused_add_message_leaves_the_session_untouched(
     db_url: str, clock: FakeClock
 ) -> None:

@@ -135,6 +135,11 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
+#: The most chats remembered as full (see ``ConversationService._full``); all are
+#: forgotten when a new one would pass it.
+_FULL_CHATS_KEPT = 10_000
+
+
 class ConversationService:
     """Business rules of SPEC §4, for any tenant."""
 
@@ -143,6 +148,10 @@ class ConversationService:
         self.sessions = sessions
         self.repo = ConversationRepository(ctx.store.backend)
         self.usage = UsageRepository(ctx.store.backend)
+        #: Chats (tenant, session_id, chat_id as asked) whose last append trimmed them:
+        #: the next one skips the one-statement append, which would find no room. A
+        #: hint only: the transaction taken instead is right whatever the chat holds.
+        self._full: set[tuple[str, str, str | None]] = set()
 
     # -- input ----------------------------------------------------------------------------
     def new_message(
@@ -314,9 +323,17 @@ class ConversationService:
             if not room:
                 first, count, limit = last - len(rows) + 1, appended.message_count, appended.limit
                 await self._keep_limit(conn, tenant, session_id, chat, first, count, limit)
+                if limit is None or count < limit:
+                    self._full.discard(hint)
+                else:
+                    if len(self._full) >= _FULL_CHATS_KEPT:
+                        self._full.clear()  # the oldest hints are as likely stale
+                    self._full.add(hint)
             return self._added(fx, appended.user_id, _placed(rows, chat, last))
 
-        if appends:
+        trims = appends and settings.history_overflow == "trim"
+        hint = (tenant, session_id, chat_id)
+        if appends and not (trims and hint in self._full):
             # one statement when the session can work and the chat has room; anything
             # else (refusals, trimming the history) takes the general transaction below
             added = await self.ctx.transact(
@@ -328,7 +345,7 @@ class ConversationService:
                 return added
 
         async def work(conn: Connection, fx: Effects) -> list[Message] | None:
-            if appends and settings.history_overflow == "trim":
+            if trims:
                 added = await append(conn, fx, room=False)
                 if added is not None:
                     return added

@@ -85,6 +85,22 @@ def _delete_oldest(keep_system: bool) -> Any:
 
 
 _DELETE_OLDEST = {keep_system: _delete_oldest(keep_system) for keep_system in (False, True)}
+
+
+def _delete_oldest_counted(keep_system: bool) -> Any:
+    """``_delete_oldest`` and the chat's count lowered by as many, in ONE statement
+    (:attr:`Backend.data_modifying_ctes`), returning that number (no row: none)."""
+    gone = _delete_oldest(keep_system).returning(messages.c.seq).cte("gone")
+    deleted = select(func.count()).select_from(gone).scalar_subquery()
+    return (
+        update(chats)
+        .where(_CHAT_KEY, deleted > 0)
+        .values(message_count=chats.c.message_count - deleted)
+        .returning(deleted)
+    )
+
+
+_DELETE_OLDEST_COUNTED = {keep: _delete_oldest_counted(keep) for keep in (False, True)}
 _CURRENT_CHAT = (
     select(s.c.current_chat_id)
     .where(s.c.tenant_id == bindparam("tenant"), s.c.session_id == bindparam("sid"))
