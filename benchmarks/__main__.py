@@ -240,6 +240,19 @@ async def bench_backend(
         async def add_message(i: int) -> None:
             await engine.add_message(talk, "user", "what is the weather like today?")
 
+        # a chat at its limit: each append trims the oldest message in its transaction
+        full = (await engine.create_chat(talk, "full", max_messages=50)).chat_id
+        await engine.add_messages(
+            talk, [{"role": "user", "content": f"filler {k}"} for k in range(8)], chat_id=full
+        )
+        for _ in range(6):
+            await engine.add_messages(
+                talk, [{"role": "user", "content": "filler"}] * 8, chat_id=full
+            )
+
+        async def add_trimming(i: int) -> None:
+            await engine.add_message(talk, "user", "what is the weather like today?", chat_id=full)
+
         async def last_50(i: int) -> None:
             await engine.get_messages(history, limit=50)
 
@@ -261,6 +274,7 @@ async def bench_backend(
             ("track_usage", usage, "raw INSERT", raw_insert),
             ("enforce_rate_limit", rate, "raw UPDATE by key", raw_update),
             ("add_message", add_message, "raw INSERT", raw_insert),
+            ("add_message, full chat (trims)", add_trimming, "raw INSERT", raw_insert),
             ("get_messages last 50 of 1000", last_50, "raw SELECT 50 rows", raw_last_50),
             ("get_messages all 1000", all_1000, "raw SELECT 1000 rows", raw_all_1000),
             *peers,
