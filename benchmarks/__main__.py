@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,10 @@ from sqlalchemy import text
 
 from benchmarks.timing import Op, Stats, raw_pool, summary, timed_pair
 from ctxengine import ContextEngine, EngineSettings, Message, QuotaType
+from ctxengine.ratelimit import in_us
+from ctxengine.storage.prebuilt import _compiled
+from ctxengine.storage.repositories.conversation import _APPENDS
+from ctxengine.storage.repositories.sessions import _RECORD_ACTIVE
 
 PG_SERVER = os.environ.get(
     "CTXENGINE_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -266,6 +271,7 @@ async def bench_backend(
             await raw.fetch(read_history, "default", history, "default")
 
         await engine.set_rate_limit(hot, "bench", 10**9, 60)
+        await engine.enforce_rate_limit(hot, "bench")
         peers = await peer_plan(engine, url)
         plan = [
             ("update_session", update, "raw UPDATE by key", raw_update),
@@ -303,9 +309,32 @@ async def bench_backend(
             [Message._trusted(dict(zip(fields, r, strict=True))) for r in history_rows]
 
         plan.append(("1-statement unit of work", floor, "raw UPDATE by key", raw_update))
-        statement = append_floor(engine, raw, talk)
-        if statement is not None:
-            plan.append(("add_message's statement, raw", statement, "raw INSERT", raw_insert))
+        if isinstance(raw, RawPostgres):
+            bare = Bare(engine, raw)
+            # the statement enforce_rate_limit runs (built by its first call above)
+            (take,) = engine._runtime().rates.repo._takes.values()
+            append = bare.op(_APPENDS[1], partial(append_params, talk))
+            plan += [
+                (
+                    "update's statement, raw",
+                    bare.op(_RECORD_ACTIVE, partial(record_params, hot)),
+                    "raw UPDATE by key",
+                    raw_update,
+                ),
+                (
+                    "rate limit's statement, raw",
+                    bare.op(take, partial(take_params, hot, "bench")),
+                    "raw UPDATE by key",
+                    raw_update,
+                ),
+                ("add_message's statement, raw", append, "raw INSERT", raw_insert),
+                # the floor under the ratio to the OpenAI store
+                *[
+                    ("add_message's statement, raw", append, base_name, base)
+                    for name, _, base_name, base in peers
+                    if name == "openai add_items"
+                ],
+            ]
         plan.append(("raw 3-statement transaction", raw_three, "raw INSERT", raw_insert))
         plan.append(
             ("1000 Message objects, no I/O", build_messages, "raw SELECT 1000 rows", raw_all_1000)
@@ -341,70 +370,89 @@ async def bench_backend(
             await raw.maintain()
             pair = await timed_concurrent_pair(update_own, raw_update_own, n)
             results.append(row(concurrent, *pair, base_name))
-        record = record_floor(engine, raw, mine)
-        if record is not None and (only is None or only in floor_name):
+        if isinstance(raw, RawPostgres) and (only is None or only in floor_name):
+            record = Bare(engine, raw).task_op(
+                _RECORD_ACTIVE, lambda t, now: record_params(mine[t], now)
+            )
             await raw.maintain()
             pair = await timed_concurrent_pair(record, raw_update_own, n)
             results.append(row(floor_name, *pair, base_name))
     return results
 
 
-def record_floor(engine: ContextEngine, raw: Any, sessions: list[str]) -> TaskOp | None:
-    """The floor under update_session from concurrent tasks (PostgreSQL): its one
-    statement (the guarded UPDATE returning the session), run by the raw driver on its
-    pool, with nothing of ctxengine around it."""
-    from ctxengine.storage.prebuilt import _compiled
-    from ctxengine.storage.repositories.sessions import _RECORD_ACTIVE
-
-    if not isinstance(raw, RawPostgres):
-        return None
-    form = _compiled(_RECORD_ACTIVE, engine._store.engine.dialect)
-
-    async def record(t: int, i: int) -> None:
-        now = datetime.now(UTC)
-        params = {
-            "tenant": "default",
-            "sid": sessions[t],
-            "now": now,
-            "cutoff": now - timedelta(hours=1),
-            "requests": 1,
-            "errors": 0,
-            "processing_time": 0.0,
-        }
-        await raw.wide.fetch(form.sql, *form.values(params))
-
-    return record
+#: The parameters of a prebuilt statement, given the time of the call.
+Params = Callable[[datetime], dict[str, Any]]
 
 
-def append_floor(engine: ContextEngine, raw: Any, session_id: str) -> Op | None:
-    """The floor under add_message where it is one statement (PostgreSQL): that
-    statement, run by the raw driver on its pool, with nothing of ctxengine around it."""
-    from ctxengine.storage.prebuilt import _compiled
-    from ctxengine.storage.repositories.conversation import _APPENDS
+class Bare:
+    """ctxengine's own prebuilt statements, run by the raw driver on its pools with
+    nothing of ctxengine around them: the floors under the operations that are one
+    statement on PostgreSQL."""
 
-    store = engine._store
-    if not store.backend.data_modifying_ctes:
-        return None
-    form = _compiled(_APPENDS[1], store.engine.dialect)
+    def __init__(self, engine: ContextEngine, raw: RawPostgres) -> None:
+        self.dialect = engine._store.engine.dialect
+        self.raw = raw
 
-    async def append(i: int) -> None:
-        now = datetime.now(UTC)
-        params = {
-            "tenant": "default",
-            "sid": session_id,
-            "now": now,
-            "cutoff": now - timedelta(hours=1),
-            "chat": None,
-            "limit": None,
-            "message_id_0": uuid.uuid4().hex,
-            "role_0": "user",
-            "content_0": "what is the weather like today?",
-            "metadata_0": {},
-            "tokens_0": None,
-        }
-        await raw.fetch(form.sql, *form.values(params))
+    def op(self, statement: Any, params: Params) -> Op:
+        """One call of ``statement``."""
+        form = _compiled(statement, self.dialect)
 
-    return append
+        async def call(i: int) -> None:
+            await self.raw.pool.fetch(form.sql, *form.values(params(datetime.now(UTC))))
+
+        return call
+
+    def task_op(self, statement: Any, params: Callable[[int, datetime], dict[str, Any]]) -> TaskOp:
+        """One call of ``statement`` from task ``t`` (on the pool as wide as the tasks)."""
+        form = _compiled(statement, self.dialect)
+
+        async def call(t: int, i: int) -> None:
+            await self.raw.wide.fetch(form.sql, *form.values(params(t, datetime.now(UTC))))
+
+        return call
+
+
+def record_params(session_id: str, now: datetime) -> dict[str, Any]:
+    """update_session's statement adding one request to an active session."""
+    return {
+        "tenant": "default",
+        "sid": session_id,
+        "now": now,
+        "cutoff": now - timedelta(hours=1),
+        "requests": 1,
+        "errors": 0,
+        "processing_time": 0.0,
+    }
+
+
+def append_params(session_id: str, now: datetime) -> dict[str, Any]:
+    """add_message's statement appending one user message to the current chat."""
+    return {
+        "tenant": "default",
+        "sid": session_id,
+        "now": now,
+        "cutoff": now - timedelta(hours=1),
+        "chat": None,
+        "limit": None,
+        "message_id_0": uuid.uuid4().hex,
+        "role_0": "user",
+        "content_0": "what is the weather like today?",
+        "metadata_0": {},
+        "tokens_0": None,
+    }
+
+
+def take_params(session_id: str, operation: str, now: datetime) -> dict[str, Any]:
+    """enforce_rate_limit's statement taking one call of ``operation``."""
+    return {
+        "tenant": "default",
+        "sid": session_id,
+        "operation": operation,
+        "now": now,
+        "now_us": in_us(now.timestamp()),
+        "cutoff": now - timedelta(hours=1),
+        "cost": 1,
+    }
 
 
 def row(name: str, ours: Stats, baseline: Stats, baseline_name: str) -> dict[str, Any]:

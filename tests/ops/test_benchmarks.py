@@ -58,8 +58,8 @@ def test_the_harness_runs_and_writes_json(tmp_path: Path) -> None:
 
 async def test_the_harness_runs_on_postgresql_and_filters(tmp_path: Path, pg_admin: Any) -> None:
     """``--only`` keeps the operations named so; on PostgreSQL the harness also measures
-    the one statements of add_message and of update_session run by the raw driver
-    (``pg_admin``: skipped without a server, failed under CI)."""
+    the one statements of update_session, enforce_rate_limit and add_message run by
+    the raw driver (``pg_admin``: skipped without a server, failed under CI)."""
     out = tmp_path / "results.json"
     await asyncio.to_thread(
         subprocess.run,
@@ -85,8 +85,11 @@ async def test_the_harness_runs_on_postgresql_and_filters(tmp_path: Path, pg_adm
         timeout=300,
     )
     rows = json.loads(out.read_text())["postgres"]
-    assert [row["operation"] for row in rows] == [
-        "add_message's statement, raw",
-        "update's statement, raw, 16 tasks",
+    assert [(row["operation"], row["baseline"]) for row in rows] == [
+        ("update's statement, raw", "raw UPDATE by key"),
+        ("rate limit's statement, raw", "raw UPDATE by key"),
+        ("add_message's statement, raw", "raw INSERT"),
+        ("add_message's statement, raw", "OpenAI SQLAlchemySession"),
+        ("update's statement, raw, 16 tasks", "raw UPDATE, 16 tasks"),
     ]
     assert all(row["ratio"] > 0 for row in rows)
