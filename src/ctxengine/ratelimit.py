@@ -39,7 +39,7 @@ class LimiterState:
         """Read the stored form (None or ``{}`` = no calls)."""
         if not data:
             return cls()
-        return cls(int(data["b"]), tuple(int(n) for n in data["c"]))
+        return cls(int(data["b"]), tuple(map(int, data["c"])))
 
     def to_json(self) -> dict[str, Any]:
         """The compact stored form."""

@@ -42,6 +42,8 @@ def optional_identifier(value: object, field: str) -> str | None:
 
 def choice(enum: type[E], value: object, field: str) -> E:
     """A member of the string enum ``enum``, given as the member or its value."""
+    if isinstance(value, enum):
+        return value
     try:
         if not isinstance(value, str):
             raise ValueError(value)

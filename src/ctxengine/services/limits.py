@@ -340,8 +340,12 @@ class RateLimitService:
                 after = decide(
                     LimiterState.from_json(state), now, max_calls, window, units, consume=False
                 )
-                return RateLimitStatus(
-                    limit=max_calls, remaining=after.remaining, reset_after=after.reset_after
+                return RateLimitStatus._trusted(
+                    {
+                        "limit": max_calls,
+                        "remaining": after.remaining,
+                        "reset_after": after.reset_after,
+                    }
                 )
 
             taken = await self.ctx.transact(
