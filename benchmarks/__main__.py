@@ -412,47 +412,41 @@ class Bare:
         return call
 
 
-def record_params(session_id: str, now: datetime) -> dict[str, Any]:
-    """update_session's statement adding one request to an active session."""
+def guarded(session_id: str, now: datetime, **more: Any) -> dict[str, Any]:
+    """The parameters of a statement guarded by the session's state (which session,
+    the time, the oldest activity still live), and ``more``."""
     return {
         "tenant": "default",
         "sid": session_id,
         "now": now,
         "cutoff": now - timedelta(hours=1),
-        "requests": 1,
-        "errors": 0,
-        "processing_time": 0.0,
+        **more,
     }
+
+
+def record_params(session_id: str, now: datetime) -> dict[str, Any]:
+    """update_session's statement adding one request to an active session."""
+    return guarded(session_id, now, requests=1, errors=0, processing_time=0.0)
 
 
 def append_params(session_id: str, now: datetime) -> dict[str, Any]:
     """add_message's statement appending one user message to the current chat."""
-    return {
-        "tenant": "default",
-        "sid": session_id,
-        "now": now,
-        "cutoff": now - timedelta(hours=1),
-        "chat": None,
-        "limit": None,
-        "message_id_0": uuid.uuid4().hex,
-        "role_0": "user",
-        "content_0": "what is the weather like today?",
-        "metadata_0": {},
-        "tokens_0": None,
-    }
+    return guarded(
+        session_id,
+        now,
+        chat=None,
+        limit=None,
+        message_id_0=uuid.uuid4().hex,
+        role_0="user",
+        content_0="what is the weather like today?",
+        metadata_0={},
+        tokens_0=None,
+    )
 
 
 def take_params(session_id: str, operation: str, now: datetime) -> dict[str, Any]:
     """enforce_rate_limit's statement taking one call of ``operation``."""
-    return {
-        "tenant": "default",
-        "sid": session_id,
-        "operation": operation,
-        "now": now,
-        "now_us": in_us(now.timestamp()),
-        "cutoff": now - timedelta(hours=1),
-        "cost": 1,
-    }
+    return guarded(session_id, now, operation=operation, now_us=in_us(now.timestamp()), cost=1)
 
 
 def row(name: str, ours: Stats, baseline: Stats, baseline_name: str) -> dict[str, Any]:
