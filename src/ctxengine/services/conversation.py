@@ -306,6 +306,8 @@ class ConversationService:
         settings = self.ctx.settings
 
         appends = self.ctx.store.backend.data_modifying_ctes and 0 < len(new) <= APPEND_MAX
+        trims = appends and settings.history_overflow == "trim"
+        hint = (tenant, session_id, chat_id)
 
         async def append(conn: Connection, fx: Effects, *, room: bool) -> list[Message] | None:
             """ONE statement appending the messages if the session can work and the chat
@@ -331,8 +333,6 @@ class ConversationService:
                     self._full.add(hint)
             return self._added(fx, appended.user_id, _placed(rows, chat, last))
 
-        trims = appends and settings.history_overflow == "trim"
-        hint = (tenant, session_id, chat_id)
         if appends and not (trims and hint in self._full):
             # one statement when the session can work and the chat has room; anything
             # else (refusals, trimming the history) takes the general transaction below
