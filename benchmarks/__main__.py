@@ -34,7 +34,7 @@ import aiosqlite
 import asyncpg
 from sqlalchemy import text
 
-from benchmarks.timing import Op, Stats, raw_pool, summary, timed_pair
+from benchmarks.timing import Op, Stats, interleaved, raw_pool, timed_pair
 from ctxengine import ContextEngine, EngineSettings, Message, QuotaType
 from ctxengine.ratelimit import in_us
 from ctxengine.storage.prebuilt import _compiled
@@ -57,33 +57,22 @@ async def timed_concurrent_pair(
     op: TaskOp, base: TaskOp, n: int, rounds: int = 4
 ) -> tuple[Stats, Stats]:
     """``n`` calls each of ``op`` and ``base``, spread over :data:`TASKS` tasks (task
-    ``t`` calling ``op(t, i)``), in ``rounds`` interleaved blocks as
-    :func:`~benchmarks.timing.timed_pair` does."""
-    per_block = max(1, n // TASKS // rounds)
-    latencies: tuple[list[float], list[float]] = ([], [])
-    spent = [0.0, 0.0]
+    ``t`` calling ``op(t, i)``), :func:`~benchmarks.timing.interleaved` in ``rounds``
+    blocks."""
 
-    async def task(call: TaskOp, t: int, calls: range, record: list[float] | None) -> None:
+    async def task(call: TaskOp, t: int, calls: range, latencies: list[float]) -> None:
         for i in calls:
             started = time.perf_counter()
             await call(t, i)
-            if record is not None:
-                record.append(time.perf_counter() - started)
+            latencies.append(time.perf_counter() - started)
+
+    async def block(which: int, calls: range, latencies: list[float]) -> None:
+        call = (op, base)[which]
+        await asyncio.gather(*(task(call, t, calls, latencies) for t in range(TASKS)))
 
     for call in (op, base):  # warm-up
-        await asyncio.gather(*(task(call, t, range(10), None) for t in range(TASKS)))
-    for r in range(rounds):
-        calls = range(r * per_block, (r + 1) * per_block)
-        for which in (0, 1) if r % 2 == 0 else (1, 0):
-            call = (op, base)[which]
-            start = time.perf_counter()
-            await asyncio.gather(*(task(call, t, calls, latencies[which]) for t in range(TASKS)))
-            spent[which] += time.perf_counter() - start
-    ours, theirs = (
-        {"ops_per_s": len(lat) / took, **summary(lat)}
-        for lat, took in zip(latencies, spent, strict=True)
-    )
-    return ours, theirs
+        await asyncio.gather(*(task(call, t, range(10), []) for t in range(TASKS)))
+    return await interleaved(block, max(1, n // TASKS // rounds), rounds)
 
 
 def _qmarks(sql: str) -> str:
@@ -247,10 +236,7 @@ async def bench_backend(
 
         # a chat at its limit: each append trims the oldest message in its transaction
         full = (await engine.create_chat(talk, "full", max_messages=50)).chat_id
-        await engine.add_messages(
-            talk, [{"role": "user", "content": f"filler {k}"} for k in range(8)], chat_id=full
-        )
-        for _ in range(6):
+        for _ in range(7):
             await engine.add_messages(
                 talk, [{"role": "user", "content": "filler"}] * 8, chat_id=full
             )
@@ -483,7 +469,7 @@ async def openai_plan(engine: ContextEngine, url: str) -> list[tuple[str, Op, st
     theirs = SQLAlchemySession.from_url(
         f"peer-{uuid.uuid4().hex[:8]}", url=async_url(url), create_tables=True
     )
-    item = [{"role": "user", "content": "what is the weather like today?"}]
+    item: list[Any] = [{"role": "user", "content": "what is the weather like today?"}]
 
     async def ours_add(i: int) -> None:
         await ours.add_items(item)

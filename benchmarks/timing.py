@@ -41,31 +41,45 @@ async def timed(op: Op, n: int) -> dict[str, float]:
     return {"ops_per_s": n / total, **summary(latencies)}
 
 
-async def timed_pair(op: Op, base: Op, n: int, rounds: int = 10) -> tuple[Stats, Stats]:
-    """``n`` sequential calls each of ``op`` and ``base`` (after a warm-up of both),
-    interleaved in ``rounds`` blocks of each, which of the two goes first alternating:
-    both meet the same machine, whose speed drifts within a run. Each one's ops/s
-    (over its own blocks) and latency summary."""
-    for i in range(min(50, n)):
-        await op(i)
-        await base(i)
-    per_round = max(1, n // rounds)
+#: Runs side ``which`` (0: ctxengine, 1: the baseline) for the calls numbered
+#: ``calls``, adding each call's latency to ``latencies``.
+Block = Callable[[int, range, list[float]], Awaitable[None]]
+
+
+async def interleaved(block: Block, per_round: int, rounds: int) -> tuple[Stats, Stats]:
+    """Both sides in ``rounds`` blocks of ``per_round`` calls each, which of the two goes
+    first alternating: both meet the same machine, whose speed drifts within a run.
+    Each side's ops/s (over its own blocks) and latency summary."""
     latencies: tuple[list[float], list[float]] = ([], [])
     spent = [0.0, 0.0]
     for r in range(rounds):
+        calls = range(r * per_round, (r + 1) * per_round)
         for which in (0, 1) if r % 2 == 0 else (1, 0):
-            call = (op, base)[which]
             start = time.perf_counter()
-            for i in range(r * per_round, (r + 1) * per_round):
-                t = time.perf_counter()
-                await call(i)
-                latencies[which].append(time.perf_counter() - t)
+            await block(which, calls, latencies[which])
             spent[which] += time.perf_counter() - start
     ours, theirs = (
         {"ops_per_s": len(lat) / took, **summary(lat)}
         for lat, took in zip(latencies, spent, strict=True)
     )
     return ours, theirs
+
+
+async def timed_pair(op: Op, base: Op, n: int, rounds: int = 10) -> tuple[Stats, Stats]:
+    """``n`` sequential calls each of ``op`` and ``base`` after a warm-up of both,
+    :func:`interleaved` in ``rounds`` blocks."""
+    for i in range(min(50, n)):
+        await op(i)
+        await base(i)
+
+    async def block(which: int, calls: range, latencies: list[float]) -> None:
+        call = (op, base)[which]
+        for i in calls:
+            t = time.perf_counter()
+            await call(i)
+            latencies.append(time.perf_counter() - t)
+
+    return await interleaved(block, max(1, n // rounds), rounds)
 
 
 async def raw_pool(dsn: str, size: int) -> asyncpg.Pool:
