@@ -89,4 +89,4 @@ def clock() -> Iterator[FakeClock]:
 async def engine(db_url: str) -> AsyncIterator[ContextEngine]:
     async with ContextEngine(db_url, settings=EngineSettings(auto_cleanup=False)) as eng:
         yield eng
-        assert eng._store.engine.sync_engine.pool.checkedout() == 0
+        assert eng._store.connections_in_use() == 0

@@ -134,12 +134,12 @@ async def test_cancelled_calls_leave_no_transaction_open(db_url: str) -> None:
             except asyncio.CancelledError:
                 pass
         assert cancelled  # some were cancelled mid-way
-        pool = engine._store.engine.sync_engine.pool
+        store = engine._store
         for _ in range(100):  # connections closed in the background are back soon
-            if pool.checkedout() == 0:
+            if store.connections_in_use() == 0:
                 break
             await asyncio.sleep(0.01)
-        assert pool.checkedout() == 0
+        assert store.connections_in_use() == 0
         if db_url.startswith("sqlite"):  # another writer gets the lock at once
             other = sqlite3.connect(db_url.split("///", 1)[1], timeout=0, isolation_level=None)
             other.execute("BEGIN IMMEDIATE")

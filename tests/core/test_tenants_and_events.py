@@ -126,7 +126,7 @@ async def test_a_lost_database_raises_storage_error_and_recovers(
         session = await engine.update_session("s", increment_requests=True)
         assert session.request_count == 1
         assert (await engine.health_check())["status"] == "healthy"
-        assert store.engine.sync_engine.pool.checkedout() == 0
+        assert store.connections_in_use() == 0
 
 
 async def test_sequential_calls_reuse_the_connection_used_last(db_url: str) -> None:

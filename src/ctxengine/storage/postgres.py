@@ -37,6 +37,8 @@ from .relay import EventRelay
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "22012"})
 #: A pooled connection idle longer than this is pinged before use.
 PING_AFTER_IDLE = 10.0
+#: Where a pool entry's ``info`` keeps when it was last returned.
+IDLE_SINCE = "ctxengine_checkin"
 
 
 class PostgresBackend(Backend):
@@ -69,13 +71,13 @@ class PostgresBackend(Backend):
         def _on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
             if record.driver_connection.is_closed():  # type: ignore[union-attr]
                 raise DisconnectionError("the server closed the connection")
-            idle = time.monotonic() - record.info.get("ctxengine_checkin", time.monotonic())
+            idle = time.monotonic() - record.info.get(IDLE_SINCE, time.monotonic())
             if idle > PING_AFTER_IDLE and not dialect.do_ping(dbapi_connection):
                 raise DisconnectionError("the connection does not answer")
 
         @event.listens_for(engine.sync_engine, "checkin")
         def _on_checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-            record.info["ctxengine_checkin"] = time.monotonic()
+            record.info[IDLE_SINCE] = time.monotonic()
 
     async def lock(self, conn: Connection, name: str) -> None:
         await conn.execute(select(func.pg_advisory_xact_lock(lock_key(name))))

@@ -25,7 +25,7 @@ from tenacity import (
 from ..errors import StorageError
 from .backend import Backend
 from .connection import Connection
-from .prebuilt import AutocommitConnection
+from .prebuilt import AutocommitConnection, HeldConnections
 from .sqlite import InlineConnection, InlineSQLiteDialect, SQLiteBackend
 
 log = logging.getLogger("ctxengine.storage")
@@ -67,13 +67,18 @@ class Store:
         )
         #: Whether the inline pool has made its first connection (see _checkout_inline).
         self._pool_started = False
-        #: Whether autocommit units may run prebuilt statements on asyncpg directly.
-        self._asyncpg = engine.dialect.driver == "asyncpg"
         #: The same pool, with connections in autocommit: units of work that need no
         #: BEGIN/COMMIT (see :attr:`Backend.autocommit_level`) run on it.
         self._autocommit = (
             engine.execution_options(isolation_level=backend.autocommit_level)
             if backend.autocommit_level is not None
+            else None
+        )
+        #: On asyncpg, every unit runs on an entry of the autocommit pool (prebuilt
+        #: statements on the driver directly).
+        self._held = (
+            HeldConnections(self._autocommit, hold=owned)
+            if self._autocommit is not None and engine.dialect.driver == "asyncpg"
             else None
         )
 
@@ -130,16 +135,16 @@ class Store:
     ) -> T:
         if self._inline is not None:
             return await self._inline_transaction(self._inline, work, write)
-        if self._autocommit is not None and self._asyncpg:
-            direct = await AutocommitConnection.checkout(self._autocommit)
+        if self._held is not None:
+            direct = await self._held.checkout()
             try:
                 if one_statement or not write:
                     # each statement commits by itself; nothing to begin or commit
                     return await work(direct)
                 return await self._driver_transaction(direct, work)
             finally:
-                # Not shielded (a task per call): closing suspends only to close an
-                # overflow connection, and the pool returns its slot even if that is
+                # Not shielded (a task per call): closing suspends only to return the
+                # entry to the pool, which returns its slot even if that is
                 # interrupted. The cancellation test checks nothing stays checked out.
                 await direct.close()
         if self._autocommit is not None and (one_statement or not write):
@@ -216,8 +221,15 @@ class Store:
         await conn.commit()
         return result
 
+    def connections_in_use(self) -> int:
+        """Connections checked out of the pool by units of work running now."""
+        held = self._held.held if self._held is not None else 0
+        return int(self.engine.sync_engine.pool.checkedout()) - held  # type: ignore[attr-defined]
+
     async def dispose(self) -> None:
         """Release the pool, if this store created the engine."""
+        if self._held is not None:
+            await self._held.close()
         if self.owned:
             await self.engine.dispose()
 
