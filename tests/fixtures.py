@@ -55,6 +55,17 @@ async def pg_admin() -> AsyncIterator[asyncpg.Connection]:
     await admin.close()
 
 
+@pytest.fixture
+async def pg_url(pg_admin: asyncpg.Connection) -> AsyncIterator[str]:
+    """A fresh migrated PostgreSQL database, for what only PostgreSQL has."""
+    url = await new_pg_database(pg_admin)
+    try:
+        await ContextEngine(url, settings=EngineSettings(auto_cleanup=False)).migrate()
+        yield url
+    finally:
+        await pg_admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
 async def new_pg_database(admin: asyncpg.Connection) -> str:
     """Create an empty, uniquely named database; its asyncpg URL."""
     name = f"ctx_test_{os.getpid()}_{uuid.uuid4().hex[:10]}"

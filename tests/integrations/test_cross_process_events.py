@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -13,22 +12,10 @@ import pytest
 from ctxengine import ContextEngine, EngineSettings, Event
 from ctxengine.errors import ValidationError
 from ctxengine.storage.relay import MAX_PAYLOAD_BYTES, EventRelay
-from tests.fixtures import new_pg_database
 
 from . import _workers
 
 RELAYED = EngineSettings(auto_cleanup=False, cross_process_events=True)
-
-
-@pytest.fixture
-async def pg_url(pg_admin: asyncpg.Connection) -> AsyncIterator[str]:
-    """A fresh migrated PostgreSQL database (LISTEN/NOTIFY is PostgreSQL's)."""
-    url = await new_pg_database(pg_admin)
-    try:
-        await ContextEngine(url, settings=EngineSettings(auto_cleanup=False)).migrate()
-        yield url
-    finally:
-        await pg_admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
 
 
 async def wait_for_session(engine: ContextEngine, session_id: str, seconds: float = 60) -> None:

@@ -1,0 +1,124 @@
+"""Connections: on asyncpg a unit of work returns its pool entry to the store, which
+hands it to the next unit (HeldConnections); the pool stays in charge of them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import asyncpg
+import pytest
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from ctxengine import ContextEngine, EngineSettings
+from ctxengine.storage import Store, prebuilt
+
+
+@contextmanager
+def pool_checkouts(store: Store) -> Iterator[list[object]]:
+    """Every checkout from the store's pool while the block runs."""
+    seen: list[object] = []
+
+    def checkout(_dbapi: object, record: object, _proxy: object) -> None:
+        seen.append(record)
+
+    target = store.engine.sync_engine
+    event.listen(target, "checkout", checkout)
+    try:
+        yield seen
+    finally:
+        event.remove(target, "checkout", checkout)
+
+
+def open_connections(store: Store) -> int:
+    pool = store.engine.sync_engine.pool
+    return int(pool.checkedin() + pool.checkedout())  # type: ignore[attr-defined]
+
+
+async def test_sequential_calls_take_one_connection_from_the_pool(pg_url: str) -> None:
+    async with ContextEngine(pg_url, settings=EngineSettings(auto_cleanup=False)) as engine:
+        await engine.create_session("s", "u")
+        with pool_checkouts(engine._store) as checkouts:
+            for _ in range(20):
+                await engine.update_session("s", increment_requests=True)
+        assert checkouts == []  # the entry create_session returned served them all
+        assert (await engine.get_session("s")).request_count == 20  # type: ignore[union-attr]
+        assert engine._store.connections_in_use() == 0
+
+
+async def test_an_entry_out_for_long_goes_back_to_the_pool(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held longer than PING_AFTER_IDLE, an entry goes back to the pool, which pings an
+    idle connection and recycles an old one on the next checkout."""
+    monkeypatch.setattr(prebuilt, "PING_AFTER_IDLE", 0.0)
+    async with ContextEngine(pg_url, settings=EngineSettings(auto_cleanup=False)) as engine:
+        await engine.create_session("s", "u")
+        with pool_checkouts(engine._store) as checkouts:
+            for _ in range(5):
+                await engine.update_session("s", increment_requests=True)
+        assert len(checkouts) == 5
+
+
+async def test_calls_waiting_for_the_pool_get_the_connections_returned(db_url: str) -> None:
+    """A pool of one connection serves many concurrent calls: a returned entry goes to
+    a call waiting for the pool instead of being held (else it would time out)."""
+    settings = EngineSettings(auto_cleanup=False, pool_size=1, max_overflow=0, pool_timeout=3)
+    async with ContextEngine(db_url, settings=settings) as engine:
+        await engine.create_session("s", "u")
+        await asyncio.gather(*(engine.update_session("s", increment_requests=True) for _ in range(8)))
+        assert (await engine.get_session("s")).request_count == 8  # type: ignore[union-attr]
+        assert engine._store.connections_in_use() == 0
+
+
+async def test_connections_above_pool_size_close_after_a_burst(pg_url: str) -> None:
+    settings = EngineSettings(auto_cleanup=False, pool_size=1, max_overflow=4)
+    async with ContextEngine(pg_url, settings=settings) as engine:
+        store = engine._store
+
+        async def busy(_conn: object) -> None:
+            await asyncio.sleep(0.05)  # all five at once: the pool opens four above its size
+
+        await asyncio.gather(*(store.run(busy) for _ in range(5)))
+        assert open_connections(store) == 1
+        assert store.connections_in_use() == 0
+
+
+async def test_closing_the_engine_returns_every_connection(pg_url: str) -> None:
+    engine = ContextEngine(pg_url, settings=EngineSettings(auto_cleanup=False))
+    async with engine:
+        await engine.create_session("s", "u")
+        pool = engine._store.engine.sync_engine.pool
+        assert pool.checkedout() == 1  # type: ignore[attr-defined]  # held for the next call
+    assert pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_an_engine_passed_in_holds_no_connection(pg_url: str) -> None:
+    """The application may share its AsyncEngine's pool: nothing stays checked out."""
+    shared = create_async_engine(pg_url)
+    try:
+        async with ContextEngine(shared, settings=EngineSettings(auto_cleanup=False)) as engine:
+            await engine.create_session("s", "u")
+            await engine.update_session("s", increment_requests=True)
+            assert shared.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await shared.dispose()
+
+
+async def test_a_held_connection_the_server_closed_is_replaced(
+    pg_url: str, pg_admin: asyncpg.Connection
+) -> None:
+    async with ContextEngine(pg_url, settings=EngineSettings(auto_cleanup=False)) as engine:
+        await engine.create_session("s", "u")
+        killed = await pg_admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1",
+            pg_url.rsplit("/", 1)[1],
+        )
+        assert killed == 1  # the held one
+        for _ in range(100):  # asyncpg sees the connection closed when the loop reads it
+            await asyncio.sleep(0.01)
+        session = await engine.update_session("s", increment_requests=True)
+        assert session.request_count == 1
+        assert engine._store.connections_in_use() == 0
