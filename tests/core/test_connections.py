@@ -68,7 +68,9 @@ async def test_calls_waiting_for_the_pool_get_the_connections_returned(db_url: s
     settings = EngineSettings(auto_cleanup=False, pool_size=1, max_overflow=0, pool_timeout=3)
     async with ContextEngine(db_url, settings=settings) as engine:
         await engine.create_session("s", "u")
-        await asyncio.gather(*(engine.update_session("s", increment_requests=True) for _ in range(8)))
+        await asyncio.gather(
+            *(engine.update_session("s", increment_requests=True) for _ in range(8))
+        )
         assert (await engine.get_session("s")).request_count == 8  # type: ignore[union-attr]
         assert engine._store.connections_in_use() == 0
 
