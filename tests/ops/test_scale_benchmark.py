@@ -63,6 +63,7 @@ def test_the_scale_benchmark_runs_and_writes_every_measurement(tmp_path: Path) -
 
     expire = r["expire_idle"]
     assert expire["made_idle"] == expire["expired"] == 500
+    assert expire["floor_rows"] == 500 and expire["floor_s"] > 0  # the same rows, rolled back
     assert {
         "seconds",
         "rss_before_mb",
