@@ -205,6 +205,21 @@ async def test_list_filters_cursor_iter_and_count(db_url: str, clock: Any) -> No
         assert await engine.count_sessions(created_before=start + timedelta(seconds=15)) == 2
         # now = start + 250 s: s00..s05 have been idle >= 200 s, but pausing touched s03
         assert await engine.count_sessions(idle_for=200) == 5
+        idle = {s.session_id for s in await engine.list_sessions(idle_for=200)}
+        assert idle == {"s00", "s01", "s02", "s04", "s05"}
+        odd = [s.session_id for s in await engine.list_sessions(tags=["x", "odd"], limit=100)]
+        assert odd == [f"s{i:02}" for i in reversed(range(1, 25, 2))]
+        ann_pro = engine.list_sessions(user_id="ann", tier="pro", tags=["odd"], created_after=start)
+        assert [s.session_id for s in await ann_pro] == ["s15", "s05"]
+        # every filter lists what it counts, alone and combined, page after page
+        for f in (
+            {"tags": ["odd", "even"]},
+            {"created_after": after},
+            {"created_before": start + timedelta(seconds=15)},
+            {"status": "active", "user_id": "bob", "created_before": after, "idle_for": 1},
+        ):
+            listed = [s.session_id async for s in engine.iter_sessions(limit=3, **f)]
+            assert len(listed) == len(set(listed)) == await engine.count_sessions(**f), f
 
         pages, cursor = [], None
         while True:

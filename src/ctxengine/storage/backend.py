@@ -138,9 +138,10 @@ class Backend:
         raise NotImplementedError
 
     def json_contains_all(
-        self, column: ColumnElement[Any], items: Sequence[str]
+        self, column: ColumnElement[Any], items: ColumnElement[Any]
     ) -> ColumnElement[bool]:
-        """True when the JSON array ``column`` holds every string of ``items``."""
+        """True when the JSON array ``column`` holds every string of the JSON array
+        ``items`` (a bound parameter of type ``JSONDocument``)."""
         raise NotImplementedError
 
     def event_relay(self, deliver: Callable[[Event], None]) -> EventRelay:

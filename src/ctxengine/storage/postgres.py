@@ -105,10 +105,9 @@ class PostgresBackend(Backend):
         return column.op("-")(literal(key, String))
 
     def json_contains_all(
-        self, column: ColumnElement[Any], items: Sequence[str]
+        self, column: ColumnElement[Any], items: ColumnElement[Any]
     ) -> ColumnElement[bool]:
-        contains = column.op("@>", return_type=Boolean)
-        return contains(cast(literal(list(items), JSONB), JSONB))
+        return column.op("@>", return_type=Boolean)(cast(items, JSONB))
 
     def event_relay(self, deliver: Callable[[Event], None]) -> EventRelay:
         return EventRelay(self.url, deliver)

@@ -224,10 +224,9 @@ class SQLiteBackend(Backend):
         return func.ctx_json_remove(column, literal(key))
 
     def json_contains_all(
-        self, column: ColumnElement[Any], items: Sequence[str]
+        self, column: ColumnElement[Any], items: ColumnElement[Any]
     ) -> ColumnElement[bool]:
-        wanted = json.dumps(list(items), ensure_ascii=False)
-        return func.ctx_json_contains_all(column, literal(wanted)) == 1
+        return func.ctx_json_contains_all(column, items) == 1
 
     def is_transient(self, exc: BaseException) -> bool:
         orig = exc.orig if isinstance(exc, DBAPIError) else exc

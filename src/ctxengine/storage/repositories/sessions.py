@@ -32,7 +32,7 @@ from ..connection import Connection
 from ..prebuilt import Record, run
 from ..schema import chats, idle_bucket, leases, quotas, rate_limit_rules, rate_limit_state
 from ..schema import sessions as t
-from ..types import UTCDateTime
+from ..types import JSONDocument, UTCDateTime
 from . import of_session
 
 _OPEN = [s.value for s in OPEN_STATUSES]
@@ -69,11 +69,6 @@ def _live_leases(tenant: Any, session_id: Any, now: Any) -> Any:
     )
 
 
-def _columns(now: datetime) -> list[Any]:
-    """Every session column plus the number of live leases at ``now`` (for SELECTs)."""
-    return [*_COLUMNS, _live_leases(t.c.tenant_id, t.c.session_id, now)]
-
-
 def _returned(tenant: Any, session_id: Any, now: Any) -> list[Any]:
     """``_columns`` for the RETURNING clause of a write to the one session of the key:
     SQLite renders RETURNING columns unqualified, so a subquery correlated to the
@@ -91,7 +86,8 @@ _LIVE = and_(
 )
 #: A session that can work: active and live (parameters now, cutoff).
 _CAN_WORK = and_(t.c.status == SessionStatus.ACTIVE.value, _LIVE)
-_COUNTED = _columns(bindparam("now"))  # type: ignore[arg-type]
+#: Every session column plus the number of live leases at ``now`` (for SELECTs).
+_COUNTED = [*_COLUMNS, _live_leases(t.c.tenant_id, t.c.session_id, bindparam("now"))]
 _GET = select(*_COLUMNS).where(_BY_KEY)
 _GET_COUNTED = select(*_COUNTED).where(_BY_KEY)
 _RECORD = (
@@ -158,6 +154,38 @@ _ROW_FIELDS = tuple(
 _LIVE_LEASES = len(_COLUMNS)  # position of concurrent_operations, when selected
 
 
+def _filter_shape(f: SessionFilter) -> tuple[bool, ...]:
+    """Which filters ``f`` gives (a listing statement is built once per combination)."""
+    return (
+        f.user_id is not None,
+        f.status is not None,
+        f.tier is not None,
+        bool(f.tags),
+        f.created_after is not None,
+        f.created_before is not None,
+        f.idle_for is not None,
+    )
+
+
+def _listing_params(tenant: str, f: SessionFilter, now: datetime) -> dict[str, Any]:
+    """The values of the filters of ``f`` (those not given are not used)."""
+    return {
+        "tenant": tenant,
+        "now": now,
+        "user_id": f.user_id,
+        "status": None if f.status is None else f.status.value,
+        "tier": f.tier,
+        "tags": list(f.tags),
+        "created_after": f.created_after,
+        "created_before": f.created_before,
+        "idle_cutoff": None if f.idle_for is None else now - timedelta(seconds=f.idle_for),
+    }
+
+
+#: Where a cursor's session sits in the listing order. Parameters: tenant, sid.
+_POSITION = select(t.c.created_at, t.c.session_id).where(_BY_KEY)
+
+
 def to_session(row: Record, observed_at: datetime) -> Session:
     """Build the public snapshot from a row whose first columns are ``_COLUMNS`` (values
     are already validated on write); by position, which costs less than by name."""
@@ -178,6 +206,8 @@ class SessionRepository:
         self._inserts: dict[tuple[str, ...], Any] = {}
         #: ``insert_with_chat`` statements, by the columns of the two rows.
         self._inserts_with_chat: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
+        #: list_sessions pages, by the filters given, the cursor and the limit.
+        self._listings: dict[tuple[bool, ...], Any] = {}
 
     # -- conditions ---------------------------------------------------------------------
     @staticmethod
@@ -228,22 +258,43 @@ class SessionRepository:
             stmt = stmt.where(t.c.user_id == user_id)
         return int((await conn.execute(stmt)).scalar_one())
 
-    def _filtered(self, stmt: Any, tenant: str, f: SessionFilter, now: datetime) -> Any:
-        stmt = stmt.where(t.c.tenant_id == tenant)
+    def _listing(self, f: SessionFilter, *, after: bool, limited: bool) -> Any:
+        """The page statement for the filters ``f`` gives (their values are parameters,
+        see :func:`_listing_params`): built once per combination of filters."""
+        shape = (*_filter_shape(f), after, limited)
+        stmt = self._listings.get(shape)
+        if stmt is None:
+            stmt = self._filtered(select(*_COUNTED), f)
+            if after:
+                position = (
+                    bindparam("after_created", type_=t.c.created_at.type),
+                    bindparam("after_sid", type_=t.c.session_id.type),
+                )
+                stmt = stmt.where(tuple_(t.c.created_at, t.c.session_id) < tuple_(*position))
+            stmt = stmt.order_by(t.c.created_at.desc(), t.c.session_id.desc())
+            if limited:
+                stmt = stmt.limit(bindparam("limit"))
+            self._listings[shape] = stmt
+        return stmt
+
+    def _filtered(self, stmt: Any, f: SessionFilter) -> Any:
+        """``stmt`` restricted to the filters ``f`` gives, their values as parameters."""
+        stmt = stmt.where(t.c.tenant_id == bindparam("tenant"))
         if f.user_id is not None:
-            stmt = stmt.where(t.c.user_id == f.user_id)
+            stmt = stmt.where(t.c.user_id == bindparam("user_id"))
         if f.status is not None:
-            stmt = stmt.where(t.c.status == f.status.value)
+            stmt = stmt.where(t.c.status == bindparam("status"))
         if f.tier is not None:
-            stmt = stmt.where(t.c.tier == f.tier)
+            stmt = stmt.where(t.c.tier == bindparam("tier"))
         if f.tags:
-            stmt = stmt.where(self.backend.json_contains_all(t.c.tags, f.tags))
+            wanted = bindparam("tags", type_=JSONDocument)
+            stmt = stmt.where(self.backend.json_contains_all(t.c.tags, wanted))
         if f.created_after is not None:
-            stmt = stmt.where(t.c.created_at > f.created_after)
+            stmt = stmt.where(t.c.created_at > bindparam("created_after"))
         if f.created_before is not None:
-            stmt = stmt.where(t.c.created_at < f.created_before)
+            stmt = stmt.where(t.c.created_at < bindparam("created_before"))
         if f.idle_for is not None:
-            stmt = stmt.where(t.c.last_activity <= now - timedelta(seconds=f.idle_for))
+            stmt = stmt.where(t.c.last_activity <= bindparam("idle_cutoff"))
         return stmt
 
     async def page(
@@ -254,29 +305,24 @@ class SessionRepository:
         now: datetime,
         limit: int | None,
         after: tuple[datetime, str] | None,
-    ) -> Sequence[Row[Any]]:
+    ) -> Sequence[Record]:
         """Newest first, after ``after``: the (created_at, session_id) ending the last page."""
-        stmt = self._filtered(select(*_columns(now)), tenant, f, now)
+        stmt = self._listing(f, after=after is not None, limited=limit is not None)
+        params = _listing_params(tenant, f, now)
+        params["limit"] = limit
         if after is not None:
-            stmt = stmt.where(tuple_(t.c.created_at, t.c.session_id) < tuple_(*after))
-        stmt = stmt.order_by(t.c.created_at.desc(), t.c.session_id.desc())
-        if limit is not None:
-            stmt = stmt.limit(limit)
-        return (await conn.execute(stmt)).all()
+            params["after_created"], params["after_sid"] = after
+        return list(await run(conn, stmt, params))
 
     async def position(
         self, conn: Connection, tenant: str, session_id: str
     ) -> tuple[datetime, str] | None:
-        row = (
-            await conn.execute(
-                select(t.c.created_at, t.c.session_id).where(of_session(t, tenant, session_id))
-            )
-        ).first()
+        row = (await run(conn, _POSITION, {"tenant": tenant, "sid": session_id})).first()
         return None if row is None else (row[0], row[1])
 
     async def count(self, conn: Connection, tenant: str, f: SessionFilter, now: datetime) -> int:
-        stmt = self._filtered(select(func.count()).select_from(t), tenant, f, now)
-        return int((await conn.execute(stmt)).scalar_one())
+        stmt = self._filtered(select(func.count()).select_from(t), f)
+        return int((await conn.execute(stmt, _listing_params(tenant, f, now))).scalar_one())
 
     async def statistics(self, conn: Connection, tenant: str) -> dict[str, Any]:
         by_status = (
