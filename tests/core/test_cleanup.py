@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -54,8 +56,25 @@ async def test_cleanup_expires_idle_and_overdue_sessions(db_url: str, clock: Fak
 async def test_a_sweep_goes_on_across_batches_and_reasons(
     db_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A backlog is swept by ``sweep_workers`` units of work at once on PostgreSQL (one
+    on SQLite): every stale session is expired, and announced, exactly once."""
     monkeypatch.setattr("ctxengine.services.sessions._EXPIRE_BATCH", 3)
     async with ContextEngine(db_url, settings=settings(), clock=clock) as engine:
+        events: list[Event] = []
+        engine.subscribe(events.append, "session.expired", "cleanup.completed")
+        running, most = 0, 0
+
+        @contextmanager
+        def sweeping(operation: str) -> Iterator[None]:
+            nonlocal running, most
+            running += operation == "cleanup_inactive_sessions"
+            most = max(most, running)
+            try:
+                yield
+            finally:
+                running -= operation == "cleanup_inactive_sessions"
+
+        engine._observe(sweeping)
         stale = []
         for i in range(4):  # idle, active and paused
             stale.append((await engine.create_session(f"idle-{i}", "u")).session_id)
@@ -81,6 +100,10 @@ async def test_a_sweep_goes_on_across_batches_and_reasons(
         assert statuses.pop("fresh") is SessionStatus.ACTIVE
         assert set(statuses) == set(stale)
         assert set(statuses.values()) == {SessionStatus.EXPIRED}
+        expired = Counter(e.session_id for e in events if e.type == "session.expired")
+        assert expired == Counter(stale)
+        assert [e.data["expired"] for e in events if e.type == "cleanup.completed"] == [14]
+        assert most == (2 if db_url.startswith("postgresql") else 1)  # the sweep's workers
 
 
 async def test_sessions_sharing_an_idle_bucket_expire_by_their_own_idleness(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -457,26 +458,39 @@ class SessionService:
             if max_idle_seconds is None
             else v.positive(max_idle_seconds, "max_idle_seconds")
         )
-        total = 0
         by_tenant: dict[str, int] = {}
-        while True:
 
-            async def work(conn: Connection, fx: Effects) -> int:
-                expired = await self.repo.expire_stale(
-                    conn, tenant, fx.now, idle, _EXPIRE_BATCH, keys=fx.listened
-                )
-                if expired.count:
-                    await self.repo.release_leases_of_ended(conn, tenant)
-                for row in expired.rows:  # only when someone listens
-                    self._announce_expired(fx, row, reason="idle")
-                for key, count in expired.by_tenant.items():
-                    by_tenant[key] = by_tenant.get(key, 0) + count
-                return expired.count
+        async def work(conn: Connection, fx: Effects) -> int:
+            expired = await self.repo.expire_stale(
+                conn, tenant, fx.now, idle, _EXPIRE_BATCH, keys=fx.listened
+            )
+            if expired.count:
+                await self.repo.release_leases_of_ended(conn, tenant)
+            for row in expired.rows:  # only when someone listens
+                self._announce_expired(fx, row, reason="idle")
+            for key, count in expired.by_tenant.items():
+                by_tenant[key] = by_tenant.get(key, 0) + count
+            return expired.count
 
-            n = await self.ctx.transact(work, operation="cleanup_inactive_sessions")
-            total += n
-            if n < _EXPIRE_BATCH:
-                break
+        async def batches() -> int:
+            """Batches until one is not full; how many sessions they expired."""
+            done = 0
+            while True:
+                n = await self.ctx.transact(work, operation="cleanup_inactive_sessions")
+                done += n
+                if n < _EXPIRE_BATCH:
+                    return done
+
+        total = await self.ctx.transact(work, operation="cleanup_inactive_sessions")
+        if total == _EXPIRE_BATCH:  # a backlog
+            workers = self.ctx.store.backend.sweep_workers
+            tasks = [asyncio.ensure_future(batches()) for _ in range(workers)]
+            try:
+                total += sum(await asyncio.gather(*tasks))
+            finally:  # one failed: stop the others (each batch is a transaction of its own)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         now = self.ctx.clock()
         report = Effects(now)
         if tenant is not None:

@@ -76,6 +76,9 @@ class Backend:
 
     #: Whether INSERT … RETURNING may feed other INSERTs in one statement (WITH).
     data_modifying_ctes: bool = False
+    #: Units of work a sweep with a backlog runs at once (their batches are disjoint:
+    #: the rows of each are locked, and skipped by the others).
+    sweep_workers: int = 1
     #: The isolation level under which units of work that need no transaction (reads,
     #: single-statement writes) run, without BEGIN and COMMIT; None: they run as others.
     autocommit_level: str | None = None

@@ -47,6 +47,9 @@ class PostgresBackend(Backend):
     # statement sees a consistent snapshot of its own, as on SQLite.
     autocommit_level = "AUTOCOMMIT"
     data_modifying_ctes = True
+    # Each batch is one UPDATE in one server process, bound by its CPU: two at once
+    # expired 100,000 of 1,000,000 sessions in 2.0-2.1 s instead of 3.0 s here.
+    sweep_workers = 2
 
     def engine_options(self, settings: EngineSettings) -> dict[str, Any]:
         return {
