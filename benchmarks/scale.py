@@ -64,6 +64,7 @@ from sqlalchemy import event
 
 from benchmarks.timing import Op, raw_pool, summary, timed
 from ctxengine import ContextEngine, EngineSettings, QuotaType
+from ctxengine.storage.prebuilt import _Compiled
 
 PG_SERVER = os.environ.get(
     "CTXENGINE_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -712,13 +713,29 @@ async def explain(
             if dry_run:
                 raise _Captured
 
+    # statements run on the driver directly (storage/prebuilt.py) bypass SQLAlchemy's
+    # events: their compiled forms are watched too
+    runs = {name: getattr(_Compiled, name) for name in ("run_sqlite", "run_asyncpg")}
+
+    def watched(run: Any) -> Any:
+        def watching(form: _Compiled, driver: Any, params: Any, *rest: Any) -> Any:
+            if isinstance(params, dict):
+                capture(None, None, form.sql, form.values(params))
+            return run(form, driver, params, *rest)
+
+        return watching
+
     event.listen(sync_engine, "before_cursor_execute", capture)
+    for name, run in runs.items():
+        setattr(_Compiled, name, watched(run))
     try:
         await call()
     except _Captured:
         pass
     finally:
         event.remove(sync_engine, "before_cursor_execute", capture)
+        for name, run in runs.items():
+            setattr(_Compiled, name, run)
     parts = []
     for sql, params in captured:
         try:
