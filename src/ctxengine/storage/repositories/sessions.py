@@ -70,7 +70,7 @@ def _live_leases(tenant: Any, session_id: Any, now: Any) -> Any:
 
 
 def _returned(tenant: Any, session_id: Any, now: Any) -> list[Any]:
-    """``_columns`` for the RETURNING clause of a write to the one session of the key:
+    """``_COUNTED`` for the RETURNING clause of a write to the one session of the key:
     SQLite renders RETURNING columns unqualified, so a subquery correlated to the
     written row would compare the lease table's columns with themselves."""
     return [*_COLUMNS, _live_leases(tenant, session_id, now)]
