@@ -238,13 +238,12 @@ def db_task(dialect: str, dsn: str, action: str, payload: dict[str, Any]) -> dic
 def _sqlite_task(path: str, action: str, payload: dict[str, Any]) -> dict[str, Any]:
     db = sqlite3.connect(path, isolation_level=None)
     try:
-        for pragma in (
-            "journal_mode=WAL",
-            "synchronous=OFF",
-            "cache_size=-1000000",
-            "temp_store=MEMORY",
-            "busy_timeout=60000",
-        ):
+        # the bulk load's pragmas; the floor runs with the engine's
+        bulk = ("synchronous=OFF", "cache_size=-1000000", "temp_store=MEMORY")
+        engine = ("synchronous=NORMAL", "foreign_keys=ON")
+        for pragma in ("journal_mode=WAL", "busy_timeout=60000"):
+            db.execute(f"PRAGMA {pragma}")
+        for pragma in engine if action == "floor" else bulk:
             db.execute(f"PRAGMA {pragma}")
         if action == "explain":
             rows = db.execute(
