@@ -278,11 +278,11 @@ async def _pg_task(dsn: str, action: str, payload: dict[str, Any]) -> dict[str, 
             finally:
                 await tr.rollback()
             return {"plan": "\n".join(r[0] for r in rows)}
+        if action == "floor":
+            return await _pg_floor(conn, payload["statements"])
         started = time.perf_counter()
         timings = []
         status = ""
-        if action == "floor":
-            return await _pg_floor(conn, payload["statements"])
         if action == "analyze":
             for sql in payload["statements"]:
                 t = time.perf_counter()
