@@ -412,6 +412,9 @@ class ConversationRepository:
             "skip": count - 1,
             "before": 2**63 - 1 if below_seq is None else below_seq,
         }
+        if self.backend.data_modifying_ctes:  # the delete and the count in one statement
+            row = (await run(conn, _DELETE_OLDEST_COUNTED[keep_system], params)).first()
+            return 0 if row is None else int(row[0])
         deleted = (await run(conn, _DELETE_OLDEST[keep_system], params)).rowcount
         await self._uncount(conn, tenant, session_id, chat_id, deleted)
         return deleted
