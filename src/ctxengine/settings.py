@@ -65,7 +65,12 @@ class EngineSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CTXENGINE_", frozen=True, extra="ignore")
 
-    session_timeout: float = Field(1800.0, gt=0, allow_inf_nan=False)
+    session_timeout: float | None = Field(
+        1800.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds of idleness after which a session expires; None = never",
+    )
     auto_cleanup: bool = True
     cleanup_interval: float = Field(60.0, gt=0, allow_inf_nan=False)
     max_active_sessions: int | None = Field(None, ge=0)
