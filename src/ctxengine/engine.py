@@ -74,7 +74,7 @@ class ContextEngine(TenantView):
         self._observers: list[CallObserver] = []
         # Fail fast on an unsupported URL, before anything connects.
         if not isinstance(url, AsyncEngine):
-            normalize_url(resolve_url(url))
+            normalize_url(resolve_url(url, self.settings))
 
     # -- lifecycle ----------------------------------------------------------------------
     @property

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .errors import ValidationError
 from .models import QuotaType, RateLimitType
 
 __all__ = ["DEFAULT_TIERS", "EngineSettings", "TierPolicy"]
@@ -61,48 +64,67 @@ DEFAULT_TIERS: dict[str, TierPolicy] = {
 
 
 class EngineSettings(BaseSettings):
-    """Settings of a :class:`~ctxengine.ContextEngine`; every field reads ``CTXENGINE_<NAME>``."""
+    """Settings of a :class:`~ctxengine.ContextEngine`; every field reads ``CTXENGINE_<NAME>``.
 
-    model_config = SettingsConfigDict(env_prefix="CTXENGINE_", frozen=True, extra="ignore")
+    An unknown name or a bad value raises :class:`ctxengine.errors.ValidationError`
+    (other ``CTXENGINE_*`` environment variables are not settings and are ignored).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CTXENGINE_", frozen=True, extra="forbid")
+
+    database_url: str | None = Field(
+        default=None,
+        description="the URL used when ContextEngine() is given none; None = ./ctxengine.db",
+    )
 
     session_timeout: float | None = Field(
-        1800.0,
+        default=1800.0,
         gt=0,
         allow_inf_nan=False,
         description="seconds of idleness after which a session expires; None = never",
     )
     auto_cleanup: bool = True
-    cleanup_interval: float = Field(60.0, gt=0, allow_inf_nan=False)
-    max_active_sessions: int | None = Field(None, ge=0)
-    max_sessions_per_user: int | None = Field(None, ge=0)
-    max_chats_per_session: int | None = Field(None, ge=1)
-    max_messages_per_chat: int | None = Field(1000, ge=1)
+    cleanup_interval: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    max_active_sessions: int | None = Field(default=None, ge=0)
+    max_sessions_per_user: int | None = Field(default=None, ge=0)
+    max_chats_per_session: int | None = Field(default=None, ge=1)
+    max_messages_per_chat: int | None = Field(default=1000, ge=1)
     history_overflow: Literal["trim", "reject"] = "trim"
     auto_migrate: bool = True
     tiers: dict[str, TierPolicy] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
     redact_patterns: tuple[str, ...] = ()
-    max_metadata_bytes: int = Field(65536, ge=2)
+    max_metadata_bytes: int = Field(default=65536, ge=2)
     max_message_bytes: int = Field(
-        1_048_576, ge=1, description="largest message content, in bytes of UTF-8"
+        default=1_048_576, ge=1, description="largest message content, in bytes of UTF-8"
     )
-    lease_ttl: float = Field(30.0, gt=0, allow_inf_nan=False)
-    pool_size: int = Field(5, ge=1)
-    max_overflow: int = Field(10, ge=0)
-    pool_timeout: float = Field(30.0, gt=0)
-    pool_recycle: float = Field(1800.0, gt=0)
+    lease_ttl: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    pool_size: int = Field(default=5, ge=1)
+    max_overflow: int = Field(default=10, ge=0)
+    pool_timeout: float = Field(default=30.0, gt=0)
+    pool_recycle: float = Field(default=1800.0, gt=0)
     pool_pre_ping: bool = Field(
-        False,
+        default=False,
         description="PostgreSQL: ping every pooled connection before use (one round trip); "
         "off, only connections idle for over 10 s are pinged and closed ones are replaced",
     )
     cross_process_events: bool = Field(
-        False,
+        default=False,
         description="PostgreSQL: also deliver events committed by other engines on the database",
     )
-    sqlite_busy_timeout: float = Field(30.0, gt=0, description="seconds SQLite waits for a lock")
-    transient_retries: int = Field(
-        5, ge=0, description="retries of a transaction on a transient error"
+    sqlite_busy_timeout: float = Field(
+        default=30.0, gt=0, description="seconds SQLite waits for a lock"
     )
+    transient_retries: int = Field(
+        default=5, ge=0, description="retries of a transaction on a transient error"
+    )
+
+    if not TYPE_CHECKING:  # type checkers keep the typed constructor derived from the fields
+
+        def __init__(self, **values: Any) -> None:
+            try:
+                super().__init__(**values)
+            except PydanticValidationError as exc:
+                raise _settings_error(exc) from None
 
     @field_validator("redact_patterns")
     @classmethod
@@ -123,3 +145,19 @@ class EngineSettings(BaseSettings):
             if key != policy.name:
                 raise ValueError(f"tier key {key!r} differs from its policy name {policy.name!r}")
         return tiers
+
+
+def _settings_error(exc: PydanticValidationError) -> ValidationError:
+    """Pydantic's error as ours, naming the first offending setting."""
+    first = exc.errors()[0]
+    name = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(name, EngineSettings.model_fields, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        message = f"unknown setting {name!r}{hint}"
+    else:
+        message = f"setting {name!r}: {first['msg']} (got {first.get('input')!r})"
+    more = exc.error_count() - 1
+    if more:
+        message += f" (and {more} more error{'s' if more > 1 else ''})"
+    return ValidationError(message, field=name, value=first.get("input"))

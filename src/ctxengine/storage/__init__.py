@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -30,24 +28,37 @@ _DRIVERS: dict[str, tuple[str, type[Backend]]] = {
 }
 
 
-def resolve_url(url: str | URL | None) -> str | URL:
-    """The URL given, else ``CTXENGINE_DATABASE_URL``, else the embedded default."""
+_SUPPORTED = "sqlite:///path.db, sqlite+aiosqlite:///:memory:, postgresql://user@host/db"
+
+
+def resolve_url(url: str | URL | None, settings: EngineSettings) -> str | URL:
+    """The URL given, else ``settings.database_url`` (``CTXENGINE_DATABASE_URL``), else
+    the embedded default."""
     if url is not None:
         return url
-    return os.environ.get("CTXENGINE_DATABASE_URL") or DEFAULT_URL
+    return settings.database_url or DEFAULT_URL
 
 
-def normalize_url(url: str | URL) -> tuple[URL, type[Backend]]:
-    """Map a URL (shorthands included) to its async driver and backend class."""
+def normalize_url(url: str | URL, *, require_database: bool = True) -> tuple[URL, type[Backend]]:
+    """Map a URL (shorthands included) to its async driver and backend class.
+
+    A URL naming no database (``postgresql://host/``, ``sqlite://``) is refused unless
+    ``require_database`` is false (an engine the caller built is taken as it is).
+    """
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
         raise ValidationError(f"not a database URL: {url!r}", field="url") from exc
     entry = _DRIVERS.get(parsed.drivername)
     if entry is None:
-        supported = "sqlite:///path.db, sqlite+aiosqlite:///:memory:, postgresql://user@host/db"
         raise ValidationError(
-            f"unsupported database URL scheme {parsed.drivername!r}; use one of: {supported}",
+            f"unsupported database URL scheme {parsed.drivername!r}; use one of: {_SUPPORTED}",
+            field="url",
+        )
+    if require_database and not parsed.database:
+        shown = parsed.render_as_string(hide_password=True)
+        raise ValidationError(
+            f"the database URL {shown!r} names no database; use one of: {_SUPPORTED}",
             field="url",
         )
     drivername, backend = entry
@@ -57,11 +68,11 @@ def normalize_url(url: str | URL) -> tuple[URL, type[Backend]]:
 def open_store(target: str | URL | AsyncEngine | None, settings: EngineSettings) -> Store:
     """A :class:`Store` for a URL (or the default) or for an existing AsyncEngine."""
     if isinstance(target, AsyncEngine):
-        url, backend_class = normalize_url(target.url)
+        url, backend_class = normalize_url(target.url, require_database=False)
         backend = backend_class(url)
         backend.prepare(target, settings)
         return Store(target, backend, owned=False, retries=settings.transient_retries)
-    url, backend_class = normalize_url(resolve_url(target))
+    url, backend_class = normalize_url(resolve_url(target, settings))
     backend = backend_class(url)
     engine = backend.create_engine(settings)
     return Store(engine, backend, owned=True, retries=settings.transient_retries)

@@ -15,6 +15,7 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Table, event, func, literal
@@ -28,6 +29,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, Pool, StaticPool
 from sqlalchemy.sql import Executable
 from sqlalchemy.util.concurrency import in_greenlet
 
+from ..errors import StorageError
 from ..settings import EngineSettings
 from .backend import Backend
 
@@ -167,6 +169,7 @@ class SQLiteBackend(Backend):
         return {"pool_size": settings.pool_size, "max_overflow": -1, "connect_args": connect_args}
 
     def prepare(self, engine: AsyncEngine, settings: EngineSettings) -> None:
+        self._check_folder()
         busy_ms = self._busy_ms = int(settings.sqlite_busy_timeout * 1000)
         in_memory = self.in_memory
         inline = isinstance(engine.dialect, InlineSQLiteDialect)
@@ -189,6 +192,18 @@ class SQLiteBackend(Backend):
             )
             if inline:  # nothing may wait for a lock on the event loop thread
                 dbapi_connection.execute("PRAGMA busy_timeout=0")
+
+    def _check_folder(self) -> None:
+        """Refuse, before connecting, a database file whose folder does not exist."""
+        if self.in_memory or self.url.query.get("uri"):
+            return
+        folder = Path(str(self.url.database)).parent
+        if not folder.is_dir():
+            raise StorageError(
+                f"cannot open the SQLite database {self.url.database}: "
+                f"the folder {folder} does not exist",
+                operation="connect",
+            )
 
     async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
         # Writers take the lock up front. Reads run in autocommit: each statement
