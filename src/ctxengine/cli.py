@@ -1,44 +1,82 @@
-"""The ``ctxengine`` command: migrate, inspect sessions, clean up, statistics, demo."""
+"""The ``ctxengine`` command: migrations, sessions, cleanup, purge, statistics, demo.
+
+Only ``migrate`` and ``demo`` create or migrate a database; every other command needs
+the schema to exist already. An expected error (bad URL, missing database, refused
+connection, any :class:`ContextEngineError`) prints one line on stderr and exits 1.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
 
 from . import __version__
+from . import migrate as migrations
 from .engine import ContextEngine
 from .errors import ContextEngineError
+from .lifecycle import END_STATUSES
 from .models import Session, SessionStatus
 from .settings import EngineSettings
+from .storage import describe_url, open_store, resolve_url
 from .tenant import TenantView
 
 T = TypeVar("T")
 
+
+@dataclass
+class _Options:
+    """What the group options set for the subcommands."""
+
+    url: str | None = None
+
+
+def _remember_url(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    # On the group and on the subcommand alike; the one given last wins.
+    if value is not None:
+        ctx.ensure_object(_Options).url = value
+
+
 url_option = click.option(
     "--url",
-    envvar="CTXENGINE_DATABASE_URL",
     default=None,
+    expose_value=False,
+    callback=_remember_url,
     help="Database URL (default: $CTXENGINE_DATABASE_URL, else ./ctxengine.db).",
 )
 tenant_option = click.option("--tenant", default="default", show_default=True)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
-def _run(url: str | None, tenant: str, action: Callable[[TenantView], Awaitable[T]]) -> T:
-    """Open an engine (migrating, no background cleanup), run ``action`` on the tenant."""
+def _url() -> str | None:
+    options = click.get_current_context().find_object(_Options)
+    return None if options is None else options.url
+
+
+def _settings() -> EngineSettings:
+    """Settings for a command: no background cleanup, no migration."""
+    return EngineSettings(auto_cleanup=False, auto_migrate=False)
+
+
+def _run(tenant: str, action: Callable[[TenantView], Awaitable[T]]) -> T:
+    """Run ``action`` on the tenant of the database, which must hold the ctxengine schema
+    (checked before an engine opens, so nothing is created or migrated)."""
+    url = _url()
 
     async def main() -> T:
-        settings = EngineSettings(auto_cleanup=False)
+        settings = _settings()
+        if await migrations.schema_revision(url, settings) is None:
+            where = describe_url(resolve_url(url, settings))
+            raise click.ClickException(f"no ctxengine schema at {where}; run `ctxengine migrate`")
         async with ContextEngine(url, settings=settings) as engine:
             return await action(engine.tenant(tenant))
 
-    try:
-        return asyncio.run(main())
-    except ContextEngineError as exc:
-        raise click.ClickException(str(exc)) from exc
+    return asyncio.run(main())
 
 
 def _echo_json(data: Any) -> None:
@@ -53,32 +91,101 @@ def _line(session: Session) -> str:
     )
 
 
-@click.group()
+def _revision(revision: str | None) -> str:
+    return revision or "base"
+
+
+class _Main(click.Group):
+    """The root group: a library error becomes one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ContextEngineError as exc:
+            message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise click.ClickException(message) from exc
+
+
+class _IsoDateTime(click.ParamType):
+    """An ISO 8601 date or date-time; naive values are UTC."""
+
+    name = "DATE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, datetime):
+            return value
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO date or date-time (2026-01-31[T12:00[+02:00]])")
+        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+@click.group(cls=_Main)
 @click.version_option(__version__, prog_name="ctxengine")
-def main() -> None:
+@url_option
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """ctxengine: durable session state for AI agents."""
+    ctx.ensure_object(_Options)
 
 
 @main.command()
 @url_option
-@click.option("--revision", default="head", show_default=True, help="Target revision.")
-def migrate(url: str | None, revision: str) -> None:
-    """Bring the database schema to REVISION (safe to run from several processes)."""
+@click.option(
+    "--revision",
+    default="head",
+    show_default=True,
+    help="Target revision: head, base, or a revision id (or a unique prefix of one).",
+)
+@click.option("--yes", is_flag=True, help="Downgrade without asking.")
+def migrate(revision: str, yes: bool) -> None:
+    """Move the database schema to REVISION, up or down (safe from several processes)."""
+    target = migrations.resolve_revision(revision)
+    url = _url()
 
-    async def run() -> None:
-        engine = ContextEngine(url, settings=EngineSettings(auto_migrate=False, auto_cleanup=False))
-        await engine.migrate(revision)
+    async def run() -> str:
+        store = open_store(url, _settings())
+        try:
+            current = await migrations.current_revision(store)
+            if current == target:
+                return f"database already at {_revision(target)}"
+            down = migrations.is_downgrade(current, target)
+            if down and not yes:
+                click.confirm(
+                    f"Downgrade from {_revision(current)} to {_revision(target)}? "
+                    "The data of the dropped tables and columns is lost",
+                    abort=True,
+                )
+            before = await migrations.migrate(store, _revision(target), down=down)
+        finally:
+            await store.dispose()
+        return f"database migrated from {_revision(before)} to {_revision(target)}"
 
-    try:
-        asyncio.run(run())
-    except ContextEngineError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"database migrated to {revision}")
+    click.echo(asyncio.run(run()))
 
 
 @main.group()
+@url_option
+def db() -> None:
+    """The database schema."""
+
+
+@db.command("status")
+@url_option
+def db_status() -> None:
+    """The schema revision of the database and the newest one (head); creates nothing."""
+    current = asyncio.run(migrations.schema_revision(_url(), _settings()))
+    head = migrations.head_revision()
+    click.echo(f"current: {current or 'none (no ctxengine schema)'}")
+    click.echo(f"head:    {head}")
+    click.echo("up to date" if current == head else "behind: run `ctxengine migrate`")
+
+
+@main.group()
+@url_option
 def sessions() -> None:
-    """List and inspect sessions."""
+    """List, inspect and end sessions."""
 
 
 @sessions.command("list")
@@ -90,9 +197,8 @@ def sessions() -> None:
 @click.option("--tag", "tags", multiple=True, help="Sessions carrying this tag (repeatable).")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--cursor", default=None, help="session_id of the last row of the previous page.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 def list_sessions(
-    url: str | None,
     tenant: str,
     user_id: str | None,
     status: str | None,
@@ -104,7 +210,6 @@ def list_sessions(
 ) -> None:
     """List sessions, newest first."""
     found = _run(
-        url,
         tenant,
         lambda view: view.list_sessions(
             user_id=user_id,
@@ -132,19 +237,41 @@ def list_sessions(
 @url_option
 @tenant_option
 @click.argument("session_id")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def show_session(url: str | None, tenant: str, session_id: str, as_json: bool) -> None:
+@json_option
+def show_session(tenant: str, session_id: str, as_json: bool) -> None:
     """Show one session."""
-    session = _run(url, tenant, lambda view: view.get_session(session_id))
-    if session is None:
+
+    async def read(view: TenantView) -> dict[str, Any] | None:
+        session = await view.get_session(session_id)
+        if session is None:
+            return None
+        stats = await view.get_session_stats(session_id)
+        return {**session.to_dict(), "chats": stats.chat_count, "messages": stats.total_messages}
+
+    data = _run(tenant, read)
+    if data is None:
         raise click.ClickException(f"no session {session_id!r} in tenant {tenant!r}")
-    stats = _run(url, tenant, lambda view: view.get_session_stats(session_id))
-    data = {**session.to_dict(), "chats": stats.chat_count, "messages": stats.total_messages}
     if as_json:
         _echo_json(data)
         return
     for key, value in data.items():
         click.echo(f"{key:>22}: {value}")
+
+
+@sessions.command("end")
+@url_option
+@tenant_option
+@click.argument("session_id")
+@click.option(
+    "--status",
+    type=click.Choice(sorted(s.value for s in END_STATUSES)),
+    default=SessionStatus.COMPLETED.value,
+    show_default=True,
+)
+def end_session(tenant: str, session_id: str, status: str) -> None:
+    """End a session (its final status)."""
+    ended = _run(tenant, lambda view: view.end_session(session_id, status))
+    click.echo(f"session {ended.session_id}: {ended.status.value}")
 
 
 @main.command()
@@ -154,21 +281,36 @@ def show_session(url: str | None, tenant: str, session_id: str, as_json: bool) -
     "--max-idle",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Idle seconds before expiry (default: the session timeout).",
+    help="Idle seconds before expiry (default: each session's own idle timeout).",
 )
-def cleanup(url: str | None, tenant: str, max_idle: float | None) -> None:
+def cleanup(tenant: str, max_idle: float | None) -> None:
     """Expire idle sessions now."""
-    expired = _run(url, tenant, lambda view: view.cleanup_inactive_sessions(max_idle))
+    expired = _run(tenant, lambda view: view.cleanup_inactive_sessions(max_idle))
     click.echo(f"expired {expired} session(s)")
 
 
 @main.command()
 @url_option
 @tenant_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def stats(url: str | None, tenant: str, as_json: bool) -> None:
+@click.option(
+    "--ended-before",
+    type=_IsoDateTime(),
+    required=True,
+    help="Delete sessions that ended before this ISO date or date-time (naive = UTC).",
+)
+def purge(tenant: str, ended_before: datetime) -> None:
+    """Delete ended sessions (completed, failed, expired) and everything they hold."""
+    deleted = _run(tenant, lambda view: view.purge_sessions(ended_before=ended_before))
+    click.echo(f"purged {deleted} session(s) ended before {ended_before.isoformat()}")
+
+
+@main.command()
+@url_option
+@tenant_option
+@json_option
+def stats(tenant: str, as_json: bool) -> None:
     """Statistics over all sessions of the tenant."""
-    statistics = _run(url, tenant, lambda view: view.get_statistics())
+    statistics = _run(tenant, lambda view: view.get_statistics())
     data = statistics.model_dump(mode="json")
     if as_json:
         _echo_json(data)
@@ -179,11 +321,9 @@ def stats(url: str | None, tenant: str, as_json: bool) -> None:
 
 @main.command()
 @url_option
-def demo(url: str | None) -> None:
-    """Run a realistic session workload and print what happened."""
+def demo() -> None:
+    """Run a realistic session workload (creating and migrating the database) and print
+    what happened."""
     from ._demo import run_demo
 
-    try:
-        asyncio.run(run_demo(url))
-    except ContextEngineError as exc:
-        raise click.ClickException(str(exc)) from exc
+    asyncio.run(run_demo(_url()))

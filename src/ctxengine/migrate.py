@@ -5,13 +5,19 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+import anyio
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Connection as SyncConnection
 
-from .storage import Store
+from .errors import ValidationError
+from .settings import EngineSettings
+from .storage import Store, normalize_url, open_store, resolve_url
 from .storage.connection import Connection
+from .storage.sqlite import SQLiteBackend
 
 #: Alembic's version table for ctxengine's schema (leaves the user's own alembic alone).
 VERSION_TABLE = "ctxengine_alembic_version"
@@ -36,46 +42,98 @@ def alembic_config() -> Config:
     return config
 
 
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
 def head_revision() -> str | None:
     """The newest revision the scripts define."""
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    return _scripts().get_current_head()
 
 
-async def run_locked(conn: Connection, store: Store, revision: str, *, down: bool) -> None:
+def resolve_revision(revision: str) -> str | None:
+    """The full id of ``revision`` (``head``, ``base``, an id or a unique prefix of one);
+    None for ``base``. An unknown revision raises :class:`ValidationError`."""
+    scripts = _scripts()
+    try:
+        script = scripts.get_revision(revision)
+    except CommandError:
+        known = ", ".join(reversed([s.revision for s in scripts.walk_revisions()]))
+        raise ValidationError(
+            f"unknown revision {revision!r}; use head, base or one of: {known}",
+            field="revision",
+        ) from None
+    return None if script is None else script.revision
+
+
+def is_downgrade(current: str | None, target: str | None) -> bool:
+    """Whether going from revision ``current`` to ``target`` (None: base) goes down."""
+    if current is None or current == target:
+        return False
+    if target is None:
+        return True
+    try:
+        below = {script.revision for script in _scripts().walk_revisions("base", current)}
+    except CommandError:
+        raise ValidationError(
+            f"the database is at revision {current!r}, which this ctxengine does not know; "
+            "upgrade ctxengine",
+            field="revision",
+        ) from None
+    return target in below
+
+
+def _read_revision(sync_conn: SyncConnection) -> str | None:
+    context = MigrationContext.configure(sync_conn, opts={"version_table": VERSION_TABLE})
+    return context.get_current_revision()
+
+
+async def run_locked(conn: Connection, store: Store, revision: str, *, down: bool) -> str | None:
     """Upgrade (or downgrade) on ``conn`` inside the caller's transaction, holding the
-    migration lock so concurrent starters migrate once (the revision is re-read under it)."""
+    migration lock so concurrent starters migrate once (the revision is re-read under it);
+    the revision the database was at."""
     await store.backend.lock(conn, MIGRATION_LOCK)
 
-    def run(sync_conn: SyncConnection) -> None:
+    def run(sync_conn: SyncConnection) -> str | None:
+        before = _read_revision(sync_conn)
         config = alembic_config()
         config.attributes["connection"] = sync_conn
         if down:
             command.downgrade(config, revision)
         else:
             command.upgrade(config, revision)
+        return before
 
-    await conn.run_sync(run)
+    return await conn.run_sync(run)
 
 
-async def migrate(store: Store, revision: str = "head", *, down: bool = False) -> None:
-    """Bring the database of ``store`` to ``revision`` in one transaction."""
+async def migrate(store: Store, revision: str = "head", *, down: bool = False) -> str | None:
+    """Bring the database of ``store`` to ``revision`` in one transaction; the revision
+    it was at before."""
 
-    async def work(conn: Connection) -> None:
-        await run_locked(conn, store, revision, down=down)
+    async def work(conn: Connection) -> str | None:
+        return await run_locked(conn, store, revision, down=down)
 
-    await store.run(work, operation="migrate")
+    return await store.run(work, operation="migrate")
 
 
 async def current_revision(store: Store) -> str | None:
     """The revision the database is at (None when never migrated)."""
 
     async def work(conn: Connection) -> str | None:
-        def read(sync_conn: SyncConnection) -> str | None:
-            context = MigrationContext.configure(sync_conn, opts={"version_table": VERSION_TABLE})
-            return context.get_current_revision()
-
-        return await conn.run_sync(read)
+        return await conn.run_sync(_read_revision)
 
     return await store.run(work, write=False, operation="schema revision")
+
+
+async def schema_revision(url: str | None, settings: EngineSettings) -> str | None:
+    """The revision of the ctxengine schema at ``url`` (None: there is none), creating
+    nothing: an SQLite file that does not exist is not opened."""
+    parsed, backend = normalize_url(resolve_url(url, settings))
+    if backend is SQLiteBackend and not await anyio.Path(str(parsed.database)).is_file():
+        return None
+    store = open_store(parsed, settings)
+    try:
+        return await current_revision(store)
+    finally:
+        await store.dispose()

@@ -13,7 +13,7 @@ from .postgres import PostgresBackend
 from .sqlite import SQLiteBackend
 from .uow import Store
 
-__all__ = ["DEFAULT_URL", "Store", "normalize_url", "open_store", "resolve_url"]
+__all__ = ["DEFAULT_URL", "Store", "describe_url", "normalize_url", "open_store", "resolve_url"]
 
 #: The embedded default: an SQLite file in the working directory.
 DEFAULT_URL = "sqlite+aiosqlite:///ctxengine.db"
@@ -39,6 +39,14 @@ def resolve_url(url: str | URL | None, settings: EngineSettings) -> str | URL:
     return settings.database_url or DEFAULT_URL
 
 
+def describe_url(url: str | URL) -> str:
+    """``url`` for a message: its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return str(url)
+
+
 def normalize_url(url: str | URL, *, require_database: bool = True) -> tuple[URL, type[Backend]]:
     """Map a URL (shorthands included) to its async driver and backend class.
 
@@ -56,9 +64,9 @@ def normalize_url(url: str | URL, *, require_database: bool = True) -> tuple[URL
             field="url",
         )
     if require_database and not parsed.database:
-        shown = parsed.render_as_string(hide_password=True)
         raise ValidationError(
-            f"the database URL {shown!r} names no database; use one of: {_SUPPORTED}",
+            f"the database URL {describe_url(parsed)!r} names no database; "
+            f"use one of: {_SUPPORTED}",
             field="url",
         )
     drivername, backend = entry
