@@ -15,6 +15,16 @@ from .lifecycle import END_STATUSES
 from .models import SessionStatus
 
 MAX_ID_LENGTH = 255
+#: Deepest nesting of JSON values (metadata, preferences, structured content): a mapping
+#: or list holding scalars is 1 level; deeper documents are refused before encoding.
+MAX_JSON_DEPTH = 64
+#: Most tags a session may have (each an identifier of at most MAX_ID_LENGTH characters).
+MAX_TAGS = 100
+#: Largest quota amount or limit: far from float overflow, and every whole number up to
+#: it is exact as a float (< 2**53), so ``used + amount`` stays finite and exact enough.
+MAX_QUANTITY = 1e15
+#: Longest duration argument in seconds (rate-limit windows, look-backs): about 31 years.
+MAX_SECONDS = 1e9
 #: ``\u0000`` in JSON text that is not an escaped backslash followed by "u0000".
 _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -22,17 +32,30 @@ E = TypeVar("E", bound=StrEnum)
 
 
 def identifier(value: object, field: str = "session_id") -> str:
-    """A non-empty string of at most 255 characters."""
+    """A string of 1 to 255 characters that every backend stores as given: not only
+    whitespace, no NUL character, no lone surrogate (ids of sessions, users, chats,
+    tenants, operations, tags)."""
     if not isinstance(value, str):
         raise ValidationError(f"{field} must be a string, got {type(value).__name__}", field=field)
-    if not value:
-        raise ValidationError(f"{field} must not be empty", field=field, value=value)
+    if not value or value.isspace():
+        raise ValidationError(
+            f"{field} must not be empty or only whitespace", field=field, value=value
+        )
     if len(value) > MAX_ID_LENGTH:
         raise ValidationError(
             f"{field} is {len(value)} characters long; at most {MAX_ID_LENGTH} are allowed",
             field=field,
             value=value,
         )
+    if "\x00" in value:
+        raise ValidationError(f"{field} must not contain NUL characters", field=field)
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValidationError(
+                f"{field} is not valid Unicode text (lone surrogates)", field=field
+            ) from None
     return value
 
 
@@ -87,11 +110,19 @@ def end_status(value: object) -> SessionStatus:
     return result
 
 
-def non_negative(value: object, field: str) -> float:
-    """A finite number >= 0 (booleans are refused)."""
+def _number(value: object, field: str) -> float:
+    """An int or float as a float (booleans are refused; ints too large become inf)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValidationError(f"{field} must be a number, got {value!r}", field=field)
-    number = float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def non_negative(value: object, field: str) -> float:
+    """A finite number >= 0 (booleans are refused)."""
+    number = _number(value, field)
     if not math.isfinite(number) or number < 0:
         raise ValidationError(
             f"{field} must be a finite number >= 0, got {value!r}", field=field, value=value
@@ -101,13 +132,44 @@ def non_negative(value: object, field: str) -> float:
 
 def positive(value: object, field: str) -> float:
     """A finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValidationError(f"{field} must be a number, got {value!r}", field=field)
-    if not math.isfinite(value) or value <= 0:
+    number = _number(value, field)
+    if not math.isfinite(number) or number <= 0:
         raise ValidationError(
             f"{field} must be a finite number > 0, got {value!r}", field=field, value=value
         )
-    return float(value)
+    return number
+
+
+def quantity(value: object, field: str, *, zero: bool = False) -> float:
+    """A quota amount (> 0) or limit (>= 0 with ``zero``) of at most MAX_QUANTITY."""
+    number = non_negative(value, field) if zero else positive(value, field)
+    if number > MAX_QUANTITY:
+        raise ValidationError(
+            f"{field} must be at most {MAX_QUANTITY:g}, got {value!r}", field=field, value=value
+        )
+    return number
+
+
+def seconds(value: object, field: str) -> float:
+    """A duration > 0 of at most MAX_SECONDS."""
+    number = positive(value, field)
+    if number > MAX_SECONDS:
+        raise ValidationError(
+            f"{field} must be at most {MAX_SECONDS:g} seconds, got {value!r}",
+            field=field,
+            value=value,
+        )
+    return number
+
+
+def whole(value: object, field: str) -> int:
+    """A whole number from 1 to MAX_QUANTITY (rate-limit calls and costs)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_QUANTITY:
+        raise ValidationError(
+            f"{field} must be a whole number from 1 to {MAX_QUANTITY:g}, got {value!r}",
+            field=field,
+        )
+    return value
 
 
 def limit(value: object, field: str = "limit") -> int:
@@ -188,8 +250,29 @@ def merged_size(document: object, field: str, max_bytes: int) -> None:
         )
 
 
+def json_depth(value: object, field: str) -> None:
+    """Refuse mappings and lists nested deeper than MAX_JSON_DEPTH, without recursion
+    (the encoder and every later reader would recurse once per level)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, Mapping) else node
+        assert isinstance(children, Iterable)
+        for child in children:
+            if isinstance(child, Mapping | list | tuple):
+                if depth >= MAX_JSON_DEPTH:
+                    raise ValidationError(
+                        f"{field} is nested deeper than {MAX_JSON_DEPTH} levels",
+                        field=field,
+                    )
+                stack.append((child, depth + 1))
+
+
 def json_text(value: object, field: str) -> str:
-    """Encode ``value`` as strict JSON (no NaN, only JSON types)."""
+    """Encode ``value`` as strict JSON (no NaN, only JSON types, at most MAX_JSON_DEPTH
+    levels of nesting)."""
+    if isinstance(value, Mapping | list | tuple):
+        json_depth(value, field)
     try:
         encoded = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
         encoded.encode()
@@ -201,14 +284,14 @@ def json_text(value: object, field: str) -> str:
 
 
 def tags(value: object) -> list[str]:
-    """A list of non-empty strings (order kept, duplicates dropped)."""
+    """At most MAX_TAGS identifiers (order kept, duplicates dropped), checked in linear time."""
     if value is None:
         return []
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise ValidationError("tags must be a list of strings", field="tags")
-    result: list[str] = []
+    result: dict[str, None] = {}
     for tag in value:
-        identifier(tag, "tag")
-        if tag not in result:
-            result.append(tag)
-    return result
+        result[identifier(tag, "tag")] = None
+        if len(result) > MAX_TAGS:
+            raise ValidationError(f"at most {MAX_TAGS} tags are allowed", field="tags")
+    return list(result)

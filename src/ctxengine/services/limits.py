@@ -160,7 +160,7 @@ class LeaseService:
             await self.release_quietly(tenant, lease_id)
 
     async def manage(self, tenant: str, session_id: str, operation: str, increment: bool) -> int:
-        key = (tenant, session_id, operation)
+        key = (tenant, v.identifier(session_id), v.identifier(operation, "operation"))
         if increment:
             self.manual.setdefault(key, []).append(
                 await self.acquire(tenant, session_id, operation)
@@ -189,12 +189,6 @@ _Key = tuple[str, str, str, str, int]
 
 def _rate_limit(policy: TierPolicy, limit_type: RateLimitType) -> int | None:
     return policy.rate_limits.get(limit_type)
-
-
-def _cost(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError(f"cost must be a whole number >= 1, got {value!r}", field="cost")
-    return value
 
 
 class RateLimitService:
@@ -312,7 +306,7 @@ class RateLimitService:
         v.identifier(session_id)
         v.identifier(operation, "operation")
         types = [v.choice(RateLimitType, limit_type, "limit_type")]
-        units = _cost(cost)
+        units = v.whole(cost, "cost")
 
         if consume and self.ctx.store.backend.data_modifying_ctes:
             # one statement when the call is admitted; refusals (and the rare call the
@@ -396,11 +390,8 @@ class RateLimitService:
         if (session_id is None) == (user_id is None):
             raise ValidationError("give exactly one of session_id and user_id", field="session_id")
         v.identifier(operation, "operation")
-        if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1:
-            raise ValidationError(
-                f"max_calls must be a whole number >= 1, got {max_calls!r}", field="max_calls"
-            )
-        window = v.positive(window_seconds, "window_seconds")
+        v.whole(max_calls, "max_calls")
+        window = v.seconds(window_seconds, "window_seconds")
         scope, subject = (
             ("session", v.identifier(session_id))
             if session_id is not None

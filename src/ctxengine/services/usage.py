@@ -110,7 +110,7 @@ class UsageService:
                 "concurrent_requests is a gauge of live leases: use concurrency_slot()",
                 field="resource_type",
             )
-        qty = v.positive(amount, "amount")
+        qty = v.quantity(amount, "amount")
         meta = v.json_object(metadata, "metadata", self.ctx.settings.max_metadata_bytes)
 
         def values(fx: Effects) -> dict[str, Any]:
@@ -204,7 +204,7 @@ class UsageService:
         v.identifier(session_id)
         resource = quota_type(resource_type)
         if limit is not None:
-            limit = v.non_negative(limit, "limit")
+            limit = v.quantity(limit, "limit", zero=True)
 
         async def work(conn: Connection, fx: Effects) -> None:
             await self.sessions.existing(conn, tenant, session_id)
@@ -268,7 +268,7 @@ class UsageService:
     async def predict(
         self, tenant: str, session_id: str, lookback: Any
     ) -> dict[QuotaType, dict[str, Any]]:
-        seconds = v.positive(lookback, "lookback")
+        seconds = v.seconds(lookback, "lookback")
         status = await self.quotas(tenant, session_id)
         now = self.ctx.clock()
 
