@@ -220,3 +220,42 @@ async def test_alembic_command_line_on_postgres(pg_admin: asyncpg.Connection) ->
             assert await diff(engine, metadata) == []
     finally:
         await pg_admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
+def alembic_sql(*args: str, env: dict[str, str]) -> str:
+    """``alembic <args> upgrade head --sql`` from the repository root: the SQL printed."""
+    command = [sys.executable, "-m", "alembic", *args, "upgrade", "head", "--sql"]
+    done = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, **env}, check=True, capture_output=True, text=True
+    )
+    return done.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "dialect_sql"),
+    [
+        ("sqlite:///{tmp}/offline.db", "VIRTUAL"),
+        ("postgresql://postgres@127.0.0.1/ctx_never_created", "STORED"),
+    ],
+)
+def test_alembic_offline_sql_from_the_environment_or_x_url(
+    tmp_path: Path, url: str, dialect_sql: str
+) -> None:
+    url = url.format(tmp=tmp_path)
+    for args, env in (((), {"CTXENGINE_DATABASE_URL": url}), (("-x", f"url={url}"), {})):
+        sql = alembic_sql(*args, env={"CTXENGINE_DATABASE_URL": "", **env})
+        assert "CREATE TABLE ctx_sessions" in sql and dialect_sql in sql
+        assert f"version_num='{head_revision()}'" in sql
+    assert not (tmp_path / "offline.db").exists()  # offline: nothing connects
+
+
+def test_alembic_x_url_online(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    env = {**os.environ, "CTXENGINE_DATABASE_URL": f"sqlite:///{tmp_path / 'not-this.db'}"}
+    alembic = [sys.executable, "-m", "alembic", "-x", f"url={url}"]
+    subprocess.run([*alembic, "upgrade", "head"], cwd=ROOT, env=env, check=True)
+    current = subprocess.run(
+        [*alembic, "current"], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
+    assert head_revision() in current.stdout
+    assert not (tmp_path / "not-this.db").exists()
