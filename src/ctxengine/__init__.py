@@ -1,5 +1,7 @@
 """ctxengine: durable, exact, asyncio-native session state for AI agents."""
 
+import logging
+
 from .engine import ContextEngine
 from .models import (
     Chat,
@@ -42,3 +44,6 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# A library's records go where the application sends them, and nowhere else by default.
+logging.getLogger("ctxengine").addHandler(logging.NullHandler())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import logging
 import subprocess
 import sys
 import zipfile
@@ -63,3 +65,20 @@ def test_the_wheel_ships_migrations_and_types(tmp_path: Path) -> None:
     assert any(n.startswith("ctxengine/_migrations/versions/0001_") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "ctxengine = ctxengine.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    license_file = next(n for n in names if n.endswith(".dist-info/licenses/LICENSE"))
+    shipped = zipfile.ZipFile(wheel).read(license_file).decode()
+    assert shipped == (ROOT / "LICENSE").read_text()
+    assert shipped.startswith("MIT License") and "2026 ctxengine developers" in shipped
+    metadata_file = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    metadata = email.message_from_bytes(zipfile.ZipFile(wheel).read(metadata_file))
+    assert metadata["License-Expression"] == "MIT"
+    classifiers = metadata.get_all("Classifier")
+    for minor in (11, 12, 13):
+        assert f"Programming Language :: Python :: 3.{minor}" in classifiers
+    urls = dict(url.split(", ", 1) for url in metadata.get_all("Project-URL"))
+    assert {"Homepage", "Repository", "Issues", "Changelog"} <= set(urls)
+
+
+def test_the_library_logger_has_a_null_handler() -> None:
+    handlers = logging.getLogger("ctxengine").handlers
+    assert any(isinstance(h, logging.NullHandler) for h in handlers)
