@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 import string
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctxengine.errors import ValidationError
-from ctxengine.redaction import DEFAULT_SECRET_PATTERNS, REDACTED, Redactor
+from ctxengine.redaction import DEFAULT_SECRET_PATTERNS, REDACTED, Redactor, names_secret
 
 DEFAULT = Redactor(DEFAULT_SECRET_PATTERNS)
 
@@ -45,10 +47,13 @@ SECRETS = [
     ("DB_PASSWORD=s3cr3t!", "DB_PASSWORD=[REDACTED]"),
     ("passwd=abc;user=bob", "passwd=[REDACTED];user=bob"),
     ("pwd = x1y2z3 and more", "pwd = [REDACTED] and more"),
-    ("PWD='p@ss w0rd' end", "PWD=[REDACTED] end"),
-    ('config = {"password": "correct horse battery staple"}', 'config = {"password": [REDACTED]}'),
-    ("{'passwd':'tr0ub4dor'}", "{'passwd':[REDACTED]}"),
-    ("connect(user='u', password='hunter2')", "connect(user='u', password=[REDACTED])"),
+    ("PWD='p@ss w0rd' end", "PWD='[REDACTED]' end"),
+    (
+        'config = {"password": "correct horse battery staple"}',
+        'config = {"password": "[REDACTED]"}',
+    ),
+    ("{'passwd':'tr0ub4dor'}", "{'passwd':'[REDACTED]'}"),
+    ("connect(user='u', password='hunter2')", "connect(user='u', password='[REDACTED]')"),
 ]
 
 # Ordinary text that must come out byte for byte the same.
@@ -174,6 +179,15 @@ def test_a_single_string_is_not_a_pattern_list() -> None:
 # Text that mixes random characters with pieces of secrets and their keys.
 FRAGMENTS = [
     "sk-",
+    "token",
+    "api_key",
+    "secret",
+    "\\",
+    '\\"',
+    "Bearer abcdef123456",
+    "-----BEGIN RSA PRIVATE KEY-----",
+    "-----END RSA PRIVATE KEY-----",
+    "eyJ",
     "proj-",
     "Bearer ",
     "bearer\t",
@@ -227,3 +241,312 @@ LETTERS_AND_SPACES = st.text(
 )
 def test_letters_and_spaces_without_key_words_are_unchanged(text: str) -> None:
     assert DEFAULT.redact(text) == text
+
+
+# -- patterns added for structured content and more credential formats ---------------------
+
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJlXzEyMw"
+STRIPE = "sk_live_4eC39HqLyjWDarjtT1zdp7dc"
+SLACK = "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx"
+GOOGLE = "AIzaSyA-1234567890abcdefghijklmnopqrstu"  # AIza + 35
+PEM = (
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8PbnGy0AHB7\n"
+    "Kx9+abc/def==\n-----END RSA PRIVATE KEY-----"
+)
+
+# (pattern's subject, text, expected): what is matched and what is kept.
+MORE_SECRETS = [
+    ("json pair", '{"password": "hunter2"}', '{"password": "[REDACTED]"}'),
+    ("json pair", '{"api_key": "k-123"}', '{"api_key": "[REDACTED]"}'),
+    ("json pair", '{"secret":"s3"}', '{"secret":"[REDACTED]"}'),
+    ("json pair", '{"token" : "t0k"}', '{"token" : "[REDACTED]"}'),
+    ("json pair", '{"client_secret": "cs", "access_token": "at"}', None),
+    ("json pair", '{"x-api-key": "k"}', '{"x-api-key": "[REDACTED]"}'),
+    ("json pair", '{"password": "a\\"b\\\\"}', '{"password": "[REDACTED]"}'),
+    ("escaped json", '"{\\"password\\": \\"pw\\"}"', '"{\\"password\\": \\"[REDACTED]\\"}"'),
+    ("pair", "api_key=abc123 next", "api_key=[REDACTED] next"),
+    ("pair", "APIKEY=abc123", "APIKEY=[REDACTED]"),
+    ("pair", "secret=xyz;", "secret=[REDACTED];"),
+    ("pair", "https://x.test/cb?token=abc123&page=2", "https://x.test/cb?token=[REDACTED]&page=2"),
+    ("pair", "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI", "AWS_SECRET_ACCESS_KEY=[REDACTED]"),
+    ("pair", "X-Api-Key: 0f1e2d3c", "X-Api-Key: [REDACTED]"),
+    ("pair", "token: 'q1w2'", "token: '[REDACTED]'"),
+    ("pair", "f(password=hunter2)", "f(password=[REDACTED])"),
+    ("jwt", f"id {JWT} end", "id [REDACTED] end"),
+    ("stripe", f"key {STRIPE}", "key [REDACTED]"),
+    ("stripe", "rk_live_0123456789abcdefXYZ.", "[REDACTED]."),
+    ("stripe", "sk_test_0123456789abcdefXYZ", "[REDACTED]"),
+    ("slack", f"bot {SLACK}!", "bot [REDACTED]!"),
+    ("slack", "xoxp-1234567890-abcdef", "[REDACTED]"),
+    ("google", f"maps {GOOGLE} ok", "maps [REDACTED] ok"),
+    ("pem", f"key:\n{PEM}\ndone", "key:\n[REDACTED]\ndone"),
+    ("pem", "-----BEGIN PRIVATE KEY-----\nMIIabc+/", "[REDACTED]"),
+    ("pem", "-----BEGIN OPENSSH PRIVATE KEY----- b3Blbg== -----END OPENSSH PRIVATE KEY-----", None),
+]
+
+MORE_ORDINARY = [
+    '{"max_tokens": 100, "input_tokens": 5, "token_count": 3}',
+    "max_tokens=100 input_tokens=5 token_count=3 tokenizer=bpe",
+    "each token: a word; the secret: patience",
+    '{"password": 5, "token": null, "secret": true}',
+    '{"password": "", "token_type": "bearer", "secret_name": "db"}',
+    "mysecret=value is a variable name",
+    "eyJhbGciOiJIUzI1NiJ9 alone is only a header",
+    "pk_live_0123456789abcdefXYZ is a publishable key",
+    "sk_live_short",
+    "xoxb- and xoxz-1234567890abcdef",
+    "AIza is a prefix; AIzaShort",
+    "-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----",
+    "-----BEGIN CERTIFICATE-----",
+]
+
+
+@pytest.mark.parametrize(("kind", "text", "expected"), MORE_SECRETS)
+def test_more_secret_formats(kind: str, text: str, expected: str | None) -> None:
+    redacted = DEFAULT.redact(text)
+    if expected is not None:
+        assert redacted == expected
+    assert REDACTED in redacted
+    if text.startswith(("{", '"')):
+        json.loads(redacted)
+
+
+@pytest.mark.parametrize("text", MORE_ORDINARY)
+def test_more_ordinary_text_is_unchanged(text: str) -> None:
+    assert DEFAULT.redact(text) == text
+
+
+def test_pem_block_is_redacted_inside_json_text() -> None:
+    text = json.dumps({"key": PEM, "n": 1})
+    redacted = DEFAULT.redact(text)
+    assert json.loads(redacted) == {"key": REDACTED, "n": 1}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"note": "my password=hunter2"},
+        {"note": "password='hunter2"},
+        {"x": "password=", "y": 1},
+        {"password=": "x", "token:": 2},
+        ["token='", "x'"],
+        {"a": "x 'password': ", "b": 1},
+        {"a": "Bearer abcdef123456\\"},
+        {"t": 'secret="a,b"', "u": "api_key=\\"},
+    ],
+)
+def test_json_text_stays_valid(value: object) -> None:
+    text = json.dumps(value)
+    redacted = DEFAULT.redact(text)
+    assert _same_shape(json.loads(redacted), value)
+    assert "hunter2" not in redacted
+
+
+def test_a_secret_group_keeps_the_rest_of_the_match() -> None:
+    redactor = Redactor([r"pin (?P<secret>\d+)", r"card (?P<secret>\d*)x"])
+    assert redactor.redact("pin 1234, card x") == "pin [REDACTED], card x"
+
+
+# -- keys that name secrets -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "password",
+        "Password",
+        "passwd",
+        "pwd",
+        "DB_PASSWORD",
+        "api_key",
+        "apikey",
+        "apiKey",
+        "x-api-key",
+        "X-API-KEY",
+        "secret",
+        "client_secret",
+        "clientSecret",
+        "token",
+        "access_token",
+        "accessToken",
+        "refresh-token",
+        "secret_key",
+        "private_key",
+        "passphrase",
+    ],
+)
+def test_keys_that_name_secrets(key: str) -> None:
+    assert names_secret(key)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "max_tokens",
+        "input_tokens",
+        "output_tokens",
+        "token_count",
+        "maxTokens",
+        "token_type",
+        "tokenizer",
+        "secret_name",
+        "password_policy",
+        "keyboard",
+        "monkey",
+        "",
+        "_",
+        "role",
+    ],
+)
+def test_keys_that_do_not_name_secrets(key: str) -> None:
+    assert not names_secret(key)
+
+
+# -- redact_data --------------------------------------------------------------------------------
+
+
+def test_redact_data_redacts_values_not_keys() -> None:
+    item = {
+        "type": "function_call",
+        "arguments": json.dumps({"password": "pw1", "q": "x"}),
+        "password=k": "say password=pw2",
+        "headers": {"Authorization": "Bearer abcdef123456", "X-Api-Key": "k3"},
+        "auth": {"client_secret": ["s1", {"deep": "s2"}, 7, None, True], "token": ""},
+        "usage": {"max_tokens": 100, "input_tokens": 5, "token_count": 3},
+        "content": [{"type": "output_text", "text": f"use {JWT}"}],
+    }
+    before = copy.deepcopy(item)
+    redacted = DEFAULT.redact_data(item)
+    assert item == before  # the input is never changed
+    assert redacted == {
+        "type": "function_call",
+        "arguments": json.dumps({"password": REDACTED, "q": "x"}),
+        "password=k": "say password=[REDACTED]",
+        "headers": {"Authorization": "Bearer [REDACTED]", "X-Api-Key": REDACTED},
+        "auth": {
+            "client_secret": [REDACTED, {"deep": REDACTED}, REDACTED, None, True],
+            "token": "",
+        },
+        "usage": {"max_tokens": 100, "input_tokens": 5, "token_count": 3},
+        "content": [{"type": "output_text", "text": "use [REDACTED]"}],
+    }
+
+
+def test_redact_data_scalars_and_sequences() -> None:
+    assert DEFAULT.redact_data("password=x") == "password=[REDACTED]"
+    for scalar in (None, True, 3, 2.5):
+        assert DEFAULT.redact_data(scalar) == scalar
+    assert DEFAULT.redact_data(("token=a", 1)) == ("token=[REDACTED]", 1)
+    assert DEFAULT.redact_data({"password": 1234, "pin": 1234}) == {
+        "password": REDACTED,
+        "pin": 1234,
+    }
+
+
+def test_logprob_tokens_are_model_output() -> None:
+    entry = {"token": "Hello", "logprob": -0.25, "top_logprobs": [{"token": "Hi", "logprob": -2.0}]}
+    assert DEFAULT.redact_data(entry) == entry
+
+
+def test_redact_data_without_patterns_returns_the_value() -> None:
+    value = {"password": "x"}
+    assert Redactor([]).redact_data(value) is value
+
+
+def test_redact_data_compiles_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    redactor = Redactor(DEFAULT_SECRET_PATTERNS)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a pattern was compiled while redacting")
+
+    monkeypatch.setattr(re, "compile", refuse)
+    monkeypatch.setattr(re, "sub", refuse)
+    item = {"role": "user", "content": [{"type": "input_text", "text": "hi " * 600}], "k": [1]}
+    assert redactor.redact_data(item) == item
+
+
+# -- properties ---------------------------------------------------------------------------------
+
+# (text holding a secret, the secret itself): what is injected and must not survive.
+INJECTED = [
+    ("password=Hx7rT2qZ", "Hx7rT2qZ"),
+    ("api_key=Kq93LmZ0", "Kq93LmZ0"),
+    ("token=Tq8mZ3vW", "Tq8mZ3vW"),
+    ("secret=Wz5Pn1Ls", "Wz5Pn1Ls"),
+    ('"password": "Pv2Xc8Jd"', "Pv2Xc8Jd"),
+    ("Bearer abc123DEF456ghi", "abc123DEF456ghi"),
+    ("sk-proj-AbC123dEf456GhI789jKl012", "AbC123dEf456GhI789jKl012"),
+    (f"ghp_{GH_BODY}", GH_BODY),
+    ("AKIAIOSFODNN7EXAMPLE", "IOSFODNN7EXAMPLE"),
+    (JWT, "eyJzdWIiOiIxMjM0In0"),
+    (STRIPE, "4eC39HqLyjWDarjtT1zdp7dc"),
+    (SLACK, "AbCdEfGhIjKlMnOpQrStUvWx"),
+    (GOOGLE, GOOGLE[4:]),
+    (PEM, "MIIEowIBAAKCAQEA0Z3VS5JJcds3xfn"),
+]
+UNDER_KEY = "Uk7Qm2Rx"  # the only string put under keys that name secrets
+SECRET_KEYS = ["password", "api_key", "client_secret", "access_token", "x-api-key", "apiKey"]
+
+texts_with_secrets = st.builds(
+    lambda before, injected, after: f"{before} {injected[0]} {after}",
+    st.text(max_size=8),
+    st.sampled_from(INJECTED),
+    st.text(max_size=8),
+)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+    texts_with_secrets,
+)
+under_secret_key = st.recursive(
+    st.one_of(st.just(UNDER_KEY), st.integers(), st.none(), st.booleans()),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _containers(children: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    keyed = st.tuples(st.sampled_from(SECRET_KEYS), under_secret_key)
+    plain = st.tuples(st.text(max_size=8).filter(lambda k: not names_secret(k)), children)
+    return st.lists(children, max_size=4) | st.lists(keyed | plain, max_size=4).map(dict)
+
+
+json_values = st.recursive(scalars, _containers, max_leaves=20)
+# Also pieces of keys, quotes, escapes and separators: for JSON text, what matters is
+# that it still parses.
+json_values_with_fragments = st.recursive(scalars | mixed_text, _containers, max_leaves=20)
+
+
+def _same_shape(a: object, b: object) -> bool:
+    if isinstance(b, dict):
+        return (
+            isinstance(a, dict) and list(a) == list(b) and all(_same_shape(a[k], b[k]) for k in b)
+        )
+    if isinstance(b, list | tuple):
+        return isinstance(a, list | tuple) and len(a) == len(b) and all(map(_same_shape, a, b))
+    return not isinstance(a, dict | list | tuple)
+
+
+@settings(max_examples=150, deadline=None)
+@given(json_values)
+def test_redacted_data_is_json_of_the_same_shape_without_secrets(value: object) -> None:
+    before = json.dumps(value)
+    redacted = DEFAULT.redact_data(value)
+    assert json.dumps(value) == before
+    text = json.dumps(redacted)
+    assert _same_shape(json.loads(text), value)
+    for _, secret in INJECTED:
+        assert secret not in text
+    assert UNDER_KEY not in text
+
+
+@settings(max_examples=150, deadline=None)
+@given(json_values_with_fragments, st.booleans())
+def test_redacted_json_text_still_parses(value: object, ascii_only: bool) -> None:
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    assert _same_shape(json.loads(DEFAULT.redact(text)), value)
