@@ -14,6 +14,14 @@ admitted in it, so no window of length ``W``, anywhere in time, ever holds more 
 61 counts whatever ``max_calls`` is. Times are handled in whole microseconds (an engine
 clock's resolution), so with an injected clock a call at ``now + retry_after`` is
 admitted and one a microsecond earlier is not.
+
+Clocks that disagree: a count stored at most ``ahead(W)`` = max(``CLOCK_SKEW``, W/60)
+ahead of the clock (another process's clock runs a little ahead) still counts, in full,
+as if made now: nothing is uncounted early, and the waits may then be longer by up to
+that much. A count stored further ahead comes from a clock that stepped back: it no
+longer counts, so after a step back ``retry_after`` and ``reset_after`` stay within
+``W * 61/60`` instead of growing by the step. (The PostgreSQL function
+``ctx_rate_limit_take`` leaves every state ahead of its clock to this rule.)
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ from typing import Any
 SUBWINDOWS = 60
 _SPAN = SUBWINDOWS + 1  # sub-windows counted at any instant
 _US = 1_000_000
+#: Seconds by which the clocks of processes sharing a database may disagree: a stored
+#: time further ahead than this (and than one sub-window for a rate limit, than the
+#: lease TTL for a lease) comes from a clock that stepped back.
+CLOCK_SKEW = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,14 +57,15 @@ class LimiterState:
         """The compact stored form."""
         return {"b": self.newest, "c": list(self.counts)}
 
-    def window(self, newest: int) -> dict[int, int]:
-        """sub-window → count, for the sub-windows counted when ``newest`` is current."""
-        first = len(self.counts) - 1
-        return {
-            self.newest - (first - i): n
-            for i, n in enumerate(self.counts)
-            if n and self.newest - (first - i) > newest - _SPAN
-        }
+    def subwindows(self) -> dict[int, int]:
+        """sub-window → count, for those with calls."""
+        first = self.newest - len(self.counts) + 1
+        return {first + i: n for i, n in enumerate(self.counts) if n}
+
+    def window(self, current: int) -> dict[int, int]:
+        """sub-window → count, for the sub-windows counted when ``current`` is current
+        (none later)."""
+        return {sub: n for sub, n in self.subwindows().items() if current - _SPAN < sub <= current}
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +114,12 @@ def decide(
         raise ValueError(f"window must be finite and > 0 and now finite: {window}, {now}")
     window_us = max(in_us(window), 1)
     now_us = in_us(now)
-    # A clock that went back (another process) must not uncount anything.
     current = (now_us * SUBWINDOWS) // window_us
-    if state.counts:
-        current = max(current, state.newest)
+    if state.counts and state.newest > current:
+        # Counts ahead of the clock: within the skew, counted from the newest of them
+        # on (nothing uncounted early); further, from a clock that stepped back.
+        latest = current + _ahead(window_us)
+        current = max([current, *(sub for sub in state.subwindows() if sub <= latest)])
     counted = state.window(current)
     used = sum(counted.values())
 
@@ -135,6 +150,12 @@ def decide(
             retry = leaves_at(sub)
             break
     return Decision(False, max(max_calls - used, 0), oldest_leaves, retry, state)
+
+
+def _ahead(window_us: int) -> int:
+    """How many sub-windows ahead of the clock a count still counts: CLOCK_SKEW, at
+    least one sub-window."""
+    return max(1, -((-round(CLOCK_SKEW * _US) * SUBWINDOWS) // window_us))
 
 
 def _trim(state: LimiterState) -> LimiterState:

@@ -299,3 +299,72 @@ async def test_expiring_a_session_releases_its_slots(db_url: str, clock: Any) ->
         assert await engine.cleanup_inactive_sessions() == 1
         assert await rows(engine, "SELECT * FROM ctx_leases") == []
         assert (await engine.get_session("swept")).concurrent_operations == 0  # type: ignore[union-attr]
+
+
+async def test_a_clock_stepped_back_keeps_rate_limit_waits_within_the_window(
+    db_url: str, clock: Any
+) -> None:
+    settings = EngineSettings(auto_cleanup=False, session_timeout=100_000)
+    async with ContextEngine(db_url, settings=settings, clock=clock) as engine:
+        sid = (await engine.create_session(user_id="u")).session_id
+        await engine.set_rate_limit(sid, "search", 5, 60)
+        for _ in range(5):
+            await engine.enforce_rate_limit(sid, "search")
+            await engine.enforce_rate_limit(sid)  # the tier's PER_MINUTE rule (one statement)
+        clock.advance(-3600)
+        # the counts stored an hour ahead were made before the step: they no longer count
+        assert (await engine.check_rate_limit(sid, "search")).reset_after <= 61
+        for operation in ("search", "default"):
+            status = await engine.enforce_rate_limit(sid, operation)
+            assert status.reset_after <= 61
+            while True:
+                try:
+                    status = await engine.enforce_rate_limit(sid, operation)
+                except RateLimitError as exc:
+                    retry = exc.retry_after
+                    break
+                assert status.reset_after <= 61
+            assert 60 <= retry <= 61
+            peek = await engine.check_rate_limit(sid, operation)
+            assert peek.remaining == 0 and peek.reset_after == pytest.approx(retry)
+        clock.advance(retry)
+        await engine.enforce_rate_limit(sid, "search")  # the wait it named was enough
+        await engine.enforce_rate_limit(sid)
+
+
+async def test_a_dead_holders_slot_frees_when_the_clock_steps_back(
+    db_url: str, clock: Any
+) -> None:
+    settings = EngineSettings(auto_cleanup=False, session_timeout=100_000, lease_ttl=30)
+    async with ContextEngine(db_url, settings=settings, clock=clock) as engine:
+        sid = (await engine.create_session(user_id="u")).session_id
+        await engine.set_quota(sid, "concurrent_requests", 1)
+        assert await engine.manage_concurrency(sid, "op") == 1
+        leases = engine._runtime().leases
+        for task in leases.held.values():  # the holder dies: nobody renews its lease
+            task.cancel()
+        leases.held.clear()
+        leases.manual.clear()
+        with pytest.raises(ConcurrencyLimitError):
+            await engine.manage_concurrency(sid, "op")
+        clock.advance(-3600)
+        # expiring an hour (+ lease_ttl) ahead, the lease is from before the step: dead
+        assert (await engine.get_quota(sid, "concurrent_requests")).used == 0
+        async with engine.concurrency_slot(sid, "op"):
+            assert (await engine.get_quota(sid, "concurrent_requests")).used == 1
+            with pytest.raises(ConcurrencyLimitError):  # the cap holds after the step
+                await engine.manage_concurrency(sid, "op")
+        assert await rows(engine, "SELECT * FROM ctx_leases") == []
+
+
+async def test_a_live_holder_keeps_its_slot_across_a_step_back(db_url: str, clock: Any) -> None:
+    settings = EngineSettings(auto_cleanup=False, session_timeout=100_000, lease_ttl=0.3)
+    async with ContextEngine(db_url, settings=settings, clock=clock) as engine:
+        sid = (await engine.create_session(user_id="u")).session_id
+        await engine.set_quota(sid, "concurrent_requests", 1)
+        async with engine.concurrency_slot(sid):
+            clock.advance(-3600)
+            await asyncio.sleep(0.35)  # renewed (every lease_ttl / 3) from the new time
+            assert (await engine.get_quota(sid, "concurrent_requests")).used == 1
+            with pytest.raises(ConcurrencyLimitError):
+                await engine.manage_concurrency(sid)

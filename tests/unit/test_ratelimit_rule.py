@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctxengine.ratelimit import SUBWINDOWS, Decision, LimiterState, decide
+from ctxengine.ratelimit import CLOCK_SKEW, SUBWINDOWS, Decision, LimiterState, decide
 
 US = 1_000_000
 SPAN = SUBWINDOWS + 1
@@ -194,11 +194,49 @@ def test_a_full_day_limit_refuses_and_names_the_wait() -> None:
     assert day < refused.retry_after <= longest_wait(day) == day * SPAN / SUBWINDOWS
 
 
-def test_a_clock_that_went_back_uncounts_nothing() -> None:
-    """Another process's clock may lag: its calls still see every count stored."""
+def test_a_clock_a_little_behind_uncounts_nothing() -> None:
+    """Another process's clock may lag by up to CLOCK_SKEW (or one sub-window): its
+    calls still see every count stored."""
     state, _ = burst(3, 60.0, 1_000.0)
-    assert not decide(state, 990.0, 3, 60.0).allowed
-    assert not decide(state, 1_000.0 - 60.0, 3, 60.0).allowed
+    assert not decide(state, 1_000.0 - CLOCK_SKEW, 3, 60.0).allowed
+    state, _ = burst(3, 1.0, 1_000.0)
+    assert not decide(state, 1_000.0 - CLOCK_SKEW * 0.95, 3, 1.0).allowed
+    state, _ = burst(3, 86_400.0, 1_000.0)
+    assert not decide(state, 1_000.0 - 86_400.0 / SUBWINDOWS, 3, 86_400.0).allowed
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    max_calls=max_calls_st,
+    window=windows,
+    back_us=st.integers(min_value=1, max_value=2 * 86_400 * US),
+    start=st.sampled_from(STARTS_US),
+)
+def test_after_a_clock_steps_back_the_waits_stay_within_the_window(
+    max_calls: int, window: float, back_us: int, start: int
+) -> None:
+    """A burst, then the clock steps back: beyond the skew the old counts no longer
+    count and every wait is at most W * 61/60, exact; within it, longer by at most the
+    skew (rounded up to a sub-window)."""
+    state, _ = burst(max_calls, window, at(start))
+    now = at(start - back_us)
+    decision = decide(state, now, max_calls, window)
+    peek = decide(state, now, max_calls, window, consume=False)
+    subwindow = window / SUBWINDOWS
+    tolerance = max(CLOCK_SKEW, subwindow) + subwindow
+    assert decision.retry_after <= longest_wait(window) + tolerance
+    assert peek.reset_after <= longest_wait(window) + tolerance
+    if back_us / US > tolerance:
+        assert decision.allowed  # the counts of the future are from before the step
+        while (refused := decide(state, now, max_calls, window)).allowed:
+            state = refused.state
+        assert window < refused.retry_after <= longest_wait(window)
+        assert decide(state, now, max_calls, window, consume=False).reset_after <= (
+            longest_wait(window)
+        )
+        assert decide(state, now + refused.retry_after, max_calls, window).allowed
+    elif not decision.allowed:
+        assert decide(state, now + decision.retry_after, max_calls, window).allowed
 
 
 def test_times_before_the_epoch_use_their_own_subwindow() -> None:

@@ -36,7 +36,10 @@ class LeaseService:
     Acquiring locks the session row (the guarded touch), then counts the live leases
     in a new statement, so concurrent acquirers across processes never exceed the cap.
     Holders renew their lease every ``lease_ttl / 3`` seconds; a process that dies
-    leaks its slot for at most ``lease_ttl``.
+    leaks its slot for at most ``lease_ttl``. A lease expiring more than ``lease_ttl``
+    (+ ``CLOCK_SKEW``) ahead of the clock was stamped before the clock stepped back: it
+    is dead (a dead holder's slot frees at once; a live holder renews it, unless an
+    acquirer dropped it first, and then holds no lease until it releases).
     """
 
     def __init__(self, ctx: Context, sessions: SessionService) -> None:
@@ -68,9 +71,9 @@ class LeaseService:
             if not custom:
                 policy = self.ctx.settings.tiers.get(session.tier)
                 limit = tier_limit(policy, QuotaType.CONCURRENT_REQUESTS)
-            await self.repo.drop_dead_leases(conn, tenant, session_id, fx.now)
+            await self.repo.drop_dead_leases(conn, tenant, session_id, fx.now, self.ttl)
             if limit is not None:
-                live = await self.repo.live_leases(conn, tenant, session_id, fx.now)
+                live = await self.repo.live_leases(conn, tenant, session_id, fx.now, self.ttl)
                 if live >= limit:
                     fx.emit(
                         "rate_limit.exceeded",
@@ -147,7 +150,7 @@ class LeaseService:
 
     async def live(self, tenant: str, session_id: str) -> int:
         async def work(conn: Connection, fx: Effects) -> int:
-            return await self.repo.live_leases(conn, tenant, session_id, fx.now)
+            return await self.repo.live_leases(conn, tenant, session_id, fx.now, self.ttl)
 
         return await self.ctx.transact(work, write=False, operation="count leases")
 

@@ -183,7 +183,9 @@ class UsageService:
             row = await self.sessions.existing(conn, tenant, session_id)
             policy = self.policy(row._mapping["tier"])
             rows = await self.repo.quota_rows(conn, tenant, session_id)
-            live = await self.repo.live_leases(conn, tenant, session_id, fx.now)
+            live = await self.repo.live_leases(
+                conn, tenant, session_id, fx.now, self.ctx.settings.lease_ttl
+            )
             result: dict[QuotaType, QuotaStatus] = {}
             for resource in QuotaType:
                 used, limit, custom = rows.get(
