@@ -8,7 +8,9 @@
     start_http_server(9100)
 
 Counters are fed by the engine's calls and events as they happen; the gauges come from
-``get_statistics()`` (SQL aggregates) at each :meth:`PrometheusCollector.refresh`.
+``get_statistics()`` (SQL aggregates) at each :meth:`PrometheusCollector.refresh`. Label
+values are snake_case (``create_session``, ``session_not_found_error``,
+``message_added``); no label holds a session id.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -28,11 +32,22 @@ from ..errors import ContextEngineError
 from ..models import Event
 from ..services.usage import usage_of
 
-__all__ = ["PrometheusCollector"]
+__all__ = ["PrometheusCollector", "snake_case"]
 
 M = TypeVar("M", Counter, Gauge, Histogram)
 
 log = logging.getLogger("ctxengine.prometheus")
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_SEPARATORS = re.compile(r"[^a-z0-9]+")
+
+
+@lru_cache(maxsize=1024)
+def snake_case(value: str) -> str:
+    """``value`` as a snake_case label value: ``SessionNotFoundError`` ->
+    ``session_not_found_error``, ``message.added`` -> ``message_added``,
+    ``renew lease`` -> ``renew_lease``."""
+    return _SEPARATORS.sub("_", _CAMEL.sub("_", value).lower()).strip("_")
 
 
 class PrometheusCollector:
@@ -77,31 +92,32 @@ class PrometheusCollector:
         try:
             yield
         except BaseException as exc:
-            self.errors.labels(operation, type(exc).__name__).inc()
+            self.errors.labels(snake_case(operation), snake_case(type(exc).__name__)).inc()
             raise
         finally:
+            operation = snake_case(operation)
             self.calls.labels(operation).inc()
             self.duration.labels(operation).observe(time.perf_counter() - started)
 
     def _on_event(self, event: Event) -> None:
-        self.events.labels(event.type).inc()
+        self.events.labels(snake_case(event.type)).inc()
         if event.type == "session.expired":
             self.expired.inc()
         record = usage_of(event) if event.type == "usage.recorded" else None
         if record is not None:
-            self.usage.labels(record.resource_type.value).inc(record.amount)
+            self.usage.labels(snake_case(record.resource_type.value)).inc(record.amount)
 
     async def refresh(self) -> None:
         """Read ``get_statistics()`` into the gauges."""
         stats = await self.engine.get_statistics()
         for status, count in stats.sessions_by_status.items():
-            self.sessions.labels(status).set(count)
+            self.sessions.labels(snake_case(status)).set(count)
         self.users.set(stats.total_users)
         self.requests.set(stats.total_requests)
         self.request_errors.set(stats.total_errors)
         self.messages.set(stats.total_messages)
         for kind, amount in stats.usage_by_resource.items():
-            self.usage_by_resource.labels(kind).set(amount)
+            self.usage_by_resource.labels(snake_case(kind)).set(amount)
 
     def start(self, interval: float = 15.0) -> None:
         """Refresh the gauges every ``interval`` seconds until :meth:`stop`."""
