@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from enum import StrEnum
-from typing import Any, Self
+from enum import Enum, StrEnum
+from typing import Any, Final, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "FROM_SETTINGS",
     "Chat",
     "Checkpoint",
     "Event",
+    "FromSettings",
     "Message",
     "QuotaStatus",
     "QuotaType",
@@ -26,6 +28,17 @@ __all__ = [
     "UsageRecord",
     "UserAnalytics",
 ]
+
+
+class FromSettings(Enum):
+    """The type of :data:`FROM_SETTINGS`."""
+
+    FROM_SETTINGS = "from settings"
+
+
+#: The default of an argument whose None has a meaning of its own ("never",
+#: "unlimited"): the engine's setting applies, e.g. ``create_session(idle_timeout=...)``.
+FROM_SETTINGS: Final[Literal[FromSettings.FROM_SETTINGS]] = FromSettings.FROM_SETTINGS
 
 
 class SessionStatus(StrEnum):
@@ -116,6 +129,8 @@ class Session(_Frozen):
     total_processing_time: float = 0.0
     concurrent_operations: int = 0
     current_chat_id: str | None = None
+    #: Seconds of idleness after which the session expires; None = never for idleness.
+    idle_timeout: float | None = None
     observed_at: datetime
 
     @property
@@ -130,13 +145,13 @@ class Session(_Frozen):
 
     @property
     def age_seconds(self) -> float:
-        """Seconds from creation to ``observed_at``."""
-        return (self.observed_at - self.created_at).total_seconds()
+        """Seconds from creation to ``observed_at`` (0.0 if a clock stepped back)."""
+        return max((self.observed_at - self.created_at).total_seconds(), 0.0)
 
     @property
     def idle_seconds(self) -> float:
-        """Seconds from the last activity to ``observed_at``."""
-        return (self.observed_at - self.last_activity).total_seconds()
+        """Seconds from the last activity to ``observed_at`` (0.0 if a clock stepped back)."""
+        return max((self.observed_at - self.last_activity).total_seconds(), 0.0)
 
     @property
     def error_rate(self) -> float:
@@ -148,16 +163,18 @@ class Session(_Frozen):
         """Mean processing time per request in seconds (0.0 with no requests)."""
         return self.total_processing_time / self.request_count if self.request_count else 0.0
 
-    def is_expired(self, max_idle_seconds: float = 1800) -> bool:
-        """True when expired, or active/paused and idle longer than ``max_idle_seconds``
-        (or past ``expires_at``) at ``observed_at``."""
+    def is_expired(self, max_idle_seconds: float | None = None) -> bool:
+        """True when expired, or active/paused and, at ``observed_at``, past
+        ``expires_at`` or idle longer than ``max_idle_seconds`` (default: the session's
+        own ``idle_timeout``; with neither, idleness never expires it)."""
         if self.status is SessionStatus.EXPIRED:
             return True
         if self.status not in (SessionStatus.ACTIVE, SessionStatus.PAUSED):
             return False
         if self.expires_at is not None and self.observed_at >= self.expires_at:
             return True
-        return self.idle_seconds > max_idle_seconds
+        idle_limit = self.idle_timeout if max_idle_seconds is None else max_idle_seconds
+        return idle_limit is not None and self.idle_seconds > idle_limit
 
 
 class Event(_Frozen):

@@ -282,10 +282,11 @@ async def test_trim_history_and_clear(engine: ContextEngine) -> None:
         "m5",
         "late rule",
     ]
-    assert await engine.trim_history("s", 1, keep_system=False) == 3
-    assert [m.content for m in await engine.get_messages("s")] == ["late rule"]
+    # whole turns only: "late rule" belongs to the turn m5 started, which stays whole
+    assert await engine.trim_history("s", 1, keep_system=False) == 2
+    assert [m.content for m in await engine.get_messages("s")] == ["m5", "late rule"]
     await engine.add_message("s", "user", "again")
-    assert await engine.clear_messages("s", keep_system=True) == 1
+    assert await engine.clear_messages("s", keep_system=True) == 2
     assert await engine.clear_messages("s") == 1
     assert await engine.count_messages("s") == 0
     # sequence numbers are never reused

@@ -130,7 +130,7 @@ async def test_chat_limit_holds_across_processes(engine: ContextEngine, db_url: 
 async def test_history_limit_holds_across_processes(engine: ContextEngine, db_url: str) -> None:
     """4 processes x 4 tasks race for the last places of a chat: exactly the limit is
     stored, with seqs 1..limit, and every other call was refused."""
-    await engine.create_session("s", "u")
+    await engine.create_session("s", "u", max_messages=50)  # a chat's cap is fixed at creation
     with pool(4) as workers:
         refused = workers.starmap(_workers.append_under_limit, [(db_url, "s", 4, 10, 50)] * 4)
     assert sum(refused) == 160 - 50
@@ -145,7 +145,7 @@ async def test_trimming_holds_the_limit_across_processes(
 ) -> None:
     """4 processes x 4 tasks append 160 messages to a chat of 50 that trims: every
     call succeeds, and the chat keeps exactly the newest 50 (its system prompt too)."""
-    await engine.create_session("s", "u")
+    await engine.create_session("s", "u", max_messages=50)
     await engine.add_message("s", "system", "be brief")
     with pool(4) as workers:
         workers.starmap(_workers.append_trimming, [(db_url, "s", 4, 10, 50)] * 4)

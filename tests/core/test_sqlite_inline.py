@@ -76,7 +76,7 @@ async def test_prebuilt_statements_convert_values_as_sqlalchemy_does(tmp_path: P
             "tenant": "default",
             "sid": "s",
             "now": now,
-            "cutoff": now - timedelta(days=3650),
+            "now_epoch": (now - timedelta(days=3650)).timestamp(),
             "requests": 2,
             "errors": 1,
             "processing_time": 0.5,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,7 +21,7 @@ from ..errors import (
 )
 from ..ids import new_id
 from ..lifecycle import OPEN_STATUSES
-from ..models import Chat, Checkpoint, Message, Session, SessionStats
+from ..models import FROM_SETTINGS, Chat, Checkpoint, Message, Session, SessionStats
 from ..storage.connection import Connection
 from ..storage.repositories.conversation import (
     APPEND_MAX,
@@ -30,7 +30,7 @@ from ..storage.repositories.conversation import (
     to_checkpoint,
     to_message,
 )
-from ..storage.repositories.sessions import to_session
+from ..storage.repositories.sessions import epoch, to_session
 from ..storage.repositories.usage import UsageRepository
 from . import documents as d
 from .base import Context, Effects, done
@@ -131,6 +131,13 @@ async def insert_chat(
     return to_chat(row)
 
 
+def message_cap(max_messages: object, setting: int | None) -> int | None:
+    """The cap a new chat gets: ``max_messages`` (None: no cap), or the ``setting``."""
+    if max_messages is FROM_SETTINGS:
+        return setting
+    return None if max_messages is None else v.limit(max_messages, "max_messages")
+
+
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
@@ -157,14 +164,22 @@ class ConversationService:
     def new_message(
         self, role: object, content: object, metadata: object = None, tokens: object = None
     ) -> NewMessage:
-        """Validate a message and redact its content."""
+        """Validate a message and redact its content: text as text; JSON data (a dict or
+        a list) value by value, then stored as its compact JSON text."""
         role = v.choice_of(d.ROLES, role, "role")
+        redactor = self.ctx.redactor
+        if isinstance(content, Mapping | list):
+            v.json_text(content, "content")  # JSON data only, before anything reads it
+            data = redactor.redact_data(content) if redactor.active else content
+            content = v.json_text(data, "content")
+        elif isinstance(content, str) and redactor.active:
+            content = redactor.redact(content)
         text = v.text(content, "content", self.ctx.settings.max_message_bytes)
         if not text and role in ("system", "user"):
             raise ValidationError(f"a {role} message needs content", field="content")
         return NewMessage(
             role,
-            self.ctx.redactor.redact(text),
+            text,
             v.json_object(metadata, "metadata", self.ctx.settings.max_metadata_bytes),
             None if tokens is None else v.count(tokens, "tokens"),
         )
@@ -177,7 +192,7 @@ class ConversationService:
         return (
             name,
             v.json_object(metadata, "metadata", self.ctx.settings.max_metadata_bytes),
-            None if max_messages is None else v.limit(max_messages, "max_messages"),
+            message_cap(max_messages, self.ctx.settings.max_messages_per_chat),
         )
 
     async def _missing_chat(
@@ -308,6 +323,7 @@ class ConversationService:
         appends = self.ctx.store.backend.data_modifying_ctes and 0 < len(new) <= APPEND_MAX
         trims = appends and settings.history_overflow == "trim"
         hint = (tenant, session_id, chat_id)
+        starts_turn = bool(new) and new[0].role == "user"
 
         async def append(conn: Connection, fx: Effects, *, room: bool) -> list[Message] | None:
             """ONE statement appending the messages if the session can work and the chat
@@ -315,16 +331,15 @@ class ConversationService:
             new statement, which sees what concurrent trimmers of the chat, whose lock it
             waited for, deleted); None, with nothing written, otherwise."""
             rows = [message_values(tenant, session_id, "", 0, m, fx.now) for m in new]
-            cutoff = self.sessions.cutoff(fx.now)
-            appended = await self.repo.append(
-                conn, rows, chat_id, cutoff, settings.max_messages_per_chat, room=room
-            )
+            appended = await self.repo.append(conn, rows, chat_id, room=room)
             if appended is None:
                 return None
             chat, last = appended.chat_id, appended.last_seq
             if not room:
                 first, count, limit = last - len(rows) + 1, appended.message_count, appended.limit
-                await self._keep_limit(conn, tenant, session_id, chat, first, count, limit)
+                await self._keep_limit(
+                    conn, fx, tenant, session_id, chat, first, count, limit, starts_turn
+                )
                 if limit is None or count < limit:
                     self._full.discard(hint)
                 else:
@@ -360,11 +375,9 @@ class ConversationService:
             if row is None:
                 raise ChatNotFoundError(session_id, chat)
             first = int(row.next_seq) - len(new) + 1
-            limit = (
-                row.max_messages if row.max_messages is not None else settings.max_messages_per_chat
-            )
+            count, limit = int(row.message_count), row.max_messages
             await self._keep_limit(
-                conn, tenant, session_id, chat, first, int(row.message_count), limit
+                conn, fx, tenant, session_id, chat, first, count, limit, starts_turn
             )
             rows = [
                 message_values(tenant, session_id, chat, first + i, message, fx.now)
@@ -378,23 +391,43 @@ class ConversationService:
     async def _keep_limit(
         self,
         conn: Connection,
+        fx: Effects,
         tenant: str,
         session_id: str,
         chat: str,
         first: int,
         count: int,
         limit: int | None,
+        starts_turn: bool,
     ) -> None:
         """With ``count`` messages in the chat (its row locked) once the messages from
-        seq ``first`` on are added: trim the oldest non-system ones below ``first`` down
-        to ``limit``, or raise HistoryLimitError ("reject", or too few to trim)."""
+        seq ``first`` on are added (``starts_turn``: the first of them is a user
+        message): trim the oldest whole turns below ``first`` down to ``limit``, or raise
+        HistoryLimitError ("reject", or too few whole turns to trim: the unit of work
+        is then rolled back)."""
         if limit is None or count <= limit:
             return
         excess = count - limit
-        if self.ctx.settings.history_overflow == "reject" or excess > await self.repo.delete_oldest(
-            conn, tenant, session_id, chat, excess, keep_system=True, below_seq=first
-        ):
+        if self.ctx.settings.history_overflow == "reject":
             raise HistoryLimitError(session_id, chat, limit)
+        removed = await self.repo.delete_oldest_turns(
+            conn,
+            tenant,
+            session_id,
+            chat,
+            excess,
+            keep_system=True,
+            below_seq=first,
+            turn_starts_below=starts_turn,
+        )
+        if removed < excess:
+            raise HistoryLimitError(session_id, chat, limit)
+        self._trimmed(fx, tenant, session_id, chat, removed)
+
+    @staticmethod
+    def _trimmed(fx: Effects, tenant: str, session_id: str, chat: str, removed: int) -> None:
+        if removed:
+            fx.emit("history.trimmed", tenant, session_id, chat_id=chat, removed=removed)
 
     @staticmethod
     def _added(fx: Effects, user_id: str, rows: list[dict[str, Any]]) -> list[Message]:
@@ -490,9 +523,11 @@ class ConversationService:
             chat, total = await self._lock_chat(conn, tenant, session_id, chat_id)
             if keep_system:
                 total = await self.repo.count_where(conn, tenant, session_id, chat, system=False)
-            return await self.repo.delete_oldest(
+            removed = await self.repo.delete_oldest_turns(
                 conn, tenant, session_id, chat, total - keep, keep_system=keep_system
             )
+            self._trimmed(fx, tenant, session_id, chat, removed)
+            return removed
 
         return await self.ctx.transact(work, operation="trim_history")
 
@@ -716,11 +751,19 @@ class ConversationService:
         if not math.isfinite(source.total_processing_time):
             raise ValidationError("total_processing_time must be finite", field="data")
 
+        timeout = (
+            source.idle_timeout
+            if "idle_timeout" in source.model_fields_set
+            else settings.session_timeout
+        )
+
         async def work(conn: Connection, fx: Effects) -> Session:
             if source.status in OPEN_STATUSES:
                 await self.sessions.check_limits(conn, tenant, source.user_id, fx.now)
             values = {
                 **source.model_dump(),
+                "idle_timeout": timeout,
+                "idle_deadline": None if timeout is None else epoch(source.last_activity) + timeout,
                 "session_id": sid,
                 "tenant_id": tenant,
                 "status": source.status.value,

@@ -101,6 +101,8 @@ class SessionDoc(_Doc):
     last_activity: AwareDatetime
     ended_at: AwareDatetime | None = None
     expires_at: AwareDatetime | None = None
+    #: Absent in documents written before per-session timeouts: the engine's setting.
+    idle_timeout: float | None = Field(None, gt=0)
     request_count: NonNegativeInt = 0
     error_count: NonNegativeInt = 0
     total_processing_time: float = Field(0.0, ge=0)

@@ -319,13 +319,11 @@ class RateLimitService:
 
             async def take(conn: Connection, fx: Effects) -> RateLimitStatus | None:
                 now = fx.now.timestamp()
-                cutoff = self.sessions.cutoff(fx.now)
                 taken = await self.repo.take(
                     conn,
                     (tenant, session_id, operation),
                     units,
                     fx.now,
-                    cutoff,
                     tier_limits,
                     WINDOWS[limit_type],
                 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import Row
@@ -21,13 +21,19 @@ from ..errors import (
 )
 from ..ids import new_id
 from ..lifecycle import END_STATUSES, sources_of
-from ..models import Session, SessionStatus, Statistics
+from ..models import FROM_SETTINGS, FromSettings, Session, SessionStatus, Statistics
 from ..storage.connection import Connection
 from ..storage.prebuilt import Record
 from ..storage.repositories.conversation import ConversationRepository
-from ..storage.repositories.sessions import Counters, SessionFilter, SessionRepository, to_session
+from ..storage.repositories.sessions import (
+    Counters,
+    SessionFilter,
+    SessionRepository,
+    epoch,
+    to_session,
+)
 from .base import Context, Effects, done
-from .conversation import DEFAULT_CHAT_ID, NewMessage, chat_values, insert_chat
+from .conversation import DEFAULT_CHAT_ID, NewMessage, chat_values, insert_chat, message_cap
 
 _EXPIRE_BATCH = 5000
 NO_COUNTERS = Counters()
@@ -58,14 +64,6 @@ class SessionService:
         self.repo = SessionRepository(ctx.store.backend)
         self.chats = ConversationRepository(ctx.store.backend)
 
-    @property
-    def timeout(self) -> float:
-        return self.ctx.settings.session_timeout
-
-    def cutoff(self, now: datetime) -> datetime:
-        """The oldest ``last_activity`` of a session that can still work at ``now``."""
-        return now - timedelta(seconds=self.timeout)
-
     # -- creation -----------------------------------------------------------------------
     def _new_values(
         self,
@@ -79,11 +77,14 @@ class SessionService:
         tags: Any,
         preferences: Any,
         expires_at: Any,
+        idle_timeout: float | FromSettings | None,
     ) -> dict[str, Any]:
         settings = self.ctx.settings
         v.tier(tier, settings.tiers)
         if name is not None and not isinstance(name, str):
             raise ValidationError("name must be a string", field="name")
+        if idle_timeout is FROM_SETTINGS:
+            idle_timeout = settings.session_timeout
         return {
             "tenant_id": tenant,
             "session_id": new_id() if session_id is None else v.identifier(session_id),
@@ -95,6 +96,9 @@ class SessionService:
             "tags": v.tags(tags),
             "preferences": v.json_object(preferences, "preferences", settings.max_metadata_bytes),
             "expires_at": v.optional_aware(expires_at, "expires_at"),
+            "idle_timeout": (
+                None if idle_timeout is None else v.positive(idle_timeout, "idle_timeout")
+            ),
             "request_count": 0,
             "error_count": 0,
             "total_processing_time": 0.0,
@@ -121,11 +125,11 @@ class SessionService:
         scope = tenant if settings.max_active_sessions is not None else f"{tenant}/{user_id}"
         await self.ctx.store.backend.lock(conn, f"ctxengine.sessions.{scope}")
         if settings.max_active_sessions is not None:
-            n = await self.repo.count_open(conn, tenant, now, self.timeout)
+            n = await self.repo.count_open(conn, tenant, now)
             if n >= settings.max_active_sessions:
                 raise SessionLimitError("max_active_sessions", settings.max_active_sessions, n)
         if settings.max_sessions_per_user is not None:
-            n = await self.repo.count_open(conn, tenant, now, self.timeout, user_id)
+            n = await self.repo.count_open(conn, tenant, now, user_id)
             if n >= settings.max_sessions_per_user:
                 raise SessionLimitError(
                     "max_sessions_per_user", settings.max_sessions_per_user, n, user_id
@@ -144,9 +148,13 @@ class SessionService:
         tags: Any = None,
         preferences: Any = None,
         expires_at: datetime | None = None,
+        idle_timeout: float | FromSettings | None = FROM_SETTINGS,
+        max_messages: int | FromSettings | None = FROM_SETTINGS,
         system_prompt: NewMessage | None = None,
     ) -> Session:
-        """Create a session with its default chat (``system_prompt`` its first message)."""
+        """Create a session with its default chat (``system_prompt`` its first message;
+        ``max_messages`` its cap)."""
+        cap = message_cap(max_messages, self.ctx.settings.max_messages_per_chat)
         values = self._new_values(
             tenant,
             session_id,
@@ -157,8 +165,10 @@ class SessionService:
             tags=tags,
             preferences=preferences,
             expires_at=expires_at,
+            idle_timeout=idle_timeout,
         )
         sid = values["session_id"]
+        timeout = values["idle_timeout"]
         # Without limits to count, an id to look up or a first message, the session and
         # its chat go in one statement where the database can (one round trip).
         at_once = (
@@ -173,9 +183,14 @@ class SessionService:
                 existing = await self.repo.get(conn, tenant, sid, fx.now)
                 if existing is not None:
                     return to_session(existing, fx.now)
-            stored = {**values, "created_at": fx.now, "last_activity": fx.now}
+            stored = {
+                **values,
+                "created_at": fx.now,
+                "last_activity": fx.now,
+                "idle_deadline": None if timeout is None else epoch(fx.now) + timeout,
+            }
             if at_once:
-                chat = chat_values(tenant, sid, DEFAULT_CHAT_ID, fx.now)
+                chat = chat_values(tenant, sid, DEFAULT_CHAT_ID, fx.now, max_messages=cap)
                 row = await self.repo.insert_with_chat(conn, stored, chat)
             else:
                 await self.check_limits(conn, tenant, values["user_id"], fx.now)
@@ -187,7 +202,14 @@ class SessionService:
                 return to_session(existing, fx.now)
             if not at_once:
                 await insert_chat(
-                    self.chats, conn, fx.now, tenant, sid, DEFAULT_CHAT_ID, system_prompt
+                    self.chats,
+                    conn,
+                    fx.now,
+                    tenant,
+                    sid,
+                    DEFAULT_CHAT_ID,
+                    system_prompt,
+                    max_messages=cap,
                 )
             session = to_session(row, fx.now)
             fx.emit(
@@ -273,7 +295,7 @@ class SessionService:
             tenant,
             session_id,
             fx.now,
-            self.timeout if require else None,
+            require,
             counters,
             metadata,
         )
@@ -286,7 +308,7 @@ class SessionService:
         self, conn: Connection, fx: Effects, tenant: str, session_id: str
     ) -> Worker | None:
         """``require_active`` for calls that need only whose the session is."""
-        row = await self.repo.touch_active(conn, tenant, session_id, fx.now, self.timeout)
+        row = await self.repo.touch_active(conn, tenant, session_id, fx.now)
         if row is not None:
             return Worker(*row)
         await self._refuse_work(conn, fx, tenant, session_id)
@@ -308,7 +330,7 @@ class SessionService:
     ) -> Session | None:
         """The session if it can work, without writing; else None with the error in ``fx``."""
         session = to_session(await self.existing(conn, tenant, session_id), fx.now)
-        if session.is_expired(self.timeout):
+        if session.is_expired():
             fx.error = SessionExpiredError(session_id)
             return None
         if not session.is_active:
@@ -322,7 +344,7 @@ class SessionService:
         """Why a guarded statement matched nothing: the session's status, after moving it
         to expired if it was open but stale (announced once, by whoever expired it)."""
         row = await self.existing(conn, tenant, session_id)
-        expired = await self.repo.expire_one(conn, tenant, session_id, fx.now, self.timeout)
+        expired = await self.repo.expire_one(conn, tenant, session_id, fx.now)
         if expired is not None:
             await self.repo.release_leases(conn, [(tenant, session_id)])
             self._announce_expired(fx, expired, reason="idle")
@@ -340,7 +362,7 @@ class SessionService:
 
         async def work(conn: Connection, fx: Effects) -> Session | None:
             row = await self.repo.transition(
-                conn, tenant, session_id, fx.now, self.timeout, sorted(sources_of(target)), target
+                conn, tenant, session_id, fx.now, sorted(sources_of(target)), target
             )
             if row is not None:
                 if target in END_STATUSES:
@@ -452,11 +474,10 @@ class SessionService:
         return await self.ctx.transact(work, operation="purge_sessions")
 
     async def expire_stale(self, tenant: str | None, max_idle_seconds: float | None) -> int:
-        """Expire every open session that is stale, in batches; announce each once."""
+        """Expire every open session that is stale (idle longer than its own timeout,
+        or than ``max_idle_seconds`` when given), in batches; announce each once."""
         idle = (
-            self.timeout
-            if max_idle_seconds is None
-            else v.positive(max_idle_seconds, "max_idle_seconds")
+            None if max_idle_seconds is None else v.positive(max_idle_seconds, "max_idle_seconds")
         )
         by_tenant: dict[str, int] = {}
 

@@ -133,8 +133,7 @@ class UsageService:
 
             async def count(conn: Connection, fx: Effects) -> UsageRecord | None:
                 row = values(fx)
-                cutoff = self.sessions.cutoff(fx.now)
-                counted = await self.repo.track(conn, row, cutoff, tier_limits)
+                counted = await self.repo.track(conn, row, tier_limits)
                 if counted is None:
                     return None
                 user_id, used, limit = counted

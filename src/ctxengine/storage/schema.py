@@ -45,16 +45,17 @@ IDLE_BUCKET_SECONDS = 10
 
 
 class idle_bucket(FunctionElement[int]):
-    """The idle bucket of a time: whole ``IDLE_BUCKET_SECONDS`` since the epoch.
+    """The idle bucket of an idle deadline (seconds since the epoch): whole
+    ``IDLE_BUCKET_SECONDS`` since the epoch; NULL when the deadline is NULL (never idle).
 
     The sweep finds idle sessions through an index on (status, idle_bucket), a
-    column the database computes from ``last_activity``, rather than on
-    ``last_activity`` itself: a touch that stays in its bucket changes no indexed
-    column, so PostgreSQL makes it a HOT update, which writes no index entry. Every
-    session write touches, and an index on ``last_activity`` made each touch add an
-    entry to all five of the table's indexes. The bucket only narrows the search:
-    the sweep still compares ``last_activity`` itself, so it stays exact, and reads
-    the sessions of at most one bucket that are not idle yet."""
+    column the database computes from ``idle_deadline``, rather than on the deadline
+    itself: a touch that stays in its bucket changes no indexed column, so PostgreSQL
+    makes it a HOT update, which writes no index entry. Every session write touches,
+    and an index on the deadline made each touch add an entry to all five of the
+    table's indexes. The bucket only narrows the search: the sweep still compares
+    ``idle_deadline`` itself, so it stays exact, and reads the sessions of at most one
+    bucket that are not idle yet."""
 
     type = BigInteger()
     inherit_cache = True
@@ -64,15 +65,14 @@ class idle_bucket(FunctionElement[int]):
 def _idle_bucket_postgresql(element: idle_bucket, compiler: SQLCompiler, **kw: Any) -> str:
     # written as PostgreSQL shows the generated column's expression, so that comparing
     # the models with the migrated database finds them equal
-    time = compiler.process(element.clauses, **kw)
-    seconds = f"EXTRACT(epoch FROM {time} - to_timestamp(0))"
-    return f"(floor({seconds} / {IDLE_BUCKET_SECONDS}))::bigint"
+    seconds = compiler.process(element.clauses, **kw)
+    return f"(floor(({seconds} / {IDLE_BUCKET_SECONDS}::double precision)))::bigint"
 
 
 @compiles(idle_bucket, "sqlite")
 def _idle_bucket_sqlite(element: idle_bucket, compiler: SQLCompiler, **kw: Any) -> str:
-    time = compiler.process(element.clauses, **kw)
-    return f"(CAST(strftime('%s', {time}) AS INTEGER) / {IDLE_BUCKET_SECONDS})"
+    seconds = compiler.process(element.clauses, **kw)
+    return f"CAST(({seconds} / {IDLE_BUCKET_SECONDS}.0) AS INTEGER)"
 
 
 sessions = Table(
@@ -97,8 +97,13 @@ sessions = Table(
     Column("current_chat_id", ID, nullable=True),
     # chats the session holds: max_chats_per_session is one conditional UPDATE of this row
     Column("chat_count", BigInteger, nullable=False, server_default="0"),
+    # the session's own idle timeout in seconds, fixed at creation; NULL = never idle
+    Column("idle_timeout", Double, nullable=True),
+    # last_activity + idle_timeout, as seconds since the epoch (set by every touch, in
+    # plain arithmetic that every backend does alike); NULL = never idle
+    Column("idle_deadline", Double, nullable=True),
     # computed by the database (see idle_bucket); never read into a Session
-    Column("idle_bucket", BigInteger, Computed(idle_bucket(literal_column("last_activity")))),
+    Column("idle_bucket", BigInteger, Computed(idle_bucket(literal_column("idle_deadline")))),
     PrimaryKeyConstraint("tenant_id", "session_id"),
     # listing newest first, keyset paging
     Index(None, "tenant_id", "created_at", "session_id"),

@@ -28,7 +28,7 @@ from ..prebuilt import Record, run, run_dicts
 from ..schema import chats, checkpoints, messages, shared_state
 from ..schema import sessions as s
 from . import of_session, written_or_abort
-from .sessions import TOUCH_WORKING
+from .sessions import TOUCH_WORKING, epoch
 
 _CHAT = list(chats.c)
 #: The columns of a Message, in the order of its fields.
@@ -63,12 +63,20 @@ _UNCOUNT = (
 _INSERT_MESSAGES = insert(messages)
 
 
-#: Delete the ``n`` oldest messages below ``before`` (system ones kept or not), or none
-#: when there are fewer: an index range up to the n-th oldest candidate, found once.
-#: Parameters: tenant, sid, chat, before, skip (n - 1). Written as ``seq IN (… LIMIT n)``
-#: it was planned, before the table had statistics, as a loop running the subquery
-#: once per message of the chat (8 ms per trim of a 1000-message chat).
+#: The role that starts a turn.
+_TURN_START = "user"
+
+
 def _delete_oldest(keep_system: bool) -> Any:
+    """Delete the oldest whole turns below ``before`` (system messages kept or not): the
+    shortest run of them holding at least ``n`` candidates, else all of them but the
+    turn in progress. A turn starts at a user message, so a tool call and its result,
+    written in one turn, go together. Parameters: tenant, sid, chat, before, skip
+    (n - 1), and ``starts`` (``before`` when the message at ``before`` starts a turn,
+    else NULL).
+
+    The boundary is found from the n-th oldest candidate, by index ranges (the first
+    user message after it, or the last one before ``before``), not by counting."""
     m = messages.c
     candidates = [_IN_CHAT, m.seq < bindparam("before")]
     if keep_system:
@@ -81,7 +89,13 @@ def _delete_oldest(keep_system: bool) -> Any:
         .offset(bindparam("skip"))
         .scalar_subquery()
     )
-    return delete(messages).where(*candidates, m.seq <= nth)
+    starts = [_IN_CHAT, m.role == _TURN_START, m.seq < bindparam("before")]
+    boundary = func.coalesce(
+        select(func.min(m.seq)).where(*starts, m.seq > nth).scalar_subquery(),
+        bindparam("starts", type_=m.seq.type),
+        select(func.max(m.seq)).where(*starts).scalar_subquery(),
+    )
+    return delete(messages).where(*candidates, m.seq < boundary)
 
 
 _DELETE_OLDEST = {keep_system: _delete_oldest(keep_system) for keep_system in (False, True)}
@@ -146,11 +160,10 @@ def _append(n: int, *, room: bool = True) -> Any:
     again on the locked row: when a concurrent writer filled or removed it in between,
     the statement aborts (``written_or_abort``). It returns (user_id, chat_id, next_seq,
     message_count, limit) after the change, or no row when nothing was written.
-    Parameters: tenant, sid, now, cutoff, chat (None for the current chat), limit (the
-    default history limit), and ``<field>_<k>`` for each of the ``_APPENDED`` fields of
-    message ``k``."""
+    Parameters: tenant, sid, now, now_epoch, chat (None for the current chat), and
+    ``<field>_<k>`` for each of the ``_APPENDED`` fields of message ``k``."""
     chat_id = func.coalesce(bindparam("chat", type_=chats.c.chat_id.type), s.c.current_chat_id)
-    limit = func.coalesce(chats.c.max_messages, bindparam("limit", type_=chats.c.max_messages.type))
+    limit = chats.c.max_messages
     has_room = or_(limit.is_(None), chats.c.message_count + n <= limit) if room else true()
     touched = (
         TOUCH_WORKING.where(
@@ -361,8 +374,6 @@ class ConversationRepository:
         conn: Connection,
         rows: Sequence[dict[str, Any]],
         chat_id: str | None,
-        cutoff: datetime,
-        default_limit: int | None,
         *,
         room: bool = True,
     ) -> Appended | None:
@@ -376,9 +387,8 @@ class ConversationRepository:
             "tenant": first["tenant_id"],
             "sid": first["session_id"],
             "now": first["created_at"],
-            "cutoff": cutoff,
+            "now_epoch": epoch(first["created_at"]),
             "chat": chat_id,
-            "limit": default_limit,
         }
         for k, values in enumerate(rows):
             params.update({f"{field}_{k}": values[field] for field in _APPENDED})
@@ -389,7 +399,7 @@ class ConversationRepository:
         limit = None if row[4] is None else int(row[4])
         return Appended(row[0], row[1], int(row[2]), int(row[3]), limit)
 
-    async def delete_oldest(
+    async def delete_oldest_turns(
         self,
         conn: Connection,
         tenant: str,
@@ -399,18 +409,23 @@ class ConversationRepository:
         *,
         keep_system: bool,
         below_seq: int | None = None,
+        turn_starts_below: bool = False,
     ) -> int:
-        """Delete the ``count`` oldest messages of the chat (never system messages when
-        ``keep_system``, only below ``below_seq`` when given), keeping the chat's count
-        right; the number deleted: ``count``, or 0 when there are fewer."""
+        """Delete the oldest whole turns of the chat holding at least ``count`` messages
+        (never system messages when ``keep_system``; only below ``below_seq`` when given,
+        the message at ``below_seq`` starting a turn when ``turn_starts_below``), else
+        every whole turn but the newest; keep the chat's count right. The number
+        deleted (fewer than ``count`` when the newest turn alone is too long)."""
         if count <= 0:
             return 0
+        before = 2**63 - 1 if below_seq is None else below_seq
         params = {
             "tenant": tenant,
             "sid": session_id,
             "chat": chat_id,
             "skip": count - 1,
-            "before": 2**63 - 1 if below_seq is None else below_seq,
+            "before": before,
+            "starts": before if turn_starts_below else None,
         }
         if self.backend.data_modifying_ctes:  # the delete and the count in one statement
             row = (await run(conn, _DELETE_OLDEST_COUNTED[keep_system], params)).first()

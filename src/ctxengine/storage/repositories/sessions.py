@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Double,
     Row,
     and_,
     bindparam,
@@ -51,8 +52,8 @@ class Expired:
         return sum(self.by_tenant.values())
 
 
-#: The columns of a Session (the idle bucket is the database's, for the sweep).
-_COLUMNS = [c for c in t.c if c is not t.c.idle_bucket]
+#: The columns of a Session (the idle deadline and its bucket are for the sweep).
+_COLUMNS = [c for c in t.c if c.name not in ("idle_deadline", "idle_bucket")]
 
 
 def _live_leases(tenant: Any, session_id: Any, now: Any) -> Any:
@@ -76,15 +77,36 @@ def _returned(tenant: Any, session_id: Any, now: Any) -> list[Any]:
     return [*_COLUMNS, _live_leases(tenant, session_id, now)]
 
 
+def epoch(now: datetime) -> float:
+    """``now`` as seconds since the epoch, the unit of ``idle_deadline``."""
+    return now.timestamp()
+
+
+def live(now: Any, now_epoch: Any) -> ColumnElement[bool]:
+    """Not idle longer than its own timeout and not past its deadline."""
+    return and_(
+        or_(t.c.idle_deadline.is_(None), t.c.idle_deadline >= now_epoch),
+        or_(t.c.expires_at.is_(None), t.c.expires_at > now),
+    )
+
+
+def stale(now: Any, now_epoch: Any) -> ColumnElement[bool]:
+    """Idle longer than its own timeout or past its deadline (the negation of ``live``)."""
+    return or_(t.c.idle_deadline < now_epoch, t.c.expires_at <= now)
+
+
+#: What every write that records activity sets (parameters now, now_epoch).
+_TOUCHED: dict[str, Any] = {
+    "last_activity": bindparam("now"),
+    "idle_deadline": bindparam("now_epoch", type_=Double()) + t.c.idle_timeout,
+}
+
 # Statements of the hot paths, built once: building a statement costs more than
-# executing it on SQLite. Parameters: tenant, sid, now, cutoff (oldest live activity),
+# executing it on SQLite. Parameters: tenant, sid, now, now_epoch (``epoch(now)``),
 # requests, errors, processing_time.
 _BY_KEY = and_(t.c.tenant_id == bindparam("tenant"), t.c.session_id == bindparam("sid"))
-_LIVE = and_(
-    t.c.last_activity >= bindparam("cutoff"),
-    or_(t.c.expires_at.is_(None), t.c.expires_at > bindparam("now")),
-)
-#: A session that can work: active and live (parameters now, cutoff).
+_LIVE = live(bindparam("now"), bindparam("now_epoch", type_=Double()))
+#: A session that can work: active and live (parameters now, now_epoch).
 _CAN_WORK = and_(t.c.status == SessionStatus.ACTIVE.value, _LIVE)
 #: Every session column plus the number of live leases at ``now`` (for SELECTs).
 _COUNTED = [*_COLUMNS, _live_leases(t.c.tenant_id, t.c.session_id, bindparam("now"))]
@@ -94,7 +116,7 @@ _RECORD = (
     update(t)
     .where(_BY_KEY)
     .values(
-        last_activity=bindparam("now"),
+        **_TOUCHED,
         request_count=t.c.request_count + bindparam("requests"),
         error_count=t.c.error_count + bindparam("errors"),
         total_processing_time=t.c.total_processing_time + bindparam("processing_time"),
@@ -102,9 +124,9 @@ _RECORD = (
     .returning(*_returned(bindparam("tenant"), bindparam("sid"), bindparam("now")))
 )
 _RECORD_ACTIVE = _RECORD.where(_CAN_WORK)
-#: Touch a session that can work (parameters: tenant, sid, now, cutoff); the writes of
-#: the hot paths add their own conditions and RETURNING.
-TOUCH_WORKING = update(t).where(_BY_KEY, _CAN_WORK).values(last_activity=bindparam("now"))
+#: Touch a session that can work (parameters: tenant, sid, now, now_epoch); the writes
+#: of the hot paths add their own conditions and RETURNING.
+TOUCH_WORKING = update(t).where(_BY_KEY, _CAN_WORK).values(**_TOUCHED)
 _TOUCH_ACTIVE = TOUCH_WORKING.returning(t.c.session_id, t.c.user_id, t.c.tier, t.c.current_chat_id)
 
 
@@ -209,19 +231,6 @@ class SessionRepository:
         #: list_sessions pages, by the filters given, the cursor and the limit.
         self._listings: dict[tuple[bool, ...], Any] = {}
 
-    # -- conditions ---------------------------------------------------------------------
-    @staticmethod
-    def _live(now: datetime, idle_limit: float) -> ColumnElement[bool]:
-        """Not idle longer than the timeout and not past the deadline."""
-        return and_(
-            t.c.last_activity >= now - timedelta(seconds=idle_limit),
-            or_(t.c.expires_at.is_(None), t.c.expires_at > now),
-        )
-
-    @staticmethod
-    def _stale(cutoff: datetime, now: datetime) -> ColumnElement[bool]:
-        return or_(t.c.last_activity < cutoff, t.c.expires_at <= now)
-
     # -- reads --------------------------------------------------------------------------
     async def get(
         self, conn: Connection, tenant: str, session_id: str, now: datetime | None = None
@@ -235,23 +244,16 @@ class SessionRepository:
         return result.first()
 
     async def count_open(
-        self,
-        conn: Connection,
-        tenant: str,
-        now: datetime,
-        idle_limit: float,
-        user_id: str | None = None,
+        self, conn: Connection, tenant: str, now: datetime, user_id: str | None = None
     ) -> int:
         """Active or paused sessions that are not due to expire."""
-        cutoff = literal(now - timedelta(seconds=idle_limit), UTCDateTime)
         stmt = (
             select(func.count())
             .select_from(t)
             .where(
                 t.c.tenant_id == tenant,
                 t.c.status.in_(_OPEN),
-                t.c.idle_bucket >= idle_bucket(cutoff),  # a range of the sweep's index
-                self._live(now, idle_limit),
+                live(literal(now, UTCDateTime), literal(epoch(now), Double())),
             )
         )
         if user_id is not None:
@@ -369,42 +371,36 @@ class SessionRepository:
         tenant: str,
         session_id: str,
         now: datetime,
-        idle_limit: float | None,
+        require_active: bool,
         counters: Counters,
         metadata: dict[str, Any] | None,
     ) -> Record | None:
         """Add counters, merge metadata and touch, atomically.
 
-        With a ``timeout`` the session must be active and live; with None any
-        status is accepted (metrics of work admitted earlier). None when no row matched.
+        With ``require_active`` the session must be active and live; else any status
+        is accepted (metrics of work admitted earlier). None when no row matched.
         """
         params = {
             "tenant": tenant,
             "sid": session_id,
             "now": now,
+            "now_epoch": epoch(now),
             "requests": counters.requests,
             "errors": counters.errors,
             "processing_time": counters.processing_time,
         }
-        stmt = _RECORD if idle_limit is None else _RECORD_ACTIVE
-        if idle_limit is not None:
-            params["cutoff"] = now - timedelta(seconds=idle_limit)
+        stmt = _RECORD_ACTIVE if require_active else _RECORD
         if metadata:  # a statement of its own
             stmt = stmt.values(metadata=self.backend.json_merge(t.c.metadata, metadata))
             return (await conn.execute(stmt, params)).first()
         return (await run(conn, stmt, params)).first()
 
     async def touch_active(
-        self, conn: Connection, tenant: str, session_id: str, now: datetime, idle_limit: float
+        self, conn: Connection, tenant: str, session_id: str, now: datetime
     ) -> Record | None:
         """Touch the session if it is active and live: (session_id, user_id, tier,
         current_chat_id), or None when no row matched."""
-        params = {
-            "tenant": tenant,
-            "sid": session_id,
-            "now": now,
-            "cutoff": now - timedelta(seconds=idle_limit),
-        }
+        params = {"tenant": tenant, "sid": session_id, "now": now, "now_epoch": epoch(now)}
         return (await run(conn, _TOUCH_ACTIVE, params)).first()
 
     async def transition(
@@ -413,7 +409,6 @@ class SessionRepository:
         tenant: str,
         session_id: str,
         now: datetime,
-        idle_limit: float,
         sources: Sequence[SessionStatus],
         target: SessionStatus,
     ) -> Row[Any] | None:
@@ -421,6 +416,7 @@ class SessionRepository:
         values: dict[str, Any] = {"status": target.value}
         if target in OPEN_STATUSES:
             values["last_activity"] = now
+            values["idle_deadline"] = literal(epoch(now), Double()) + t.c.idle_timeout
         else:
             values["ended_at"] = now
         stmt = (
@@ -428,7 +424,7 @@ class SessionRepository:
             .where(
                 of_session(t, tenant, session_id),
                 t.c.status.in_([s.value for s in sources]),
-                self._live(now, idle_limit),
+                live(now, epoch(now)),
             )
             .values(**values)
             .returning(*_returned(tenant, session_id, now))
@@ -436,16 +432,15 @@ class SessionRepository:
         return (await conn.execute(stmt)).first()
 
     async def expire_one(
-        self, conn: Connection, tenant: str, session_id: str, now: datetime, idle_limit: float
+        self, conn: Connection, tenant: str, session_id: str, now: datetime
     ) -> Row[Any] | None:
         """Expire this session if it is open and stale; the expired row, or None."""
-        cutoff = now - timedelta(seconds=idle_limit)
         stmt = (
             update(t)
             .where(
                 of_session(t, tenant, session_id),
                 t.c.status.in_(_OPEN),
-                self._stale(cutoff, now),
+                stale(now, epoch(now)),
             )
             .values(status=SessionStatus.EXPIRED.value, ended_at=now)
             .returning(*_COLUMNS)
@@ -457,29 +452,36 @@ class SessionRepository:
         conn: Connection,
         tenant: str | None,
         now: datetime,
-        idle_seconds: float,
+        max_idle_seconds: float | None,
         batch: int,
         *,
         keys: bool,
     ) -> Expired:
-        """Expire up to ``batch`` open sessions idle longer than ``idle_seconds`` or past
-        their deadline; the keys of those expired only when ``keys`` (on PostgreSQL the
+        """Expire up to ``batch`` open sessions idle longer than their own timeout (or
+        than ``max_idle_seconds``, for every session, when given) or past their
+        deadline; the keys of those expired only when ``keys`` (on PostgreSQL the
         database counts them otherwise, rather than sending back a row for each). Rows
         locked by other transactions are skipped (PostgreSQL), so concurrent sweepers
         never expire the same session twice."""
-        cutoff = literal(now - timedelta(seconds=idle_seconds), UTCDateTime)
         expired = Expired(Counter(), [])
         # One status and one reason at a time, oldest first: each search is a range of
         # an index ((status, idle_bucket) or (status, expires_at)), whatever the
         # planner's row estimates, so a sweep with nothing to expire costs four probes
-        # (and reads the sessions of the cutoff's bucket that are not idle yet).
-        idle = and_(t.c.idle_bucket <= idle_bucket(cutoff), t.c.last_activity < cutoff)
+        # (and reads the sessions of the current bucket that are not idle yet).
+        idle: ColumnElement[bool]
+        if max_idle_seconds is None:
+            now_epoch: Any = literal(epoch(now), Double())
+            idle = and_(t.c.idle_bucket <= idle_bucket(now_epoch), t.c.idle_deadline < now_epoch)
+            idle_order: Any = t.c.idle_bucket
+        else:  # an operator's explicit limit, for every session: not what the index serves
+            cutoff = literal(now - timedelta(seconds=max_idle_seconds), UTCDateTime)
+            idle, idle_order = t.c.last_activity < cutoff, t.c.last_activity
         for status in _OPEN:
-            for column, stale in ((t.c.idle_bucket, idle), (t.c.expires_at, t.c.expires_at <= now)):
+            for column, due in ((idle_order, idle), (t.c.expires_at, t.c.expires_at <= now)):
                 room = batch - expired.count
                 if room == 0:
                     return expired
-                where = [t.c.status == status, stale]
+                where = [t.c.status == status, due]
                 if tenant is not None:
                     where.append(t.c.tenant_id == tenant)
                 stmt = (

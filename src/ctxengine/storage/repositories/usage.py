@@ -35,7 +35,7 @@ from ..prebuilt import run
 from ..schema import leases, quotas, rate_limit_rules, rate_limit_state, usage_records
 from ..schema import sessions as s
 from . import of_session, written_or_abort
-from .sessions import TOUCH_WORKING
+from .sessions import TOUCH_WORKING, epoch
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
 _INSERT_RECORD = insert(usage_records)
@@ -67,7 +67,7 @@ def _track(backend: Backend, tier_limits: Mapping[str, float]) -> Any:
     row, the room is checked in the snapshot and again on the locked row, and when it
     is gone in between, the statement aborts (``written_or_abort``). It returns
     (user_id, used, limit), or no row when nothing was written. Parameters: tenant,
-    sid, now, cutoff, resource, amount, record_id, operation, meta (named apart from the
+    sid, now, now_epoch, resource, amount, record_id, operation, meta (named apart from the
     sessions table's columns, which an UPDATE would set from parameters of their names)."""
     q = quotas.c
     of_row = and_(
@@ -187,7 +187,7 @@ def _take(backend: Backend, tier_max: Mapping[str, int], tier_window: float) -> 
     the statement aborts (``written_or_abort``). It returns (state, max_calls,
     window_seconds), or no row when nothing was written: refused, no limit, the
     session cannot work, or the state is newer than ``now_us``. Parameters: tenant,
-    sid, now, cutoff, operation, now_us, cost."""
+    sid, now, now_epoch, operation, now_us, cost."""
     r, st = rate_limit_rules.c, rate_limit_state.c
     rule = _rule_of(s.c.session_id, s.c.user_id).where(r.tenant_id == s.c.tenant_id).lateral("rule")
     by_tier = (
@@ -350,7 +350,6 @@ class UsageRepository:
         self,
         conn: Connection,
         record: dict[str, Any],
-        cutoff: datetime,
         tier_limits: tuple[tuple[str, float], ...],
     ) -> tuple[str, float, float | None] | None:
         """Touch the session, count ``record`` (usage record values without user_id)
@@ -365,7 +364,7 @@ class UsageRepository:
             "tenant": record["tenant_id"],
             "sid": record["session_id"],
             "now": record["created_at"],
-            "cutoff": cutoff,
+            "now_epoch": epoch(record["created_at"]),
             "resource": record["resource_type"],
             "amount": record["amount"],
             "record_id": record["record_id"],
@@ -541,7 +540,6 @@ class UsageRepository:
         key: tuple[str, str, str],
         cost: int,
         now: datetime,
-        cutoff: datetime,
         tier_limits: tuple[tuple[str, int], ...],
         tier_window: float,
     ) -> tuple[Any, int, float] | None:
@@ -560,7 +558,7 @@ class UsageRepository:
             "operation": operation,
             "now": now,
             "now_us": in_us(now.timestamp()),
-            "cutoff": cutoff,
+            "now_epoch": epoch(now),
             "cost": cost,
         }
         row = (await run(conn, stmt, params)).first()
