@@ -106,18 +106,20 @@ class _Main(click.Group):
             raise click.ClickException(message) from exc
 
 
-class _IsoDateTime(click.ParamType):
-    """An ISO 8601 date or date-time; naive values are UTC."""
+class _IsoDateTime(click.DateTime):
+    """An ISO 8601 date or date-time (``datetime.fromisoformat``); naive values are UTC."""
 
-    name = "DATE"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, datetime):
-            return value
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
         try:
-            parsed = datetime.fromisoformat(value)
+            parsed = value if isinstance(value, datetime) else datetime.fromisoformat(value)
         except ValueError:
-            self.fail(f"{value!r} is not an ISO date or date-time (2026-01-31[T12:00[+02:00]])")
+            self.fail(
+                f"{value!r} is not an ISO date or date-time (2026-01-31[T12:00[+02:00]])",
+                param,
+                ctx,
+            )
         return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
@@ -295,6 +297,7 @@ def cleanup(tenant: str, max_idle: float | None) -> None:
 @click.option(
     "--ended-before",
     type=_IsoDateTime(),
+    metavar="DATE",
     required=True,
     help="Delete sessions that ended before this ISO date or date-time (naive = UTC).",
 )
