@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
@@ -46,6 +47,9 @@ class _Runtime:
     leases: LeaseService
     rates: RateLimitService
     cleanup: CleanupLoop | None
+    #: The event loop (and its thread) that opened the engine: the only one it serves.
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    thread: int = field(default_factory=threading.get_ident)
 
 
 class ContextEngine(TenantView):
@@ -87,6 +91,7 @@ class ContextEngine(TenantView):
         ``auto_cleanup``. Calling it again while open does nothing."""
         async with self._opening:
             if self._state == "open":
+                self._runtime()  # WrongEventLoopError from another loop
                 return
             if self._state == "closed":
                 raise EngineClosedError("closed")
@@ -149,6 +154,8 @@ class ContextEngine(TenantView):
     async def close(self) -> None:
         """Stop background work (at most about a second), end event streams, release
         the connection pool if the engine created it. Closing twice is fine."""
+        if self._live is not None:
+            self._runtime()  # WrongEventLoopError from another loop
         async with self._opening:
             runtime, self._live = self._live, None
             self._state = "closed"
@@ -184,7 +191,7 @@ class ContextEngine(TenantView):
         """Bring the database to ``revision`` (default: the newest). Several processes may
         do this at once: they migrate once. Works before ``initialize()`` too."""
         if self._live is not None:
-            await migrations.migrate(self._live.ctx.store, revision)
+            await migrations.migrate(self._runtime().ctx.store, revision)
             return
         if self._state == "closed":
             raise EngineClosedError("closed")

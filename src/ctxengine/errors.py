@@ -26,6 +26,7 @@ __all__ = [
     "SessionNotFoundError",
     "StorageError",
     "ValidationError",
+    "WrongEventLoopError",
 ]
 
 
@@ -246,3 +247,15 @@ class EngineClosedError(ContextEngineError):
                 "await engine.initialize() or use `async with`"
             )
         super().__init__(msg)
+
+
+class WrongEventLoopError(ContextEngineError):
+    """The engine was used from an event loop (or thread) other than the one it was
+    opened on; its connections and tasks belong to that loop."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this ContextEngine was opened on another event loop (or thread) than the one "
+            "calling it; use one engine per event loop, or ctxengine.sync's blocking "
+            "facade to share one"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ EVENT_TYPES = frozenset(
         "session.ended",
         "session.expired",
         "message.added",
+        "history.trimmed",
         "usage.recorded",
         "quota.warning",
         "quota.critical",
@@ -49,7 +51,11 @@ class _Selector:
 
 
 class EventStream:
-    """An async iterator over published events; bounded (the oldest are dropped when full)."""
+    """A bounded stream of published events (the oldest are dropped when full): an async
+    iterator, and an async context manager that closes it on exit.
+
+    The bus holds streams weakly: one its consumer drops is unregistered at once, as is
+    one closed with :meth:`aclose`; neither queues anything more."""
 
     def __init__(self, bus: EventBus, selector: _Selector, maxsize: int) -> None:
         self._bus = bus
@@ -76,18 +82,30 @@ class EventStream:
         return self
 
     async def __anext__(self) -> Event:
-        if self._closed and self._queue.empty():
+        if self._closed:
             raise StopAsyncIteration
         event = await self._queue.get()
-        if event is None:
+        if event is None or self._closed:
             self._closed = True
             raise StopAsyncIteration
         return event
 
     async def aclose(self) -> None:
-        """Stop receiving events."""
+        """Stop receiving events: unregister, drop what is queued, end the iteration
+        (a consumer waiting for the next event gets StopAsyncIteration)."""
+        if self._closed:
+            return
         self._closed = True
         self._bus._streams.discard(self)
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 class EventBus:
@@ -96,7 +114,7 @@ class EventBus:
     def __init__(self) -> None:
         self._handlers: dict[int, tuple[Handler, _Selector]] = {}
         self._next_id = 0
-        self._streams: set[EventStream] = set()
+        self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, overload
 
 from . import validation as v
-from .errors import EngineClosedError, ValidationError
+from .errors import EngineClosedError, ValidationError, WrongEventLoopError
 from .events import EVENT_TYPES, EventStream, Handler
 from .lifecycle import END_STATUSES
 from .models import (
@@ -77,10 +79,18 @@ class TenantView:
         return self._tenant
 
     def _runtime(self) -> _Runtime:
+        """The open engine's services, for a call on the event loop that opened it
+        (EngineClosedError, WrongEventLoopError). Every public call passes here."""
         runtime = self._engine._live
         if runtime is None:
             raise EngineClosedError(self._engine._state)
-        return runtime
+        try:
+            if asyncio.get_running_loop() is runtime.loop:
+                return runtime
+        except RuntimeError:  # no loop running: a plain member called by the loop's thread
+            if threading.get_ident() == runtime.thread:
+                return runtime
+        raise WrongEventLoopError()
 
     def tenant(self, tenant_id: str) -> TenantView:
         """A view of the same engine confined to ``tenant_id``."""
@@ -650,7 +660,9 @@ class TenantView:
 
     def events(self, *event_types: str, session_id: str | None = None) -> EventStream:
         """An async iterator of events (bounded: the oldest are dropped when the reader
-        falls behind); it ends when the engine closes."""
+        falls behind), subscribed now; it ends when the engine closes. Also an async
+        context manager (``async with engine.events() as stream:``): left, closed with
+        ``aclose()`` or dropped by its consumer, it is unsubscribed at once."""
         return self._runtime().ctx.bus.stream(
             _event_types(event_types), self._tenant_filter(), session_id, STREAM_CAPACITY
         )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -11,7 +14,13 @@ import pytest
 from sqlalchemy import text
 
 from ctxengine import ContextEngine, EngineSettings, Event, SessionStatus
-from ctxengine.errors import SessionExistsError, SessionNotFoundError, StorageError, ValidationError
+from ctxengine.errors import (
+    SessionExistsError,
+    SessionNotFoundError,
+    StorageError,
+    ValidationError,
+    WrongEventLoopError,
+)
 from tests.fixtures import FakeClock
 
 
@@ -151,3 +160,126 @@ async def test_sequential_calls_reuse_the_connection_used_last(db_url: str) -> N
         assert len(burst) == 8
         sequential = {await server_pid() for _ in range(10)}
         assert len(sequential) == 1
+
+
+async def test_a_stream_in_async_with_is_unsubscribed_when_left(engine: ContextEngine) -> None:
+    bus = engine._runtime().ctx.bus
+    async with engine.events("session.created") as stream:
+        assert len(bus._streams) == 1
+        await engine.create_session("a", "u")
+        assert (await anext(stream)).session_id == "a"
+    assert len(bus._streams) == 0 and bus.idle
+    await engine.create_session("b", "u")
+    assert stream._queue.qsize() == 1  # only the end marker: nothing more is queued
+    assert [e async for e in stream] == []
+
+
+async def test_a_closed_stream_wakes_its_reader_and_queues_nothing(engine: ContextEngine) -> None:
+    bus = engine._runtime().ctx.bus
+    stream = engine.events()
+    reader = asyncio.create_task(anext(stream))
+    await asyncio.sleep(0)
+    await engine.create_session("a", "u")
+    assert (await reader).session_id == "a"
+    waiting = asyncio.create_task(anext(stream))
+    await asyncio.sleep(0)
+    await engine.create_session("b", "u")  # queued, then dropped by aclose()
+    await stream.aclose()
+    with pytest.raises(StopAsyncIteration):
+        await waiting
+    assert len(bus._streams) == 0
+    await engine.create_session("c", "u")
+    assert stream._queue.empty()
+    assert [e async for e in stream] == []
+    await stream.aclose()  # twice is fine
+
+
+async def test_a_stream_its_consumer_drops_is_unsubscribed_at_once(engine: ContextEngine) -> None:
+    bus = engine._runtime().ctx.bus
+    stream = engine.events()
+    del stream
+    assert len(bus._streams) == 0
+
+    async def first_created() -> str | None:
+        async for event in engine.events("session.created"):
+            return event.session_id  # stops reading without closing the stream
+        return None
+
+    reader = asyncio.create_task(first_created())
+    await asyncio.sleep(0)  # subscribed
+    assert len(bus._streams) == 1
+    await engine.create_session("a", "u")
+    assert await reader == "a"
+    assert len(bus._streams) == 0 and bus.idle  # collected with the reader, no gc needed
+    gc.collect()
+    assert len(bus._streams) == 0
+
+
+async def call_on_a_new_loop_in_a_thread(call: Callable[[], Awaitable[object]]) -> BaseException:
+    """Run ``call()`` in another thread on its own event loop; what it raised."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(call())  # type: ignore[arg-type]
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    await asyncio.to_thread(thread.join)
+    assert raised, "the call should have raised"
+    return raised[0]
+
+
+async def test_a_call_from_another_thread_raises_wrong_event_loop(engine: ContextEngine) -> None:
+    await engine.create_session("s", "u")
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: engine.get_session("s"),
+        lambda: engine.tenant("acme").create_session("t", "u"),
+        lambda: engine.track_usage("s", "op", "api_calls"),
+        lambda: engine.health_check(),
+        lambda: engine.initialize(),
+        lambda: engine.close(),
+    ]
+    for call in calls:
+        error = await call_on_a_new_loop_in_a_thread(call)
+        assert isinstance(error, WrongEventLoopError), error
+        assert "one engine per event loop" in str(error) and "ctxengine.sync" in str(error)
+
+    async def plain_members() -> None:
+        engine.subscribe(print)
+
+    assert isinstance(await call_on_a_new_loop_in_a_thread(plain_members), WrongEventLoopError)
+    error: list[BaseException] = []
+
+    def without_a_loop() -> None:
+        try:
+            engine.events()
+        except BaseException as exc:
+            error.append(exc)
+
+    await asyncio.to_thread(without_a_loop)
+    assert isinstance(error[0], WrongEventLoopError)
+    # the engine still works on its own loop, and plain members off-loop in its thread
+    assert engine.is_open and (await engine.get_session("s")) is not None
+    assert await engine.tenant("acme").count_sessions() == 0
+
+
+def test_a_call_from_a_second_loop_in_the_same_thread_raises(db_url: str) -> None:
+    engine = ContextEngine(db_url, settings=EngineSettings(auto_cleanup=False))
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        first.run_until_complete(engine.initialize())
+        first.run_until_complete(engine.create_session("s", "u"))
+        stop = engine.subscribe(print)  # no loop running, the loop's own thread: fine
+        stop()
+        with pytest.raises(WrongEventLoopError):
+            second.run_until_complete(engine.get_session("s"))
+        with pytest.raises(WrongEventLoopError):
+            second.run_until_complete(engine.close())
+        assert first.run_until_complete(engine.get_session("s")) is not None
+    finally:
+        first.run_until_complete(engine.close())
+        first.close()
+        second.close()
