@@ -147,7 +147,8 @@ def migrate(revision: str, yes: bool) -> None:
     url = _url()
 
     async def run() -> str:
-        store = open_store(url, _settings())
+        settings = _settings()
+        store = open_store(url, settings)
         try:
             current = await migrations.current_revision(store)
             if current == target:
@@ -159,7 +160,9 @@ def migrate(revision: str, yes: bool) -> None:
                     "The data of the dropped tables and columns is lost",
                     abort=True,
                 )
-            before = await migrations.migrate(store, _revision(target), down=down)
+            before = await migrations.migrate(
+                store, _revision(target), down=down, settings=settings
+            )
         finally:
             await store.dispose()
         return f"database migrated from {_revision(before)} to {_revision(target)}"

@@ -88,16 +88,25 @@ def _read_revision(sync_conn: SyncConnection) -> str | None:
     return context.get_current_revision()
 
 
-async def run_locked(conn: Connection, store: Store, revision: str, *, down: bool) -> str | None:
+async def run_locked(
+    conn: Connection,
+    store: Store,
+    revision: str,
+    *,
+    down: bool,
+    settings: EngineSettings | None = None,
+) -> str | None:
     """Upgrade (or downgrade) on ``conn`` inside the caller's transaction, holding the
     migration lock so concurrent starters migrate once (the revision is re-read under it);
-    the revision the database was at."""
+    the revision the database was at. ``settings`` give data migrations their defaults
+    (else the environment's)."""
     await store.backend.lock(conn, MIGRATION_LOCK)
 
     def run(sync_conn: SyncConnection) -> str | None:
         before = _read_revision(sync_conn)
         config = alembic_config()
         config.attributes["connection"] = sync_conn
+        config.attributes["settings"] = settings
         if down:
             command.downgrade(config, revision)
         else:
@@ -107,12 +116,18 @@ async def run_locked(conn: Connection, store: Store, revision: str, *, down: boo
     return await conn.run_sync(run)
 
 
-async def migrate(store: Store, revision: str = "head", *, down: bool = False) -> str | None:
+async def migrate(
+    store: Store,
+    revision: str = "head",
+    *,
+    down: bool = False,
+    settings: EngineSettings | None = None,
+) -> str | None:
     """Bring the database of ``store`` to ``revision`` in one transaction; the revision
-    it was at before."""
+    it was at before. ``settings``: see :func:`run_locked`."""
 
     async def work(conn: Connection) -> str | None:
-        return await run_locked(conn, store, revision, down=down)
+        return await run_locked(conn, store, revision, down=down, settings=settings)
 
     return await store.run(work, operation="migrate")
 

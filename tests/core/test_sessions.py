@@ -327,13 +327,14 @@ async def test_urls_and_the_embedded_default(tmp_path: Any, monkeypatch: Any) ->
     async with ContextEngine(settings=EngineSettings(auto_cleanup=False)) as engine:
         await engine.create_session("e", "u")
     assert (tmp_path / "env.db").exists()
-    for memory in ("sqlite+aiosqlite:///:memory:", "sqlite://"):
-        async with ContextEngine(memory, settings=EngineSettings(auto_cleanup=False)) as engine:
-            await engine.create_session("m", "u")
-            await engine.update_session("m", increment_requests=True)
-            assert (await engine.get_session("m")).request_count == 1  # type: ignore[union-attr]
-    with pytest.raises(ValidationError):
-        ContextEngine("mysql://localhost/db")
+    memory = "sqlite+aiosqlite:///:memory:"
+    async with ContextEngine(memory, settings=EngineSettings(auto_cleanup=False)) as engine:
+        await engine.create_session("m", "u")
+        await engine.update_session("m", increment_requests=True)
+        assert (await engine.get_session("m")).request_count == 1  # type: ignore[union-attr]
+    for refused in ("mysql://localhost/db", "sqlite://", "postgresql://"):
+        with pytest.raises(ValidationError):
+            ContextEngine(refused)
 
 
 async def test_settings_from_the_environment(monkeypatch: Any) -> None:
