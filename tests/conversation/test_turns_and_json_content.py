@@ -65,7 +65,7 @@ async def test_a_turn_longer_than_the_cap_is_refused_whole(db_url: str) -> None:
         await engine.create_session("s", "u")
         await engine.add_messages("s", turn(0))  # 4 messages
         await engine.add_messages("s", turn(1)[:3])  # the first turn goes
-        assert [m.content for m in await engine.get_messages("s")][0] == "q1"
+        assert (await engine.get_messages("s"))[0].content == "q1"
         before = await engine.get_messages("s")
         with pytest.raises(HistoryLimitError):  # the turn in progress would be split
             await engine.add_messages("s", turn(1, tools=3)[3:])
@@ -79,7 +79,7 @@ async def test_trim_history_keeps_whole_turns(engine: ContextEngine) -> None:
     await engine.create_session("s", "u")
     await engine.add_messages("s", turn(0) + turn(1) + turn(2))  # 4 messages each
     assert await engine.trim_history("s", 5) == 8  # not 7: that would split turn 1
-    assert [m.content for m in await engine.get_messages("s")][0] == "q2"
+    assert (await engine.get_messages("s"))[0].content == "q2"
     assert await engine.trim_history("s", 1) == 0  # the newest turn stays whole
     assert [e.data["removed"] for e in trimmed] == [8]
 
@@ -119,7 +119,9 @@ async def test_json_content_is_redacted_value_by_value_and_parses_back(db_url: s
 @pytest.mark.parametrize(
     "content", [{"x": float("nan")}, {"x": {1, 2}}, [b"bytes"], {"k": "\x00"}, 42]
 )
-async def test_content_that_is_not_json_data_is_refused(engine: ContextEngine, content: Any) -> None:
+async def test_content_that_is_not_json_data_is_refused(
+    engine: ContextEngine, content: Any
+) -> None:
     await engine.create_session("s", "u")
     with pytest.raises(ValidationError):
         await engine.add_message("s", "user", content)
