@@ -332,9 +332,7 @@ async def test_a_clock_stepped_back_keeps_rate_limit_waits_within_the_window(
         await engine.enforce_rate_limit(sid)
 
 
-async def test_a_dead_holders_slot_frees_when_the_clock_steps_back(
-    db_url: str, clock: Any
-) -> None:
+async def test_a_dead_holders_slot_frees_when_the_clock_steps_back(db_url: str, clock: Any) -> None:
     settings = EngineSettings(auto_cleanup=False, session_timeout=100_000, lease_ttl=30)
     async with ContextEngine(db_url, settings=settings, clock=clock) as engine:
         sid = (await engine.create_session(user_id="u")).session_id
