@@ -170,11 +170,6 @@ def test_expected_errors_are_one_line(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage: a connect error raised by the held-connection checkout (prebuilt.py) "
-    "escapes as the DBAPI's Error, not StorageError",
-)
 def test_a_missing_postgres_database_is_one_line() -> None:
     line = fails("stats", "--url", "postgresql://postgres@127.0.0.1:5432/ctx_no_such_database")
     assert "ctx_no_such_database" in line

@@ -57,6 +57,12 @@ class Store:
         self.backend = backend
         self.owned = owned
         self._retries = retries
+        #: ``_STORAGE_ERRORS`` and the error class of the engine's DBAPI (the driver's
+        #: adapter raises it unwrapped where SQLAlchemy does not run, as in a checkout).
+        dbapi_error = getattr(getattr(engine.dialect, "dbapi", None), "Error", None)
+        self._errors: tuple[type[BaseException], ...] = _STORAGE_ERRORS + (
+            (dbapi_error,) if isinstance(dbapi_error, type) else ()
+        )
         self._serial = asyncio.Lock() if backend.serialize else None
         #: Set when the driver runs on the calling thread (its calls never suspend).
         self._inline = (
@@ -101,7 +107,7 @@ class Store:
         try:
             try:
                 return await self._once(work, write, one_statement)
-            except _STORAGE_ERRORS as exc:
+            except self._errors as exc:
                 if not self._retries or not self.backend.is_transient(exc):
                     raise
             # a conflict: back off, then retry (the first attempt skips this machinery)
@@ -115,7 +121,7 @@ class Store:
             async for attempt in retrying:
                 with attempt:
                     return await self._once(work, write, one_statement)
-        except _STORAGE_ERRORS as exc:
+        except self._errors as exc:
             raise StorageError(
                 f"database error during {operation or 'a ctxengine call'}: {exc}",
                 operation=operation or None,
