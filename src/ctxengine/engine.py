@@ -98,7 +98,7 @@ class ContextEngine(TenantView):
             store = open_store(self._target, self.settings)
             try:
                 if self.settings.auto_migrate:
-                    await migrations.migrate(store)
+                    await migrations.migrate(store, settings=self.settings)
                 else:
                     await store.run(_ping, write=False, operation="connect")
             except BaseException:
@@ -191,13 +191,13 @@ class ContextEngine(TenantView):
         """Bring the database to ``revision`` (default: the newest). Several processes may
         do this at once: they migrate once. Works before ``initialize()`` too."""
         if self._live is not None:
-            await migrations.migrate(self._runtime().ctx.store, revision)
+            await migrations.migrate(self._runtime().ctx.store, revision, settings=self.settings)
             return
         if self._state == "closed":
             raise EngineClosedError("closed")
         store = open_store(self._target, self.settings)
         try:
-            await migrations.migrate(store, revision)
+            await migrations.migrate(store, revision, settings=self.settings)
         finally:
             await store.dispose()
 

@@ -14,8 +14,10 @@ from .errors import EngineClosedError, ValidationError, WrongEventLoopError
 from .events import EVENT_TYPES, EventStream, Handler
 from .lifecycle import END_STATUSES
 from .models import (
+    FROM_SETTINGS,
     Chat,
     Checkpoint,
+    FromSettings,
     Message,
     QuotaStatus,
     QuotaType,
@@ -37,7 +39,18 @@ if TYPE_CHECKING:
     from .engine import ContextEngine, _Runtime
 
 _TEMPLATE_OVERRIDES = frozenset(
-    {"session_id", "tier", "metadata", "name", "tags", "preferences", "expires_at", "system_prompt"}
+    {
+        "session_id",
+        "tier",
+        "metadata",
+        "name",
+        "tags",
+        "preferences",
+        "expires_at",
+        "idle_timeout",
+        "max_messages",
+        "system_prompt",
+    }
 )
 
 
@@ -108,14 +121,39 @@ class TenantView:
         tags: Sequence[str] | None = None,
         preferences: dict[str, Any] | None = None,
         expires_at: datetime | None = None,
+        idle_timeout: float | FromSettings | None = FROM_SETTINGS,
+        max_messages: int | FromSettings | None = FROM_SETTINGS,
         system_prompt: str | None = None,
     ) -> Session:
         """Create an active session (a time-ordered id is generated when none is given)
         with its default chat; ``system_prompt`` becomes that chat's first message.
 
+        ``idle_timeout``: seconds of idleness after which the session expires (None:
+        never for idleness; ``expires_at`` still applies); ``max_messages``: the default
+        chat's message cap (None: no cap). Both default to the engine's settings
+        (``session_timeout``, ``max_messages_per_chat``) and are fixed at creation.
+
         Raises SessionExistsError, SessionLimitError, ValidationError."""
         if user_id is None:
             raise ValidationError("user_id is required", field="user_id")
+        return await self._create(
+            session_id,
+            user_id,
+            exist_ok=False,
+            tier=tier,
+            metadata=metadata,
+            name=name,
+            tags=tags,
+            preferences=preferences,
+            expires_at=expires_at,
+            idle_timeout=idle_timeout,
+            max_messages=max_messages,
+            system_prompt=system_prompt,
+        )
+
+    async def _create(
+        self, session_id: str | None, user_id: str, *, system_prompt: str | None, **kw: Any
+    ) -> Session:
         runtime = self._runtime()
         prompt = (
             None
@@ -123,16 +161,7 @@ class TenantView:
             else runtime.conversation.new_message("system", system_prompt)
         )
         return await runtime.sessions.create(
-            self._tenant,
-            session_id,
-            user_id,
-            tier=tier,
-            metadata=metadata,
-            name=name,
-            tags=tags,
-            preferences=preferences,
-            expires_at=expires_at,
-            system_prompt=prompt,
+            self._tenant, session_id, user_id, system_prompt=prompt, **kw
         )
 
     async def create_session_from_template(
@@ -160,11 +189,37 @@ class TenantView:
         }
         return await self.create_session(user_id=user_id, **options)
 
-    async def get_or_create_session(self, session_id: str, user_id: str, **kw: Any) -> Session:
-        """The session with this id, created (with ``kw``) if it does not exist yet."""
+    async def get_or_create_session(
+        self,
+        session_id: str,
+        user_id: str,
+        *,
+        tier: str = "free",
+        metadata: dict[str, Any] | None = None,
+        name: str | None = None,
+        tags: Sequence[str] | None = None,
+        preferences: dict[str, Any] | None = None,
+        expires_at: datetime | None = None,
+        idle_timeout: float | FromSettings | None = FROM_SETTINGS,
+        max_messages: int | FromSettings | None = FROM_SETTINGS,
+        system_prompt: str | None = None,
+    ) -> Session:
+        """The session with this id as stored, or created with these create_session()
+        arguments if it does not exist yet (safe under concurrent callers)."""
         v.identifier(session_id)
-        return await self._runtime().sessions.create(
-            self._tenant, session_id, user_id, exist_ok=True, **kw
+        return await self._create(
+            session_id,
+            user_id,
+            exist_ok=True,
+            tier=tier,
+            metadata=metadata,
+            name=name,
+            tags=tags,
+            preferences=preferences,
+            expires_at=expires_at,
+            idle_timeout=idle_timeout,
+            max_messages=max_messages,
+            system_prompt=system_prompt,
         )
 
     async def get_session(self, session_id: str) -> Session | None:
@@ -288,8 +343,10 @@ class TenantView:
         return await sessions.page(self._tenant, f, None, None)
 
     async def cleanup_inactive_sessions(self, max_idle_seconds: float | None = None) -> int:
-        """Expire every active or paused session idle longer than ``max_idle_seconds``
-        (default: the session timeout) or past its ``expires_at``; the number expired."""
+        """Expire every active or paused session idle longer than its own
+        ``idle_timeout`` (or, when given, than ``max_idle_seconds``, which applies to
+        every session, those without a timeout included) or past its ``expires_at``;
+        the number expired."""
         return await self._runtime().sessions.expire_stale(self._tenant, max_idle_seconds)
 
     async def purge_sessions(
@@ -309,12 +366,13 @@ class TenantView:
         *,
         system_prompt: str | None = None,
         metadata: dict[str, Any] | None = None,
-        max_messages: int | None = None,
+        max_messages: int | FromSettings | None = FROM_SETTINGS,
         chat_id: str | None = None,
     ) -> Chat:
         """Add a chat to an active session (ChatLimitError past max_chats_per_session);
-        ``system_prompt`` becomes its first message. The current chat stays as it is:
-        use switch_chat() to write to the new one by default."""
+        ``system_prompt`` becomes its first message; ``max_messages`` caps it (None: no
+        cap; default ``max_messages_per_chat``). The current chat stays as it is: use
+        switch_chat() to write to the new one by default."""
         return await self._runtime().conversation.create_chat(
             self._tenant,
             session_id,
@@ -346,17 +404,19 @@ class TenantView:
         self,
         session_id: str,
         role: str,
-        content: str,
+        content: str | Mapping[str, Any] | list[Any],
         *,
         chat_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         tokens: int | None = None,
     ) -> Message:
         """Append a message (role system, user, assistant or tool) to a chat of an active
-        session: the current chat unless ``chat_id`` is given. Content is redacted
-        with ``redact_patterns`` first; past ``max_messages_per_chat`` the oldest
-        non-system messages are dropped ("trim") or HistoryLimitError is raised
-        ("reject")."""
+        session: the current chat unless ``chat_id`` is given. ``content`` is text, or
+        JSON data (a dict or a list, such as an agent framework's item) stored as its
+        compact JSON text. It is redacted with ``redact_patterns`` first (JSON data
+        value by value, so it always parses back). Past the chat's cap the oldest whole
+        turns are dropped ("trim": a turn starts at a user message, so a tool result
+        never loses its call) or HistoryLimitError is raised ("reject")."""
         conversation = self._runtime().conversation
         message = conversation.new_message(role, content, metadata, tokens)
         (added,) = await conversation.add_messages(self._tenant, session_id, [message], chat_id)

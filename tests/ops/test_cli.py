@@ -9,7 +9,6 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner, Result
 
 from ctxengine import ContextEngine, EngineSettings
