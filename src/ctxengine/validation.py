@@ -162,6 +162,18 @@ def seconds(value: object, field: str) -> float:
     return number
 
 
+def duration(value: object, field: str) -> float:
+    """A duration >= 0 of at most MAX_SECONDS."""
+    number = non_negative(value, field)
+    if number > MAX_SECONDS:
+        raise ValidationError(
+            f"{field} must be at most {MAX_SECONDS:g} seconds, got {value!r}",
+            field=field,
+            value=value,
+        )
+    return number
+
+
 def whole(value: object, field: str) -> int:
     """A whole number from 1 to MAX_QUANTITY (rate-limit calls and costs)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_QUANTITY:

@@ -157,3 +157,19 @@ async def test_quota_amounts_and_limits_that_could_overflow_are_refused(
     await refused(lambda: engine.set_rate_limit("s", "op", 5, 1e300))
     await refused(lambda: engine.enforce_rate_limit("s", "op", cost=10**30))
     await refused(lambda: engine.predict_quota_exhaustion("s", lookback=1e300))
+
+
+async def test_durations_and_imported_quotas_that_could_overflow_are_refused(
+    engine: ContextEngine,
+) -> None:
+    await engine.create_session("s", "u")
+    for seconds in (1e308, 10**400, float("inf")):
+        await refused(lambda s=seconds: engine.update_session("s", add_processing_time=s))  # type: ignore[misc]
+        await refused(lambda s=seconds: engine.create_session("t", "u", idle_timeout=s))  # type: ignore[misc]
+    stored = await engine.get_session("s")
+    assert stored is not None and stored.total_processing_time == 0.0
+    assert await engine.get_session("t") is None
+    data = await engine.export_session("s")
+    data["quotas"] = [{"resource_type": "tokens", "used": 1e308, "limit": None}]
+    await refused(lambda: engine.import_session(data, new_session_id="copy"))
+    assert await engine.get_session("copy") is None

@@ -17,15 +17,17 @@ def test_there_are_examples() -> None:
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_example_runs(script: Path, tmp_path: Path) -> None:
+def test_example_runs_and_runs_again(script: Path, tmp_path: Path) -> None:
+    """Each example runs to completion, and again against the database it left."""
     env = {k: v for k, v in os.environ.items() if k != "CTXENGINE_DATABASE_URL"}
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip()
+    for run in ("first", "second"):
+        result = subprocess.run(
+            [sys.executable, str(script)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, f"{run} run: {result.stderr}"
+        assert result.stdout.strip()

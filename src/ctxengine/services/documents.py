@@ -26,6 +26,7 @@ from pydantic import (
 
 from ..errors import ValidationError
 from ..models import QuotaType, SessionStatus
+from ..validation import MAX_QUANTITY
 
 FORMAT_VERSION = 1
 ROLES = ("system", "user", "assistant", "tool")
@@ -110,8 +111,8 @@ class SessionDoc(_Doc):
 
 class QuotaDoc(_Doc):
     resource_type: QuotaType
-    used: float = Field(ge=0)
-    limit: float | None = Field(None, ge=0)
+    used: float = Field(ge=0, le=MAX_QUANTITY)
+    limit: float | None = Field(None, ge=0, le=MAX_QUANTITY)
     custom: bool = False
 
 

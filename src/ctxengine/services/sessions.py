@@ -97,7 +97,7 @@ class SessionService:
             "preferences": v.json_object(preferences, "preferences", settings.max_metadata_bytes),
             "expires_at": v.optional_aware(expires_at, "expires_at"),
             "idle_timeout": (
-                None if idle_timeout is None else v.positive(idle_timeout, "idle_timeout")
+                None if idle_timeout is None else v.seconds(idle_timeout, "idle_timeout")
             ),
             "request_count": 0,
             "error_count": 0,
@@ -248,7 +248,7 @@ class SessionService:
     ) -> Session:
         v.identifier(session_id)
         counters = Counters(
-            requests, errors, v.non_negative(processing_time, "add_processing_time")
+            requests, errors, v.duration(processing_time, "add_processing_time")
         )
         max_bytes = self.ctx.settings.max_metadata_bytes
         patch = v.json_object(metadata, "metadata", max_bytes) if metadata is not None else None
