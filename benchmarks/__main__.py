@@ -25,7 +25,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -400,12 +400,12 @@ class Bare:
 
 def guarded(session_id: str, now: datetime, **more: Any) -> dict[str, Any]:
     """The parameters of a statement guarded by the session's state (which session,
-    the time, the oldest activity still live), and ``more``."""
+    the time, as seconds since the epoch too), and ``more``."""
     return {
         "tenant": "default",
         "sid": session_id,
         "now": now,
-        "cutoff": now - timedelta(hours=1),
+        "now_epoch": now.timestamp(),
         **more,
     }
 

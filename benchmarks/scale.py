@@ -205,10 +205,11 @@ def growth_sql(dialect: str, plan: Plan, a: int, b: int) -> list[str]:
     sessions = (
         f"{rows} INSERT INTO ctx_sessions (tenant_id, session_id, user_id, tier, status, name, "
         "metadata, tags, preferences, created_at, last_activity, ended_at, expires_at, "
-        "request_count, error_count, total_processing_time, current_chat_id, chat_count) "
+        "request_count, error_count, total_processing_time, current_chat_id, chat_count, "
+        "idle_timeout, idle_deadline) "
         f"SELECT '{TENANT}', {sid('c', 'i')}, 'user-' || (i % {plan.users}), 'free', 'active', "
         f"NULL, {js('{}')}, {js('[]')}, {js('{}')}, {ts('c')}, {ts(last)}, NULL, NULL, "
-        "0, 0, 0.0, 'default', 1 FROM g"
+        f"0, 0, 0.0, 'default', 1, {TIMEOUT_S}, ({last}) / 1000.0 + {TIMEOUT_S} FROM g"
     )
     chats = (
         f"{rows} INSERT INTO ctx_chats (tenant_id, session_id, chat_id, name, metadata, "
@@ -639,17 +640,17 @@ async def expire_idle(engine: ContextEngine, helper: Helper, plan: Plan) -> dict
 
 def expire_all_sql(dialect: str) -> str:
     """One UPDATE expiring every idle session, found as the sweep finds them (the range
-    of the ``(status, idle_bucket)`` index up to the cutoff's bucket)."""
+    of the ``(status, idle_bucket)`` index up to now's bucket, then the deadline)."""
     now = datetime.now(UTC)
-    cutoff = now - timedelta(seconds=TIMEOUT_S)
-    bucket = int(cutoff.timestamp() // 10)
+    epoch = now.timestamp()
+    bucket = int(epoch // 10)
     if dialect == "sqlite":
-        at, before = (f"'{v.strftime('%Y-%m-%d %H:%M:%S.%f')}'" for v in (now, cutoff))
+        at = f"'{now.strftime('%Y-%m-%d %H:%M:%S.%f')}'"
     else:
-        at, before = (f"'{v.isoformat()}'::timestamptz" for v in (now, cutoff))
+        at = f"'{now.isoformat()}'::timestamptz"
     return (
         f"UPDATE ctx_sessions SET status = 'expired', ended_at = {at} WHERE status = 'active' "
-        f"AND idle_bucket <= {bucket} AND last_activity < {before}"
+        f"AND idle_bucket <= {bucket} AND idle_deadline < {epoch!r}"
     )
 
 
