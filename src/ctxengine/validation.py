@@ -140,38 +140,28 @@ def positive(value: object, field: str) -> float:
     return number
 
 
+def _at_most(number: float, maximum: float, field: str, value: object, unit: str = "") -> float:
+    if number > maximum:
+        raise ValidationError(
+            f"{field} must be at most {maximum:g}{unit}, got {value!r}", field=field, value=value
+        )
+    return number
+
+
 def quantity(value: object, field: str, *, zero: bool = False) -> float:
     """A quota amount (> 0) or limit (>= 0 with ``zero``) of at most MAX_QUANTITY."""
     number = non_negative(value, field) if zero else positive(value, field)
-    if number > MAX_QUANTITY:
-        raise ValidationError(
-            f"{field} must be at most {MAX_QUANTITY:g}, got {value!r}", field=field, value=value
-        )
-    return number
+    return _at_most(number, MAX_QUANTITY, field, value)
 
 
 def seconds(value: object, field: str) -> float:
     """A duration > 0 of at most MAX_SECONDS."""
-    number = positive(value, field)
-    if number > MAX_SECONDS:
-        raise ValidationError(
-            f"{field} must be at most {MAX_SECONDS:g} seconds, got {value!r}",
-            field=field,
-            value=value,
-        )
-    return number
+    return _at_most(positive(value, field), MAX_SECONDS, field, value, " seconds")
 
 
 def duration(value: object, field: str) -> float:
     """A duration >= 0 of at most MAX_SECONDS."""
-    number = non_negative(value, field)
-    if number > MAX_SECONDS:
-        raise ValidationError(
-            f"{field} must be at most {MAX_SECONDS:g} seconds, got {value!r}",
-            field=field,
-            value=value,
-        )
-    return number
+    return _at_most(non_negative(value, field), MAX_SECONDS, field, value, " seconds")
 
 
 def whole(value: object, field: str) -> int:
