@@ -3,22 +3,28 @@
     from agents import Agent, Runner
     from ctxengine.integrations.openai_agents import ContextEngineSession
 
-    session = ContextEngineSession(engine, "conversation-42", user_id="ada")
-    result = await Runner.run(agent, "Hello", session=session)
+    async with ContextEngineSession(engine, "conversation-42", user_id="ada") as session:
+        result = await Runner.run(agent, "Hello", session=session)
 
-Items are stored as messages of the session's chat, each the item's JSON (redacted
-with ``redact_patterns`` like any message), and come back in write order: the chat's
+Items are stored as messages of the session's chat, each the item as JSON data
+(``redact_patterns`` apply to the strings inside it and to the values of secret-named
+keys, so a stored item always parses back), and come back in write order: the chat's
 sequence numbers, not timestamps, order them. The engine session is created on first
-use; its lifecycle, metrics and limits apply (adding items to an expired session
-raises :class:`~ctxengine.errors.SessionExpiredError`).
+use with no idle expiry and no item cap unless asked (``idle_timeout``, ``max_items``),
+as the SDK's own stores keep a conversation forever.
 """
 
 from __future__ import annotations
 
 import json
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from agents.memory.session_settings import SessionSettings, resolve_session_limit
+from agents.memory.session_settings import (
+    SessionSettings,
+    coerce_session_settings,
+    resolve_session_limit,
+)
 
 if TYPE_CHECKING:
     from agents.items import TResponseInputItem
@@ -31,8 +37,9 @@ _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "develop
 
 
 def _role(item: Any) -> str:
-    """The message role an item is stored under; items without a chat role (tool calls,
-    their outputs, reasoning) are stored as tool messages."""
+    """The message role an item is stored under. Only user input is ``user`` (a turn,
+    which trimming keeps or drops whole, starts there); items without a chat role
+    (tool calls, their outputs, reasoning) are ``tool``; developer items ``system``."""
     role = item.get("role") if isinstance(item, dict) else None
     return _ROLES.get(role, "tool") if isinstance(role, str) else "tool"
 
@@ -40,9 +47,17 @@ def _role(item: Any) -> str:
 class ContextEngineSession:
     """Satisfies the OpenAI Agents SDK ``Session`` protocol on a ctxengine session.
 
-    ``engine`` is a :class:`~ctxengine.ContextEngine` or a tenant view of one;
-    ``user_id`` (default: the session id) and ``tier`` are used when the session is
-    created; ``chat_id`` selects a chat other than the session's current one.
+    ``engine`` is a :class:`~ctxengine.ContextEngine` or a tenant view of one. When the
+    engine session does not exist yet it is created with ``user_id`` (default: the
+    session id), ``tier``, ``idle_timeout`` (seconds of idleness before it expires;
+    None, the default: never) and ``max_items`` (the cap of its default chat, whose
+    oldest whole turns are trimmed past it; None, the default: no cap). An existing
+    session keeps its own settings. ``chat_id`` selects a chat other than the
+    session's current one. ``session_settings`` (a ``SessionSettings`` or a dict)
+    gives the default ``limit`` of :meth:`get_items`.
+
+    ``close()`` (or leaving ``async with``) ends the use of this object, not of the
+    engine: later calls raise ``RuntimeError``.
     """
 
     def __init__(
@@ -53,23 +68,63 @@ class ContextEngineSession:
         user_id: str | None = None,
         tier: str = "free",
         chat_id: str | None = None,
-        session_settings: SessionSettings | None = None,
+        session_settings: SessionSettings | dict[str, Any] | None = None,
+        idle_timeout: float | None = None,
+        max_items: int | None = None,
     ) -> None:
         self.engine = engine
         self.session_id = session_id
-        self.session_settings = session_settings
+        self.session_settings: SessionSettings | None = (
+            SessionSettings()
+            if session_settings is None
+            else coerce_session_settings(session_settings)
+        )
         self._user_id = session_id if user_id is None else user_id
         self._tier = tier
         self._chat_id = chat_id
+        self._idle_timeout = idle_timeout
+        self._max_items = max_items
         self._created = False
+        self._closed = False
+
+    async def __aenter__(self) -> ContextEngineSession:
+        self._check_open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop using this session object (idempotent); the engine stays open."""
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                f"ContextEngineSession {self.session_id!r} is closed; create a new one "
+                "(its engine and stored items are untouched)"
+            )
 
     async def _ensure(self) -> None:
+        self._check_open()
         if not self._created:
-            await self.engine.get_or_create_session(self.session_id, self._user_id, tier=self._tier)
+            await self.engine.get_or_create_session(
+                self.session_id,
+                self._user_id,
+                tier=self._tier,
+                idle_timeout=self._idle_timeout,
+                max_messages=self._max_items,
+            )
             self._created = True
 
     async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
-        """The latest ``limit`` items (all with None), oldest first."""
+        """The latest ``limit`` items (default: ``session_settings.limit``; all when
+        None), oldest first."""
         await self._ensure()
         wanted = resolve_session_limit(limit, self.session_settings)
         if wanted is not None and wanted <= 0:
@@ -82,11 +137,12 @@ class ContextEngineSession:
     async def add_items(self, items: list[TResponseInputItem]) -> None:
         """Append ``items`` in order, in one transaction."""
         if not items:
+            self._check_open()
             return
         await self._ensure()
         await self.engine.add_messages(
             self.session_id,
-            [{"role": _role(item), "content": json.dumps(item)} for item in items],
+            [{"role": _role(item), "content": item} for item in items],
             chat_id=self._chat_id,
         )
 
