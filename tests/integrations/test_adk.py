@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from google.adk.agents import LlmAgent
+from google.adk.errors import StaleSessionError
 from google.adk.errors.already_exists_error import AlreadyExistsError
 from google.adk.errors.session_not_found_error import SessionNotFoundError
 from google.adk.events.event import Event
@@ -21,6 +22,7 @@ from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
 from google.adk.runners import Runner
 from google.adk.sessions.base_session_service import BaseSessionService, GetSessionConfig
+from google.adk.sessions.database_session_service import DatabaseSessionService
 from google.adk.sessions.session import Session
 from google.adk.tools.tool_context import ToolContext
 from google.genai import types
@@ -28,11 +30,14 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from ctxengine import ContextEngine, EngineSettings
+from ctxengine import Event as EngineEvent
 from ctxengine.errors import SessionExpiredError
 from ctxengine.integrations.adk import ContextEngineSessionService, engine_session_id
+from ctxengine.redaction import DEFAULT_SECRET_PATTERNS
 from tests.fixtures import FakeClock
 
 APP = "my_app"
+THIRTY_DAYS = 30 * 24 * 3600
 
 
 @pytest.fixture
@@ -369,6 +374,36 @@ async def test_events_round_trip_exactly(
     assert [Event.model_validate_json(m.content) for m in messages] == [first, second]
 
 
+async def test_roles_start_turns_only_at_user_input(
+    service: ContextEngineSessionService, engine: ContextEngine
+) -> None:
+    """Trimming keeps or drops whole turns, which start at ``user`` messages: a
+    function response (role user in ADK, even when the user sends it) is ``tool``."""
+    session = await service.create_session(app_name=APP, user_id="u", session_id="s")
+    call = types.FunctionCall(id="call-1", name="approve", args={})
+    response = types.FunctionResponse(id="call-1", name="approve", response={"ok": True})
+    events = [
+        user_event("book it"),
+        Event(author="agent", content=types.Content(role="model", parts=[types.Part(text="ok")])),
+        Event(
+            author="agent",
+            content=types.Content(role="model", parts=[types.Part(function_call=call)]),
+        ),
+        Event(
+            author="user",
+            content=types.Content(role="user", parts=[types.Part(function_response=response)]),
+        ),
+        Event(
+            author="agent",
+            content=types.Content(role="user", parts=[types.Part(function_response=response)]),
+        ),
+    ]
+    for event in events:
+        await service.append_event(session, event)
+    messages = await engine.get_messages(engine_session_id(APP, "u", "s"))
+    assert [m.role for m in messages] == ["user", "assistant", "assistant", "tool", "tool"]
+
+
 async def test_last_update_time_is_the_last_activity(
     service: ContextEngineSessionService, engine: ContextEngine
 ) -> None:
@@ -460,21 +495,50 @@ async def test_append_to_a_missing_session_raises_adks_error(
     await service.delete_session(app_name=APP, user_id="u", session_id="gone")
     with pytest.raises(SessionNotFoundError):
         await service.append_event(deleted, user_event())
+    strict = ContextEngineSessionService(engine, on_stale="raise")
+    for session in (ghost, deleted):
+        with pytest.raises(SessionNotFoundError):
+            await strict.append_event(session, user_event())
     assert await engine.count_sessions() == 0
 
 
-async def test_append_to_an_expired_session_raises(db_url: str, clock: FakeClock) -> None:
+async def test_idle_timeout_and_sessions_created_elsewhere(db_url: str, clock: FakeClock) -> None:
     settings = EngineSettings(auto_cleanup=False, session_timeout=60)
     async with ContextEngine(db_url, settings=settings, clock=clock) as engine:
-        service = ContextEngineSessionService(engine)
+        service = ContextEngineSessionService(engine, idle_timeout=120)
         session = await service.create_session(app_name=APP, user_id="u", session_id="s")
-        await service.append_event(session, user_event("on time"))
+        # created elsewhere, with the engine's 60 s: it keeps them
+        await engine.create_session(
+            engine_session_id(APP, "u", "old"), "u", tags=["adk", f"adk-app:{APP}"]
+        )
+        old = await service.get_session(app_name=APP, user_id="u", session_id="old")
+        assert old is not None
         clock.advance(61)
+        with pytest.raises(SessionExpiredError):
+            await service.append_event(old, user_event("too late"))
+        await service.append_event(session, user_event("on time"))
+        clock.advance(121)
         with pytest.raises(SessionExpiredError):
             await service.append_event(session, user_event("too late", state={"k": 1}))
         got = await service.get_session(app_name=APP, user_id="u", session_id="s")
         assert got is not None
         assert len(got.events) == 1 and "k" not in got.state
+
+
+async def test_a_conversation_resumes_thirty_days_later(db_url: str, clock: FakeClock) -> None:
+    """Like ADK's own services, sessions never expire for idleness (the engine default,
+    session_timeout=1800, is for sessions created elsewhere)."""
+    settings = EngineSettings(auto_cleanup=False)
+    assert settings.session_timeout == 1800
+    async with ContextEngine(db_url, settings=settings, clock=clock) as engine:
+        first = await run_turn_untracked(scribe_runner(engine), "ada", "chat", "I like tea")
+        assert first == "noted (3 contents seen)"
+        stored = await engine.get_session(engine_session_id(APP, "ada", "chat"))
+        assert stored is not None and stored.idle_timeout is None
+        clock.advance(THIRTY_DAYS)
+        assert await engine.cleanup_inactive_sessions() == 0  # the sweep spares it too
+        later = await run_turn_untracked(scribe_runner(engine), "ada", "chat", "I live in Oslo")
+        assert later == "noted (7 contents seen)"
 
 
 async def test_tenant_views_are_separate(engine: ContextEngine) -> None:
@@ -622,7 +686,7 @@ async def test_a_runner_turn(engine: ContextEngine) -> None:
     assert stored.request_count == 2 and stored.error_count == 0
     assert await engine.count_messages(sid) == 8
     roles = [m.role for m in await engine.get_messages(sid)]
-    assert roles == ["user", "assistant", "assistant", "assistant"] * 2
+    assert roles == ["user", "assistant", "tool", "assistant"] * 2
     assert await service.get_user_state(app_name=APP, user_id="ada") == {
         "facts": ["I like tea", "I live in Oslo"]
     }
@@ -650,3 +714,203 @@ async def run_turn_untracked(runner: Runner, user: str, sid: str, text: str) -> 
         if event.is_final_response() and event.content and event.content.parts:
             replies.extend(p.text for p in event.content.parts if p.text)
     return " ".join(replies)
+
+
+def scribe_runner(engine: ContextEngine, **options: Any) -> Runner:
+    """A Runner of the scribe agent on a new service (``options``: the service's);
+    it creates missing sessions."""
+    agent = LlmAgent(name="scribe", model=ScriptedModel(), tools=[remember])
+    service = ContextEngineSessionService(engine, **options)
+    return Runner(agent=agent, app_name=APP, session_service=service, auto_create_session=True)
+
+
+def calls_are_whole(events: list[Event]) -> bool:
+    """Every function response follows its function call (paired by id)."""
+    called: set[str | None] = set()
+    for event in events:
+        if any(r.id not in called for r in event.get_function_responses()):
+            return False
+        called.update(c.id for c in event.get_function_calls())
+    return True
+
+
+# -- redaction and trimming ---------------------------------------------------------------
+
+
+async def test_secrets_are_redacted_and_events_parse_back(db_url: str) -> None:
+    settings = EngineSettings(auto_cleanup=False, redact_patterns=DEFAULT_SECRET_PATTERNS)
+    async with ContextEngine(db_url, settings=settings) as engine:
+        said = 'my password=hunter2 "and" more'
+        assert await run_turn_untracked(scribe_runner(engine), "ada", "chat", said) == (
+            "noted (3 contents seen)"
+        )
+        service = ContextEngineSessionService(engine)
+        session = await service.get_session(app_name=APP, user_id="ada", session_id="chat")
+        assert session is not None
+        await service.append_event(
+            session, Event(author="user", custom_metadata={"login": {"password": "hunter2"}})
+        )
+        sid = engine_session_id(APP, "ada", "chat")
+        assert not any("hunter2" in m.content for m in await engine.get_messages(sid))
+        got = await service.get_session(app_name=APP, user_id="ada", session_id="chat")
+        assert got is not None and len(got.events) == 5  # every stored event parses back
+        assert got.events[0].content is not None and got.events[0].content.parts
+        assert got.events[0].content.parts[0].text == 'my password=[REDACTED] "and" more'
+        (call,) = got.events[1].get_function_calls()
+        assert call.args == {"fact": 'my password=[REDACTED] "and" more'}
+        assert got.events[-1].custom_metadata == {"login": {"password": "[REDACTED]"}}
+        again = await run_turn_untracked(scribe_runner(engine), "ada", "chat", "next turn")
+        assert again == "noted (7 contents seen)"  # the metadata-only event is no content
+
+
+async def test_a_capped_session_trims_whole_turns(db_url: str) -> None:
+    async with ContextEngine(db_url, settings=EngineSettings(auto_cleanup=False)) as engine:
+        trims: list[EngineEvent] = []
+        engine.subscribe(lambda e: trims.append(e) if e.type == "history.trimmed" else None)
+        service = ContextEngineSessionService(engine, max_events=6)
+        for turn, fact in enumerate(("tea", "Oslo", "cats", "jazz")):
+            runner = scribe_runner(engine, max_events=6)
+            reply = await run_turn_untracked(runner, "ada", "chat", fact)
+            # the model saw the one turn kept (4 events) and this turn's 3 so far
+            assert reply == f"noted ({7 if turn else 3} contents seen)"
+            got = await service.get_session(app_name=APP, user_id="ada", session_id="chat")
+            assert got is not None and calls_are_whole(got.events)
+            assert [e.author for e in got.events] == ["user", "scribe", "scribe", "scribe"]
+            assert got.events[0].content is not None and got.events[0].content.parts
+            assert got.events[0].content.parts[0].text == fact
+        assert sum(t.data["removed"] for t in trims) == 12  # three whole turns
+        (chat,) = await engine.list_chats(engine_session_id(APP, "ada", "chat"))
+        assert chat.max_messages == 6
+
+
+async def test_without_a_cap_nothing_is_dropped(
+    service: ContextEngineSessionService,
+) -> None:
+    session = await service.create_session(app_name=APP, user_id="u", session_id="s")
+    events = [user_event(f"event {i}") for i in range(1100)]  # past max_messages_per_chat
+    for start in range(0, len(events), 50):
+        await asyncio.gather(
+            *(service.append_event(session, e) for e in events[start : start + 50])
+        )
+    got = await service.get_session(app_name=APP, user_id="u", session_id="s")
+    assert got is not None
+    assert len(got.events) == 1100 and {e.id for e in got.events} == {e.id for e in events}
+
+
+# -- on_stale="raise" ---------------------------------------------------------------------
+
+
+def texts(session: Session) -> list[str]:
+    return [
+        p.text or ""
+        for e in session.events
+        if e.content and e.content.parts
+        for p in e.content.parts
+    ]
+
+
+async def test_on_stale_raise_refuses_stale_copies_and_writes_nothing(
+    engine: ContextEngine,
+) -> None:
+    strict = ContextEngineSessionService(engine, on_stale="raise")
+    created = await strict.create_session(app_name=APP, user_id="u", session_id="s", state={"k": 0})
+    await strict.append_event(created, user_event("one"))  # a copy stays current
+    await strict.append_event(created, user_event("two"))  # across its own appends
+    stale = await strict.get_session(app_name=APP, user_id="u", session_id="s")
+    fresh = await strict.get_session(app_name=APP, user_id="u", session_id="s")
+    assert stale is not None and fresh is not None
+    await strict.append_event(fresh, user_event("three", state={"k": 3}))
+
+    for copy in (stale, created):
+        with pytest.raises(StaleSessionError, match="reload it with get_session"):
+            await strict.append_event(
+                copy, user_event("lost", state={"k": 9, "user:x": 1, "app:y": 1, "temp:t": 1})
+            )
+        assert texts(copy) == ["one", "two"] and copy.state["k"] == 0
+    got = await strict.get_session(app_name=APP, user_id="u", session_id="s")
+    assert got is not None
+    assert texts(got) == ["one", "two", "three"] and got.state == {"k": 3}
+    assert await strict.get_user_state(app_name=APP, user_id="u") == {}
+    assert await engine.get_shared_state(f'["adk-app", "{APP}"]') == {}
+
+    # a copy holding no events (num_recent_events=0) is current when loaded last
+    empty = await strict.get_session(
+        app_name=APP, user_id="u", session_id="s", config=GetSessionConfig(num_recent_events=0)
+    )
+    assert empty is not None
+    await strict.append_event(empty, user_event("four"))
+    # a session object built by hand is compared by its newest event
+    current = await strict.get_session(app_name=APP, user_id="u", session_id="s")
+    assert current is not None
+    by_hand = Session(id="s", app_name=APP, user_id="u", events=list(current.events))
+    old = Session(id="s", app_name=APP, user_id="u", events=list(current.events[:-1]))
+    with pytest.raises(StaleSessionError):
+        await strict.append_event(old, user_event("lost"))
+    await strict.append_event(by_hand, user_event("five"))
+    # "merge" (the default) accepts the stale copy
+    await ContextEngineSessionService(engine).append_event(stale, user_event("merged"))
+    final = await strict.get_session(app_name=APP, user_id="u", session_id="s")
+    assert final is not None
+    assert texts(final) == ["one", "two", "three", "four", "five", "merged"]
+
+
+async def test_on_stale_raise_raises_what_adks_database_service_raises(
+    tmp_path: Any,
+) -> None:
+    adk = DatabaseSessionService(db_url=f"sqlite+aiosqlite:///{tmp_path / 'adk.db'}")
+    created = await adk.create_session(app_name=APP, user_id="u", session_id="s")
+    copy = await adk.get_session(app_name=APP, user_id="u", session_id="s")
+    assert copy is not None
+    await adk.append_event(created, user_event("one"))
+    with pytest.raises(StaleSessionError) as theirs:
+        await adk.append_event(copy, user_event("two"))
+    await adk.close()
+    assert isinstance(theirs.value, ValueError)
+
+
+async def test_two_concurrent_runs_on_one_session(engine: ContextEngine) -> None:
+    """With on_stale="raise" the second of two concurrent run_async calls on one
+    session fails instead of interleaving its events with the first's."""
+    await ContextEngineSessionService(engine).create_session(
+        app_name=APP, user_id="ada", session_id="chat"
+    )
+    runs = await asyncio.gather(
+        *(
+            run_turn_untracked(scribe_runner(engine, on_stale="raise"), "ada", "chat", fact)
+            for fact in ("tea", "coffee")
+        ),
+        return_exceptions=True,
+    )
+    failed = [r for r in runs if isinstance(r, BaseException)]
+    assert len(failed) == 1 and isinstance(failed[0], StaleSessionError), runs
+    assert [r for r in runs if isinstance(r, str)] == ["noted (3 contents seen)"]
+    got = await ContextEngineSessionService(engine).get_session(
+        app_name=APP, user_id="ada", session_id="chat"
+    )
+    assert got is not None
+    assert [e.author for e in got.events] == ["user", "scribe", "scribe", "scribe"]
+    assert len({e.invocation_id for e in got.events}) == 1
+    assert got.state == {"turns": 1, "user:facts": [texts(got)[0]]}
+
+
+def test_on_stale_takes_merge_or_raise(engine: ContextEngine) -> None:
+    assert ContextEngineSessionService(engine).on_stale == "merge"
+    with pytest.raises(ValueError, match='on_stale must be "merge" or "raise"'):
+        ContextEngineSessionService(engine, on_stale="ignore")  # type: ignore[arg-type]
+
+
+# -- closing ------------------------------------------------------------------------------
+
+
+async def test_async_with_and_close_leave_the_engine_open(engine: ContextEngine) -> None:
+    async with ContextEngineSessionService(engine) as service:
+        session = await service.create_session(app_name=APP, user_id="u", session_id="s")
+    with pytest.raises(RuntimeError, match="ContextEngineSessionService is closed"):
+        await service.get_session(app_name=APP, user_id="u", session_id="s")
+    with pytest.raises(RuntimeError, match="is closed"):
+        await service.append_event(session, user_event())
+    await service.close()  # idempotent
+    assert engine.is_open
+    assert await engine.get_session(engine_session_id(APP, "u", "s")) is not None
+    again = ContextEngineSessionService(engine)
+    assert await again.get_session(app_name=APP, user_id="u", session_id="s") is not None
