@@ -1,6 +1,9 @@
 """Google ADK sessions kept by ctxengine: an ADK Runner with a stand-in model (no
-network), app/user/session/temp state scopes, stale copies appending at once, and the
-ctxengine view of the same sessions.
+network), app/user/session/temp state scopes, stale copies appending at once (merged,
+or refused with on_stale="raise"), and the ctxengine view of the same sessions.
+
+Sessions are resumed when they exist, so the script runs again and again against the
+same database (``CTXENGINE_DATABASE_URL``); they never expire for idleness.
 
     python examples/adk_session_service.py
 """
@@ -14,6 +17,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from google.adk.agents import LlmAgent
+from google.adk.errors import StaleSessionError
 from google.adk.events.event import Event
 from google.adk.events.event_actions import EventActions
 from google.adk.models import BaseLlm
@@ -21,6 +25,7 @@ from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
 from google.adk.runners import Runner
 from google.adk.sessions.base_session_service import GetSessionConfig
+from google.adk.sessions.session import Session
 from google.adk.tools.tool_context import ToolContext
 from google.genai import types
 
@@ -76,9 +81,21 @@ async def turn(runner: Runner, engine: ContextEngine, user: str, session: str, t
     return answer
 
 
+async def resume(
+    service: ContextEngineSessionService, user: str, session: str, state: dict[str, str]
+) -> Session:
+    """The stored session, or a new one with ``state``."""
+    found = await service.get_session(app_name=APP, user_id=user, session_id=session)
+    if found is not None:
+        return found
+    return await service.create_session(app_name=APP, user_id=user, session_id=session, state=state)
+
+
 async def main(url: str) -> None:
-    async with ContextEngine(url, settings=EngineSettings(auto_cleanup=False)) as engine:
-        service = ContextEngineSessionService(engine)
+    async with (
+        ContextEngine(url, settings=EngineSettings(auto_cleanup=False)) as engine,
+        ContextEngineSessionService(engine) as service,  # closing it leaves the engine open
+    ):
         agent = LlmAgent(
             name="concierge",
             model=StandInModel(),
@@ -89,15 +106,13 @@ async def main(url: str) -> None:
         runner = Runner(agent=agent, app_name=APP, session_service=service)
 
         # Two sessions of ada, one of grace; the runner writes events and state.
-        await service.create_session(app_name=APP, user_id="ada", session_id="trip-1")
-        await service.create_session(
-            app_name=APP, user_id="grace", session_id="trip-1", state={"city": "Lima"}
-        )
+        await resume(service, "ada", "trip-1", {})
+        await resume(service, "grace", "trip-1", {"city": "Lima"})
         print("ada:", await turn(runner, engine, "ada", "trip-1", "I prefer window seats"))
         print("ada:", await turn(runner, engine, "ada", "trip-1", "I am vegetarian"))
         print("grace:", await turn(runner, engine, "grace", "trip-1", "I travel light"))
-        ada2 = await service.create_session(app_name=APP, user_id="ada", session_id="trip-2")
-        print("ada's new session starts with:", ada2.state)
+        ada2 = await resume(service, "ada", "trip-2", {})
+        print("ada's second session sees her user state:", ada2.state)
 
         # State scopes, as get_session merges them.
         session = await service.get_session(app_name=APP, user_id="ada", session_id="trip-1")
@@ -137,6 +152,19 @@ async def main(url: str) -> None:
         assert trip2 is not None
         notes = sorted(k for k in trip2.state if k.startswith("note-"))
         print(f"after 8 concurrent stale appends: {len(trip2.events)} events, keys {notes}")
+
+        # Opting into ADK's own rule: an append from a stale copy is refused.
+        strict = ContextEngineSessionService(engine, on_stale="raise")
+        first, second = [
+            await strict.get_session(app_name=APP, user_id="ada", session_id="trip-2")
+            for _ in range(2)
+        ]
+        assert first is not None and second is not None
+        await strict.append_event(first, Event(invocation_id="strict", author="user"))
+        try:
+            await strict.append_event(second, Event(invocation_id="strict", author="user"))
+        except StaleSessionError:
+            print('on_stale="raise": the stale copy was refused; reload it and retry')
 
         # The same sessions, seen through ctxengine.
         listed = await service.list_sessions(app_name=APP)

@@ -2,7 +2,9 @@
 
 A stand-in model (the SDK's own ``Model`` interface, no network) answers; the
 ``Runner`` reads and writes the history through ``ContextEngineSession``: switching an
-agent over is the ``session=`` argument.
+agent over is the ``session=`` argument. Like the SDK's own sessions, it never expires
+for idleness and keeps every item unless given ``idle_timeout`` or ``max_items``; run
+again against the same database (``CTXENGINE_DATABASE_URL``), the conversation goes on.
 
     pip install "ctxengine[openai-agents]"
     python examples/openai_agents_session.py
@@ -49,23 +51,34 @@ class StandInModel(Model):
 async def main(url: str) -> None:
     set_tracing_disabled(True)  # offline: no trace export
     agent = Agent(name="assistant", instructions="Be helpful.", model=StandInModel())
-    async with ContextEngine(url, settings=EngineSettings(auto_cleanup=False)) as engine:
-        session = ContextEngineSession(engine, "support-42", user_id="ada", tier="basic")
+    async with (
+        ContextEngine(url, settings=EngineSettings(auto_cleanup=False)) as engine,
+        ContextEngineSession(engine, "support-42", user_id="ada", tier="basic") as session,
+    ):
         for question in ("Where is my order?", "Can I change the address?", "Thanks!"):
             result = await Runner.run(agent, question, session=session)
             print(f"user: {question}\nbot:  {result.final_output}")
 
         items = await session.get_items()
         print(f"{len(items)} items stored, in order:", [item.get("role") for item in items])
-        undone = await session.pop_item()
-        print("popped the last item:", undone)
+        last = await session.pop_item()
+        assert last is not None
+        print("popped the last item:", last)
+        await session.add_items([last])  # and put it back
         stats = await engine.get_session_stats("support-42")
         stored = await engine.get_session("support-42")
         assert stored is not None
         print(
             f"engine session: {stats.total_messages} messages, tier {stored.tier},"
-            f" status {stored.status.value}"
+            f" status {stored.status.value}, idle timeout {stored.idle_timeout}"
         )
+
+        # A capped session keeps its newest whole turns (a user item and what follows).
+        async with ContextEngineSession(engine, "support-43", max_items=4) as short:
+            for question in ("One?", "Two?", "Three?"):
+                await Runner.run(agent, question, session=short)
+            kept = [i.get("content") for i in await short.get_items() if i.get("role") == "user"]
+            print("with max_items=4, the user items kept:", kept)
 
 
 if __name__ == "__main__":
