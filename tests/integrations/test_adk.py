@@ -766,7 +766,7 @@ async def test_secrets_are_redacted_and_events_parse_back(db_url: str) -> None:
 async def test_a_capped_session_trims_whole_turns(db_url: str) -> None:
     async with ContextEngine(db_url, settings=EngineSettings(auto_cleanup=False)) as engine:
         trims: list[EngineEvent] = []
-        engine.subscribe(lambda e: trims.append(e) if e.type == "history.trimmed" else None)
+        engine.subscribe(trims.append, "history.trimmed")
         service = ContextEngineSessionService(engine, max_events=6)
         for turn, fact in enumerate(("tea", "Oslo", "cats", "jazz")):
             runner = scribe_runner(engine, max_events=6)

@@ -319,7 +319,7 @@ async def test_secrets_are_redacted_and_items_parse_back(db_url: str) -> None:
 async def test_a_capped_session_trims_whole_turns(db_url: str) -> None:
     async with ContextEngine(db_url, settings=EngineSettings(auto_cleanup=False)) as engine:
         trims: list[Event] = []
-        engine.subscribe(lambda e: trims.append(e) if e.type == "history.trimmed" else None)
+        engine.subscribe(trims.append, "history.trimmed")
         agent = Agent(name="weather", model=ToolModel(), tools=[weather])
         session = ContextEngineSession(engine, "conv", max_items=6)
         for turn, city in enumerate(("Oslo", "Lima", "Pune", "Kyiv")):
