@@ -46,6 +46,8 @@ async def main(directory: Path) -> None:
             metadata={"purpose": "teaching"},
             tags=["tutor"],
         )
+        for old in ("ada-1", "ada-2"):  # a fresh start when run again on the same database
+            await engine.delete_session(old)
         session = await engine.create_session_from_template(tutor, "ada", session_id="ada-1")
 
         # History through the stand-in model; the chat trims itself at 6 messages.

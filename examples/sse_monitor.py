@@ -64,6 +64,7 @@ def monitor(engine: ContextEngine) -> Callable[[Scope, Receive, Send], Awaitable
 async def workload(engine: ContextEngine) -> None:
     """Some agent activity to watch."""
     await asyncio.sleep(0.1)  # let the monitor subscribe first
+    await engine.delete_session("trip")  # a fresh start when run again on the same database
     await engine.create_session("trip", "ada", system_prompt="Plan trips.")
     await engine.add_message("trip", "user", "Three days in Lisbon?")
     await engine.add_message("trip", "assistant", "Day 1: Alfama; day 2: Belém; day 3: Sintra.")

@@ -20,6 +20,8 @@ words = st.text(
     min_size=1,
     max_size=20,
 )
+#: Ids and tags: not only whitespace.
+ids = words.filter(str.strip)
 scalars = (
     st.none()
     | st.booleans()
@@ -54,10 +56,10 @@ chats = st.lists(
 )
 sessions = st.fixed_dictionaries(
     {
-        "user_id": words,
+        "user_id": ids,
         "tier": st.sampled_from(["free", "basic", "pro", "enterprise"]),
         "name": st.none() | text,
-        "tags": st.lists(words, max_size=3),
+        "tags": st.lists(ids, max_size=3),
         "metadata": json_objects,
         "preferences": json_objects,
         "default_messages": messages,

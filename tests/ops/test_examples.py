@@ -19,7 +19,7 @@ def test_there_are_examples() -> None:
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_runs_and_runs_again(script: Path, tmp_path: Path) -> None:
     """Each example runs to completion, and again against the database it left."""
-    env = {k: v for k, v in os.environ.items() if k != "CTXENGINE_DATABASE_URL"}
+    env = {**os.environ, "CTXENGINE_DATABASE_URL": f"sqlite:///{tmp_path / 'examples.db'}"}
     for run in ("first", "second"):
         result = subprocess.run(
             [sys.executable, str(script)],

@@ -247,13 +247,16 @@ class SessionRepository:
         self, conn: Connection, tenant: str, now: datetime, user_id: str | None = None
     ) -> int:
         """Active or paused sessions that are not due to expire."""
+        now_epoch: Any = literal(epoch(now), Double())
         stmt = (
             select(func.count())
             .select_from(t)
             .where(
                 t.c.tenant_id == tenant,
                 t.c.status.in_(_OPEN),
-                live(literal(now, UTCDateTime), literal(epoch(now), Double())),
+                # ranges of the sweep's index: never idle, or not idle before now's bucket
+                or_(t.c.idle_bucket.is_(None), t.c.idle_bucket >= idle_bucket(now_epoch)),
+                live(literal(now, UTCDateTime), now_epoch),
             )
         )
         if user_id is not None:
