@@ -173,6 +173,20 @@ class HistoryLimitError(ContextEngineError):
         )
 
 
+class ConflictError(ContextEngineError):
+    """A compare-and-set lost: ``key`` did not hold the ``expected`` value (it held
+    ``actual``); nothing was written."""
+
+    def __init__(self, key: str, expected: object, actual: object) -> None:
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"{key} is {actual!r}, not the expected {expected!r}; nothing was written: "
+            "read it again and decide whether to retry"
+        )
+
+
 class QuotaExceededError(ContextEngineError):
     """Recording the amount would take the quota past its limit."""
 

@@ -409,6 +409,7 @@ class TenantView:
         chat_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         tokens: int | None = None,
+        if_last_seq: int | None = None,
     ) -> Message:
         """Append a message (role system, user, assistant or tool) to a chat of an active
         session: the current chat unless ``chat_id`` is given. ``content`` is text, or
@@ -416,10 +417,16 @@ class TenantView:
         compact JSON text. It is redacted with ``redact_patterns`` first (JSON data
         value by value, so it always parses back). Past the chat's cap the oldest whole
         turns are dropped ("trim": a turn starts at a user message, so a tool result
-        never loses its call) or HistoryLimitError is raised ("reject")."""
+        never loses its call) or HistoryLimitError is raised ("reject").
+
+        ``if_last_seq``: append only if the chat's newest message has this seq (0: the
+        chat is empty), checked under the chat's lock; else ConflictError and nothing
+        is written (one writer per turn, whatever the number of processes)."""
         conversation = self._runtime().conversation
         message = conversation.new_message(role, content, metadata, tokens)
-        (added,) = await conversation.add_messages(self._tenant, session_id, [message], chat_id)
+        (added,) = await conversation.add_messages(
+            self._tenant, session_id, [message], chat_id, if_last_seq
+        )
         return added
 
     add_conversation_message = add_message
@@ -430,14 +437,18 @@ class TenantView:
         messages: Sequence[Mapping[str, Any]],
         *,
         chat_id: str | None = None,
+        if_last_seq: int | None = None,
     ) -> list[Message]:
         """Append several messages (mappings with ``role``, ``content`` and optionally
-        ``metadata`` and ``tokens``) in order, in one transaction."""
+        ``metadata`` and ``tokens``) in order, in one transaction; ``if_last_seq`` as
+        for add_message()."""
         conversation = self._runtime().conversation
         batch = [_new_message(conversation, item) for item in messages]
         if not batch:
             return []
-        return await conversation.add_messages(self._tenant, session_id, batch, chat_id)
+        return await conversation.add_messages(
+            self._tenant, session_id, batch, chat_id, if_last_seq
+        )
 
     async def get_messages(
         self,

@@ -105,3 +105,34 @@ def append_trimming(url: str, session_id: str, tasks: int, messages: int, limit:
             await asyncio.gather(*(task() for _ in range(tasks)))
 
     asyncio.run(main())
+
+
+def append_if_last(url: str, session_id: str, writer: str, tasks: int, rounds: int) -> int:
+    """``tasks`` coroutines each ``rounds`` times read the newest seq and append after it
+    with ``if_last_seq``, the seq they saw in the message's metadata; how many lost."""
+    from ctxengine.errors import ConflictError
+
+    async def main() -> int:
+        conflicts = 0
+        async with ContextEngine(url, settings=SETTINGS) as engine:
+
+            async def task(t: int) -> None:
+                nonlocal conflicts
+                for i in range(rounds):
+                    newest = await engine.get_messages(session_id, limit=1)
+                    seen = newest[-1].seq if newest else 0
+                    try:
+                        await engine.add_message(
+                            session_id,
+                            "user",
+                            f"{writer}/{t}/{i}",
+                            metadata={"after": seen},
+                            if_last_seq=seen,
+                        )
+                    except ConflictError:
+                        conflicts += 1
+
+            await asyncio.gather(*(task(t) for t in range(tasks)))
+        return conflicts
+
+    return asyncio.run(main())

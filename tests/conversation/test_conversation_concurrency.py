@@ -155,3 +155,20 @@ async def test_trimming_holds_the_limit_across_processes(
     async with engine._store.engine.connect() as conn:
         chat = (await conn.execute(text("SELECT next_seq, message_count FROM ctx_chats"))).one()
     assert tuple(chat) == (161, 50)
+
+
+async def test_appends_after_an_expected_seq_never_interleave_across_processes(
+    engine: ContextEngine, db_url: str
+) -> None:
+    """4 processes x 3 tasks append, each after the newest seq it read: every stored
+    message follows the one its writer saw, and every other attempt was refused."""
+    await engine.create_session("s", "u", max_messages=None)
+    with pool(4) as workers:
+        lost = workers.starmap(
+            _workers.append_if_last, [(db_url, "s", f"w{w}", 3, 8) for w in range(4)]
+        )
+    history = await engine.get_messages("s", limit=None)
+    assert [m.seq for m in history] == list(range(1, len(history) + 1))
+    assert all(m.metadata["after"] == m.seq - 1 for m in history)
+    assert len(history) + sum(lost) == 4 * 3 * 8
+    assert sum(lost) > 0  # the writers did race

@@ -126,3 +126,23 @@ async def test_content_that_is_not_json_data_is_refused(
     with pytest.raises(ValidationError):
         await engine.add_message("s", "user", content)
     assert await engine.count_messages("s") == 0
+
+
+async def test_if_last_seq_appends_only_after_the_expected_message(engine: ContextEngine) -> None:
+    from ctxengine.errors import ConflictError
+
+    await engine.create_session("s", "u")
+    first = await engine.add_message("s", "user", "a", if_last_seq=0)
+    with pytest.raises(ConflictError) as lost:
+        await engine.add_messages("s", [{"role": "user", "content": "b"}] * 2, if_last_seq=0)
+    assert (lost.value.expected, lost.value.actual) == (0, first.seq)
+    assert await engine.count_messages("s") == 1
+    added = await engine.add_messages(
+        "s", [{"role": "user", "content": "b"}] * 2, if_last_seq=first.seq
+    )
+    assert [m.seq for m in added] == [2, 3]
+    await engine.pop_message("s")  # the newest is 2 again
+    assert (await engine.add_message("s", "user", "c", if_last_seq=2)).seq == 4
+    with pytest.raises(ValidationError):
+        await engine.add_message("s", "user", "d", if_last_seq=-1)
+    assert await engine.count_messages("s") == 3

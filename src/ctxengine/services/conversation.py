@@ -14,6 +14,7 @@ from ..errors import (
     ChatLimitError,
     ChatNotFoundError,
     CheckpointNotFoundError,
+    ConflictError,
     HistoryLimitError,
     SessionExistsError,
     SessionNotFoundError,
@@ -312,15 +313,28 @@ class ConversationService:
 
     # -- messages -------------------------------------------------------------------------
     async def add_messages(
-        self, tenant: str, session_id: str, new: Sequence[NewMessage], chat_id: str | None
+        self,
+        tenant: str,
+        session_id: str,
+        new: Sequence[NewMessage],
+        chat_id: str | None,
+        if_last_seq: int | None = None,
     ) -> list[Message]:
-        """Append ``new`` in order to a chat of an active session, in one transaction."""
+        """Append ``new`` in order to a chat of an active session, in one transaction
+        (only if the chat's newest message is ``if_last_seq`` when given)."""
         v.identifier(session_id)
         if chat_id is not None:
             v.identifier(chat_id, "chat_id")
+        if if_last_seq is not None:
+            v.count(if_last_seq, "if_last_seq")
         settings = self.ctx.settings
 
-        appends = self.ctx.store.backend.data_modifying_ctes and 0 < len(new) <= APPEND_MAX
+        # the one-statement append checks no expected seq
+        appends = (
+            self.ctx.store.backend.data_modifying_ctes
+            and 0 < len(new) <= APPEND_MAX
+            and if_last_seq is None
+        )
         trims = appends and settings.history_overflow == "trim"
         hint = (tenant, session_id, chat_id)
         starts_turn = bool(new) and new[0].role == "user"
@@ -375,6 +389,14 @@ class ConversationService:
             if row is None:
                 raise ChatNotFoundError(session_id, chat)
             first = int(row.next_seq) - len(new) + 1
+            if if_last_seq is not None:
+                last = await self.repo.last_seq(conn, tenant, session_id, chat, first)
+                if last != if_last_seq:
+                    raise ConflictError(
+                        f"the newest seq of chat {chat!r} of session {session_id!r}",
+                        if_last_seq,
+                        last,
+                    )
             count, limit = int(row.message_count), row.max_messages
             await self._keep_limit(
                 conn, fx, tenant, session_id, chat, first, count, limit, starts_turn

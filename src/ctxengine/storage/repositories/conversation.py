@@ -61,6 +61,8 @@ _UNCOUNT = (
     update(chats).where(_CHAT_KEY).values(message_count=chats.c.message_count - bindparam("n"))
 )
 _INSERT_MESSAGES = insert(messages)
+#: The chat's newest message below ``before`` (parameters: tenant, sid, chat, before).
+_LAST_SEQ = select(func.max(messages.c.seq)).where(_IN_CHAT, messages.c.seq < bindparam("before"))
 
 
 #: The role that starts a turn.
@@ -364,6 +366,13 @@ class ConversationRepository:
         commit; (next_seq, message_count, max_messages) after the change, or None."""
         params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "n": n}
         return (await run(conn, _TAKE_SEQS, params)).first()
+
+    async def last_seq(
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str, below: int
+    ) -> int:
+        """The seq of the chat's newest message below ``below`` (0: none)."""
+        params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "before": below}
+        return int((await run(conn, _LAST_SEQ, params)).scalar_one() or 0)
 
     async def insert_messages(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
