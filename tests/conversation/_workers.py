@@ -107,14 +107,20 @@ def append_trimming(url: str, session_id: str, tasks: int, messages: int, limit:
     asyncio.run(main())
 
 
-def append_if_last(url: str, session_id: str, writer: str, tasks: int, rounds: int) -> int:
-    """``tasks`` coroutines each ``rounds`` times read the newest seq and append after it
-    with ``if_last_seq``, the seq they saw in the message's metadata; how many lost."""
+def append_if_last(
+    url: str, session_id: str, writer: str, tasks: int, rounds: int, start_at: float
+) -> int:
+    """From ``start_at`` (epoch seconds, shared by the writers) ``tasks`` coroutines each
+    ``rounds`` times read the newest seq and append after it with ``if_last_seq``, the
+    seq they saw in the message's metadata; how many lost."""
+    import time
+
     from ctxengine.errors import ConflictError
 
     async def main() -> int:
         conflicts = 0
         async with ContextEngine(url, settings=SETTINGS) as engine:
+            await asyncio.sleep(max(start_at - time.time(), 0))
 
             async def task(t: int) -> None:
                 nonlocal conflicts

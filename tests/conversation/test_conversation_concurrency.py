@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -163,9 +164,10 @@ async def test_appends_after_an_expected_seq_never_interleave_across_processes(
     """4 processes x 3 tasks append, each after the newest seq it read: every stored
     message follows the one its writer saw, and every other attempt was refused."""
     await engine.create_session("s", "u", max_messages=None)
+    start_at = time.time() + 4  # after the spawned writers have started
     with pool(4) as workers:
         lost = workers.starmap(
-            _workers.append_if_last, [(db_url, "s", f"w{w}", 3, 8) for w in range(4)]
+            _workers.append_if_last, [(db_url, "s", f"w{w}", 3, 8, start_at) for w in range(4)]
         )
     history = await engine.get_messages("s", limit=None)
     assert [m.seq for m in history] == list(range(1, len(history) + 1))

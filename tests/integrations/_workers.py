@@ -29,3 +29,40 @@ def listen(url: str, name: str, seconds: float) -> list[tuple[str, str | None, s
         return heard
 
     return asyncio.run(main())
+
+
+def adk_append_when_current(url: str, writer: str, rounds: int, start_at: float) -> int:
+    """From ``start_at`` (epoch seconds, shared by the writers) ``rounds`` times: load
+    the ADK session, append an event naming the id of the newest event it saw, with
+    on_stale="raise"; how many appends were refused."""
+    import time
+
+    from google.adk.errors import StaleSessionError
+    from google.adk.events.event import Event as AdkEvent
+    from google.genai import types
+
+    from ctxengine.integrations.adk import ContextEngineSessionService
+
+    settings = EngineSettings(auto_cleanup=False, auto_migrate=False)
+
+    async def main() -> int:
+        refused = 0
+        async with ContextEngine(url, settings=settings) as engine:
+            service = ContextEngineSessionService(engine, on_stale="raise")
+            await asyncio.sleep(max(start_at - time.time(), 0))
+            for i in range(rounds):
+                session = await service.get_session(app_name="app", user_id="u", session_id="s")
+                assert session is not None
+                seen = session.events[-1].id if session.events else ""
+                event = AdkEvent(
+                    author="user",
+                    invocation_id=f"{writer}-{i}",
+                    content=types.Content(role="user", parts=[types.Part(text=seen)]),
+                )
+                try:
+                    await service.append_event(session, event)
+                except StaleSessionError:
+                    refused += 1
+        return refused
+
+    return asyncio.run(main())

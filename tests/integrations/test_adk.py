@@ -914,3 +914,31 @@ async def test_async_with_and_close_leave_the_engine_open(engine: ContextEngine)
     assert await engine.get_session(engine_session_id(APP, "u", "s")) is not None
     again = ContextEngineSessionService(engine)
     assert await again.get_session(app_name=APP, user_id="u", session_id="s") is not None
+
+
+async def test_stale_appends_are_refused_across_processes(db_url: str) -> None:
+    """4 processes load the session and append over and over with on_stale="raise":
+    every stored event was written by a copy that had seen the one before it."""
+    import multiprocessing
+    import time
+
+    from tests.integrations import _workers
+
+    async with ContextEngine(db_url, settings=EngineSettings(auto_cleanup=False)) as engine:
+        service = ContextEngineSessionService(engine, on_stale="raise")
+        await service.create_session(app_name="app", user_id="u", session_id="s")
+        start_at = time.time() + 4  # after the spawned writers have started
+        with multiprocessing.get_context("spawn").Pool(4) as workers:
+            refused = workers.starmap(
+                _workers.adk_append_when_current,
+                [(db_url, f"w{w}", 10, start_at) for w in range(4)],
+            )
+        stored = await service.get_session(app_name="app", user_id="u", session_id="s")
+        assert stored is not None
+        previous = ""
+        for event in stored.events:
+            assert event.content is not None and event.content.parts
+            assert event.content.parts[0].text == previous  # the one it saw is the one before
+            previous = event.id
+        assert len(stored.events) + sum(refused) == 40
+        assert sum(refused) > 0

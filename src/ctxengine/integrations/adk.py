@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import weakref
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -149,22 +148,13 @@ def _seen_seq(session: Session) -> int | None:
     return session._ctxengine_seq if isinstance(session, _LoadedSession) else None
 
 
-def _is_current(session: Session, head: Message | None) -> bool:
-    """Whether ``session`` has seen ``head``, the newest stored event (None: none)."""
-    seen = _seen_seq(session)
-    if seen is not None:
-        return seen == (0 if head is None else head.seq)
-    # A session object this service did not load: compare its newest event.
+def _ends_with(session: Session, head: Message | None) -> bool:
+    """Whether the newest event of ``session`` is ``head``, the newest stored event
+    (None: none); for session objects whose seen sequence number is unknown."""
     if head is None:
         return not session.events
     return bool(session.events) and session.events[-1].id == _event(head).id
 
-
-#: on_stale="raise": the appends of one stored session (tenant, key) in this process
-#: run one at a time; a lock lives while it is held or awaited.
-_APPEND_LOCKS: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
-    weakref.WeakValueDictionary()
-)
 
 _STALE = (
     "ADK session {id!r} was modified in storage since this copy of it was loaded "
@@ -373,18 +363,17 @@ class ContextEngineSessionService(BaseSessionService):
         event = self._trim_temp_delta_state(event)
         keys = _Keys.of(session.app_name, session.user_id, session.id)
         deltas = _Deltas.of(event.actions.state_delta)
+        seen = _seen_seq(session)
         try:
             if self.on_stale == "raise":
-                async with self._lock(keys.session):
-                    message = await self._append_if_current(keys.session, session, event)
+                message = await self._append_if_current(keys.session, session, event)
             else:
                 message = await self._append(keys.session, event)
         except errors.SessionNotFoundError as exc:
             raise SessionNotFoundError(f"Session {session.id} not found.") from exc
-        seen = _seen_seq(session)
         if isinstance(session, _LoadedSession):
             # Still current only if nothing else was appended since it last looked.
-            current = seen is not None and message.seq == seen + 1
+            current = self.on_stale == "raise" or (seen is not None and message.seq == seen + 1)
             session._ctxengine_seq = message.seq if current else None
         if deltas.session:
             await self.engine.update_metadata(keys.session, deltas.session)
@@ -396,29 +385,26 @@ class ContextEngineSessionService(BaseSessionService):
         session.last_update_time = message.created_at.timestamp()
         return self._commit_event_to_session(session, event)
 
-    def _lock(self, key: str) -> asyncio.Lock:
-        """The lock of one stored session in this process, shared by every service."""
-        name = (self.engine.tenant_id, key)
-        lock = _APPEND_LOCKS.get(name)
-        if lock is None:
-            lock = _APPEND_LOCKS[name] = asyncio.Lock()
-        return lock
-
-    async def _append(self, key: str, event: Event) -> Message:
-        """Store ``event`` as JSON data."""
+    async def _append(self, key: str, event: Event, if_last_seq: int | None = None) -> Message:
+        """Store ``event`` as JSON data (only after the event ``if_last_seq`` when given)."""
         content = event.model_dump(mode="json", exclude_none=True)
-        return await self.engine.add_message(key, _role(event), content)
+        return await self.engine.add_message(key, _role(event), content, if_last_seq=if_last_seq)
 
     async def _append_if_current(self, key: str, session: Session, event: Event) -> Message:
-        """Store ``event`` unless ``session`` has not seen the newest stored event.
-
-        The check and the append are one step for the appends of this process (they
-        hold the session's lock); across processes a core compare-and-append is needed
-        to close the gap between them."""
-        newest = await self.engine.get_messages(key, limit=1)
-        if not _is_current(session, newest[-1] if newest else None):
-            raise StaleSessionError(_STALE.format(id=session.id))
-        return await self._append(key, event)
+        """Store ``event`` unless ``session`` has not seen the newest stored event: the
+        append itself checks the newest seq under the chat's lock, so the check holds
+        across processes."""
+        seen = _seen_seq(session)
+        if seen is None:  # a session object this service did not load: by event id
+            newest = await self.engine.get_messages(key, limit=1)
+            head = newest[-1] if newest else None
+            if not _ends_with(session, head):
+                raise StaleSessionError(_STALE.format(id=session.id))
+            seen = 0 if head is None else head.seq
+        try:
+            return await self._append(key, event, if_last_seq=seen)
+        except errors.ConflictError as exc:
+            raise StaleSessionError(_STALE.format(id=session.id)) from exc
 
     async def _shared(self, key: str, patch: dict[str, Any]) -> dict[str, Any]:
         if patch:
