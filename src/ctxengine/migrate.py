@@ -138,7 +138,7 @@ async def current_revision(store: Store) -> str | None:
     async def work(conn: Connection) -> str | None:
         return await conn.run_sync(_read_revision)
 
-    return await store.run(work, write=False, operation="schema revision")
+    return await store.run(work, write=False, operation="schema_revision")
 
 
 async def schema_revision(url: str | None, settings: EngineSettings) -> str | None:

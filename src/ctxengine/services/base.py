@@ -146,7 +146,7 @@ class Context:
             async def send(conn: Connection) -> None:
                 await relay.notify(conn, events)
 
-            await self.store.run(send, operation="announce events")
+            await self.store.run(send, operation="announce_events")
 
 
 def done(result: T | None) -> T:

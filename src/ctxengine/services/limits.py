@@ -98,7 +98,7 @@ class LeaseService:
                 },
             )
 
-        await self.ctx.transact(work, operation="acquire concurrency slot")
+        await self.ctx.transact(work, operation="acquire_concurrency_slot")
         self.held[(tenant, lease_id)] = asyncio.create_task(
             self._renew_forever(tenant, lease_id), name=f"ctxengine-lease-{lease_id}"
         )
@@ -121,7 +121,7 @@ class LeaseService:
         async def work(conn: Connection, fx: Effects) -> bool:
             return await self.repo.renew_lease(conn, tenant, lease_id, fx.now, self.ttl)
 
-        return await self.ctx.transact(work, operation="renew lease")
+        return await self.ctx.transact(work, operation="renew_lease")
 
     async def release(self, tenant: str, lease_id: str) -> None:
         """Stop renewing and free the slot."""
@@ -134,7 +134,7 @@ class LeaseService:
         async def work(conn: Connection, fx: Effects) -> None:
             await self.repo.release_lease(conn, tenant, lease_id)
 
-        await self.ctx.transact(work, operation="release concurrency slot")
+        await self.ctx.transact(work, operation="release_concurrency_slot")
 
     async def release_quietly(self, tenant: str, lease_id: str) -> None:
         """Release, even when cancelled; a failure is logged (the lease then expires
@@ -152,7 +152,7 @@ class LeaseService:
         async def work(conn: Connection, fx: Effects) -> int:
             return await self.repo.live_leases(conn, tenant, session_id, fx.now, self.ttl)
 
-        return await self.ctx.transact(work, write=False, operation="count leases")
+        return await self.ctx.transact(work, write=False, operation="count_leases")
 
     @asynccontextmanager
     async def slot(self, tenant: str, session_id: str, operation: str) -> AsyncIterator[str]:
@@ -377,7 +377,7 @@ class RateLimitService:
                     conn, fx, tenant, session, operation, list(RateLimitType), 1, consume=True
                 )
 
-        await self.ctx.transact(work, operation="track_request rate limits")
+        await self.ctx.transact(work, operation="track_request")
 
     async def set_rule(
         self,

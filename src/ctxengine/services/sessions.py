@@ -48,6 +48,16 @@ class Worker(NamedTuple):
     current_chat_id: str | None
 
 
+#: The public call that moves a session to each status (the unit of work's name).
+_CALL_FOR = {
+    SessionStatus.ACTIVE: "resume_session",
+    SessionStatus.PAUSED: "pause_session",
+    SessionStatus.COMPLETED: "end_session",
+    SessionStatus.FAILED: "end_session",
+    SessionStatus.EXPIRED: "end_session",
+}
+
+
 def _event_for(status: SessionStatus) -> str:
     return {
         SessionStatus.ACTIVE: "session.resumed",
@@ -387,7 +397,7 @@ class SessionService:
             fx.error = InvalidTransitionError(current, target, session_id)
             return None
 
-        return done(await self.ctx.transact(work, operation=f"transition to {target.value}"))
+        return done(await self.ctx.transact(work, operation=_CALL_FOR[target]))
 
     # -- listing ------------------------------------------------------------------------
     @staticmethod
