@@ -25,7 +25,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -406,6 +406,7 @@ def guarded(session_id: str, now: datetime, **more: Any) -> dict[str, Any]:
         "sid": session_id,
         "now": now,
         "now_epoch": now.timestamp(),
+        "horizon": now + timedelta(seconds=31),
         **more,
     }
 

@@ -77,6 +77,7 @@ async def test_prebuilt_statements_convert_values_as_sqlalchemy_does(tmp_path: P
             "sid": "s",
             "now": now,
             "now_epoch": (now - timedelta(days=3650)).timestamp(),
+            "horizon": now + timedelta(seconds=31),
             "requests": 2,
             "errors": 1,
             "processing_time": 0.5,

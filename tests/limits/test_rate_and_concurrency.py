@@ -345,11 +345,16 @@ async def test_a_dead_holders_slot_frees_when_the_clock_steps_back(db_url: str, 
         leases.manual.clear()
         with pytest.raises(ConcurrencyLimitError):
             await engine.manage_concurrency(sid, "op")
+        assert (await engine.get_session(sid)).concurrent_operations == 1  # type: ignore[union-attr]
         clock.advance(-3600)
         # expiring an hour (+ lease_ttl) ahead, the lease is from before the step: dead
         assert (await engine.get_quota(sid, "concurrent_requests")).used == 0
+        assert (await engine.get_session(sid)).concurrent_operations == 0  # type: ignore[union-attr]
+        assert [s.concurrent_operations for s in await engine.list_sessions()] == [0]
         async with engine.concurrency_slot(sid, "op"):
             assert (await engine.get_quota(sid, "concurrent_requests")).used == 1
+            touched = await engine.update_session(sid, increment_requests=True)
+            assert touched.concurrent_operations == 1
             with pytest.raises(ConcurrencyLimitError):  # the cap holds after the step
                 await engine.manage_concurrency(sid, "op")
         assert await rows(engine, "SELECT * FROM ctx_leases") == []

@@ -71,7 +71,7 @@ class SessionService:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.repo = SessionRepository(ctx.store.backend)
+        self.repo = SessionRepository(ctx.store.backend, ctx.settings.lease_ttl)
         self.chats = ConversationRepository(ctx.store.backend)
 
     # -- creation -----------------------------------------------------------------------

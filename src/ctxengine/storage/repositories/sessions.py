@@ -28,6 +28,7 @@ from sqlalchemy import (
 
 from ...lifecycle import OPEN_STATUSES
 from ...models import Session, SessionStatus
+from ...ratelimit import CLOCK_SKEW
 from ..backend import Backend
 from ..connection import Connection
 from ..prebuilt import Record, run
@@ -56,25 +57,27 @@ class Expired:
 _COLUMNS = [c for c in t.c if c.name not in ("idle_deadline", "idle_bucket")]
 
 
-def _live_leases(tenant: Any, session_id: Any, now: Any) -> Any:
-    """The number of live leases of one session at ``now``, as a labelled column."""
+def _live_leases(tenant: Any, session_id: Any, now: Any, horizon: Any) -> Any:
+    """The number of live leases of one session at ``now``, as a labelled column: those
+    expiring after ``now`` and not after ``horizon`` (see :meth:`SessionRepository.horizon`)."""
     return (
         select(func.count())
         .where(
             leases.c.tenant_id == tenant,
             leases.c.session_id == session_id,
             leases.c.expires_at > now,
+            leases.c.expires_at <= horizon,
         )
         .scalar_subquery()
         .label("concurrent_operations")
     )
 
 
-def _returned(tenant: Any, session_id: Any, now: Any) -> list[Any]:
+def _returned(tenant: Any, session_id: Any, now: Any, horizon: Any) -> list[Any]:
     """``_COUNTED`` for the RETURNING clause of a write to the one session of the key:
     SQLite renders RETURNING columns unqualified, so a subquery correlated to the
     written row would compare the lease table's columns with themselves."""
-    return [*_COLUMNS, _live_leases(tenant, session_id, now)]
+    return [*_COLUMNS, _live_leases(tenant, session_id, now, horizon)]
 
 
 def epoch(now: datetime) -> float:
@@ -109,7 +112,10 @@ _LIVE = live(bindparam("now"), bindparam("now_epoch", type_=Double()))
 #: A session that can work: active and live (parameters now, now_epoch).
 _CAN_WORK = and_(t.c.status == SessionStatus.ACTIVE.value, _LIVE)
 #: Every session column plus the number of live leases at ``now`` (for SELECTs).
-_COUNTED = [*_COLUMNS, _live_leases(t.c.tenant_id, t.c.session_id, bindparam("now"))]
+_COUNTED = [
+    *_COLUMNS,
+    _live_leases(t.c.tenant_id, t.c.session_id, bindparam("now"), bindparam("horizon")),
+]
 _GET = select(*_COLUMNS).where(_BY_KEY)
 _GET_COUNTED = select(*_COUNTED).where(_BY_KEY)
 _RECORD = (
@@ -121,7 +127,9 @@ _RECORD = (
         error_count=t.c.error_count + bindparam("errors"),
         total_processing_time=t.c.total_processing_time + bindparam("processing_time"),
     )
-    .returning(*_returned(bindparam("tenant"), bindparam("sid"), bindparam("now")))
+    .returning(
+        *_returned(bindparam("tenant"), bindparam("sid"), bindparam("now"), bindparam("horizon"))
+    )
 )
 _RECORD_ACTIVE = _RECORD.where(_CAN_WORK)
 #: Touch a session that can work (parameters: tenant, sid, now, now_epoch); the writes
@@ -189,11 +197,14 @@ def _filter_shape(f: SessionFilter) -> tuple[bool, ...]:
     )
 
 
-def _listing_params(tenant: str, f: SessionFilter, now: datetime) -> dict[str, Any]:
+def _listing_params(
+    tenant: str, f: SessionFilter, now: datetime, horizon: datetime
+) -> dict[str, Any]:
     """The values of the filters of ``f`` (those not given are not used)."""
     return {
         "tenant": tenant,
         "now": now,
+        "horizon": horizon,
         "user_id": f.user_id,
         "status": None if f.status is None else f.status.value,
         "tier": f.tier,
@@ -221,8 +232,9 @@ def to_session(row: Record, observed_at: datetime) -> Session:
 class SessionRepository:
     """Every statement on ``ctx_sessions``; the backend supplies dialect-specific pieces."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, lease_ttl: float) -> None:
         self.backend = backend
+        self._lease_reach = timedelta(seconds=lease_ttl + CLOCK_SKEW)
         #: The columns inserted are those of the parameters (compiled once per set).
         #: ``insert`` statements, by the columns of the row.
         self._inserts: dict[tuple[str, ...], Any] = {}
@@ -230,6 +242,12 @@ class SessionRepository:
         self._inserts_with_chat: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
         #: list_sessions pages, by the filters given, the cursor and the limit.
         self._listings: dict[tuple[bool, ...], Any] = {}
+
+    def horizon(self, now: datetime) -> datetime:
+        """The latest ``expires_at`` of a live lease at ``now``: one expiring further
+        ahead (than ``lease_ttl``, give or take ``CLOCK_SKEW``) was stamped by a clock
+        that has since stepped back, and counts as dead."""
+        return now + self._lease_reach
 
     # -- reads --------------------------------------------------------------------------
     async def get(
@@ -239,7 +257,7 @@ class SessionRepository:
         if now is None:
             result = await run(conn, _GET, {"tenant": tenant, "sid": session_id})
         else:
-            params = {"tenant": tenant, "sid": session_id, "now": now}
+            params = {"tenant": tenant, "sid": session_id, "now": now, "horizon": self.horizon(now)}
             result = await run(conn, _GET_COUNTED, params)
         return result.first()
 
@@ -313,7 +331,7 @@ class SessionRepository:
     ) -> Sequence[Record]:
         """Newest first, after ``after``: the (created_at, session_id) ending the last page."""
         stmt = self._listing(f, after=after is not None, limited=limit is not None)
-        params = _listing_params(tenant, f, now)
+        params = _listing_params(tenant, f, now, self.horizon(now))
         params["limit"] = limit
         if after is not None:
             params["after_created"], params["after_sid"] = after
@@ -327,7 +345,8 @@ class SessionRepository:
 
     async def count(self, conn: Connection, tenant: str, f: SessionFilter, now: datetime) -> int:
         stmt = self._filtered(select(func.count()).select_from(t), f)
-        return int((await conn.execute(stmt, _listing_params(tenant, f, now))).scalar_one())
+        params = _listing_params(tenant, f, now, self.horizon(now))
+        return int((await conn.execute(stmt, params)).scalar_one())
 
     async def statistics(self, conn: Connection, tenant: str) -> dict[str, Any]:
         by_status = (
@@ -388,6 +407,7 @@ class SessionRepository:
             "sid": session_id,
             "now": now,
             "now_epoch": epoch(now),
+            "horizon": self.horizon(now),
             "requests": counters.requests,
             "errors": counters.errors,
             "processing_time": counters.processing_time,
@@ -430,7 +450,7 @@ class SessionRepository:
                 live(now, epoch(now)),
             )
             .values(**values)
-            .returning(*_returned(tenant, session_id, now))
+            .returning(*_returned(tenant, session_id, now, self.horizon(now)))
         )
         return (await conn.execute(stmt)).first()
 
