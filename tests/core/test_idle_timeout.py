@@ -179,3 +179,20 @@ async def test_the_migration_gives_existing_sessions_the_settings_timeout(
         async with engine._store.engine.connect() as conn:
             bucket = (await conn.execute(text("SELECT idle_bucket FROM ctx_sessions"))).scalar()
         assert bucket == (1_893_456_000 + 123) // 10
+
+
+async def test_idle_for_lists_by_idleness_whatever_the_timeout(
+    db_url: str, clock: FakeClock
+) -> None:
+    """list/count_sessions(idle_for=X) select sessions idle for X or more, those that
+    never expire included, and change nothing."""
+    async with ContextEngine(db_url, settings=EngineSettings(**QUIET), clock=clock) as engine:
+        await engine.create_session("forever", "u", idle_timeout=None)
+        await engine.create_session("short", "u", idle_timeout=5)
+        await engine.create_session("busy", "u", idle_timeout=None)
+        clock.advance(DAY)
+        await engine.touch("busy")
+        idle = {s.session_id for s in await engine.list_sessions(idle_for=DAY)}
+        assert idle == {"forever", "short"}
+        assert await engine.count_sessions(idle_for=DAY) == 2
+        assert {s.status for s in await engine.list_sessions()} == {SessionStatus.ACTIVE}
