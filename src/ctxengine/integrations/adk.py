@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from google.adk.errors import StaleSessionError
@@ -36,6 +35,7 @@ from pydantic import PrivateAttr
 from pydantic_core import to_jsonable_python
 
 from .. import errors
+from ._adapter import Closable
 
 if TYPE_CHECKING:
     from .. import Message
@@ -162,7 +162,7 @@ _STALE = (
 )
 
 
-class ContextEngineSessionService(BaseSessionService):
+class ContextEngineSessionService(Closable, BaseSessionService):
     """ADK's ``BaseSessionService`` on ctxengine: a drop-in ``session_service`` for a
     ``Runner``, with the semantics of ADK's own services and, by default, no
     stale-session errors.
@@ -228,30 +228,6 @@ class ContextEngineSessionService(BaseSessionService):
         self.idle_timeout = idle_timeout
         self.max_events = max_events
         self.on_stale = on_stale
-        self._closed = False
-
-    async def __aenter__(self) -> ContextEngineSessionService:
-        self._check_open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Stop using this service (idempotent); the engine stays open."""
-        self._closed = True
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(
-                "this ContextEngineSessionService is closed; create a new one "
-                "(its engine and stored sessions are untouched)"
-            )
 
     async def create_session(
         self,

@@ -17,7 +17,6 @@ as the SDK's own stores keep a conversation forever.
 from __future__ import annotations
 
 import json
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from agents.memory.session_settings import (
@@ -25,6 +24,8 @@ from agents.memory.session_settings import (
     coerce_session_settings,
     resolve_session_limit,
 )
+
+from ._adapter import Closable
 
 if TYPE_CHECKING:
     from agents.items import TResponseInputItem
@@ -44,7 +45,7 @@ def _role(item: Any) -> str:
     return _ROLES.get(role, "tool") if isinstance(role, str) else "tool"
 
 
-class ContextEngineSession:
+class ContextEngineSession(Closable):
     """Satisfies the OpenAI Agents SDK ``Session`` protocol on a ctxengine session.
 
     ``engine`` is a :class:`~ctxengine.ContextEngine` or a tenant view of one. When the
@@ -85,30 +86,9 @@ class ContextEngineSession:
         self._idle_timeout = idle_timeout
         self._max_items = max_items
         self._created = False
-        self._closed = False
 
-    async def __aenter__(self) -> ContextEngineSession:
-        self._check_open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Stop using this session object (idempotent); the engine stays open."""
-        self._closed = True
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(
-                f"ContextEngineSession {self.session_id!r} is closed; create a new one "
-                "(its engine and stored items are untouched)"
-            )
+    def _describe(self) -> str:
+        return f"ContextEngineSession {self.session_id!r}"
 
     async def _ensure(self) -> None:
         self._check_open()
