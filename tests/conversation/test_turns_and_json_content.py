@@ -81,7 +81,9 @@ async def test_trim_history_keeps_whole_turns(engine: ContextEngine) -> None:
     assert await engine.trim_history("s", 5) == 8  # not 7: that would split turn 1
     assert (await engine.get_messages("s"))[0].content == "q2"
     assert await engine.trim_history("s", 1) == 0  # the newest turn stays whole
-    assert [e.data["removed"] for e in trimmed] == [8]
+    assert await engine.trim_history("s", 0) == 4  # keeping none splits nothing
+    assert await engine.count_messages("s") == 0
+    assert [e.data["removed"] for e in trimmed] == [8, 4]
 
 
 async def test_adapter_sessions_can_have_no_cap(db_url: str) -> None:

@@ -545,8 +545,15 @@ class ConversationService:
             chat, total = await self._lock_chat(conn, tenant, session_id, chat_id)
             if keep_system:
                 total = await self.repo.count_where(conn, tenant, session_id, chat, system=False)
+            # keeping none removes every turn, the newest too (that splits nothing)
             removed = await self.repo.delete_oldest_turns(
-                conn, tenant, session_id, chat, total - keep, keep_system=keep_system
+                conn,
+                tenant,
+                session_id,
+                chat,
+                total - keep,
+                keep_system=keep_system,
+                turn_starts_below=keep == 0,
             )
             self._trimmed(fx, tenant, session_id, chat, removed)
             return removed
