@@ -6,7 +6,9 @@ by every touch); the sweep's ``idle_bucket`` is now computed from the deadline.
 Existing sessions take the engine's ``session_timeout`` and existing chats without a
 cap of their own take ``max_messages_per_chat``: the settings given to the migrating
 engine (``config.attributes["settings"]``), else those of the environment
-(``CTXENGINE_*``), whose defaults are 1800 s and 1000 messages.
+(``CTXENGINE_*``), whose defaults are 1800 s and 1000 messages. On PostgreSQL the
+upgrade rewrites ctx_sessions (an UPDATE of every row, then the stored bucket
+column), under an exclusive lock: plan it for a quiet moment on a large table.
 
 Revision ID: 0007_idle_timeout
 Revises: 0006_idle_bucket
