@@ -93,3 +93,15 @@ async def test_the_harness_runs_on_postgresql_and_filters(tmp_path: Path, pg_adm
         ("update's statement, raw, 16 tasks", "raw UPDATE, 16 tasks"),
     ]
     assert all(row["ratio"] > 0 for row in rows)
+
+
+def test_the_migration_benchmark_runs() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.migration", "--sessions", "50", "--backend", "sqlite"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "-> head on 50 sessions" in done.stdout
