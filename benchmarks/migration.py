@@ -19,7 +19,9 @@ import asyncpg
 from ctxengine import ContextEngine, EngineSettings
 
 SETTINGS = EngineSettings(auto_cleanup=False)
-PG_SERVER = os.environ.get("CTXENGINE_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_SERVER = os.environ.get(
+    "CTXENGINE_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 #: The columns of a session stored at 0006_idle_bucket.
 COLUMNS = (
     "tenant_id, session_id, user_id, tier, status, metadata, tags, preferences, created_at, "

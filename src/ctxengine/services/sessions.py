@@ -257,9 +257,7 @@ class SessionService:
         operation: str = "update_session",
     ) -> Session:
         v.identifier(session_id)
-        counters = Counters(
-            requests, errors, v.duration(processing_time, "add_processing_time")
-        )
+        counters = Counters(requests, errors, v.duration(processing_time, "add_processing_time"))
         max_bytes = self.ctx.settings.max_metadata_bytes
         patch = v.json_object(metadata, "metadata", max_bytes) if metadata is not None else None
 
