@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
@@ -21,6 +19,7 @@ from .cleanup import CleanupLoop
 from .clock import Clock, checked, system_clock
 from .errors import EngineClosedError, StorageError
 from .events import EventBus
+from .runtime import Runtime
 from .services.base import CallObserver, Context
 from .services.conversation import ConversationService
 from .services.limits import LeaseService, RateLimitService
@@ -34,22 +33,6 @@ from .tenant import TenantView
 log = logging.getLogger("ctxengine")
 
 _State = Literal["new", "open", "closed"]
-
-
-@dataclass(slots=True)
-class _Runtime:
-    """Everything that exists only while the engine is open."""
-
-    ctx: Context
-    sessions: SessionService
-    conversation: ConversationService
-    usage: UsageService
-    leases: LeaseService
-    rates: RateLimitService
-    cleanup: CleanupLoop | None
-    #: The event loop (and its thread) that opened the engine: the only one it serves.
-    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
-    thread: int = field(default_factory=threading.get_ident)
 
 
 class ContextEngine(TenantView):
@@ -73,7 +56,7 @@ class ContextEngine(TenantView):
         self._target = url
         self._clock: Clock = checked(clock) if clock is not None else system_clock
         self._state: _State = "new"
-        self._live: _Runtime | None = None
+        self._live: Runtime | None = None
         self._opening = asyncio.Lock()
         self._observers: list[CallObserver] = []
         # Fail fast on an unsupported URL, before anything connects.
@@ -123,7 +106,7 @@ class ContextEngine(TenantView):
             cleanup = None
             if self.settings.auto_cleanup:
                 cleanup = CleanupLoop(self._sweep, self.settings.cleanup_interval)
-            self._live = _Runtime(
+            self._live = Runtime(
                 ctx,
                 sessions,
                 ConversationService(ctx, sessions),

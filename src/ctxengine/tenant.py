@@ -31,12 +31,13 @@ from .models import (
     UsageRecord,
     UserAnalytics,
 )
-from .services.conversation import ConversationService, NewMessage
+from .services.chats import NewMessage
+from .services.conversation import ConversationService
 from .services.usage import quota_type, usage_callback
 from .tracking import RequestTracker, track_request
 
 if TYPE_CHECKING:
-    from .engine import ContextEngine, _Runtime
+    from .runtime import Host, Runtime
 
 _TEMPLATE_OVERRIDES = frozenset(
     {
@@ -82,7 +83,7 @@ class TenantView:
     """Every session call, confined to one tenant: reads, writes, counts and expiry
     never see another tenant's rows. Get one with ``engine.tenant("acme")``."""
 
-    def __init__(self, engine: ContextEngine, tenant_id: str) -> None:
+    def __init__(self, engine: Host, tenant_id: str) -> None:
         self._engine = engine
         self._tenant = v.identifier(tenant_id, "tenant_id")
 
@@ -91,7 +92,7 @@ class TenantView:
         """The tenant this view reads and writes."""
         return self._tenant
 
-    def _runtime(self) -> _Runtime:
+    def _runtime(self) -> Runtime:
         """The open engine's services, for a call on the event loop that opened it
         (EngineClosedError, WrongEventLoopError). Every public call passes here."""
         runtime = self._engine._live
@@ -573,7 +574,7 @@ class TenantView:
         """``async with``: check the session can work, then count one request, its time,
         and an error if the block raised (the exception propagates)."""
         self._runtime()
-        return track_request(self, session_id, operation)
+        return track_request(self._runtime(), self._tenant, session_id, operation)
 
     async def get_statistics(self) -> Statistics:
         """Aggregates over this tenant's sessions, computed in SQL."""

@@ -12,7 +12,8 @@ from . import validation as v
 from .errors import ContextEngineError
 
 if TYPE_CHECKING:
-    from .tenant import TenantView
+    from .clock import Clock
+    from .runtime import Runtime
 
 log = logging.getLogger("ctxengine.tracking")
 
@@ -20,8 +21,8 @@ log = logging.getLogger("ctxengine.tracking")
 class RequestTracker:
     """Handle of a tracked request; ``elapsed`` is readable inside the block."""
 
-    def __init__(self, view: TenantView, session_id: str, operation: str, started: datetime):
-        self._clock = view._runtime().ctx.clock
+    def __init__(self, clock: Clock, session_id: str, operation: str, started: datetime):
+        self._clock = clock
         self.session_id = session_id
         self.operation = operation
         self.started_at = started
@@ -35,18 +36,16 @@ class RequestTracker:
 
 @asynccontextmanager
 async def track_request(
-    view: TenantView, session_id: str, operation: str
+    runtime: Runtime, tenant: str, session_id: str, operation: str
 ) -> AsyncIterator[RequestTracker]:
     """Check the session can work and take a concurrency slot, run the block, then add
     one request and its time (and an error when the block raised; it propagates)."""
     v.identifier(session_id)
     v.identifier(operation, "operation")
-    runtime = view._runtime()
-    tenant = view.tenant_id
     lease_id = await runtime.leases.acquire(tenant, session_id, operation)
     try:
         await runtime.rates.enforce_all(tenant, session_id, operation)
-        tracker = RequestTracker(view, session_id, operation, runtime.ctx.clock())
+        tracker = RequestTracker(runtime.ctx.clock, session_id, operation, runtime.ctx.clock())
         try:
             yield tracker
         except BaseException:

@@ -33,7 +33,7 @@ from ..storage.repositories.sessions import (
     to_session,
 )
 from .base import Context, Effects, done
-from .conversation import DEFAULT_CHAT_ID, NewMessage, chat_values, insert_chat, message_cap
+from .chats import DEFAULT_CHAT_ID, NewMessage, chat_values, insert_chat, message_cap
 
 _EXPIRE_BATCH = 5000
 NO_COUNTERS = Counters()

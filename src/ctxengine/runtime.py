@@ -1,0 +1,41 @@
+"""What exists only while an engine is open, and what a tenant view reads of its engine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .cleanup import CleanupLoop
+from .services.base import Context
+from .services.conversation import ConversationService
+from .services.limits import LeaseService, RateLimitService
+from .services.sessions import SessionService
+from .services.usage import UsageService
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Everything that exists only while the engine is open."""
+
+    ctx: Context
+    sessions: SessionService
+    conversation: ConversationService
+    usage: UsageService
+    leases: LeaseService
+    rates: RateLimitService
+    cleanup: CleanupLoop | None
+    #: The event loop (and its thread) that opened the engine: the only one it serves.
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    thread: int = field(default_factory=threading.get_ident)
+
+
+class Host(Protocol):
+    """The engine as its tenant views see it: its runtime while open, and its state."""
+
+    @property
+    def _live(self) -> Runtime | None: ...
+
+    @property
+    def _state(self) -> str: ...
