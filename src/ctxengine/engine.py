@@ -185,26 +185,29 @@ class ContextEngine(TenantView):
             await store.dispose()
 
     async def health_check(self) -> dict[str, Any]:
-        """Whether the database answers: status, backend, latency_ms, schema_revision."""
+        """Whether the database answers: status, backend, latency_ms, schema_revision.
+
+        Never raises for a database failure: the status is then "unhealthy", with
+        ``error`` (the message), ``error_type`` (the error's class name) and
+        ``retryable``."""
         store = self._runtime().ctx.store
         started = time.perf_counter()
+        report: dict[str, Any] = {"status": "healthy", "backend": store.backend.name}
         try:
             await store.run(_ping, write=False, operation="health_check")
-            revision = await migrations.current_revision(store)
-        except StorageError as exc:
-            return {
+            report["schema_revision"] = await migrations.current_revision(store)
+        except Exception as exc:  # a probe reports; it does not fail
+            if not isinstance(exc, StorageError):
+                log.error("health_check failed unexpectedly", exc_info=exc)
+            report |= {
                 "status": "unhealthy",
-                "backend": store.backend.name,
-                "latency_ms": (time.perf_counter() - started) * 1000,
                 "schema_revision": None,
                 "error": str(exc),
+                "error_type": type(exc).__name__,
+                "retryable": getattr(exc, "retryable", False),
             }
-        return {
-            "status": "healthy",
-            "backend": store.backend.name,
-            "latency_ms": (time.perf_counter() - started) * 1000,
-            "schema_revision": revision,
-        }
+        report["latency_ms"] = (time.perf_counter() - started) * 1000
+        return report
 
     def _tenant_filter(self) -> str | None:
         # Subscribers on the engine itself hear every tenant; views hear their own.

@@ -6,25 +6,31 @@ attributes and says in its message what the caller can do about it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "ChatLimitError",
     "ChatNotFoundError",
     "CheckpointNotFoundError",
     "ConcurrencyLimitError",
+    "ConflictError",
+    "ConnectionLostError",
     "ContextEngineError",
+    "DatabaseFullError",
+    "DatabaseUnavailableError",
     "EngineClosedError",
     "HistoryLimitError",
     "InvalidTransitionError",
     "QuotaExceededError",
     "RateLimitError",
+    "ReadOnlyDatabaseError",
     "SessionExistsError",
     "SessionExpiredError",
     "SessionLimitError",
     "SessionNotActiveError",
     "SessionNotFoundError",
     "StorageError",
+    "StorageTimeoutError",
     "ValidationError",
     "WrongEventLoopError",
 ]
@@ -241,11 +247,60 @@ class ValidationError(ContextEngineError, ValueError):
 
 
 class StorageError(ContextEngineError):
-    """The database failed; the original driver error is the ``__cause__``."""
+    """The database or its driver failed; nothing of the call was committed unless the
+    failure came while the commit itself was answered (then it may have been).
 
-    def __init__(self, message: str, *, operation: str | None = None) -> None:
+    ``operation`` names the call, ``cause`` is the driver's own error (``__cause__`` the
+    error as it was raised), ``retryable`` says whether the same call may succeed later
+    without anyone changing anything. Subclasses say what failed.
+    """
+
+    #: Whether trying again later may help, for errors of this class.
+    default_retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str | None = None,
+        retryable: bool | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
         self.operation = operation
+        self.retryable = self.default_retryable if retryable is None else retryable
+        self.cause = cause
         super().__init__(message)
+
+
+class DatabaseUnavailableError(StorageError):
+    """The database cannot be reached or refuses connections: the server is down,
+    starting up, in recovery or shutting down, has too many connections, or the
+    database or role does not exist (then ``retryable`` is False)."""
+
+    default_retryable = True
+
+
+class StorageTimeoutError(StorageError):
+    """The database did not answer in time, or a lock stayed taken past the wait
+    allowed (SQLite's ``sqlite_busy_timeout``, the pool's ``pool_timeout``)."""
+
+    default_retryable = True
+
+
+class ConnectionLostError(StorageError):
+    """The connection broke during the call (server process terminated, network
+    closed, driver protocol or state error); the pool replaces it."""
+
+    default_retryable = True
+
+
+class DatabaseFullError(StorageError):
+    """The disk (or SQLite's page limit) holding the database is full."""
+
+
+class ReadOnlyDatabaseError(StorageError):
+    """The database accepts no writes (a read-only file, mount or ``mode=ro`` URI; a
+    PostgreSQL standby or ``default_transaction_read_only``)."""
 
 
 class EngineClosedError(ContextEngineError):

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from sqlalchemy import ColumnElement, Select, Table, and_, select
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
-from ..errors import ValidationError
+from ..errors import (
+    ConnectionLostError,
+    DatabaseUnavailableError,
+    StorageError,
+    StorageTimeoutError,
+    ValidationError,
+)
 from ..models import Event
 from ..settings import EngineSettings
 from .connection import Connection
@@ -41,6 +51,30 @@ def lock_key(name: str) -> int:
     return int.from_bytes(
         hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What a database error means: the :class:`StorageError` class to raise, why (for
+    a person: what failed and what to do), whether retrying may help (None: the class's
+    default), and the driver's own error that decided it."""
+
+    kind: type[StorageError]
+    reason: str
+    retryable: bool | None = None
+    cause: BaseException | None = None
+
+
+def error_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the errors it wraps, outermost first: SQLAlchemy's ``orig`` (the
+    DBAPI adapter's error), then each explicit ``__cause__`` (asyncpg's own error)."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        wrapped = error.orig if isinstance(error, DBAPIError) else None
+        error = wrapped if isinstance(wrapped, BaseException) else error.__cause__
 
 
 class Backend:
@@ -158,3 +192,77 @@ class Backend:
     def is_transient(self, exc: BaseException) -> bool:
         """Whether retrying the whole transaction may succeed (lock conflicts, serialization)."""
         return False
+
+    @property
+    def where(self) -> str:
+        """The database, for messages (no password)."""
+        return self.url.render_as_string(hide_password=True)
+
+    def classify(self, exc: BaseException) -> Failure:
+        """What a database error (a driver's, possibly wrapped by SQLAlchemy) means.
+
+        The dialect reads the most precise signal anywhere in the chain first (an
+        SQLSTATE, an SQLite error code), innermost error first (the driver's own);
+        then the generic ones (timeouts, refused or broken sockets, connections
+        SQLAlchemy saw break). Anything else is a plain :class:`StorageError`,
+        retryable when :meth:`is_transient` says so.
+        """
+        chain = list(error_chain(exc))
+        chain.reverse()
+        for read in (self._classify, self._classify_generic):
+            for error in chain:
+                failure = read(error)
+                if failure is not None:
+                    return failure
+        return Failure(StorageError, "the database failed", self.is_transient(exc), cause=chain[-1])
+
+    def _classify(self, error: BaseException) -> Failure | None:
+        """The dialect's reading of one error of the chain (None: no opinion)."""
+        return None
+
+    def _classify_generic(self, error: BaseException) -> Failure | None:
+        where = self.where
+        if isinstance(error, PoolTimeoutError):
+            return Failure(
+                StorageTimeoutError,
+                "no pooled connection came free within pool_timeout: retry, raise "
+                "pool_size or max_overflow, or keep fewer calls in flight",
+                cause=error,
+            )
+        if isinstance(error, TimeoutError):
+            return Failure(
+                StorageTimeoutError, f"{where} did not answer in time: retry", cause=error
+            )
+        if isinstance(error, DisconnectionError) or (
+            isinstance(error, DBAPIError) and error.connection_invalidated
+        ):
+            return Failure(
+                ConnectionLostError,
+                f"the connection to {where} broke: retry (the pool replaces it)",
+                cause=error,
+            )
+        if isinstance(error, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
+            return Failure(
+                ConnectionLostError,
+                f"the connection to {where} was closed: retry (the pool replaces it)",
+                cause=error,
+            )
+        if isinstance(error, socket.gaierror):
+            return Failure(
+                DatabaseUnavailableError,
+                f"cannot resolve the host of {where}: fix the host name in the URL",
+                cause=error,
+            )
+        if isinstance(error, ConnectionRefusedError):
+            return Failure(
+                DatabaseUnavailableError,
+                f"nothing accepts connections at {where}: start the server or fix the URL",
+                cause=error,
+            )
+        if isinstance(error, OSError):
+            return Failure(
+                DatabaseUnavailableError,
+                f"cannot reach {where}: check that it runs and is reachable from here",
+                cause=error,
+            )
+        return None

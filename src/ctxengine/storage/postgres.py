@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import asyncpg
 from sqlalchemy import (
     Boolean,
     ColumnElement,
@@ -24,9 +25,17 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from ..errors import (
+    ConnectionLostError,
+    DatabaseFullError,
+    DatabaseUnavailableError,
+    ReadOnlyDatabaseError,
+    StorageError,
+    StorageTimeoutError,
+)
 from ..models import Event
 from ..settings import EngineSettings
-from .backend import Backend, first_locked, lock_key
+from .backend import Backend, Failure, first_locked, lock_key
 from .connection import Connection
 from .relay import EventRelay
 
@@ -35,6 +44,85 @@ from .relay import EventRelay
 #: between its check and its write (see repositories.written_or_abort); a retry
 #: sees the change.
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "22012"})
+#: What an SQLSTATE (or its two-character class) means: the error to raise, the reason
+#: (formatted with ``where``, ``database`` and ``user``), whether retrying may help.
+_FAILURES: dict[str, tuple[type[StorageError], str, bool]] = {
+    "3D000": (
+        DatabaseUnavailableError,
+        "database {database!r} does not exist at {where}: create it (then run "
+        "`ctxengine migrate`) or fix the URL",
+        False,
+    ),
+    "28000": (
+        DatabaseUnavailableError,
+        "{where} refuses role {user!r}: create the role, or fix the user in the URL "
+        "or the server's pg_hba.conf",
+        False,
+    ),
+    "28P01": (
+        DatabaseUnavailableError,
+        "{where} refuses the password of role {user!r}: fix the password in the URL",
+        False,
+    ),
+    "42501": (
+        StorageError,
+        "role {user!r} lacks a privilege it needs on database {database!r} at {where}: grant it",
+        False,
+    ),
+    "53300": (
+        DatabaseUnavailableError,
+        "{where} accepts no more connections (max_connections, or the CONNECTION LIMIT "
+        "of role {user!r} or database {database!r}): retry later, lower pool_size, or "
+        "raise the limit",
+        True,
+    ),
+    "57P03": (
+        DatabaseUnavailableError,
+        "{where} is starting up, in recovery or shutting down: retry once it accepts connections",
+        True,
+    ),
+    "57P04": (
+        DatabaseUnavailableError,
+        "database {database!r} at {where} was dropped: create it again (then run "
+        "`ctxengine migrate`) or fix the URL",
+        False,
+    ),
+    "57P01": (
+        ConnectionLostError,
+        "{where} terminated the connection (an administrator, or a shutdown): retry",
+        True,
+    ),
+    "57P02": (ConnectionLostError, "{where} crashed and dropped the connection: retry", True),
+    "57014": (
+        StorageTimeoutError,
+        "{where} cancelled the statement (statement_timeout, or a cancel request): retry",
+        True,
+    ),
+    "55P03": (
+        StorageTimeoutError,
+        "a lock on {where} stayed taken past lock_timeout: retry",
+        True,
+    ),
+    "53100": (
+        DatabaseFullError,
+        "the disk of the server at {where} is full: free space, then retry",
+        False,
+    ),
+    "25006": (
+        ReadOnlyDatabaseError,
+        "{where} accepts no writes (a standby, or default_transaction_read_only): point "
+        "the URL at the primary",
+        False,
+    ),
+    "08001": (
+        DatabaseUnavailableError,
+        "cannot connect to {where}: check that it runs and is reachable from here",
+        True,
+    ),
+    "08004": (DatabaseUnavailableError, "{where} rejected the connection: retry", True),
+    "08": (ConnectionLostError, "the connection to {where} broke: retry", True),
+    "53": (StorageError, "{where} ran out of resources (memory, locks): retry later", True),
+}
 #: A pooled connection idle longer than this is pinged before use.
 PING_AFTER_IDLE = 10.0
 #: Where a pool entry's ``info`` keeps when it was last returned.
@@ -119,3 +207,32 @@ class PostgresBackend(Backend):
         orig = exc.orig if isinstance(exc, DBAPIError) else exc
         state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
         return state in _TRANSIENT_SQLSTATES
+
+    @property
+    def where(self) -> str:
+        return f"{self.url.host or 'localhost'}:{self.url.port or 5432}"
+
+    def _classify(self, error: BaseException) -> Failure | None:
+        state = getattr(error, "sqlstate", None)
+        if isinstance(state, str):
+            entry = _FAILURES.get(state) or _FAILURES.get(state[:2])
+            if entry is None:
+                return None
+            kind, reason, retryable = entry
+            text = reason.format(
+                where=self.where, database=self.url.database, user=self.url.username
+            )
+            return Failure(kind, text, retryable, cause=error)
+        if isinstance(error, asyncpg.ClientConfigurationError):
+            return Failure(
+                StorageError, "the connection settings are invalid: fix the URL", cause=error
+            )
+        if isinstance(error, asyncpg.InterfaceError | asyncpg.InternalClientError):
+            # "another operation is in progress", "connection is closed": the driver
+            # lost track of a connection (cancelled or broken mid-call)
+            return Failure(
+                ConnectionLostError,
+                f"the connection to {self.where} is no longer usable: retry (the pool replaces it)",
+                cause=error,
+            )
+        return None

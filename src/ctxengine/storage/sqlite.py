@@ -29,9 +29,15 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, Pool, StaticPool
 from sqlalchemy.sql import Executable
 from sqlalchemy.util.concurrency import in_greenlet
 
-from ..errors import StorageError
+from ..errors import (
+    DatabaseFullError,
+    DatabaseUnavailableError,
+    ReadOnlyDatabaseError,
+    StorageError,
+    StorageTimeoutError,
+)
 from ..settings import EngineSettings
-from .backend import Backend
+from .backend import Backend, Failure
 
 try:
     from sqlalchemy.util import await_
@@ -136,6 +142,52 @@ def _json_remove(target: str | None, key: str) -> str:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
 
+#: What an SQLite primary result code means: the error to raise, the reason (formatted
+#: with ``where`` and ``busy``, in seconds), whether retrying may help.
+_FAILURES: dict[int, tuple[type[StorageError], str, bool]] = {
+    sqlite3.SQLITE_BUSY: (
+        StorageTimeoutError,
+        "{where} stayed locked by another connection or process for longer than "
+        "sqlite_busy_timeout ({busy:g} s): retry, or raise sqlite_busy_timeout",
+        True,
+    ),
+    sqlite3.SQLITE_LOCKED: (
+        StorageTimeoutError,
+        "a table of {where} is locked by another connection of this process: retry",
+        True,
+    ),
+    sqlite3.SQLITE_READONLY: (
+        ReadOnlyDatabaseError,
+        "{where} is read-only (file or folder permissions, a read-only mount, or "
+        "mode=ro in the URL): open it writable",
+        False,
+    ),
+    sqlite3.SQLITE_FULL: (
+        DatabaseFullError,
+        "the disk holding {where} is full (or its max_page_count is reached): free space",
+        False,
+    ),
+    sqlite3.SQLITE_CANTOPEN: (
+        DatabaseUnavailableError,
+        "cannot open {where}: check the path and the permissions of the file, its "
+        "folder and its -wal and -shm files",
+        False,
+    ),
+    sqlite3.SQLITE_PERM: (
+        DatabaseUnavailableError,
+        "access to {where} is denied: check the permissions of the file and its folder",
+        False,
+    ),
+    sqlite3.SQLITE_NOTADB: (
+        DatabaseUnavailableError,
+        "{where} is not an SQLite database: fix the path in the URL",
+        False,
+    ),
+    sqlite3.SQLITE_CORRUPT: (StorageError, "{where} is corrupt: restore it from a backup", False),
+    sqlite3.SQLITE_IOERR: (StorageError, "a disk I/O error on {where}: check the disk", False),
+}
+
+
 class SQLiteBackend(Backend):
     name = "sqlite"
     exclusive_writes = True  # BEGIN IMMEDIATE takes the database's write lock
@@ -199,10 +251,11 @@ class SQLiteBackend(Backend):
             return
         folder = Path(str(self.url.database)).parent
         if not folder.is_dir():
-            raise StorageError(
+            raise DatabaseUnavailableError(
                 f"cannot open the SQLite database {self.url.database}: "
                 f"the folder {folder} does not exist",
                 operation="connect",
+                retryable=False,
             )
 
     async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
@@ -249,3 +302,18 @@ class SQLiteBackend(Backend):
             text = str(orig).lower()
             return "locked" in text or "busy" in text
         return False
+
+    @property
+    def where(self) -> str:
+        return "the in-memory database" if self.in_memory else str(self.url.database)
+
+    def _classify(self, error: BaseException) -> Failure | None:
+        code = getattr(error, "sqlite_errorcode", None)
+        if not isinstance(error, sqlite3.Error) or code is None:
+            return None
+        entry = _FAILURES.get(code & 0xFF)  # the primary code of an extended one
+        if entry is None:
+            return None
+        kind, reason, retryable = entry
+        text = reason.format(where=self.where, busy=self._busy_ms / 1000)
+        return Failure(kind, text, retryable, cause=error)

@@ -22,7 +22,6 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from ..errors import StorageError
 from .backend import Backend
 from .connection import Connection
 from .prebuilt import AutocommitConnection, HeldConnections
@@ -46,6 +45,7 @@ _STORAGE_ERRORS: tuple[type[BaseException], ...] = (
     sqlite3.Error,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
 
 
@@ -101,7 +101,8 @@ class Store:
         ``one_statement`` declares that ``work`` writes with a single statement (atomic
         by itself) whenever it succeeds, so a backend may run it without BEGIN/COMMIT.
         Transient conflicts retry the whole transaction a bounded number of times;
-        every other database error leaves as :class:`StorageError`. Errors raised
+        every database error then leaves as the :class:`~ctxengine.errors.StorageError`
+        subclass the backend classifies it as (:meth:`Backend.classify`). Errors raised
         by ``work`` itself roll the transaction back and propagate unchanged.
         """
         try:
@@ -122,9 +123,14 @@ class Store:
                 with attempt:
                     return await self._once(work, write, one_statement)
         except self._errors as exc:
-            raise StorageError(
-                f"database error during {operation or 'a ctxengine call'}: {exc}",
+            failure = self.backend.classify(exc)
+            cause = failure.cause if failure.cause is not None else exc
+            raise failure.kind(
+                f"{operation or 'a ctxengine call'} failed: {failure.reason} "
+                f"[{type(cause).__name__}: {cause}]",
                 operation=operation or None,
+                retryable=failure.retryable,
+                cause=cause,
             ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
