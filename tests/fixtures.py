@@ -1,11 +1,16 @@
 """Shared fixtures: a migrated database per test, on an SQLite file and on PostgreSQL.
 
+Each is a copy of one database migrated once per test run (a file copy on SQLite,
+``CREATE DATABASE … TEMPLATE`` on PostgreSQL), so tests do not pay for migrating.
 PostgreSQL tests skip with a reason when no server answers, and fail under CI=true.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -32,15 +37,13 @@ async def pg_connect() -> asyncpg.Connection:
 async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """The URL of a fresh database, already migrated to head."""
     if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
-        await ContextEngine(url, settings=EngineSettings(auto_cleanup=False)).migrate()
-        yield url
+        shutil.copyfile(await _sqlite_template(), tmp_path / "test.db")
+        yield f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
         return
     admin = await pg_connect()
-    url = await new_pg_database(admin)
+    url = await new_pg_database(admin, migrated=True)
     name = url.rsplit("/", 1)[1]
     try:
-        await ContextEngine(url, settings=EngineSettings(auto_cleanup=False)).migrate()
         yield url
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -58,20 +61,68 @@ async def pg_admin() -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 async def pg_url(pg_admin: asyncpg.Connection) -> AsyncIterator[str]:
     """A fresh migrated PostgreSQL database, for what only PostgreSQL has."""
-    url = await new_pg_database(pg_admin)
+    url = await new_pg_database(pg_admin, migrated=True)
     try:
-        await ContextEngine(url, settings=EngineSettings(auto_cleanup=False)).migrate()
         yield url
     finally:
         await pg_admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
 
 
-async def new_pg_database(admin: asyncpg.Connection) -> str:
-    """Create an empty, uniquely named database; its asyncpg URL."""
-    name = f"ctx_test_{os.getpid()}_{uuid.uuid4().hex[:10]}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
+def _url(name: str) -> str:
     server = PG_SERVER.rsplit("/", 1)[0]
     return f"{server}/{name}".replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+_templates: dict[str, str] = {}
+
+
+async def _sqlite_template() -> Path:
+    """An SQLite file migrated to head, once per test run."""
+    if "sqlite" not in _templates:
+        folder = tempfile.mkdtemp(prefix="ctx_template_")
+        atexit.register(shutil.rmtree, folder, True)
+        path = Path(folder) / "template.db"
+        await ContextEngine(
+            f"sqlite:///{path}", settings=EngineSettings(auto_cleanup=False)
+        ).migrate()
+        _templates["sqlite"] = str(path)
+    return Path(_templates["sqlite"])
+
+
+async def _pg_template(admin: asyncpg.Connection) -> str:
+    """A PostgreSQL database migrated to head, once per test run (dropped at exit)."""
+    if "postgres" not in _templates:
+        name = f"ctx_template_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        atexit.register(_drop_database, name)
+        await ContextEngine(_url(name), settings=EngineSettings(auto_cleanup=False)).migrate()
+        _templates["postgres"] = name
+    return _templates["postgres"]
+
+
+def _drop_database(name: str) -> None:
+    import asyncio
+
+    async def drop() -> None:
+        admin = await asyncpg.connect(PG_SERVER, timeout=5)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    try:
+        asyncio.run(drop())
+    except Exception:  # the server went away: nothing to clean up
+        pass
+
+
+async def new_pg_database(admin: asyncpg.Connection, *, migrated: bool = False) -> str:
+    """Create a uniquely named database, empty or a copy of one migrated to head; its
+    asyncpg URL."""
+    name = f"ctx_test_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    template = f' TEMPLATE "{await _pg_template(admin)}"' if migrated else ""
+    await admin.execute(f'CREATE DATABASE "{name}"{template}')
+    return _url(name)
 
 
 class FakeClock:
