@@ -214,7 +214,8 @@ class Backend:
                 failure = read(error)
                 if failure is not None:
                     return failure
-        return Failure(StorageError, "the database failed", self.is_transient(exc), cause=chain[-1])
+        transient = any(self.is_transient(error) for error in chain)
+        return Failure(StorageError, "the database failed", transient, cause=chain[0])
 
     def _classify(self, error: BaseException) -> Failure | None:
         """The dialect's reading of one error of the chain (None: no opinion)."""
