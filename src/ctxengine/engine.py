@@ -21,10 +21,6 @@ from .errors import EngineClosedError, StorageError
 from .events import EventBus
 from .runtime import Runtime
 from .services.base import CallObserver, Context
-from .services.conversation import ConversationService
-from .services.limits import LeaseService, RateLimitService
-from .services.sessions import SessionService
-from .services.usage import UsageService
 from .settings import EngineSettings
 from .storage import Store, normalize_url, open_store, resolve_url
 from .storage.connection import Connection
@@ -102,19 +98,10 @@ class ContextEngine(TenantView):
                         ) from exc
                     raise
             ctx = Context(store, bus, self._clock, self.settings, relay, self._observers)
-            sessions = SessionService(ctx)
             cleanup = None
             if self.settings.auto_cleanup:
                 cleanup = CleanupLoop(self._sweep, self.settings.cleanup_interval)
-            self._live = Runtime(
-                ctx,
-                sessions,
-                ConversationService(ctx, sessions),
-                UsageService(ctx, sessions),
-                LeaseService(ctx, sessions),
-                RateLimitService(ctx, sessions),
-                cleanup,
-            )
+            self._live = Runtime.open(ctx, cleanup)
             self._state = "open"
             if cleanup is not None:
                 cleanup.start()

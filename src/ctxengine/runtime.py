@@ -11,7 +11,9 @@ from .cleanup import CleanupLoop
 from .services.base import Context
 from .services.conversation import ConversationService
 from .services.limits import LeaseService, RateLimitService
+from .services.metadata import MetadataService
 from .services.sessions import SessionService
+from .services.snapshots import SnapshotService
 from .services.usage import UsageService
 
 
@@ -22,6 +24,8 @@ class Runtime:
     ctx: Context
     sessions: SessionService
     conversation: ConversationService
+    snapshots: SnapshotService
+    metadata: MetadataService
     usage: UsageService
     leases: LeaseService
     rates: RateLimitService
@@ -29,6 +33,22 @@ class Runtime:
     #: The event loop (and its thread) that opened the engine: the only one it serves.
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     thread: int = field(default_factory=threading.get_ident)
+
+    @classmethod
+    def open(cls, ctx: Context, cleanup: CleanupLoop | None) -> Runtime:
+        """The services of an engine opened with ``ctx``, on the running event loop."""
+        sessions = SessionService(ctx)
+        return cls(
+            ctx,
+            sessions,
+            ConversationService(ctx, sessions),
+            SnapshotService(ctx, sessions),
+            MetadataService(ctx, sessions),
+            UsageService(ctx, sessions),
+            LeaseService(ctx, sessions),
+            RateLimitService(ctx, sessions),
+            cleanup,
+        )
 
 
 class Host(Protocol):

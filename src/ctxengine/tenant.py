@@ -503,18 +503,18 @@ class TenantView:
         """Set one metadata key (in SQL: concurrent writers of other keys are kept);
         the whole metadata after the change."""
         v.identifier(key, "key")
-        return await self._runtime().conversation.change_metadata(
+        return await self._runtime().metadata.change_metadata(
             self._tenant, session_id, {key: value}
         )
 
     async def update_metadata(self, session_id: str, patch: dict[str, Any]) -> dict[str, Any]:
         """Set every key of ``patch`` at once; the whole metadata after the change."""
-        return await self._runtime().conversation.change_metadata(self._tenant, session_id, patch)
+        return await self._runtime().metadata.change_metadata(self._tenant, session_id, patch)
 
     async def delete_metadata(self, session_id: str, key: str) -> dict[str, Any]:
         """Remove one metadata key (absent keys are fine); the metadata after the change."""
         v.identifier(key, "key")
-        return await self._runtime().conversation.change_metadata(
+        return await self._runtime().metadata.change_metadata(
             self._tenant, session_id, None, remove=key
         )
 
@@ -524,36 +524,36 @@ class TenantView:
 
     async def get_all_metadata(self, session_id: str) -> dict[str, Any]:
         """The session's metadata."""
-        return await self._runtime().conversation.metadata(self._tenant, session_id)
+        return await self._runtime().metadata.metadata(self._tenant, session_id)
 
     async def get_shared_state(self, key: str) -> dict[str, Any]:
         """The JSON document ``key`` shared by the tenant's sessions ({} when unset)."""
-        return await self._runtime().conversation.shared_state(self._tenant, key)
+        return await self._runtime().metadata.shared_state(self._tenant, key)
 
     async def update_shared_state(self, key: str, patch: dict[str, Any]) -> dict[str, Any]:
         """Set the keys of ``patch`` in the shared document ``key`` (created when missing),
         merged in SQL like session metadata; the document after the change."""
-        return await self._runtime().conversation.update_shared_state(self._tenant, key, patch)
+        return await self._runtime().metadata.update_shared_state(self._tenant, key, patch)
 
     async def checkpoint(self, session_id: str, description: str = "") -> Checkpoint:
         """Save a copy of every chat, message and the metadata of the session."""
-        return await self._runtime().conversation.checkpoint(self._tenant, session_id, description)
+        return await self._runtime().snapshots.checkpoint(self._tenant, session_id, description)
 
     async def list_checkpoints(self, session_id: str) -> list[Checkpoint]:
         """The session's checkpoints, oldest first."""
-        return await self._runtime().conversation.list_checkpoints(self._tenant, session_id)
+        return await self._runtime().snapshots.list_checkpoints(self._tenant, session_id)
 
     async def restore_checkpoint(self, session_id: str, checkpoint_id: str) -> Session:
         """Put the chats, messages, metadata and current chat of a checkpoint back
         exactly, replacing what the session holds now."""
-        return await self._runtime().conversation.restore_checkpoint(
+        return await self._runtime().snapshots.restore_checkpoint(
             self._tenant, session_id, checkpoint_id
         )
 
     async def export_session(self, session_id: str) -> dict[str, Any]:
         """The session, its chats, messages, metadata and quotas as JSON-safe data with a
         ``format_version``; import_session() takes it back losslessly."""
-        return await self._runtime().conversation.export(self._tenant, session_id)
+        return await self._runtime().snapshots.export(self._tenant, session_id)
 
     async def import_session(
         self, data: Mapping[str, Any], *, new_session_id: str | None = None
@@ -561,7 +561,7 @@ class TenantView:
         """Recreate an exported session (under ``new_session_id`` if given) in this
         tenant, all or nothing. ValidationError for an unknown format_version or
         malformed data, SessionExistsError when the id is taken."""
-        return await self._runtime().conversation.import_(self._tenant, data, new_session_id)
+        return await self._runtime().snapshots.import_(self._tenant, data, new_session_id)
 
     async def get_session_stats(self, session_id: str) -> SessionStats:
         """Chats, messages and activity of one session."""

@@ -273,6 +273,10 @@ class SessionService:
         # succeeds is one guarded UPDATE
         return done(await self.ctx.transact(work, one_statement=patch is None, operation=operation))
 
+    async def read(self, conn: Connection, now: datetime, tenant: str, session_id: str) -> Session:
+        """The session as stored, observed at ``now``, or SessionNotFoundError."""
+        return to_session(await self.existing(conn, tenant, session_id, now), now)
+
     async def existing(
         self, conn: Connection, tenant: str, session_id: str, now: datetime | None = None
     ) -> Record:
