@@ -50,6 +50,22 @@ T = TypeVar("T")
 INLINE_DRIVER = "sqlite+ctxengine"
 
 
+class LeftToWorker(asyncio.CancelledError):
+    """A cancelled unit of work whose connection a worker thread still uses: the unit
+    must not touch it (it goes back to the pool when the thread is done with it)."""
+
+
+def _release(conn: Connection) -> None:
+    """Roll back and return to the pool a connection a worker thread is done with (on
+    the loop thread, as pool returns are)."""
+    try:
+        conn.rollback()
+    except sqlite3.Error:  # the connection is unusable: the pool discards it
+        pass
+    finally:
+        conn.close()
+
+
 class InlineSQLiteDialect(SQLiteDialect_pysqlite):
     """The standard library's sqlite3, run on the calling (event loop) thread.
 
@@ -266,7 +282,12 @@ class SQLiteBackend(Backend):
 
     async def begin_inline(self, conn: Connection) -> None:
         """Open a write transaction on an inline connection. The write lock is taken on
-        the loop thread when it is free, else waited for in a worker thread."""
+        the loop thread when it is free, else waited for in a worker thread.
+
+        Cancelled while that thread waits, it raises :class:`LeftToWorker` at once: the
+        connection then belongs to the thread until its wait ends (touching it from the
+        loop would block the loop on the connection's mutex for the rest of the busy
+        timeout), after which it is rolled back and returned to the pool."""
         conn.begin()  # SQLAlchemy's side of it: pysqlite issues no statement
         raw = conn.connection.driver_connection
         assert isinstance(raw, sqlite3.Connection)
@@ -275,11 +296,23 @@ class SQLiteBackend(Backend):
         except sqlite3.OperationalError as exc:
             if not self.is_transient(exc):
                 raise
-            raw.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+        else:
+            return
+        busy_ms = self._busy_ms
+
+        def wait_for_lock() -> None:
+            raw.execute(f"PRAGMA busy_timeout={busy_ms}")
             try:
-                await asyncio.to_thread(raw.execute, "BEGIN IMMEDIATE")
+                raw.execute("BEGIN IMMEDIATE")
             finally:
                 raw.execute("PRAGMA busy_timeout=0")
+
+        waiting = asyncio.get_running_loop().run_in_executor(None, wait_for_lock)
+        try:
+            await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            waiting.add_done_callback(lambda _: _release(conn))
+            raise LeftToWorker from None
 
     def _insert(self, table: Table) -> Any:
         return sqlite_insert(table)

@@ -25,7 +25,7 @@ from tenacity import (
 from .backend import Backend
 from .connection import Connection
 from .prebuilt import AutocommitConnection, HeldConnections
-from .sqlite import InlineConnection, InlineSQLiteDialect, SQLiteBackend
+from .sqlite import InlineConnection, InlineSQLiteDialect, LeftToWorker, SQLiteBackend
 
 log = logging.getLogger("ctxengine.storage")
 
@@ -202,16 +202,20 @@ class Store:
         # the unit of work itself never suspends (unless it waits for another process's
         # write lock): let other tasks run first
         await asyncio.sleep(0)
-        with await self._checkout_inline() as conn:  # closing it never suspends
+        conn = await self._checkout_inline()
+        try:
             if write:
                 await backend.begin_inline(conn)
-            try:
-                result = await work(InlineConnection(conn))
-            except BaseException:
-                _quiet(conn.rollback)
-                raise
+            result = await work(InlineConnection(conn))
             conn.commit()
-            return result
+        except LeftToWorker:  # cancelled while a worker thread waits on the connection
+            raise
+        except BaseException:
+            _quiet(conn.rollback)
+            conn.close()  # closing it never suspends
+            raise
+        conn.close()
+        return result
 
     async def _checkout_inline(self) -> SyncConnection:
         if self._pool_started:
