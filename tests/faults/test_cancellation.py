@@ -58,3 +58,29 @@ async def test_cancelling_a_write_waiting_for_another_process_lock_frees_the_loo
         session = await engine.get_session("a")
         assert session is not None and session.request_count == 0  # none applied
         assert (await engine.update_session("a", increment_requests=True)).request_count == 1
+
+
+async def test_close_under_load_lets_calls_finish_or_refuse_them(db_url: str) -> None:
+    """8 tasks update one session while the engine closes: each call either finished
+    (and is counted) or raised EngineClosedError; nothing else escapes."""
+    from ctxengine.errors import EngineClosedError
+
+    engine = ContextEngine(db_url, settings=EngineSettings(auto_cleanup=False))
+    await engine.initialize()
+    await engine.create_session("s", "u", idle_timeout=None)
+    done = 0
+
+    async def writer() -> None:
+        nonlocal done
+        while True:
+            await engine.update_session("s", increment_requests=True)
+            done += 1
+
+    tasks = [asyncio.ensure_future(writer()) for _ in range(8)]
+    await asyncio.sleep(0.3)
+    await engine.close()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert {type(outcome) for outcome in outcomes} == {EngineClosedError}
+    async with ContextEngine(db_url, settings=EngineSettings(auto_cleanup=False)) as again:
+        session = await again.get_session("s")
+        assert session is not None and session.request_count == done > 0

@@ -22,6 +22,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from ..errors import EngineClosedError
 from .backend import Backend
 from .connection import Connection
 from .prebuilt import AutocommitConnection, HeldConnections
@@ -57,6 +58,8 @@ class Store:
         self.backend = backend
         self.owned = owned
         self._retries = retries
+        #: Set by dispose(): units of work that have not begun raise EngineClosedError.
+        self._disposed = False
         #: ``_STORAGE_ERRORS`` and the error class of the engine's DBAPI (the driver's
         #: adapter raises it unwrapped where SQLAlchemy does not run, as in a checkout).
         dbapi_error = getattr(getattr(engine.dialect, "dbapi", None), "Error", None)
@@ -137,6 +140,7 @@ class Store:
     async def _once(
         self, work: Callable[[Connection], Awaitable[T]], write: bool, one_statement: bool
     ) -> T:
+        self._check_open()
         if self._serial is not None:
             async with self._serial:
                 return await self._transaction(work, write, one_statement)
@@ -202,6 +206,7 @@ class Store:
         # the unit of work itself never suspends (unless it waits for another process's
         # write lock): let other tasks run first
         await asyncio.sleep(0)
+        self._check_open()  # the engine may have closed meanwhile
         conn = await self._checkout_inline()
         try:
             if write:
@@ -242,8 +247,14 @@ class Store:
         held = self._held.held if self._held is not None else 0
         return int(self.engine.sync_engine.pool.checkedout()) - held  # type: ignore[attr-defined]
 
+    def _check_open(self) -> None:
+        if self._disposed:
+            raise EngineClosedError("closed")
+
     async def dispose(self) -> None:
-        """Release the pool, if this store created the engine."""
+        """Release the pool, if this store created the engine; units of work that begin
+        afterwards raise EngineClosedError."""
+        self._disposed = True
         if self._held is not None:
             await self._held.close()
         if self.owned:
