@@ -24,7 +24,7 @@ from ..storage.repositories.conversation import (
     to_chat,
     to_message,
 )
-from ..storage.repositories.usage import UsageRepository
+from ..storage.repositories.quotas import QuotaRepository as UsageRepository
 from . import documents as d
 from .base import Context, Effects, done
 from .chats import NewMessage, insert_chat, message_cap, message_values

@@ -22,7 +22,9 @@ from ..models import QuotaType, RateLimitStatus, RateLimitType, Session
 from ..ratelimit import LimiterState, decide
 from ..settings import TierPolicy
 from ..storage.connection import Connection
-from ..storage.repositories.usage import UsageRepository
+from ..storage.repositories.leases import LeaseRepository
+from ..storage.repositories.quotas import QuotaRepository
+from ..storage.repositories.rate_limits import RateLimitRepository
 from .base import Context, Effects
 from .sessions import SessionService, Worker
 from .usage import limits_by_tier, tier_limit
@@ -45,7 +47,8 @@ class LeaseService:
     def __init__(self, ctx: Context, sessions: SessionService) -> None:
         self.ctx = ctx
         self.sessions = sessions
-        self.repo = UsageRepository(ctx.store.backend)
+        self.repo = LeaseRepository(ctx.store.backend)
+        self.quotas = QuotaRepository(ctx.store.backend)
         #: Leases held by this engine: (tenant, lease_id) → renewal task.
         self.held: dict[tuple[str, str], asyncio.Task[None]] = {}
         #: manage_concurrency() leases: (tenant, session, operation) → lease ids.
@@ -65,7 +68,7 @@ class LeaseService:
             session = await self.sessions.touch_active(conn, fx, tenant, session_id)
             if session is None:
                 return
-            custom, limit = await self.repo.custom_limit(
+            custom, limit = await self.quotas.custom_limit(
                 conn, tenant, session_id, QuotaType.CONCURRENT_REQUESTS.value
             )
             if not custom:
@@ -201,7 +204,7 @@ class RateLimitService:
     def __init__(self, ctx: Context, sessions: SessionService) -> None:
         self.ctx = ctx
         self.sessions = sessions
-        self.repo = UsageRepository(ctx.store.backend)
+        self.repo = RateLimitRepository(ctx.store.backend)
         #: Each limit type's tier limits (the settings are fixed).
         self._tier_limits = {
             limit_type: limits_by_tier(ctx.settings.tiers, _rate_limit, limit_type)

@@ -20,8 +20,8 @@ from ..lifecycle import OPEN_STATUSES
 from ..models import Checkpoint, Session
 from ..storage.connection import Connection
 from ..storage.repositories.conversation import ConversationRepository, to_checkpoint
+from ..storage.repositories.quotas import QuotaRepository as UsageRepository
 from ..storage.repositories.sessions import epoch
-from ..storage.repositories.usage import UsageRepository
 from . import documents as d
 from .base import Context, Effects
 

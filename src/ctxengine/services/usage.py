@@ -13,8 +13,9 @@ from ..ids import new_id
 from ..models import Event, QuotaStatus, QuotaType, Session, UsageRecord, UserAnalytics
 from ..settings import TierPolicy
 from ..storage.connection import Connection
+from ..storage.repositories.leases import LeaseRepository
+from ..storage.repositories.quotas import QuotaRepository, UsageFilter
 from ..storage.repositories.sessions import to_session
-from ..storage.repositories.usage import UsageFilter, UsageRepository
 from .base import Context, Effects
 from .sessions import SessionService
 
@@ -83,7 +84,8 @@ class UsageService:
     def __init__(self, ctx: Context, sessions: SessionService) -> None:
         self.ctx = ctx
         self.sessions = sessions
-        self.repo = UsageRepository(ctx.store.backend)
+        self.repo = QuotaRepository(ctx.store.backend)
+        self.leases = LeaseRepository(ctx.store.backend)
         #: Each resource's tier limits (the settings are fixed).
         self._tier_limits = {
             resource: limits_by_tier(ctx.settings.tiers, tier_limit, resource)
@@ -182,7 +184,7 @@ class UsageService:
             row = await self.sessions.existing(conn, tenant, session_id)
             policy = self.policy(row._mapping["tier"])
             rows = await self.repo.quota_rows(conn, tenant, session_id)
-            live = await self.repo.live_leases(
+            live = await self.leases.live_leases(
                 conn, tenant, session_id, fx.now, self.ctx.settings.lease_ttl
             )
             result: dict[QuotaType, QuotaStatus] = {}
