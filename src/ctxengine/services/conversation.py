@@ -24,7 +24,6 @@ from ..storage.repositories.conversation import (
     to_chat,
     to_message,
 )
-from ..storage.repositories.quotas import QuotaRepository as UsageRepository
 from . import documents as d
 from .base import Context, Effects, done
 from .chats import NewMessage, insert_chat, message_cap, message_values
@@ -51,7 +50,6 @@ class ConversationService:
         self.ctx = ctx
         self.sessions = sessions
         self.repo = ConversationRepository(ctx.store.backend)
-        self.usage = UsageRepository(ctx.store.backend)
         #: Chats (tenant, session_id, chat_id as asked) whose last append trimmed them:
         #: the next one skips the one-statement append, which would find no room. A
         #: hint only: the transaction taken instead is right whatever the chat holds.

@@ -20,7 +20,7 @@ from ..lifecycle import OPEN_STATUSES
 from ..models import Checkpoint, Session
 from ..storage.connection import Connection
 from ..storage.repositories.conversation import ConversationRepository, to_checkpoint
-from ..storage.repositories.quotas import QuotaRepository as UsageRepository
+from ..storage.repositories.quotas import QuotaRepository
 from ..storage.repositories.sessions import epoch
 from . import documents as d
 from .base import Context, Effects
@@ -42,7 +42,7 @@ class SnapshotService:
         self.ctx = ctx
         self.sessions = sessions
         self.repo = ConversationRepository(ctx.store.backend)
-        self.usage = UsageRepository(ctx.store.backend)
+        self.quotas = QuotaRepository(ctx.store.backend)
 
     async def _conversation(
         self, conn: Connection, tenant: str, session_id: str, session: Session
@@ -187,7 +187,7 @@ class SnapshotService:
             if await self.repo.lock_session(conn, tenant, session_id) is None:
                 raise SessionNotFoundError(session_id, tenant)
             session = await self.sessions.read(conn, fx.now, tenant, session_id)
-            quotas = await self.usage.quota_rows(conn, tenant, session_id)
+            quotas = await self.quotas.quota_rows(conn, tenant, session_id)
             s = session.to_dict()
             return {
                 "format_version": d.FORMAT_VERSION,
@@ -234,7 +234,7 @@ class SnapshotService:
             if await self.sessions.repo.insert(conn, values) is None:
                 raise SessionExistsError(sid, tenant)
             await self._put_conversation(conn, tenant, sid, doc)
-            await self.usage.restore_quotas(
+            await self.quotas.restore_quotas(
                 conn,
                 tenant,
                 sid,
