@@ -111,8 +111,26 @@ class EngineSettings(BaseSettings):
         default=False,
         description="PostgreSQL: also deliver events committed by other engines on the database",
     )
+    connect_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="PostgreSQL: seconds to open a connection, or to wait for a pooled one "
+        "(pool_timeout counts at most this long); SQLite: does not apply",
+    )
+    statement_timeout: float | None = Field(
+        default=30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="PostgreSQL: seconds a statement may run (the server cancels it) or "
+        "go unanswered (the client gives up); a call, its retries included, raises "
+        "StorageTimeoutError within connect_timeout + statement_timeout; None = no "
+        "statement timeout and no bound on a call; SQLite: does not apply",
+    )
     sqlite_busy_timeout: float = Field(
-        default=30.0, gt=0, description="seconds SQLite waits for a lock"
+        default=30.0,
+        gt=0,
+        description="seconds SQLite waits for a lock another connection or process holds",
     )
     transient_retries: int = Field(
         default=5, ge=0, description="retries of a transaction on a transient error"

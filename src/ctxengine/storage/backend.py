@@ -86,6 +86,9 @@ class Backend:
     #: Whether write transactions exclude each other (a database-wide write lock), so
     #: that rows read in one cannot change before it commits.
     exclusive_writes: bool = False
+    #: Seconds within which a call, its retries included, ends when the database does
+    #: not answer (connect_timeout + statement_timeout); None: no bound. Set by prepare.
+    call_timeout: float | None = None
 
     def __init__(self, url: URL) -> None:
         self.url = url
@@ -232,7 +235,9 @@ class Backend:
             )
         if isinstance(error, TimeoutError):
             return Failure(
-                StorageTimeoutError, f"{where} did not answer in time: retry", cause=error
+                StorageTimeoutError,
+                f"{where} did not answer in time (connect_timeout, statement_timeout): retry",
+                cause=error,
             )
         if isinstance(error, DisconnectionError) or (
             isinstance(error, DBAPIError) and error.connection_invalidated

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -129,6 +131,19 @@ PING_AFTER_IDLE = 10.0
 IDLE_SINCE = "ctxengine_checkin"
 
 
+def connect_args(settings: EngineSettings) -> dict[str, Any]:
+    """asyncpg's ``connect()`` arguments for the engine's timeouts: ``timeout`` bounds
+    connecting; the server cancels a statement after ``statement_timeout`` (57014, the
+    connection stays usable), and the client stops waiting for an answer shortly
+    after (``command_timeout``), when the server does not answer at all."""
+    args: dict[str, Any] = {"timeout": settings.connect_timeout}
+    seconds = settings.statement_timeout
+    if seconds is not None:
+        args["server_settings"] = {"statement_timeout": str(max(1, round(seconds * 1000)))}
+        args["command_timeout"] = seconds + min(1.0, seconds / 10)
+    return args
+
+
 class PostgresBackend(Backend):
     name = "postgresql"
     # Reads and single-statement writes skip the BEGIN and COMMIT round trips; every
@@ -138,12 +153,16 @@ class PostgresBackend(Backend):
     # Each batch is one UPDATE in one server process, bound by its CPU: two at once
     # expired 100,000 of 1,000,000 sessions in 2.0-2.1 s instead of 3.0 s here.
     sweep_workers = 2
+    #: EngineSettings.connect_timeout (set by prepare), for the event relay's connection.
+    connect_timeout: float
 
     def engine_options(self, settings: EngineSettings) -> dict[str, Any]:
         return {
+            "connect_args": connect_args(settings),
             "pool_size": settings.pool_size,
             "max_overflow": settings.max_overflow,
-            "pool_timeout": settings.pool_timeout,
+            # a call waits for a pooled connection no longer than it would for a new one
+            "pool_timeout": min(settings.pool_timeout, settings.connect_timeout),
             "pool_recycle": settings.pool_recycle,
             "pool_pre_ping": settings.pool_pre_ping,
             # The connection used last is taken first: each server process stays warm
@@ -157,14 +176,39 @@ class PostgresBackend(Backend):
         # closed (restart, pg_terminate_backend) is known to asyncpg already, and only
         # one idle for a while, which a network could have dropped silently, is pinged.
         dialect = engine.dialect
+        self.connect_timeout = settings.connect_timeout
+        if settings.statement_timeout is not None:
+            self.call_timeout = settings.connect_timeout + settings.statement_timeout
 
         @event.listens_for(engine.sync_engine, "checkout")
         def _on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
-            if record.driver_connection.is_closed():  # type: ignore[union-attr]
+            driver: asyncpg.Connection = record.driver_connection
+            if driver.is_closed():
                 raise DisconnectionError("the server closed the connection")
             idle = time.monotonic() - record.info.get(IDLE_SINCE, time.monotonic())
-            if idle > PING_AFTER_IDLE and not dialect.do_ping(dbapi_connection):
-                raise DisconnectionError("the connection does not answer")
+            if idle > PING_AFTER_IDLE:
+                try:
+                    answered = dialect.do_ping(dbapi_connection)
+                except Exception:  # broken, or no answer within command_timeout
+                    answered = False
+                if not answered:  # the pool replaces it; no goodbye the server may not read
+                    driver.terminate()
+                    raise DisconnectionError("the connection does not answer")
+
+        @event.listens_for(engine.sync_engine, "handle_error")
+        def _on_error(context: ExceptionContext) -> None:
+            # SQLAlchemy discards a connection whose statement timed out or was
+            # cancelled, saying goodbye first: up to 2 s more when the server does not
+            # answer. Closed here, it is discarded at once.
+            error, conn = context.original_exception, context.connection
+            if (
+                isinstance(error, TimeoutError | asyncio.CancelledError)
+                and conn is not None
+                and not (conn.invalidated or conn.closed)
+            ):
+                driver = conn.connection.driver_connection
+                if driver is not None:
+                    driver.terminate()
 
         @event.listens_for(engine.sync_engine, "checkin")
         def _on_checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
@@ -201,7 +245,7 @@ class PostgresBackend(Backend):
         return column.op("@>", return_type=Boolean)(cast(items, JSONB))
 
     def event_relay(self, deliver: Callable[[Event], None]) -> EventRelay:
-        return EventRelay(self.url, deliver)
+        return EventRelay(self.url, deliver, connect_timeout=self.connect_timeout)
 
     def is_transient(self, exc: BaseException) -> bool:
         orig = exc.orig if isinstance(exc, DBAPIError) else exc

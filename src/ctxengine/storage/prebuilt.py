@@ -165,7 +165,9 @@ class AutocommitConnection:
         return await (await self._connection()).run_sync(fn)
 
     async def invalidate(self) -> None:
-        """Discard the connection: the pool replaces it."""
+        """Discard the connection at once (no goodbye to a server that may not answer):
+        the pool replaces it."""
+        self.driver.terminate()
         if self._conn is not None:
             await self._conn.invalidate()
         elif not self._returned:

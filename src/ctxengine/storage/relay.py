@@ -33,9 +33,13 @@ class EventRelay:
     same database, and delivers theirs to ``deliver``. Events are delivered at most
     once: none that were sent while the listening connection was down."""
 
-    def __init__(self, url: URL, deliver: Callable[[Event], None]) -> None:
+    def __init__(
+        self, url: URL, deliver: Callable[[Event], None], *, connect_timeout: float = 10.0
+    ) -> None:
         self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._deliver = deliver
+        #: seconds to connect, and for the server to answer LISTEN
+        self._connect_timeout = connect_timeout
         self.origin = uuid.uuid4().hex
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
@@ -83,10 +87,17 @@ class EventRelay:
 
     async def _connect(self) -> None:
         conn = await asyncpg.connect(
-            self._dsn, timeout=10, server_settings={"application_name": "ctxengine-events"}
+            self._dsn,
+            timeout=self._connect_timeout,
+            command_timeout=self._connect_timeout,
+            server_settings={"application_name": "ctxengine-events"},
         )
+        try:
+            await conn.add_listener(CHANNEL, self._on_notify)
+        except BaseException:
+            conn.terminate()
+            raise
         conn.add_termination_listener(self._on_terminated)
-        await conn.add_listener(CHANNEL, self._on_notify)
         self._conn = conn
         self._lost.clear()
         self.connected = True

@@ -19,10 +19,12 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception,
     stop_after_attempt,
+    stop_before_delay,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
-from ..errors import EngineClosedError
+from ..errors import EngineClosedError, StorageTimeoutError
 from .backend import Backend
 from .connection import Connection
 from .prebuilt import AutocommitConnection, HeldConnections
@@ -58,6 +60,7 @@ class Store:
         self.backend = backend
         self.owned = owned
         self._retries = retries
+        self._bound = backend.call_timeout
         #: Set by dispose(): units of work that have not begun raise EngineClosedError.
         self._disposed = False
         #: ``_STORAGE_ERRORS`` and the error class of the engine's DBAPI (the driver's
@@ -106,8 +109,33 @@ class Store:
         Transient conflicts retry the whole transaction a bounded number of times;
         every database error then leaves as the :class:`~ctxengine.errors.StorageError`
         subclass the backend classifies it as (:meth:`Backend.classify`). Errors raised
-        by ``work`` itself roll the transaction back and propagate unchanged.
+        by ``work`` itself roll the transaction back and propagate unchanged. Past the
+        backend's :attr:`~Backend.call_timeout`, retries included, the call is
+        cancelled and raises :class:`~ctxengine.errors.StorageTimeoutError`.
         """
+        bound = self._bound
+        if bound is None:
+            return await self._run(work, write, one_statement, operation, None)
+        deadline = asyncio.timeout(bound)
+        try:
+            async with deadline:
+                return await self._run(work, write, one_statement, operation, deadline)
+        except TimeoutError as exc:  # only the deadline's: _run raises ours for the driver's
+            raise StorageTimeoutError(
+                f"{operation or 'a ctxengine call'} failed: {self.backend.where} did not "
+                f"answer within {bound:g} s (connect_timeout + statement_timeout): retry",
+                operation=operation or None,
+                cause=exc,
+            ) from exc
+
+    async def _run(
+        self,
+        work: Callable[[Connection], Awaitable[T]],
+        write: bool,
+        one_statement: bool,
+        operation: str,
+        deadline: asyncio.Timeout | None,
+    ) -> T:
         try:
             try:
                 return await self._once(work, write, one_statement)
@@ -116,9 +144,13 @@ class Store:
                     raise
             # a conflict: back off, then retry (the first attempt skips this machinery)
             await asyncio.sleep(random.uniform(0, _FIRST_BACKOFF))
+            stop: stop_base = stop_after_attempt(self._retries)
+            when = None if deadline is None else deadline.when()
+            if when is not None:  # no retry begins after its back-off would pass the deadline
+                stop |= stop_before_delay(when - asyncio.get_running_loop().time())
             retrying = AsyncRetrying(
                 retry=retry_if_exception(self.backend.is_transient),
-                stop=stop_after_attempt(self._retries),
+                stop=stop,
                 wait=wait_random_exponential(multiplier=2 * _FIRST_BACKOFF, max=0.5),
                 reraise=True,
             )
@@ -158,6 +190,10 @@ class Store:
                     # each statement commits by itself; nothing to begin or commit
                     return await work(direct)
                 return await self._driver_transaction(direct, work)
+            except TimeoutError:
+                # no answer in time: the server may still run the statement, or be gone
+                await direct.invalidate()
+                raise
             finally:
                 # Not shielded (a task per call): closing suspends only to return the
                 # entry to the pool, which returns its slot even if that is
@@ -186,6 +222,8 @@ class Store:
             raise
         try:
             result = await work(direct)
+        except TimeoutError:
+            raise  # a ROLLBACK would wait on the same silent server: the caller discards it
         except BaseException:
             try:
                 await transaction.rollback()
