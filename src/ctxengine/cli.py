@@ -148,7 +148,8 @@ def migrate(revision: str, yes: bool) -> None:
 
     async def run() -> str:
         settings = _settings()
-        store = open_store(url, settings)
+        # no statement timeout: migrating a large table may take longer than a call
+        store = open_store(url, settings.model_copy(update={"statement_timeout": None}))
         try:
             current = await migrations.current_revision(store)
             if current == target:

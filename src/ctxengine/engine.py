@@ -77,7 +77,7 @@ class ContextEngine(TenantView):
             store = open_store(self._target, self.settings)
             try:
                 if self.settings.auto_migrate:
-                    await migrations.migrate(store, settings=self.settings)
+                    await self._migrate_with(store, "head")
                 else:
                     await store.run(_ping, write=False, operation="connect")
             except BaseException:
@@ -161,15 +161,19 @@ class ContextEngine(TenantView):
         """Bring the database to ``revision`` (default: the newest). Several processes may
         do this at once: they migrate once. Works before ``initialize()`` too."""
         if self._live is not None:
-            await migrations.migrate(self._runtime().ctx.store, revision, settings=self.settings)
+            await self._migrate_with(self._runtime().ctx.store, revision)
             return
         if self._state == "closed":
             raise EngineClosedError("closed")
         store = open_store(self._target, self.settings)
         try:
-            await migrations.migrate(store, revision, settings=self.settings)
+            await self._migrate_with(store, revision)
         finally:
             await store.dispose()
+
+    async def _migrate_with(self, store: Store, revision: str) -> None:
+        async with migrations.maintenance(store, self._target, self.settings) as unbounded:
+            await migrations.migrate(unbounded, revision, settings=self.settings)
 
     async def health_check(self) -> dict[str, Any]:
         """Whether the database answers: status, backend, latency_ms, schema_revision.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection as SyncConnection
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .errors import ValidationError
 from .settings import EngineSettings
@@ -130,6 +134,23 @@ async def migrate(
         return await run_locked(conn, store, revision, down=down, settings=settings)
 
     return await store.run(work, operation="migrate")
+
+
+@asynccontextmanager
+async def maintenance(
+    store: Store, target: str | URL | AsyncEngine | None, settings: EngineSettings
+) -> AsyncIterator[Store]:
+    """The store to migrate with: ``store`` itself, or, where ``store`` bounds its
+    statements (``statement_timeout``), a store of its own for ``target`` without that
+    bound, since migrating a large table may take longer than any call should."""
+    if store.backend.call_timeout is None:
+        yield store
+        return
+    own = open_store(target, settings.model_copy(update={"statement_timeout": None}))
+    try:
+        yield own
+    finally:
+        await own.dispose()
 
 
 async def current_revision(store: Store) -> str | None:

@@ -259,3 +259,45 @@ def test_alembic_x_url_online(tmp_path: Path) -> None:
     )
     assert head_revision() in current.stdout
     assert not (tmp_path / "not-this.db").exists()
+
+
+async def test_migrations_are_not_cut_by_the_statement_timeout(
+    pg_admin: asyncpg.Connection,
+) -> None:
+    """A migration may run longer than any call should: with a statement_timeout far
+    shorter than one of its statements, the engine (auto_migrate) still migrates, while
+    a call of the same engine is bounded."""
+    from ctxengine.errors import StorageTimeoutError
+    from tests.fixtures import new_pg_database
+
+    url = await new_pg_database(pg_admin)
+    quick = EngineSettings(auto_cleanup=False, statement_timeout=0.001)
+    await ContextEngine(url, settings=quick).migrate("0006_idle_bucket")
+    conn = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        await conn.execute(
+            "INSERT INTO ctx_sessions (tenant_id, session_id, user_id, tier, status, metadata,"
+            " tags, preferences, created_at, last_activity, request_count, error_count,"
+            " total_processing_time, current_chat_id, chat_count) SELECT 'default', 's' || i,"
+            " 'u', 'free', 'active', '{}', '[]', '{}', now(), now(), 0, 0, 0, 'default', 1"
+            " FROM generate_series(1, 50000) AS i"
+        )
+        with pytest.raises(asyncpg.QueryCanceledError):  # 0007's UPDATE, bounded
+            async with conn.transaction():
+                await conn.execute("SET LOCAL statement_timeout = 1")
+                await conn.execute("UPDATE ctx_sessions SET tier = tier")
+    finally:
+        await conn.close()
+    async with ContextEngine(url, settings=quick) as engine:  # auto_migrate to head
+        conn = await asyncpg.connect(url.replace("+asyncpg", ""))
+        try:
+            revision = await conn.fetchval(f"SELECT version_num FROM {VERSION_TABLE}")
+            assert revision == head_revision()
+            assert await conn.fetchval("SELECT count(idle_timeout) FROM ctx_sessions") == 50000
+        finally:
+            await conn.close()
+        with pytest.raises(StorageTimeoutError):
+            await engine._store.run(
+                lambda c: c.execute(text("SELECT pg_sleep(0.05)")), operation="probe"
+            )
+    await pg_admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
