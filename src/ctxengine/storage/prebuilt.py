@@ -11,6 +11,7 @@ statement's own column types. Elsewhere it runs as any other.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 import weakref
@@ -78,7 +79,7 @@ class HeldConnections:
     wait for connections held here.
     """
 
-    __slots__ = ("_idle", "_pool", "_view", "_waiting")
+    __slots__ = ("_adopting", "_idle", "_pool", "_view", "_waiting")
 
     def __init__(self, view: AsyncEngine, *, hold: bool) -> None:
         #: the engine in autocommit the entries are checked out from
@@ -88,6 +89,8 @@ class HeldConnections:
         self._idle: list[PoolProxiedConnection] = []
         #: units waiting for the pool: returned entries go to the pool, not here
         self._waiting = 0
+        #: checkouts whose unit was cancelled meanwhile (see ``_checkout``)
+        self._adopting: set[asyncio.Future[Any]] = set()
 
     @property
     def held(self) -> int:
@@ -103,15 +106,38 @@ class HeldConnections:
                 and not entry.driver_connection.is_closed()  # type: ignore[union-attr]
             ):
                 return AutocommitConnection(self, entry)
-            await greenlet_spawn(entry.close)  # the pool pings, replaces or recycles it
-        # the pool may connect or wait for a connection: both need a greenlet
+            await self.finish(entry.close)  # the pool pings, replaces or recycles it
         self._waiting += 1
         try:
-            entry = await greenlet_spawn(self._view.sync_engine.raw_connection)
+            entry = await self._checkout()
         finally:
             self._waiting -= 1
         entry.info[_TAKEN] = time.monotonic()
         return AutocommitConnection(self, entry)
+
+    async def _checkout(self) -> PoolProxiedConnection:
+        """An entry from the pool, which may connect or wait for a connection (both need
+        a greenlet). A unit cancelled meanwhile gets its CancelledError at once, but the
+        checkout goes on: interrupted, asyncpg's connect leaves a future whose error
+        nobody retrieves (printed), and the connection made is wasted. The entry it
+        gives is held here as any returned one."""
+        checkout = asyncio.ensure_future(greenlet_spawn(self._view.sync_engine.raw_connection))
+        try:
+            return await asyncio.shield(checkout)
+        except asyncio.CancelledError:
+            self._adopting.add(checkout)
+            checkout.add_done_callback(self._adopt)
+            raise
+
+    def _adopt(self, checkout: asyncio.Future[PoolProxiedConnection]) -> None:
+        self._adopting.discard(checkout)
+        if checkout.cancelled() or checkout.exception() is not None:
+            return  # nothing was checked out (the error is the unit's no more)
+        entry = checkout.result()
+        entry.info[_TAKEN] = time.monotonic()
+        returned = asyncio.ensure_future(self.checkin(entry))
+        self._adopting.add(returned)
+        returned.add_done_callback(self._adopting.discard)
 
     async def checkin(self, entry: PoolProxiedConnection) -> None:
         pool = self._pool
@@ -119,7 +145,16 @@ class HeldConnections:
             entry.info[IDLE_SINCE] = time.monotonic()
             self._idle.append(entry)
         else:
-            await greenlet_spawn(entry.close)
+            await self.finish(entry.close)
+
+    async def finish(self, call: Callable[[], object]) -> None:
+        """Run the pool's ``call`` (a return, an invalidation: it may suspend) to its end
+        even if the unit is cancelled meanwhile, which gets its CancelledError at once:
+        interrupted, the pool logs an error and closes nothing."""
+        done = asyncio.ensure_future(greenlet_spawn(call))
+        self._adopting.add(done)
+        done.add_done_callback(self._adopting.discard)
+        await asyncio.shield(done)
 
     async def close(self) -> None:
         """Return every entry to the pool and hold none from now on."""
@@ -172,7 +207,7 @@ class AutocommitConnection:
             await self._conn.invalidate()
         elif not self._returned:
             self._returned = True
-            await greenlet_spawn(self.entry.invalidate)  # it returns the entry too
+            await self._held.finish(self.entry.invalidate)  # it returns the entry too
 
     async def close(self) -> None:
         """Return the connection (once): to the pool when an AsyncConnection was made
