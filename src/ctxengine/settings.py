@@ -70,7 +70,9 @@ class EngineSettings(BaseSettings):
     (other ``CTXENGINE_*`` environment variables are not settings and are ignored).
     """
 
-    model_config = SettingsConfigDict(env_prefix="CTXENGINE_", frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="CTXENGINE_", frozen=True, extra="forbid", env_parse_none_str="none"
+    )
 
     database_url: str | None = Field(
         default=None,

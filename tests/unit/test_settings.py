@@ -53,6 +53,10 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = EngineSettings()
     assert settings.database_url == "sqlite:///from-env.db"
     assert settings.session_timeout == 12.5
+    monkeypatch.setenv("CTXENGINE_SESSION_TIMEOUT", "none")  # None from the environment
+    monkeypatch.setenv("CTXENGINE_STATEMENT_TIMEOUT", "none")
+    settings = EngineSettings()
+    assert settings.session_timeout is None and settings.statement_timeout is None
     monkeypatch.setenv("CTXENGINE_SESSION_TIMEOUT", "-1")
     with pytest.raises(ValidationError, match="session_timeout"):
         EngineSettings()
