@@ -19,7 +19,6 @@ from ..ids import new_id
 from ..models import Chat, Message, Session, SessionStats
 from ..storage.connection import Connection
 from ..storage.repositories.conversation import (
-    APPEND_MAX,
     ConversationRepository,
     to_chat,
     to_message,
@@ -224,11 +223,7 @@ class ConversationService:
         settings = self.ctx.settings
 
         # the one-statement append checks no expected seq
-        appends = (
-            self.ctx.store.backend.data_modifying_ctes
-            and 0 < len(new) <= APPEND_MAX
-            and if_last_seq is None
-        )
+        appends = self.repo.appends_at_once(len(new)) and if_last_seq is None
         trims = appends and settings.history_overflow == "trim"
         hint = (tenant, session_id, chat_id)
         starts_turn = bool(new) and new[0].role == "user"

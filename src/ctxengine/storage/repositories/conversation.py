@@ -378,6 +378,12 @@ class ConversationRepository:
         if rows:
             await run(conn, _INSERT_MESSAGES, rows)
 
+    def appends_at_once(self, n: int) -> bool:
+        """Whether :meth:`append` can write ``n`` messages here (in one statement: a
+        data-modifying CTE, up to ``APPEND_MAX``); else only the general transaction
+        (``take_seqs``, ``insert_messages``) appends."""
+        return self.backend.data_modifying_ctes and 0 < n <= APPEND_MAX
+
     async def append(
         self,
         conn: Connection,

@@ -186,6 +186,11 @@ class QuotaRepository:
         row = (await run(conn, stmt, params)).first()
         return None if row is None else (float(row[0]), _opt_float(row[1]))
 
+    @property
+    def tracks_at_once(self) -> bool:
+        """Whether :meth:`track` is available here (one statement)."""
+        return self.backend.data_modifying_ctes
+
     async def track(
         self,
         conn: Connection,

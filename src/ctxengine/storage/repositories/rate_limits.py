@@ -206,6 +206,11 @@ class RateLimitRepository:
         row = (await run(conn, _RULE, params)).first()
         return None if row is None else (row[0], int(row[1]), float(row[2]))
 
+    @property
+    def takes_at_once(self) -> bool:
+        """Whether :meth:`take` is available here (one statement)."""
+        return self.backend.data_modifying_ctes
+
     async def take(
         self,
         conn: Connection,

@@ -582,6 +582,11 @@ class SessionRepository:
             stmt = stmt.where(lc.tenant_id == tenant)
         await conn.execute(stmt)
 
+    @property
+    def inserts_with_chat(self) -> bool:
+        """Whether :meth:`insert_with_chat` is available here (one statement)."""
+        return self.backend.data_modifying_ctes
+
     async def insert_with_chat(
         self, conn: Connection, values: dict[str, Any], chat: dict[str, Any]
     ) -> Record | None:
