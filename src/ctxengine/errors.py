@@ -325,6 +325,6 @@ class WrongEventLoopError(ContextEngineError):
     def __init__(self) -> None:
         super().__init__(
             "this ContextEngine was opened on another event loop (or thread) than the one "
-            "calling it; use one engine per event loop, or ctxengine.sync's blocking "
-            "facade to share one"
+            "calling it; use one engine per event loop: open another ContextEngine on the "
+            "same URL in this one (engines share the database, not their connections)"
         )
