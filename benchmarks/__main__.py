@@ -47,6 +47,9 @@ PG_SERVER = os.environ.get(
 
 #: Tasks of the concurrent variants, each on its own session (or row).
 TASKS = 16
+#: The names of the baselines on connections their task holds (PostgreSQL).
+HELD_UPDATE = "raw UPDATE, held conn"
+HELD_INSERT = "raw INSERT, held conn"
 
 
 #: A call from task ``t`` (its ``i``-th).
@@ -132,11 +135,23 @@ class RawPostgres:
     async def __aenter__(self) -> RawPostgres:
         self.pool = await raw_pool(self.url, 2)
         self.wide = await raw_pool(self.url, TASKS)
+        #: the stricter baseline: connections held by their task (no pool acquire and
+        #: release per call), what a user of bare asyncpg writes in a loop
+        self.held = [await asyncpg.connect(self.url) for _ in range(TASKS)]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.pool.close()
         await self.wide.close()
+        for conn in self.held:
+            await conn.close()
+
+    async def write_held(self, sql: str, *args: Any, task: int = 0) -> None:
+        """``write`` on the connection task ``task`` holds."""
+        await self.held[task].execute(sql, *args)
+
+    async def read_held(self, sql: str, *args: Any) -> Any:
+        return await self.held[0].fetchrow(sql, *args)
 
     async def write(self, sql: str, *args: Any) -> None:
         await self.pool.execute(sql, *args)
@@ -296,6 +311,30 @@ async def bench_backend(
 
         plan.append(("1-statement unit of work", floor, "raw UPDATE by key", raw_update))
         if isinstance(raw, RawPostgres):
+            # the same operations against the raw driver on a connection it holds
+            async def held_update(i: int) -> None:
+                await raw.write_held("UPDATE bench_raw SET n = n + 1 WHERE id = $1", "hot")
+
+            async def held_select(i: int) -> None:
+                await raw.read_held("SELECT * FROM bench_raw WHERE id = $1", "hot")
+
+            async def held_last_50(i: int) -> None:
+                sql = read_history + " DESC LIMIT 50"
+                await raw.held[0].fetch(sql, "default", history, "default")
+
+            async def held_insert(i: int) -> None:
+                key = f"{run}-h{next(serial)}"
+                await raw.write_held("INSERT INTO bench_raw VALUES ($1, 0, $2)", key, "x")
+
+            plan += [
+                ("update_session", update, HELD_UPDATE, held_update),
+                ("get_session", get, "raw SELECT, held conn", held_select),
+                ("create_session", create, HELD_INSERT, held_insert),
+                ("track_usage", usage, HELD_INSERT, held_insert),
+                ("enforce_rate_limit", rate, HELD_UPDATE, held_update),
+                ("add_message", add_message, HELD_INSERT, held_insert),
+                ("get_messages last 50 of 1000", last_50, "raw SELECT 50, held conn", held_last_50),
+            ]
             bare = Bare(engine, raw)
             # the statement enforce_rate_limit runs (built by its first call above)
             (take,) = engine._runtime().rates.repo._takes.values()
@@ -356,6 +395,15 @@ async def bench_backend(
             await raw.maintain()
             pair = await timed_concurrent_pair(update_own, raw_update_own, n)
             results.append(row(concurrent, *pair, base_name))
+            if isinstance(raw, RawPostgres):
+
+                async def held_update_own(t: int, i: int) -> None:
+                    sql = "UPDATE bench_raw SET n = n + 1 WHERE id = $1"
+                    await raw.write_held(sql, f"task-{t}", task=t)
+
+                await raw.maintain()
+                pair = await timed_concurrent_pair(update_own, held_update_own, n)
+                results.append(row(concurrent, *pair, f"{HELD_UPDATE}, {TASKS} tasks"))
         if isinstance(raw, RawPostgres) and (only is None or only in floor_name):
             record = Bare(engine, raw).task_op(
                 _RECORD_ACTIVE, lambda t, now: record_params(mine[t], now)
