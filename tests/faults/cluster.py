@@ -177,6 +177,7 @@ class Cluster:
             "-c",
             "shared_buffers=16MB",
         ]
+        user, group, extra_groups = self._ids()
         with open(self.log, "ab") as log:
             self._proc = subprocess.Popen(
                 command,
@@ -186,7 +187,9 @@ class Cluster:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=self._env(),
-                **self._as_user(),  # type: ignore[arg-type]
+                user=user,
+                group=group,
+                extra_groups=extra_groups,
             )
         self._remember([self._proc.pid])
         if wait:
@@ -336,10 +339,11 @@ class Cluster:
         except OSError:
             return "(no server log)"
 
-    def _as_user(self) -> dict[str, object]:
+    def _ids(self) -> tuple[int | None, int | None, list[int] | None]:
+        """user, group and extra_groups for subprocess: the server's user, or no change."""
         if self.user is None:
-            return {}
-        return {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+            return None, None, None
+        return self.user.pw_uid, self.user.pw_gid, []
 
     @staticmethod
     def _env() -> dict[str, str]:
@@ -347,6 +351,7 @@ class Cluster:
 
     def _run(self, program: str, *args: str) -> None:
         command = [str(self.bin_dir / program), *args]
+        user, group, extra_groups = self._ids()
         done = subprocess.run(
             command,
             cwd=self.root,
@@ -355,7 +360,9 @@ class Cluster:
             text=True,
             timeout=120,
             env=self._env(),
-            **self._as_user(),  # type: ignore[arg-type]
+            user=user,
+            group=group,
+            extra_groups=extra_groups,
         )
         if done.returncode != 0:
             raise RuntimeError(
