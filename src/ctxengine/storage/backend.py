@@ -120,6 +120,10 @@ class Backend:
     #: single-statement writes) run, without BEGIN and COMMIT; None: they run as others.
     autocommit_level: str | None = None
 
+    async def dispose(self, engine: AsyncEngine) -> None:
+        """Close the pool of an engine this backend's store created."""
+        await engine.dispose()
+
     async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
         """Open the transaction of one unit of work (see :meth:`Store.run`)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.engine import URL, ExceptionContext
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -144,6 +145,10 @@ def connect_args(settings: EngineSettings) -> dict[str, Any]:
     return args
 
 
+#: Seconds a closing engine waits for the server to take a connection's goodbye.
+GOODBYE = 0.5
+
+
 class PostgresBackend(Backend):
     name = "postgresql"
     # Reads and single-statement writes skip the BEGIN and COMMIT round trips; every
@@ -155,6 +160,11 @@ class PostgresBackend(Backend):
     sweep_workers = 2
     #: EngineSettings.connect_timeout (set by prepare), for the event relay's connection.
     connect_timeout: float
+
+    def __init__(self, url: URL) -> None:
+        super().__init__(url)
+        #: the driver connections checked in to the pool (see ``dispose``)
+        self._idle: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
 
     def engine_options(self, settings: EngineSettings) -> dict[str, Any]:
         return {
@@ -171,6 +181,15 @@ class PostgresBackend(Backend):
             "pool_use_lifo": True,
         }
 
+    async def dispose(self, engine: AsyncEngine) -> None:
+        """Say goodbye on every idle connection at once, each waiting at most
+        :data:`GOODBYE` seconds for the server (then closed all the same), and let the
+        pool go: bounded, and quiet, when the server does not answer (SQLAlchemy's
+        dispose closes them one after another, each waiting out ``command_timeout``)."""
+        goodbyes = [conn.close(timeout=GOODBYE) for conn in self._idle if not conn.is_closed()]
+        await asyncio.gather(*goodbyes, return_exceptions=True)
+        await engine.dispose()
+
     def prepare(self, engine: AsyncEngine, settings: EngineSettings) -> None:
         # Without pool_pre_ping's round trip on every checkout: a connection the server
         # closed (restart, pg_terminate_backend) is known to asyncpg already, and only
@@ -180,9 +199,12 @@ class PostgresBackend(Backend):
         if settings.statement_timeout is not None:
             self.call_timeout = settings.connect_timeout + settings.statement_timeout
 
+        checked_in = self._idle
+
         @event.listens_for(engine.sync_engine, "checkout")
         def _on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
             driver: asyncpg.Connection = record.driver_connection
+            checked_in.discard(driver)
             if driver.is_closed():
                 raise DisconnectionError("the server closed the connection")
             idle = time.monotonic() - record.info.get(IDLE_SINCE, time.monotonic())
@@ -213,6 +235,8 @@ class PostgresBackend(Backend):
         @event.listens_for(engine.sync_engine, "checkin")
         def _on_checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             record.info[IDLE_SINCE] = time.monotonic()
+            if record.driver_connection is not None:
+                checked_in.add(record.driver_connection)
 
     async def lock(self, conn: Connection, name: str) -> None:
         await conn.execute(select(func.pg_advisory_xact_lock(lock_key(name))))

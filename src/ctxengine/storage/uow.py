@@ -296,7 +296,7 @@ class Store:
         if self._held is not None:
             await self._held.close()
         if self.owned:
-            await self.engine.dispose()
+            await self.backend.dispose(self.engine)
 
 
 async def _quiet_rollback(conn: AsyncConnection) -> None:
