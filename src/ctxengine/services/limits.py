@@ -314,7 +314,7 @@ class RateLimitService:
         types = [v.choice(RateLimitType, limit_type, "limit_type")]
         units = v.whole(cost, "cost")
 
-        if consume and self.repo.takes_at_once:
+        if consume and self.repo.writes_at_once:
             # one statement when the call is admitted; refusals (and the rare call the
             # statement cannot decide) take the general transaction below
             limit_type = types[0]

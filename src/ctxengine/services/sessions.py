@@ -182,7 +182,7 @@ class SessionService:
         # Without limits to count, an id to look up or a first message, the session and
         # its chat go in one statement where the database can (one round trip).
         at_once = (
-            self.repo.inserts_with_chat
+            self.repo.writes_at_once
             and not exist_ok
             and system_prompt is None
             and not self._limited

@@ -128,7 +128,7 @@ class UsageService:
                 "created_at": fx.now,
             }
 
-        if self.repo.tracks_at_once:
+        if self.repo.writes_at_once:
             # one statement when the session can work and the quota has room; refusals
             # take the general transaction below
             tier_limits = self._tier_limits[resource]

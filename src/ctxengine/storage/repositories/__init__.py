@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import CTE, ColumnElement, Select, Table, and_, case, literal, select, true
+
+if TYPE_CHECKING:
+    from ..backend import Backend
+
+
+class Repository:
+    """The statements of one table family, for one backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    @property
+    def writes_at_once(self) -> bool:
+        """Whether this repository's one-statement writes (a touch, a check and a write
+        in one round trip: data-modifying CTEs) run on this backend; where they do not,
+        services take the general transaction."""
+        return self.backend.data_modifying_ctes
 
 
 def of_session(table: Table, tenant: str, session_id: str, **columns: Any) -> ColumnElement[bool]:

@@ -27,7 +27,7 @@ from ..connection import Connection
 from ..prebuilt import Record, run, run_dicts
 from ..schema import chats, checkpoints, messages, shared_state
 from ..schema import sessions as s
-from . import of_session, written_or_abort
+from . import Repository, of_session, written_or_abort
 from .sessions import TOUCH_WORKING, epoch
 
 _CHAT = list(chats.c)
@@ -265,12 +265,12 @@ def to_checkpoint(row: Row[Any], session_id: str) -> Checkpoint:
     )
 
 
-class ConversationRepository:
+class ConversationRepository(Repository):
     """Every statement on ``ctx_chats``, ``ctx_messages`` and ``ctx_checkpoints``, and the
     conversation columns of ``ctx_sessions`` (metadata, current chat, chat count)."""
 
     def __init__(self, backend: Backend) -> None:
-        self.backend = backend
+        super().__init__(backend)
         #: The columns inserted are those of the parameters (compiled once per set).
         self._insert_chat = backend.insert_or_ignore(
             chats, ("tenant_id", "session_id", "chat_id")
@@ -382,7 +382,7 @@ class ConversationRepository:
         """Whether :meth:`append` can write ``n`` messages here (in one statement: a
         data-modifying CTE, up to ``APPEND_MAX``); else only the general transaction
         (``take_seqs``, ``insert_messages``) appends."""
-        return self.backend.data_modifying_ctes and 0 < n <= APPEND_MAX
+        return self.writes_at_once and 0 < n <= APPEND_MAX
 
     async def append(
         self,

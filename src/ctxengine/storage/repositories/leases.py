@@ -11,14 +11,14 @@ from ...ratelimit import CLOCK_SKEW
 from ..backend import Backend
 from ..connection import Connection
 from ..schema import leases
-from . import of_session
+from . import Repository, of_session
 
 
-class LeaseRepository:
+class LeaseRepository(Repository):
     """Every statement on the lease table."""
 
     def __init__(self, backend: Backend) -> None:
-        self.backend = backend
+        super().__init__(backend)
 
     # A lease is live while now < expires_at <= now + ttl (+ CLOCK_SKEW): one expiring
     # further ahead was stamped by a clock that has since stepped back, and is dead.

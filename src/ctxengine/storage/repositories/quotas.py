@@ -29,7 +29,7 @@ from ..connection import Connection
 from ..prebuilt import run
 from ..schema import quotas, usage_records
 from ..schema import sessions as s
-from . import of_session, written_or_abort
+from . import Repository, of_session, written_or_abort
 from .sessions import TOUCH_WORKING, epoch
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
@@ -135,11 +135,11 @@ class UsageFilter:
     since: datetime | None = None
 
 
-class QuotaRepository:
+class QuotaRepository(Repository):
     """Every statement on the quota and usage record tables."""
 
     def __init__(self, backend: Backend) -> None:
-        self.backend = backend
+        super().__init__(backend)
         q = quotas.c
         #: Add to the row, creating it with the tier's limit (parameters: tenant, sid,
         #: resource, amount, limit); built once, as building costs more than running it.
@@ -185,11 +185,6 @@ class QuotaRepository:
         stmt = self._add_or_create if fits_new else _ADD_TO_EXISTING
         row = (await run(conn, stmt, params)).first()
         return None if row is None else (float(row[0]), _opt_float(row[1]))
-
-    @property
-    def tracks_at_once(self) -> bool:
-        """Whether :meth:`track` is available here (one statement)."""
-        return self.backend.data_modifying_ctes
 
     async def track(
         self,

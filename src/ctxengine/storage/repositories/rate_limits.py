@@ -29,7 +29,7 @@ from ..connection import Connection
 from ..prebuilt import run
 from ..schema import rate_limit_rules, rate_limit_state
 from ..schema import sessions as s
-from . import written_or_abort
+from . import Repository, written_or_abort
 from .sessions import TOUCH_WORKING, epoch
 
 _r = rate_limit_rules.c
@@ -170,11 +170,11 @@ def _state_params(key: tuple[str, str, str, str, int]) -> dict[str, Any]:
     return {f"k_{column}": value for column, value in zip(_STATE_KEY, key, strict=True)}
 
 
-class RateLimitRepository:
+class RateLimitRepository(Repository):
     """Every statement on the rate-limit rule and limiter state tables."""
 
     def __init__(self, backend: Backend) -> None:
-        self.backend = backend
+        super().__init__(backend)
         #: ``_take`` statements, by the tier limits and window they were built for.
         self._takes: dict[tuple[tuple[tuple[str, int], ...], float], Any] = {}
         #: The limiter state row, created empty, locked (parameters: the key, state, now).
@@ -205,11 +205,6 @@ class RateLimitRepository:
         }
         row = (await run(conn, _RULE, params)).first()
         return None if row is None else (row[0], int(row[1]), float(row[2]))
-
-    @property
-    def takes_at_once(self) -> bool:
-        """Whether :meth:`take` is available here (one statement)."""
-        return self.backend.data_modifying_ctes
 
     async def take(
         self,

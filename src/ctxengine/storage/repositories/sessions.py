@@ -35,7 +35,7 @@ from ..prebuilt import Record, run
 from ..schema import chats, idle_bucket, leases, quotas, rate_limit_rules, rate_limit_state
 from ..schema import sessions as t
 from ..types import JSONDocument, UTCDateTime
-from . import of_session
+from . import Repository, of_session
 
 _OPEN = [s.value for s in OPEN_STATUSES]
 
@@ -229,11 +229,11 @@ def to_session(row: Record, observed_at: datetime) -> Session:
     return Session._trusted(values)
 
 
-class SessionRepository:
+class SessionRepository(Repository):
     """Every statement on ``ctx_sessions``; the backend supplies dialect-specific pieces."""
 
     def __init__(self, backend: Backend, lease_ttl: float) -> None:
-        self.backend = backend
+        super().__init__(backend)
         self._lease_reach = timedelta(seconds=lease_ttl + CLOCK_SKEW)
         #: The columns inserted are those of the parameters (compiled once per set).
         #: ``insert`` statements, by the columns of the row.
@@ -581,11 +581,6 @@ class SessionRepository:
         if tenant is not None:
             stmt = stmt.where(lc.tenant_id == tenant)
         await conn.execute(stmt)
-
-    @property
-    def inserts_with_chat(self) -> bool:
-        """Whether :meth:`insert_with_chat` is available here (one statement)."""
-        return self.backend.data_modifying_ctes
 
     async def insert_with_chat(
         self, conn: Connection, values: dict[str, Any], chat: dict[str, Any]
