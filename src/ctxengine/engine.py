@@ -172,9 +172,7 @@ class ContextEngine(TenantView):
             await store.dispose()
 
     async def _migrate_with(self, store: Store, revision: str) -> None:
-        async with migrations.maintenance(
-            store, self._target, self.settings, revision
-        ) as unbounded:
+        async with migrations.maintenance(store, self._target, self.settings) as unbounded:
             await migrations.migrate(unbounded, revision, settings=self.settings)
 
     async def health_check(self) -> dict[str, Any]:
