@@ -158,6 +158,8 @@ class Store:
                 with attempt:
                     return await self._once(work, write, one_statement)
         except self._errors as exc:
+            if self._disposed:  # the engine closed under this call: that is why it failed
+                raise EngineClosedError("closed") from exc
             failure = self.backend.classify(exc)
             cause = failure.cause if failure.cause is not None else exc
             raise failure.kind(
