@@ -16,8 +16,9 @@ from ``CTXENGINE_BENCH_PG_URL`` and dropped afterwards):
    the cursor is the session_id of the last session of the previous page (the
    library's keyset cursor), so the middle and end walks start from the id of the
    session at that position, then follow the cursor each page returns.
-3. expiring ``--expire`` idle sessions with one cleanup sweep (``engine._sweep()``,
-   what the cleanup loop runs): seconds, process RSS before, during (peak) and after.
+3. expiring ``--expire`` idle sessions with one cleanup sweep
+   (``engine.cleanup_inactive_sessions()``, the public sweep of tenant "default", where
+   every bulk session is): seconds, process RSS before, during (peak) and after.
 4. a cleanup sweep with nothing to expire, median of several, on the full store.
 5. the cost of the guarantees: track_usage with a quota set / without a quota / the
    raw driver inserting one usage row; update_session / a raw UPDATE of the row.
@@ -60,11 +61,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from sqlalchemy import event
 
+from benchmarks import wire
 from benchmarks.timing import Op, raw_pool, summary, timed
 from ctxengine import ContextEngine, EngineSettings, QuotaType
-from ctxengine.storage.prebuilt import _Compiled
 
 PG_SERVER = os.environ.get(
     "CTXENGINE_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -596,7 +596,9 @@ async def list_pages(
 # -- 3. expiring idle sessions, 4. an empty sweep -----------------------------------------------
 async def expire_idle(engine: ContextEngine, helper: Helper, plan: Plan) -> dict[str, Any]:
     idle = await engine.count_sessions(status="active", idle_for=TIMEOUT_S)
-    first_batch = await explain(engine, helper, engine._sweep, dry_run=True)
+    first_batch = await explain(
+        engine, helper, engine.tenant(PROBE).cleanup_inactive_sessions, probe=True
+    )
     # the floor: the database expiring the same rows with one UPDATE (rolled back, then
     # the table vacuumed and checkpointed, so that the sweep meets it as the floor did)
     floor = await helper("floor", statements=[expire_all_sql(helper.dialect)])
@@ -604,7 +606,7 @@ async def expire_idle(engine: ContextEngine, helper: Helper, plan: Plan) -> dict
     before, max_before = rss_mb(), maxrss_mb()
     with peak_rss() as series:
         t = time.perf_counter()
-        expired = await engine._sweep()
+        expired = await engine.cleanup_inactive_sessions()
         seconds = time.perf_counter() - t
     after, max_after = rss_mb(), maxrss_mb()
     remaining = await engine.count_sessions(status="active")
@@ -658,39 +660,37 @@ async def empty_sweeps(engine: ContextEngine, helper: Helper, repeats: int) -> d
     """Sweeps that find nothing, right after the expiry; on PostgreSQL again after a
     VACUUM (the expired rows' old index entries stay until one runs)."""
 
-    async def median_of_sweeps() -> tuple[float, list[float], float]:
-        await engine._sweep()  # warm-up
-        loop_sweeps, public = [], []
+    async def median_of_sweeps() -> tuple[float, list[float]]:
+        await engine.cleanup_inactive_sessions()  # warm-up
+        samples = []
         for _ in range(repeats):
             t = time.perf_counter()
-            assert await engine._sweep() == 0
-            loop_sweeps.append((time.perf_counter() - t) * 1000)
-            t = time.perf_counter()
             assert await engine.cleanup_inactive_sessions() == 0
-            public.append((time.perf_counter() - t) * 1000)
-        return statistics.median(loop_sweeps), loop_sweeps, statistics.median(public)
+            samples.append((time.perf_counter() - t) * 1000)
+        return statistics.median(samples), samples
 
-    median, samples, public = await median_of_sweeps()
+    median, samples = await median_of_sweeps()
     out: dict[str, Any] = {
         "median_ms": median,
         "samples_ms": [round(x, 3) for x in samples],
-        "cleanup_inactive_sessions_median_ms": public,
-        "plan": await explain(engine, helper, engine._sweep),
+        "cleanup_inactive_sessions_median_ms": median,  # the same call (kept for old readers)
+        "plan": await explain(engine, helper, engine.cleanup_inactive_sessions),
         "target_ms": TARGETS["sweep_ms"],
         "met": median < TARGETS["sweep_ms"],
     }
     if helper.dialect == "postgresql":
         await helper("analyze", statements=["VACUUM ctx_sessions"])
-        after, samples, _ = await median_of_sweeps()
+        after, samples = await median_of_sweeps()
         out["after_vacuum_median_ms"] = after
         out["after_vacuum_samples_ms"] = [round(x, 3) for x in samples]
-        out["after_vacuum_plan"] = await explain(engine, helper, engine._sweep)
+        out["after_vacuum_plan"] = await explain(engine, helper, engine.cleanup_inactive_sessions)
         out["after_vacuum_met"] = after < TARGETS["sweep_ms"]
     return out
 
 
-class _Captured(Exception):
-    """Stops a call at its first statement (a dry run that writes nothing)."""
+#: A tenant with no sessions: a sweep of it runs the statements a sweep of "default"
+#: runs and changes nothing (their plans, on the data as it is, are the dry run's).
+PROBE = "bench-probe"
 
 
 async def explain(
@@ -698,44 +698,23 @@ async def explain(
     helper: Helper,
     call: Callable[[], Awaitable[Any]],
     *,
-    dry_run: bool = False,
+    probe: bool = False,
 ) -> str:
-    """EXPLAIN of the SELECT/UPDATE statements ``call`` runs, captured from the engine
-    and run again by the helper (PostgreSQL: EXPLAIN ANALYZE in a rolled-back
-    transaction; SQLite: EXPLAIN QUERY PLAN). ``dry_run`` stops the call before its
-    first statement executes, so the plan is of the data as it is now."""
-    captured: list[tuple[str, Any]] = []
-    sync_engine = engine._store.engine.sync_engine
-
-    def capture(conn: Any, cursor: Any, statement: str, params: Any, *rest: Any) -> None:
-        if statement.lstrip().upper().startswith(("SELECT", "UPDATE", "WITH")):
-            captured.append((statement, params))
-            if dry_run:
-                raise _Captured
-
-    # statements run on the driver directly (storage/prebuilt.py) bypass SQLAlchemy's
-    # events: their compiled forms are watched too
-    runs = {name: getattr(_Compiled, name) for name in ("run_sqlite", "run_asyncpg")}
-
-    def watched(run: Any) -> Any:
-        def watching(form: _Compiled, driver: Any, params: Any, *rest: Any) -> Any:
-            if isinstance(params, dict):
-                capture(None, None, form.sql, form.values(params))
-            return run(form, driver, params, *rest)
-
-        return watching
-
-    event.listen(sync_engine, "before_cursor_execute", capture)
-    for name, run in runs.items():
-        setattr(_Compiled, name, watched(run))
-    try:
+    """EXPLAIN of the SELECT/UPDATE statements ``call`` runs, captured at the driver
+    (:mod:`benchmarks.wire`) and run again by the helper (PostgreSQL: EXPLAIN ANALYZE
+    in a rolled-back transaction; SQLite: EXPLAIN QUERY PLAN). With ``probe``, ``call``
+    runs on tenant :data:`PROBE` and its statements are explained for tenant
+    "default": the plan of the data as it is now, nothing written."""
+    with wire.capture() as sent:
         await call()
-    except _Captured:
-        pass
-    finally:
-        event.remove(sync_engine, "before_cursor_execute", capture)
-        for name, run in runs.items():
-            setattr(_Compiled, name, run)
+    captured: list[tuple[str, Any]] = []
+    for sql, params in sent:
+        if not sql.lstrip().upper().startswith(("SELECT", "UPDATE", "WITH")):
+            continue
+        if probe:
+            sql = sql.replace(f"'{PROBE}'", "'default'")
+            params = ["default" if p == PROBE else p for p in params]
+        captured.append((sql, params))
     parts = []
     for sql, params in captured:
         try:
@@ -1039,8 +1018,7 @@ def report(backend: str, r: dict[str, Any]) -> None:
     sw = r["sweep_nothing_to_expire"]
     _line(
         "cleanup sweep, nothing to expire",
-        f"median {sw['median_ms']:.2f} ms "
-        f"(cleanup_inactive_sessions {sw['cleanup_inactive_sessions_median_ms']:.2f})",
+        f"median {sw['median_ms']:.2f} ms",
         "< 20 ms",
         _verdict(sw["met"]),
     )
@@ -1139,6 +1117,7 @@ def main() -> None:
     parser.add_argument("--tmpdir", default=None, help="where the SQLite file goes")
     parser.add_argument("--json", dest="json_path", default=None, help="write results here")
     args = parser.parse_args()
+    wire.watch()  # before any engine opens: the SQLite connections, for EXPLAIN
     results = asyncio.run(run(args))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(results, indent=2, default=str))
