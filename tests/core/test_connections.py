@@ -13,7 +13,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from ctxengine import ContextEngine, EngineSettings
-from ctxengine.storage import Store, prebuilt
+from ctxengine.storage import Store, postgres
 
 
 @contextmanager
@@ -53,7 +53,7 @@ async def test_an_entry_out_for_long_goes_back_to_the_pool(
 ) -> None:
     """Held longer than PING_AFTER_IDLE, an entry goes back to the pool, which pings an
     idle connection and recycles an old one on the next checkout."""
-    monkeypatch.setattr(prebuilt, "PING_AFTER_IDLE", 0.0)
+    monkeypatch.setattr(postgres, "PING_AFTER_IDLE", 0.0)
     async with ContextEngine(pg_url, settings=EngineSettings(auto_cleanup=False)) as engine:
         await engine.create_session("s", "u")
         with pool_checkouts(engine._store) as checkouts:

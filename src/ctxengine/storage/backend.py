@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from sqlalchemy import ColumnElement, Select, Table, and_, select
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, CursorResult
+from sqlalchemy.engine import Connection as SyncConnection
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql import Executable
 from sqlalchemy.sql.dml import Insert
 
 from ..errors import (
@@ -25,8 +28,24 @@ from ..errors import (
 )
 from ..models import Event
 from ..settings import EngineSettings
-from .connection import Connection
+from .connection import Connection, Params, Rows
+from .prebuilt import run_portable
 from .relay import EventRelay
+
+log = logging.getLogger("ctxengine.storage")
+
+T = TypeVar("T")
+
+#: What "the database failed" looks like on every backend: SQLAlchemy's wrappers of
+#: driver errors, and what can escape below it (pool timeouts, sockets). Each backend
+#: adds its driver's own (:attr:`Backend.errors`). Any other SQLAlchemy error is a bug
+#: of ours and is not disguised as a storage failure.
+GENERIC_ERRORS: tuple[type[BaseException], ...] = (
+    DBAPIError,
+    DisconnectionError,
+    PoolTimeoutError,
+    OSError,
+)
 
 
 def _loads(document: str) -> Any:
@@ -77,18 +96,48 @@ def error_chain(exc: BaseException) -> Iterator[BaseException]:
         error = wrapped if isinstance(wrapped, BaseException) else error.__cause__
 
 
+class PortableConnection:
+    """An AsyncConnection as the connection of a unit of work: everything runs
+    through SQLAlchemy."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def run(self, statement: Executable, parameters: Params, as_dicts: bool = False) -> Rows:
+        return await run_portable(self.conn, statement, parameters, as_dicts)
+
+    async def execute(
+        self, statement: Executable, parameters: Params | None = None
+    ) -> CursorResult[*tuple[Any, ...]]:
+        return await self.conn.execute(statement, parameters)
+
+    async def run_sync(self, fn: Callable[[SyncConnection], T]) -> T:
+        return await self.conn.run_sync(fn)
+
+
 class Backend:
-    """Base class; one subclass per supported dialect."""
+    """What differs between databases; one subclass per supported dialect.
+
+    A backend is bound to the one AsyncEngine its store runs on (:meth:`bind`) and
+    owns how units of work use it: which connections, which transactions
+    (:meth:`unit_of_work`)."""
 
     name: ClassVar[str]
-    #: Whether units of work must be serialized in this process (one shared connection).
-    serialize: bool = False
+    #: Errors meaning the database or its driver failed (see :data:`GENERIC_ERRORS`).
+    errors: ClassVar[tuple[type[BaseException], ...]] = GENERIC_ERRORS
     #: Whether write transactions exclude each other (a database-wide write lock), so
     #: that rows read in one cannot change before it commits.
     exclusive_writes: bool = False
     #: Seconds within which a call, its retries included, ends when the database does
-    #: not answer (connect_timeout + statement_timeout); None: no bound. Set by prepare.
+    #: not answer (connect_timeout + statement_timeout); None: no bound. Set by bind.
     call_timeout: float | None = None
+    #: The engine units of work run on, and whether the store created it (set by bind).
+    engine: AsyncEngine
+    owned: bool
+    #: Set by dispose: no unit of work begins any more.
+    closed: bool = False
 
     def __init__(self, url: URL) -> None:
         self.url = url
@@ -99,34 +148,62 @@ class Backend:
         return self.url
 
     def create_engine(self, settings: EngineSettings) -> AsyncEngine:
-        engine = create_async_engine(
+        """A new AsyncEngine for this backend's URL (bind it before use)."""
+        return create_async_engine(
             self.engine_url, json_deserializer=_loads, **self.engine_options(settings)
         )
-        self.prepare(engine, settings)
-        return engine
 
     def engine_options(self, settings: EngineSettings) -> dict[str, Any]:
         raise NotImplementedError
 
-    def prepare(self, engine: AsyncEngine, settings: EngineSettings) -> None:
-        """Attach connection-level setup (pragmas, functions) to ``engine``."""
+    def bind(self, engine: AsyncEngine, settings: EngineSettings, *, owned: bool) -> None:
+        """Run units of work on ``engine`` from now on (``owned``: the store created
+        it, and closes its pool), attaching connection-level setup (pragmas,
+        functions, timeouts)."""
+        self.engine = engine
+        self.owned = owned
+
+    async def unit_of_work(
+        self,
+        work: Callable[[Connection], Awaitable[T]],
+        *,
+        write: bool,
+        one_statement: bool,
+    ) -> T:
+        """Run ``work`` in one transaction and commit it (see :meth:`Store.run
+        <ctxengine.storage.Store.run>`). This portable one runs through SQLAlchemy;
+        a backend whose driver allows less work per call has its own."""
+        async with self.engine.connect() as conn:  # closes even if the caller is cancelled
+            await self.begin(conn, write=write)
+            try:
+                result = await work(PortableConnection(conn))
+            except BaseException:
+                try:
+                    await conn.rollback()
+                except self.errors:  # the connection is gone; the pool discards it
+                    log.debug("rollback failed", exc_info=True)
+                raise
+            await conn.commit()
+            return result
+
+    async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
+        """Open the transaction of a portable unit of work."""
+
+    def connections_in_use(self) -> int:
+        """Connections units of work running now have checked out of the pool."""
+        return int(self.engine.sync_engine.pool.checkedout())  # type: ignore[attr-defined]
+
+    async def dispose(self) -> None:
+        """Begin no unit of work any more; close the pool if the store created it."""
+        self.closed = True
+        if self.owned:
+            await self.engine.dispose()
 
     #: Whether INSERT … RETURNING may feed other INSERTs in one statement (WITH).
     data_modifying_ctes: bool = False
     #: Units of work a sweep with a backlog runs at once (their batches are disjoint:
     #: the rows of each are locked, and skipped by the others).
     sweep_workers: int = 1
-    #: The isolation level under which units of work that need no transaction (reads,
-    #: single-statement writes) run, without BEGIN and COMMIT; None: they run as others.
-    autocommit_level: str | None = None
-
-    async def dispose(self, engine: AsyncEngine) -> None:
-        """Close the pool of an engine this backend's store created."""
-        await engine.dispose()
-
-    async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
-        """Open the transaction of one unit of work (see :meth:`Store.run`)."""
-
     async def lock(self, conn: Connection, name: str) -> None:
         """Hold a named lock until the transaction ends (mutual exclusion across processes)."""
 

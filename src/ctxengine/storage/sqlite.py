@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,22 +28,28 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, Pool, StaticPool
 from sqlalchemy.sql import Executable
-from sqlalchemy.util.concurrency import in_greenlet
+from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
 
 from ..errors import (
     DatabaseFullError,
     DatabaseUnavailableError,
+    EngineClosedError,
     ReadOnlyDatabaseError,
     StorageError,
     StorageTimeoutError,
 )
 from ..settings import EngineSettings
-from .backend import Backend, Failure
+from .backend import GENERIC_ERRORS, Backend, Failure
+from .connection import Connection as UnitConnection
+from .connection import Params, Rows
+from .prebuilt import compiled
 
 try:
     from sqlalchemy.util import await_
 except ImportError:  # SQLAlchemy 2.0
     from sqlalchemy.util import await_only as await_
+
+log = logging.getLogger("ctxengine.storage")
 
 T = TypeVar("T")
 
@@ -130,10 +137,13 @@ class InlineConnection:
     def __init__(self, sync: Connection) -> None:
         self.sync = sync
 
+    async def run(self, statement: Executable, parameters: Params, as_dicts: bool = False) -> Rows:
+        raw = self.sync.connection.driver_connection
+        assert isinstance(raw, sqlite3.Connection)
+        return compiled(statement, self.sync.dialect).run_sqlite(raw, parameters, as_dicts)
+
     async def execute(
-        self,
-        statement: Executable,
-        parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        self, statement: Executable, parameters: Params | None = None
     ) -> CursorResult[*tuple[Any, ...]]:
         return self.sync.execute(statement, parameters)
 
@@ -205,16 +215,18 @@ _FAILURES: dict[int, tuple[type[StorageError], str, bool]] = {
 
 
 class SQLiteBackend(Backend):
+    """Units of work on the engines it creates run inline (see the module's doc); on
+    an aiosqlite engine given by the caller, through SQLAlchemy. Writers take the
+    write lock up front (BEGIN IMMEDIATE); reads run in autocommit, each statement
+    seeing a consistent snapshot of its own, with no BEGIN/COMMIT."""
+
     name = "sqlite"
+    errors = (*GENERIC_ERRORS, sqlite3.Error)
     exclusive_writes = True  # BEGIN IMMEDIATE takes the database's write lock
 
     @property
     def in_memory(self) -> bool:
         return self.url.database in (None, "", ":memory:")
-
-    @property
-    def serialize(self) -> bool:  # type: ignore[override]
-        return self.in_memory
 
     #: How long the lock-taking BEGIN waits (set from the settings by ``prepare``).
     _busy_ms = 30_000
@@ -236,11 +248,16 @@ class SQLiteBackend(Backend):
         # make them wait (only units waiting for another process's lock hold extras).
         return {"pool_size": settings.pool_size, "max_overflow": -1, "connect_args": connect_args}
 
-    def prepare(self, engine: AsyncEngine, settings: EngineSettings) -> None:
+    def bind(self, engine: AsyncEngine, settings: EngineSettings, *, owned: bool) -> None:
+        super().bind(engine, settings, owned=owned)
         self._check_folder()
         busy_ms = self._busy_ms = int(settings.sqlite_busy_timeout * 1000)
         in_memory = self.in_memory
-        inline = isinstance(engine.dialect, InlineSQLiteDialect)
+        inline = self._inline = isinstance(engine.dialect, InlineSQLiteDialect)
+        #: the in-memory database is one shared connection: its units take turns
+        self._serial = asyncio.Lock() if in_memory else None
+        #: whether the pool has made its first connection (see ``_checkout``)
+        self._pool_started = False
 
         @event.listens_for(engine.sync_engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -274,9 +291,55 @@ class SQLiteBackend(Backend):
                 retryable=False,
             )
 
+    async def unit_of_work(
+        self,
+        work: Callable[[UnitConnection], Awaitable[T]],
+        *,
+        write: bool,
+        one_statement: bool,
+    ) -> T:
+        if self._serial is not None:
+            async with self._serial:
+                return await self._unit_of_work(work, write, one_statement)
+        return await self._unit_of_work(work, write, one_statement)
+
+    async def _unit_of_work(
+        self, work: Callable[[UnitConnection], Awaitable[T]], write: bool, one_statement: bool
+    ) -> T:
+        if not self._inline:
+            return await super().unit_of_work(work, write=write, one_statement=one_statement)
+        # the unit of work itself never suspends (unless it waits for another process's
+        # write lock): let other tasks run first
+        await asyncio.sleep(0)
+        if self.closed:  # the engine closed meanwhile
+            raise EngineClosedError("closed")
+        conn = await self._checkout()
+        try:
+            if write:
+                await self.begin_inline(conn)
+            result = await work(InlineConnection(conn))
+            conn.commit()
+        except LeftToWorker:  # cancelled while a worker thread waits on the connection
+            raise
+        except BaseException:
+            try:
+                conn.rollback()
+            except sqlite3.Error:
+                log.debug("rollback failed", exc_info=True)
+            conn.close()  # closing it never suspends
+            raise
+        conn.close()
+        return result
+
+    async def _checkout(self) -> Connection:
+        if self._pool_started:
+            return self.engine.sync_engine.connect()  # the pool never makes it wait
+        # the pool's first connect takes an asyncio lock, which needs a greenlet
+        conn = await greenlet_spawn(self.engine.sync_engine.connect)
+        self._pool_started = True
+        return conn
+
     async def begin(self, conn: AsyncConnection, *, write: bool) -> None:
-        # Writers take the lock up front. Reads run in autocommit: each statement
-        # sees a consistent snapshot of its own, and no BEGIN/COMMIT round trips.
         if write:
             await conn.exec_driver_sql("BEGIN IMMEDIATE")
 
