@@ -4,6 +4,7 @@ hands it to the next unit (HeldConnections); the pool stays in charge of them.""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -124,3 +125,42 @@ async def test_a_held_connection_the_server_closed_is_replaced(
         session = await engine.update_session("s", increment_requests=True)
         assert session.request_count == 1
         assert engine._store.connections_in_use() == 0
+
+
+async def test_connections_above_pool_size_close_quietly_when_the_server_is_frozen(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Returned above pool_size while the server does not answer, a connection is
+    closed after a short goodbye: the calls return, nothing is logged as an error (the
+    driver's own goodbye waited out command_timeout, then the pool logged it)."""
+    import time
+
+    from tests.faults.test_timeouts import Proxy, through
+
+    proxy = Proxy(int(pg_url.split("@", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]))
+    await proxy.start()
+    settings = EngineSettings(
+        auto_cleanup=False, pool_size=1, max_overflow=4, connect_timeout=3, statement_timeout=3
+    )
+    try:
+        async with ContextEngine(through(pg_url, proxy), settings=settings) as engine:
+            store = engine._store
+            release = asyncio.Event()
+
+            async def busy(_conn: object) -> None:
+                await release.wait()  # all five out at once: four above pool_size
+
+            calls = [asyncio.create_task(store.run(busy, write=False)) for _ in range(5)]
+            await asyncio.sleep(0.2)
+            assert store.connections_in_use() == 5
+            proxy.pause()
+            release.set()
+            started = time.monotonic()
+            await asyncio.gather(*calls)
+            assert time.monotonic() - started < 2.0  # command_timeout is 3.3 s
+            assert open_connections(store) == 1
+            proxy.resume()
+    finally:
+        await proxy.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]

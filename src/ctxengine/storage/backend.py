@@ -130,6 +130,11 @@ class Backend:
     #: Whether write transactions exclude each other (a database-wide write lock), so
     #: that rows read in one cannot change before it commits.
     exclusive_writes: bool = False
+    #: Whether INSERT … RETURNING may feed other INSERTs in one statement (WITH).
+    data_modifying_ctes: bool = False
+    #: Units of work a sweep with a backlog runs at once (their batches are disjoint:
+    #: the rows of each are locked, and skipped by the others).
+    sweep_workers: int = 1
     #: Seconds within which a call, its retries included, ends when the database does
     #: not answer (connect_timeout + statement_timeout); None: no bound. Set by bind.
     call_timeout: float | None = None
@@ -199,11 +204,6 @@ class Backend:
         if self.owned:
             await self.engine.dispose()
 
-    #: Whether INSERT … RETURNING may feed other INSERTs in one statement (WITH).
-    data_modifying_ctes: bool = False
-    #: Units of work a sweep with a backlog runs at once (their batches are disjoint:
-    #: the rows of each are locked, and skipped by the others).
-    sweep_workers: int = 1
     async def lock(self, conn: Connection, name: str) -> None:
         """Hold a named lock until the transaction ends (mutual exclusion across processes)."""
 

@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 from sqlalchemy.sql import Executable
-from sqlalchemy.util.concurrency import greenlet_spawn
+from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
 
 from ..errors import (
     ConnectionLostError,
@@ -46,6 +46,11 @@ from .backend import GENERIC_ERRORS, Backend, Failure, first_locked, lock_key
 from .connection import Connection, Params, Rows
 from .prebuilt import compiled, run_portable
 from .relay import EventRelay
+
+try:
+    from sqlalchemy.util import await_
+except ImportError:  # SQLAlchemy 2.0
+    from sqlalchemy.util import await_only as await_
 
 T = TypeVar("T")
 
@@ -437,6 +442,23 @@ class PostgresBackend(Backend):
                 driver = conn.connection.driver_connection
                 if driver is not None:
                     driver.terminate()
+
+        @event.listens_for(engine.sync_engine, "close")
+        def _on_close(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            # The pool closes a connection (above pool_size on return, recycled, at
+            # dispose) with asyncpg's goodbye, which waits out command_timeout on a
+            # server that does not answer, then logs an error. Said here, the goodbye
+            # waits at most GOODBYE seconds; the pool's close then finds it closed.
+            driver: asyncpg.Connection | None = record.driver_connection
+            if driver is None or driver.is_closed():
+                return
+            if not in_greenlet():
+                driver.terminate()
+                return
+            try:
+                await_(driver.close(timeout=GOODBYE))
+            except Exception:  # no answer in time, or already broken
+                driver.terminate()
 
         @event.listens_for(engine.sync_engine, "checkin")
         def _on_checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
