@@ -107,6 +107,8 @@ class Tally:
     cancel_latencies: list[float] = field(default_factory=list)
     calls: int = 0
     cancelled: int = 0
+    #: the first message of each error class
+    samples: dict[str, str] = field(default_factory=dict)
 
 
 class Worker:
@@ -133,6 +135,7 @@ class Worker:
             return "refused", None
         except StorageError as exc:
             self.tally.errors[type(exc).__name__] += 1
+            self.tally.samples.setdefault(type(exc).__name__, str(exc)[:200])
             return "uncertain", None
         except TimeoutError:
             if at is not None and loop.time() >= at:  # our deadline, not the engine's
@@ -274,6 +277,7 @@ async def _worker(index: int, url: str, tasks: int, deadline: float, out: str) -
         "cancel_latencies": tally.cancel_latencies,
         "calls": tally.calls,
         "cancelled": tally.cancelled,
+        "samples": tally.samples,
     }
 
 
@@ -575,6 +579,12 @@ async def run(args: argparse.Namespace, url: str, workdir: Path) -> int:
         "refusals (the engine's own): "
         + (", ".join(f"{k} {v}" for k, v in refusals.most_common()) or "none")
     )
+    samples: dict[str, str] = {}
+    for r in results:
+        for key, text in r["samples"].items():
+            samples.setdefault(key, text)
+    for key, text in sorted(samples.items()):
+        print(f"  e.g. {key}: {text}")
     for line in raw[:10]:
         print(f"  raw: {line}")
     if latencies:
