@@ -91,11 +91,8 @@ class ContextEngine(TenantView):
                     await relay.start()
                 except BaseException as exc:
                     await store.dispose()
-                    if isinstance(exc, OSError | asyncpg.PostgresError):
-                        raise StorageError(
-                            f"cannot listen for events of other engines: {exc}",
-                            operation="initialize",
-                        ) from exc
+                    if isinstance(exc, _DRIVER_ERRORS):
+                        raise _relay_failure(store, exc) from exc
                     raise
             ctx = Context(store, bus, self._clock, self.settings, relay, self._observers)
             cleanup = None
@@ -185,8 +182,10 @@ class ContextEngine(TenantView):
         started = time.perf_counter()
         report: dict[str, Any] = {"status": "healthy", "backend": store.backend.name}
         try:
-            await store.run(_ping, write=False, operation="health_check")
-            report["schema_revision"] = await migrations.current_revision(store)
+            # one unit of work, so one deadline: reading the revision is the ping
+            report["schema_revision"] = await store.run(
+                _probe, write=False, operation="health_check"
+            )
         except Exception as exc:  # a probe reports; it does not fail
             if not isinstance(exc, StorageError):
                 log.error("health_check failed unexpectedly", exc_info=exc)
@@ -207,3 +206,32 @@ class ContextEngine(TenantView):
 
 async def _ping(conn: Connection) -> None:
     await conn.execute(text("SELECT 1"))
+
+
+async def _probe(conn: Connection) -> str | None:
+    """The schema revision (None: not migrated); reading it is a round trip."""
+    return await conn.run_sync(migrations._read_revision)
+
+
+#: What the event relay's driver raises when the database fails (TimeoutError, a
+#: refused connection: OSError).
+_DRIVER_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
+def _relay_failure(store: Store, exc: BaseException) -> StorageError:
+    """The StorageError subclass of a failure to start listening for other engines'
+    events, classified as a call's would be."""
+    failure = store.backend.classify(exc)
+    cause = failure.cause if failure.cause is not None else exc
+    return failure.kind(
+        "initialize failed: cannot listen for events of other engines "
+        f"(cross_process_events): {failure.reason} [{type(cause).__name__}: {cause}]",
+        operation="initialize",
+        retryable=failure.retryable,
+        cause=cause,
+    )

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 import asyncpg
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from ctxengine import ContextEngine, EngineSettings
 from ctxengine.errors import DatabaseUnavailableError, StorageError, StorageTimeoutError
 
+from .proxy import Proxy, through
 from .test_postgres import as_admin
 
 CONNECT_TIMEOUT = 0.5
@@ -30,86 +32,6 @@ SETTINGS = EngineSettings(
     connect_timeout=CONNECT_TIMEOUT,
     statement_timeout=STATEMENT_TIMEOUT,
 )
-
-
-class Proxy:
-    """A TCP proxy to the PostgreSQL server that can stop forwarding: paused, it
-    accepts connections and holds every byte either way until resumed (a frozen
-    server, as the engine sees it); ``drop()`` closes the connections it carries."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self._upstream_port = upstream_port
-        self._forwarding = asyncio.Event()
-        self._forwarding.set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def pause(self) -> None:
-        self._forwarding.clear()
-
-    def resume(self) -> None:
-        self._forwarding.set()
-
-    def drop(self) -> None:
-        for writer in self._writers:
-            writer.transport.abort()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        self.drop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.create_task(self._carry(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            await self._forwarding.wait()
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
-            self._writers.add(up_writer)
-            try:
-                await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
-            finally:
-                self._writers.discard(up_writer)
-                up_writer.transport.abort()
-        except OSError:
-            pass  # either side went away
-        finally:
-            self._writers.discard(writer)
-            writer.transport.abort()
-
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        while data := await source.read(65536):
-            await self._forwarding.wait()
-            sink.write(data)
-            await sink.drain()
-        sink.transport.abort()  # one side closed: close the other
-
-
-@pytest.fixture
-async def proxy(pg_url: str) -> AsyncIterator[Proxy]:
-    proxy = Proxy(int(pg_url.split("@", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]))
-    await proxy.start()
-    yield proxy
-    await proxy.close()
-
-
-def through(pg_url: str, proxy: Proxy) -> str:
-    """``pg_url`` by way of ``proxy``."""
-    user, rest = pg_url.split("@", 1)
-    return f"{user}@127.0.0.1:{proxy.port}/{rest.split('/', 1)[1]}"
 
 
 async def fails_in_time(
@@ -240,9 +162,6 @@ async def test_a_server_that_stops_answering_an_open_engine_times_out(
                 assert not call.done()
                 proxy.pause()
             error = await fails_in_time(call, BOUND, StorageError)
-            import traceback
-
-            traceback.print_exception(error)
             assert time.monotonic() - started < BOUND + SLACK, repr(error)
         finally:
             await locker.close()
@@ -282,3 +201,73 @@ async def test_retries_stop_by_the_deadline(pg_url: str, pg_admin: asyncpg.Conne
         finally:
             await locker.close()
         assert (await engine.update_session("s", increment_requests=True)).request_count == 1
+
+
+@pytest.mark.parametrize("fault", ["frozen", "slow"])
+async def test_health_check_takes_one_bound(
+    fault: str, pg_url: str, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """health_check pings and reads the schema revision in one unit of work, so it
+    reports "unhealthy" within one call's deadline (connect_timeout +
+    statement_timeout). A frozen server answers nothing; a slow one answers each
+    statement in 1.4 s, within statement_timeout, but the probe's statements together
+    take longer than the deadline. (Before, the ping succeeded there and the revision
+    read that followed, a unit of work of its own, ran into a deadline of its own:
+    the report took 1.7 times the bound.)"""
+    settings = SETTINGS.model_copy(update={"connect_timeout": 0.2, "statement_timeout": 1.8})
+    bound = 2.0
+    async with ContextEngine(through(pg_url, proxy), settings=settings) as engine:
+        healthy = await engine.health_check()
+        assert healthy["status"] == "healthy" and healthy["schema_revision"], healthy
+        store = engine._store
+        units = 0
+        run = store.run
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal units
+            units += 1
+            return await run(*args, **kwargs)
+
+        monkeypatch.setattr(store, "run", counted)
+        if fault == "frozen":
+            proxy.pause()  # the engine's connections stay open, nothing comes back
+        else:
+            proxy.slow(0.7)  # each way: a round trip takes 1.4 s
+        started = time.monotonic()
+        health = await engine.health_check()
+        took = time.monotonic() - started
+        print(f"\nhealth_check on a {fault} server: {took:.2f} s (bound {bound:g} s)")
+        assert health["status"] == "unhealthy" and health["retryable"] is True, health
+        assert health["error_type"] == "StorageTimeoutError", health
+        assert health["schema_revision"] is None
+        assert took < bound * 1.35, f"{took:.2f} s, past the deadline of {bound:g} s"
+        assert units == 1  # one unit of work, one deadline
+        proxy.resume()
+        proxy.slow(0)
+        assert (await engine.health_check())["status"] == "healthy"
+
+
+@pytest.mark.parametrize("then", ["refuse", "freeze"])
+async def test_the_event_relay_failing_to_start_fails_initialize_classified(
+    then: Literal["refuse", "freeze"], pg_url: str, proxy: Proxy
+) -> None:
+    """cross_process_events: the engine connects, then its listening connection is
+    refused (nothing listens any more) or never answered (within connect_timeout).
+    initialize() raises the classified StorageError subclass (operation, cause,
+    retryable), the engine stays closed, and it opens once the server answers."""
+    settings = SETTINGS.model_copy(update={"cross_process_events": True})
+    proxy.admit(1, then)  # the engine's first connection passes; the relay's does not
+    engine = ContextEngine(through(pg_url, proxy), settings=settings)
+    kind = DatabaseUnavailableError if then == "refuse" else StorageTimeoutError
+    error = await fails_in_time(engine.initialize(), CONNECT_TIMEOUT, kind)
+    assert proxy.accepted == (1 if then == "refuse" else 2)
+    assert error.operation == "initialize"
+    assert "cannot listen for events of other engines" in str(error)
+    assert isinstance(error.cause, ConnectionRefusedError if then == "refuse" else TimeoutError)
+    assert not engine.is_open
+    if then == "freeze":
+        proxy.admit(0, "forward")  # the server answers again: the same engine opens
+        async with engine:
+            await engine.create_session("s", "u")
+            relay = engine._runtime().ctx.relay
+            assert relay is not None and relay.connected
