@@ -9,6 +9,8 @@ from typing import Any, Final, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .lifecycle import OPEN_STATUSES, SessionStatus, is_live
+
 __all__ = [
     "FROM_SETTINGS",
     "Chat",
@@ -39,16 +41,6 @@ class FromSettings(Enum):
 #: The default of an argument whose None has a meaning of its own ("never",
 #: "unlimited"): the engine's setting applies, e.g. ``create_session(idle_timeout=...)``.
 FROM_SETTINGS: Final[Literal[FromSettings.FROM_SETTINGS]] = FromSettings.FROM_SETTINGS
-
-
-class SessionStatus(StrEnum):
-    """Lifecycle states of a session."""
-
-    ACTIVE = "active"
-    PAUSED = "paused"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    EXPIRED = "expired"
 
 
 class QuotaType(StrEnum):
@@ -169,12 +161,11 @@ class Session(_Frozen):
         own ``idle_timeout``; with neither, idleness never expires it)."""
         if self.status is SessionStatus.EXPIRED:
             return True
-        if self.status not in (SessionStatus.ACTIVE, SessionStatus.PAUSED):
+        if self.status not in OPEN_STATUSES:
             return False
-        if self.expires_at is not None and self.observed_at >= self.expires_at:
-            return True
+        # the rule of ctxengine.lifecycle, which the engine's statements apply
         idle_limit = self.idle_timeout if max_idle_seconds is None else max_idle_seconds
-        return idle_limit is not None and self.idle_seconds > idle_limit
+        return not is_live(self.last_activity, idle_limit, self.expires_at, self.observed_at)
 
 
 class Event(_Frozen):

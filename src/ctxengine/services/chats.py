@@ -11,7 +11,7 @@ from .. import validation as v
 from ..ids import new_id
 from ..models import FROM_SETTINGS, Chat
 from ..storage.connection import Connection
-from ..storage.repositories.conversation import ConversationRepository, to_chat
+from ..storage.repositories.conversation import ConversationRepository
 
 #: The id of the chat every session starts with.
 DEFAULT_CHAT_ID = "default"
@@ -82,7 +82,7 @@ async def insert_chat(
     max_messages: int | None = None,
 ) -> Chat | None:
     """Insert a chat (and its system prompt as message 1); None if the id is taken."""
-    row = await repo.insert_chat(
+    chat = await repo.insert_chat(
         conn,
         chat_values(
             tenant,
@@ -95,13 +95,13 @@ async def insert_chat(
             messages=0 if system_prompt is None else 1,
         ),
     )
-    if row is None:
+    if chat is None:
         return None
     if system_prompt is not None:
         await repo.insert_messages(
             conn, [message_values(tenant, session_id, chat_id, 1, system_prompt, now)]
         )
-    return to_chat(row)
+    return chat
 
 
 def message_cap(max_messages: object, setting: int | None) -> int | None:

@@ -18,11 +18,7 @@ from ..errors import (
 from ..ids import new_id
 from ..models import Chat, Message, Session, SessionStats
 from ..storage.connection import Connection
-from ..storage.repositories.conversation import (
-    ConversationRepository,
-    to_chat,
-    to_message,
-)
+from ..storage.repositories.conversation import ConversationRepository
 from . import documents as d
 from .base import Context, Effects, done
 from .chats import NewMessage, insert_chat, message_cap, message_values
@@ -104,22 +100,22 @@ class ConversationService:
         """``chat_id``, or the session's current chat when None."""
         if chat_id is not None:
             return chat_id
-        row = await self.repo.current_chat(conn, tenant, session_id)
-        if row is None:
+        current = await self.repo.current_chat(conn, tenant, session_id)
+        if current is None:
             raise SessionNotFoundError(session_id, tenant)
-        if row[0] is None:
+        if current.chat_id is None:
             raise ChatNotFoundError(session_id, None)
-        return str(row[0])
+        return current.chat_id
 
     async def _lock_chat(
         self, conn: Connection, tenant: str, session_id: str, chat_id: str | None
     ) -> tuple[str, int]:
         """Resolve and lock the chat; (chat_id, message_count)."""
         chat = await self._resolve_chat(conn, tenant, session_id, chat_id)
-        row = await self.repo.take_seqs(conn, tenant, session_id, chat, 0)
-        if row is None:
+        taken = await self.repo.take_seqs(conn, tenant, session_id, chat, 0)
+        if taken is None:
             raise await self._missing_chat(conn, tenant, session_id, chat)
-        return chat, int(row.message_count)
+        return chat, taken.message_count
 
     # -- chats ----------------------------------------------------------------------------
     async def create_chat(
@@ -161,10 +157,10 @@ class ConversationService:
         v.identifier(session_id)
 
         async def work(conn: Connection, fx: Effects) -> list[Chat]:
-            rows = await self.repo.chats(conn, tenant, session_id)
-            if not rows and await self.repo.current_chat(conn, tenant, session_id) is None:
+            chats = await self.repo.chats(conn, tenant, session_id)
+            if not chats and await self.repo.current_chat(conn, tenant, session_id) is None:
                 raise SessionNotFoundError(session_id, tenant)
-            return [to_chat(row) for row in rows]
+            return chats
 
         return await self.ctx.transact(work, write=False, operation="list_chats")
 
@@ -173,11 +169,10 @@ class ConversationService:
         v.identifier(chat_id, "chat_id")
 
         async def work(conn: Connection, fx: Effects) -> Chat | None:
-            row = await self.repo.get_chat(conn, tenant, session_id, chat_id)
-            if row is None:
+            chat = await self.repo.get_chat(conn, tenant, session_id, chat_id)
+            if chat is None:
                 await self._missing_chat(conn, tenant, session_id, chat_id)
-                return None
-            return to_chat(row)
+            return chat
 
         return await self.ctx.transact(work, write=False, operation="get_chat")
 
@@ -198,7 +193,7 @@ class ConversationService:
         v.identifier(chat_id, "chat_id")
 
         async def work(conn: Connection, fx: Effects) -> bool:
-            if await self.repo.lock_session(conn, tenant, session_id) is None:
+            if not await self.repo.lock_session(conn, tenant, session_id):
                 raise SessionNotFoundError(session_id, tenant)
             return await self.repo.delete_chat(conn, tenant, session_id, chat_id)
 
@@ -274,10 +269,10 @@ class ConversationService:
             if chat is None:
                 raise ChatNotFoundError(session_id, None)
             # Locks the chat row until commit: sequence numbers follow commit order.
-            row = await self.repo.take_seqs(conn, tenant, session_id, chat, len(new))
-            if row is None:
+            taken = await self.repo.take_seqs(conn, tenant, session_id, chat, len(new))
+            if taken is None:
                 raise ChatNotFoundError(session_id, chat)
-            first = int(row.next_seq) - len(new) + 1
+            first = taken.next_seq - len(new) + 1
             if if_last_seq is not None:
                 last = await self.repo.last_seq(conn, tenant, session_id, chat, first)
                 if last != if_last_seq:
@@ -286,7 +281,7 @@ class ConversationService:
                         if_last_seq,
                         last,
                     )
-            count, limit = int(row.message_count), row.max_messages
+            count, limit = taken.message_count, taken.max_messages
             await self._keep_limit(
                 conn, fx, tenant, session_id, chat, first, count, limit, starts_turn
             )
@@ -387,10 +382,10 @@ class ConversationService:
 
         async def work(conn: Connection, fx: Effects) -> int:
             chat = await self._resolve_chat(conn, tenant, session_id, chat_id)
-            row = await self.repo.get_chat(conn, tenant, session_id, chat)
-            if row is None:
+            found = await self.repo.get_chat(conn, tenant, session_id, chat)
+            if found is None:
                 raise await self._missing_chat(conn, tenant, session_id, chat)
-            return int(row.message_count)
+            return found.message_count
 
         return await self.ctx.transact(work, write=False, operation="count_messages")
 
@@ -401,8 +396,7 @@ class ConversationService:
 
         async def work(conn: Connection, fx: Effects) -> Message | None:
             chat, _ = await self._lock_chat(conn, tenant, session_id, chat_id)
-            row = await self.repo.pop_last(conn, tenant, session_id, chat)
-            return None if row is None else to_message(row)
+            return await self.repo.pop_last(conn, tenant, session_id, chat)
 
         return await self.ctx.transact(work, operation="pop_message")
 

@@ -25,8 +25,9 @@ from ..storage.connection import Connection
 from ..storage.repositories.leases import LeaseRepository
 from ..storage.repositories.quotas import QuotaRepository
 from ..storage.repositories.rate_limits import RateLimitRepository
+from ..storage.repositories.sessions import Worker
 from .base import Context, Effects
-from .sessions import SessionService, Worker
+from .sessions import SessionService
 from .usage import limits_by_tier, tier_limit
 
 log = logging.getLogger("ctxengine.limits")
@@ -223,9 +224,10 @@ class RateLimitService:
         the tier's rule for each of ``limit_types`` (unlimited ones are left out)."""
         rule = await self.repo.rule(conn, tenant, session.session_id, session.user_id, operation)
         if rule is not None:
-            scope, max_calls, window = rule
+            scope, window = rule.scope, rule.window_seconds
             subject = session.session_id if scope == "session" else session.user_id
-            return [((tenant, scope, subject, operation, round(window * 1000)), max_calls, window)]
+            key = (tenant, scope, subject, operation, round(window * 1000))
+            return [(key, rule.max_calls, window)]
         policy = self.ctx.settings.tiers.get(session.tier)
         rules = []
         for limit_type in limit_types:
@@ -332,15 +334,19 @@ class RateLimitService:
                 )
                 if taken is None:
                     return None
-                state, max_calls, window = taken
                 # the new state, peeked at the same instant: what is left, and when the
                 # oldest counted sub-window stops counting
                 after = decide(
-                    LimiterState.from_json(state), now, max_calls, window, units, consume=False
+                    LimiterState.from_json(taken.state),
+                    now,
+                    taken.max_calls,
+                    taken.window_seconds,
+                    units,
+                    consume=False,
                 )
                 return RateLimitStatus._trusted(
                     {
-                        "limit": max_calls,
+                        "limit": taken.max_calls,
                         "remaining": after.remaining,
                         "reset_after": after.reset_after,
                     }
@@ -404,7 +410,7 @@ class RateLimitService:
 
         async def work(conn: Connection, fx: Effects) -> None:
             if scope == "session":
-                await self.sessions.existing(conn, tenant, subject)
+                await self.sessions.existing(conn, tenant, subject, fx.now)
             await self.repo.set_rule(conn, tenant, scope, subject, operation, max_calls, window)
 
         await self.ctx.transact(work, operation="set_rate_limit")

@@ -47,8 +47,8 @@ class MetadataService:
         v.identifier(session_id)
 
         async def work(conn: Connection, fx: Effects) -> dict[str, Any]:
-            row = await self.sessions.existing(conn, tenant, session_id)
-            return dict(row._mapping["metadata"])
+            session = await self.sessions.existing(conn, tenant, session_id, fx.now)
+            return dict(session.metadata)
 
         return await self.ctx.transact(work, write=False, operation="get_metadata")
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
-
-from sqlalchemy import Row
+from typing import Any
 
 from .. import validation as v
 from ..errors import (
@@ -20,32 +18,22 @@ from ..errors import (
     ValidationError,
 )
 from ..ids import new_id
-from ..lifecycle import END_STATUSES, sources_of
+from ..lifecycle import END_STATUSES, can_work, epoch, is_stale, sources_of
 from ..models import FROM_SETTINGS, FromSettings, Session, SessionStatus, Statistics
 from ..storage.connection import Connection
-from ..storage.prebuilt import Record
 from ..storage.repositories.conversation import ConversationRepository
 from ..storage.repositories.sessions import (
     Counters,
     SessionFilter,
+    SessionKey,
     SessionRepository,
-    epoch,
-    to_session,
+    Worker,
 )
 from .base import Context, Effects, done
 from .chats import DEFAULT_CHAT_ID, NewMessage, chat_values, insert_chat, message_cap
 
 _EXPIRE_BATCH = 5000
 NO_COUNTERS = Counters()
-
-
-class Worker(NamedTuple):
-    """What most calls need of the session they work on: whose it is."""
-
-    session_id: str
-    user_id: str
-    tier: str
-    current_chat_id: str | None
 
 
 #: The public call that moves a session to each status (the unit of work's name).
@@ -192,7 +180,7 @@ class SessionService:
             if exist_ok:
                 existing = await self.repo.get(conn, tenant, sid, fx.now)
                 if existing is not None:
-                    return to_session(existing, fx.now)
+                    return existing
             stored = {
                 **values,
                 "created_at": fx.now,
@@ -201,15 +189,15 @@ class SessionService:
             }
             if at_once:
                 chat = chat_values(tenant, sid, DEFAULT_CHAT_ID, fx.now, max_messages=cap)
-                row = await self.repo.insert_with_chat(conn, stored, chat)
+                session = await self.repo.insert_with_chat(conn, stored, chat, fx.now)
             else:
                 await self.check_limits(conn, tenant, values["user_id"], fx.now)
-                row = await self.repo.insert(conn, stored)
-            if row is None:
+                session = await self.repo.insert(conn, stored, fx.now)
+            if session is None:
                 existing = await self.repo.get(conn, tenant, sid, fx.now)
                 if not exist_ok or existing is None:
                     raise SessionExistsError(sid, tenant)
-                return to_session(existing, fx.now)
+                return existing
             if not at_once:
                 await insert_chat(
                     self.chats,
@@ -221,7 +209,6 @@ class SessionService:
                     system_prompt,
                     max_messages=cap,
                 )
-            session = to_session(row, fx.now)
             fx.emit(
                 "session.created",
                 tenant,
@@ -238,8 +225,7 @@ class SessionService:
         v.identifier(session_id)
 
         async def work(conn: Connection, fx: Effects) -> Session | None:
-            row = await self.repo.get(conn, tenant, session_id, fx.now)
-            return None if row is None else to_session(row, fx.now)
+            return await self.repo.get(conn, tenant, session_id, fx.now)
 
         return await self.ctx.transact(work, write=False, operation="get_session")
 
@@ -274,17 +260,25 @@ class SessionService:
         return done(await self.ctx.transact(work, one_statement=patch is None, operation=operation))
 
     async def read(self, conn: Connection, now: datetime, tenant: str, session_id: str) -> Session:
-        """The session as stored, observed at ``now``, or SessionNotFoundError."""
-        return to_session(await self.existing(conn, tenant, session_id, now), now)
+        """The session as stored, observed at ``now`` (its leases counted), or
+        SessionNotFoundError."""
+        return await self.existing(conn, tenant, session_id, now, leases=True)
 
     async def existing(
-        self, conn: Connection, tenant: str, session_id: str, now: datetime | None = None
-    ) -> Record:
-        """The session's row (leases counted when ``now`` is given), or SessionNotFoundError."""
-        row = await self.repo.get(conn, tenant, session_id, now)
-        if row is None:
+        self,
+        conn: Connection,
+        tenant: str,
+        session_id: str,
+        now: datetime,
+        *,
+        leases: bool = False,
+    ) -> Session:
+        """The session observed at ``now`` (its leases counted only with ``leases``), or
+        SessionNotFoundError."""
+        session = await self.repo.get(conn, tenant, session_id, now, leases=leases)
+        if session is None:
             raise SessionNotFoundError(session_id, tenant)
-        return row
+        return session
 
     async def require_active(
         self,
@@ -302,7 +296,7 @@ class SessionService:
         None when it cannot; the error to raise is then left in ``fx`` (a lazily
         detected expiry stays committed). With ``require=False`` any status is accepted.
         """
-        row = await self.repo.record(
+        session = await self.repo.record(
             conn,
             tenant,
             session_id,
@@ -311,8 +305,8 @@ class SessionService:
             counters,
             metadata,
         )
-        if row is not None:
-            return to_session(row, fx.now)
+        if session is not None:
+            return session
         await self._refuse_work(conn, fx, tenant, session_id)
         return None
 
@@ -320,9 +314,9 @@ class SessionService:
         self, conn: Connection, fx: Effects, tenant: str, session_id: str
     ) -> Worker | None:
         """``require_active`` for calls that need only whose the session is."""
-        row = await self.repo.touch_active(conn, tenant, session_id, fx.now)
-        if row is not None:
-            return Worker(*row)
+        worker = await self.repo.touch_active(conn, tenant, session_id, fx.now)
+        if worker is not None:
+            return worker
         await self._refuse_work(conn, fx, tenant, session_id)
         return None
 
@@ -340,48 +334,47 @@ class SessionService:
     async def peek_active(
         self, conn: Connection, fx: Effects, tenant: str, session_id: str
     ) -> Session | None:
-        """The session if it can work, without writing; else None with the error in ``fx``."""
-        session = to_session(await self.existing(conn, tenant, session_id), fx.now)
-        if session.is_expired():
+        """The session if it can work, without writing; else None with the error in ``fx``
+        (the rule of ``lifecycle.can_work``, which the guarded statements apply in SQL)."""
+        session = await self.existing(conn, tenant, session_id, fx.now)
+        if can_work(session, fx.now):
+            return session
+        if session.status is SessionStatus.EXPIRED or is_stale(session, fx.now):
             fx.error = SessionExpiredError(session_id)
-            return None
-        if not session.is_active:
+        else:
             fx.error = SessionNotActiveError(session_id, session.status)
-            return None
-        return session
+        return None
 
     async def _diagnose(
         self, conn: Connection, fx: Effects, tenant: str, session_id: str
     ) -> SessionStatus:
         """Why a guarded statement matched nothing: the session's status, after moving it
         to expired if it was open but stale (announced once, by whoever expired it)."""
-        row = await self.existing(conn, tenant, session_id)
+        session = await self.existing(conn, tenant, session_id, fx.now)
         expired = await self.repo.expire_one(conn, tenant, session_id, fx.now)
         if expired is not None:
             await self.repo.release_leases(conn, [(tenant, session_id)])
             self._announce_expired(fx, expired, reason="idle")
             return SessionStatus.EXPIRED
-        return SessionStatus(row._mapping["status"])
+        return session.status
 
     @staticmethod
-    def _announce_expired(fx: Effects, row: Row[Any], reason: str) -> None:
-        m = row._mapping
-        fx.emit("session.expired", m["tenant_id"], m["session_id"], m["user_id"], reason=reason)
+    def _announce_expired(fx: Effects, key: SessionKey | Session, reason: str) -> None:
+        fx.emit("session.expired", key.tenant_id, key.session_id, key.user_id, reason=reason)
 
     # -- transitions --------------------------------------------------------------------
     async def transition(self, tenant: str, session_id: str, target: SessionStatus) -> Session:
         v.identifier(session_id)
 
         async def work(conn: Connection, fx: Effects) -> Session | None:
-            row = await self.repo.transition(
+            session = await self.repo.transition(
                 conn, tenant, session_id, fx.now, sorted(sources_of(target)), target
             )
-            if row is not None:
+            if session is not None:
                 if target in END_STATUSES:
                     await self.repo.release_leases(conn, [(tenant, session_id)])
-                session = to_session(row, fx.now)
                 if target is SessionStatus.EXPIRED:
-                    self._announce_expired(fx, row, reason="ended")
+                    self._announce_expired(fx, session, reason="ended")
                 else:
                     fx.emit(
                         _event_for(target),
@@ -393,9 +386,7 @@ class SessionService:
                 return session
             current = await self._diagnose(conn, fx, tenant, session_id)
             if current is target and target in END_STATUSES:
-                latest = await self.repo.get(conn, tenant, session_id)
-                assert latest is not None
-                return to_session(latest, fx.now)
+                return await self.existing(conn, tenant, session_id, fx.now)
             fx.error = InvalidTransitionError(current, target, session_id)
             return None
 
@@ -438,8 +429,7 @@ class SessionService:
                         "of the previous page",
                         field="cursor",
                     )
-            rows = await self.repo.page(conn, tenant, f, fx.now, limit, after)
-            return [to_session(row, fx.now) for row in rows]
+            return await self.repo.page(conn, tenant, f, fx.now, limit, after)
 
         return await self.ctx.transact(work, write=False, operation="list_sessions")
 
@@ -539,22 +529,18 @@ class SessionService:
             s = await self.repo.statistics(conn, tenant)
             usage = await self.repo.usage_by_resource(conn, tenant)
             _, messages = await self.chats.message_totals(conn, tenant)
-            by_status = {
-                status.value: s["by_status"].get(status.value, 0) for status in SessionStatus
-            }
-            users = s["users"]
+            by_status = {status.value: s.by_status.get(status.value, 0) for status in SessionStatus}
+            users = s.users
             return Statistics(
-                total_sessions=s["sessions"],
+                total_sessions=s.sessions,
                 sessions_by_status=by_status,
                 active_sessions=by_status[SessionStatus.ACTIVE.value],
                 total_users=users,
-                average_sessions_per_user=s["sessions"] / users if users else 0.0,
-                total_requests=s["requests"],
-                total_errors=s["errors"],
-                error_rate=s["errors"] / s["requests"] if s["requests"] else 0.0,
-                average_processing_time=(
-                    s["processing_time"] / s["requests"] if s["requests"] else 0.0
-                ),
+                average_sessions_per_user=s.sessions / users if users else 0.0,
+                total_requests=s.requests,
+                total_errors=s.errors,
+                error_rate=s.errors / s.requests if s.requests else 0.0,
+                average_processing_time=s.processing_time / s.requests if s.requests else 0.0,
                 total_messages=messages,
                 usage_by_resource=usage,
             )

@@ -16,12 +16,11 @@ from ..errors import (
     ValidationError,
 )
 from ..ids import new_id
-from ..lifecycle import OPEN_STATUSES
+from ..lifecycle import OPEN_STATUSES, idle_deadline
 from ..models import Checkpoint, Session
 from ..storage.connection import Connection
-from ..storage.repositories.conversation import ConversationRepository, to_checkpoint
+from ..storage.repositories.conversation import ConversationRepository
 from ..storage.repositories.quotas import QuotaRepository
-from ..storage.repositories.sessions import epoch
 from . import documents as d
 from .base import Context, Effects
 
@@ -48,34 +47,34 @@ class SnapshotService:
         self, conn: Connection, tenant: str, session_id: str, session: Session
     ) -> dict[str, Any]:
         """The conversation part of a checkpoint or export, JSON-safe."""
-        chats = await self.repo.chats(conn, tenant, session_id)
+        chats = await self.repo.stored_chats(conn, tenant, session_id)
         messages = await self.repo.all_messages(conn, tenant, session_id)
         return {
             "metadata": session.metadata,
             "current_chat_id": session.current_chat_id,
             "chats": [
                 {
-                    "chat_id": m["chat_id"],
-                    "name": m["name"],
-                    "metadata": m["metadata"],
-                    "max_messages": m["max_messages"],
-                    "created_at": _iso(m["created_at"]),
-                    "next_seq": m["next_seq"],
+                    "chat_id": c.chat_id,
+                    "name": c.name,
+                    "metadata": c.metadata,
+                    "max_messages": c.max_messages,
+                    "created_at": _iso(c.created_at),
+                    "next_seq": c.next_seq,
                 }
-                for m in (row._mapping for row in chats)
+                for c in chats
             ],
             "messages": [
                 {
-                    "chat_id": m["chat_id"],
-                    "seq": m["seq"],
-                    "message_id": m["message_id"],
-                    "role": m["role"],
-                    "content": m["content"],
-                    "metadata": m["metadata"],
-                    "tokens": m["tokens"],
-                    "created_at": _iso(m["created_at"]),
+                    "chat_id": m.chat_id,
+                    "seq": m.seq,
+                    "message_id": m.message_id,
+                    "role": m.role,
+                    "content": m.content,
+                    "metadata": m.metadata,
+                    "tokens": m.tokens,
+                    "created_at": _iso(m.created_at),
                 }
-                for m in (row._mapping for row in messages)
+                for m in messages
             ],
         }
 
@@ -133,10 +132,10 @@ class SnapshotService:
             raise ValidationError("description must be a string", field="description")
 
         async def work(conn: Connection, fx: Effects) -> Checkpoint:
-            if await self.repo.lock_session(conn, tenant, session_id) is None:
+            if not await self.repo.lock_session(conn, tenant, session_id):
                 raise SessionNotFoundError(session_id, tenant)
             session = await self.sessions.read(conn, fx.now, tenant, session_id)
-            row = await self.repo.insert_checkpoint(
+            return await self.repo.insert_checkpoint(
                 conn,
                 {
                     "tenant_id": tenant,
@@ -147,7 +146,6 @@ class SnapshotService:
                     "content": await self._conversation(conn, tenant, session_id, session),
                 },
             )
-            return to_checkpoint(row, session_id)
 
         return await self.ctx.transact(work, operation="checkpoint")
 
@@ -155,10 +153,10 @@ class SnapshotService:
         v.identifier(session_id)
 
         async def work(conn: Connection, fx: Effects) -> list[Checkpoint]:
-            rows = await self.repo.checkpoints(conn, tenant, session_id)
-            if not rows and await self.repo.current_chat(conn, tenant, session_id) is None:
+            checkpoints = await self.repo.checkpoints(conn, tenant, session_id)
+            if not checkpoints and await self.repo.current_chat(conn, tenant, session_id) is None:
                 raise SessionNotFoundError(session_id, tenant)
-            return [to_checkpoint(row, session_id) for row in rows]
+            return checkpoints
 
         return await self.ctx.transact(work, write=False, operation="list_checkpoints")
 
@@ -167,7 +165,7 @@ class SnapshotService:
         v.identifier(checkpoint_id, "checkpoint_id")
 
         async def work(conn: Connection, fx: Effects) -> Session:
-            if await self.repo.lock_session(conn, tenant, session_id) is None:
+            if not await self.repo.lock_session(conn, tenant, session_id):
                 raise SessionNotFoundError(session_id, tenant)
             content = await self.repo.checkpoint_content(conn, tenant, session_id, checkpoint_id)
             if content is None:
@@ -184,7 +182,7 @@ class SnapshotService:
 
         async def work(conn: Connection, fx: Effects) -> dict[str, Any]:
             # Holding the session row keeps concurrent writers out of the copy.
-            if await self.repo.lock_session(conn, tenant, session_id) is None:
+            if not await self.repo.lock_session(conn, tenant, session_id):
                 raise SessionNotFoundError(session_id, tenant)
             session = await self.sessions.read(conn, fx.now, tenant, session_id)
             quotas = await self.quotas.quota_rows(conn, tenant, session_id)
@@ -223,7 +221,7 @@ class SnapshotService:
             values = {
                 **source.model_dump(),
                 "idle_timeout": timeout,
-                "idle_deadline": None if timeout is None else epoch(source.last_activity) + timeout,
+                "idle_deadline": idle_deadline(source.last_activity, timeout),
                 "session_id": sid,
                 "tenant_id": tenant,
                 "status": source.status.value,
@@ -231,7 +229,7 @@ class SnapshotService:
                 "current_chat_id": None,
                 "chat_count": 0,
             }
-            if await self.sessions.repo.insert(conn, values) is None:
+            if await self.sessions.repo.insert(conn, values, fx.now) is None:
                 raise SessionExistsError(sid, tenant)
             await self._put_conversation(conn, tenant, sid, doc)
             await self.quotas.restore_quotas(

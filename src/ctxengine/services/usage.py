@@ -14,8 +14,7 @@ from ..models import Event, QuotaStatus, QuotaType, Session, UsageRecord, UserAn
 from ..settings import TierPolicy
 from ..storage.connection import Connection
 from ..storage.repositories.leases import LeaseRepository
-from ..storage.repositories.quotas import QuotaRepository, UsageFilter
-from ..storage.repositories.sessions import to_session
+from ..storage.repositories.quotas import QuotaRepository, QuotaRow, UsageFilter
 from .base import Context, Effects
 from .sessions import SessionService
 
@@ -135,11 +134,10 @@ class UsageService:
 
             async def count(conn: Connection, fx: Effects) -> UsageRecord | None:
                 row = values(fx)
-                counted = await self.repo.track(conn, row, tier_limits)
-                if counted is None:
+                recorded = await self.repo.track(conn, row, tier_limits)
+                if recorded is None:
                     return None
-                user_id, used, limit = counted
-                return _recorded(fx, row, user_id, used, limit)
+                return _recorded(fx, row, recorded.user_id, recorded.used, recorded.limit)
 
             counted = await self.ctx.transact(count, one_statement=True, operation="track_usage")
             if counted is not None:
@@ -150,12 +148,12 @@ class UsageService:
             if session is None:
                 return None
             limit = tier_limit(self.policy(session.tier), resource)
-            result = await self.repo.add_to_quota(
+            counted = await self.repo.add_to_quota(
                 conn, tenant, session_id, resource.value, qty, limit
             )
-            if result is None:
+            if counted is None:
                 rows = await self.repo.quota_rows(conn, tenant, session_id)
-                used, row_limit, _ = rows.get(resource.value, (0.0, limit, False))
+                used, row_limit, _ = rows.get(resource.value, QuotaRow(0.0, limit, False))
                 assert row_limit is not None
                 fx.emit(
                     "quota.exceeded",
@@ -171,7 +169,7 @@ class UsageService:
                 return None
             row = values(fx) | {"user_id": session.user_id}
             await self.repo.insert_record(conn, row)
-            return _recorded(fx, row, session.user_id, *result)
+            return _recorded(fx, row, session.user_id, counted.used, counted.limit)
 
         result = await self.ctx.transact(work, operation="track_usage")
         assert result is not None
@@ -181,8 +179,8 @@ class UsageService:
         v.identifier(session_id)
 
         async def work(conn: Connection, fx: Effects) -> dict[QuotaType, QuotaStatus]:
-            row = await self.sessions.existing(conn, tenant, session_id)
-            policy = self.policy(row._mapping["tier"])
+            session = await self.sessions.existing(conn, tenant, session_id, fx.now)
+            policy = self.policy(session.tier)
             rows = await self.repo.quota_rows(conn, tenant, session_id)
             live = await self.leases.live_leases(
                 conn, tenant, session_id, fx.now, self.ctx.settings.lease_ttl
@@ -190,7 +188,7 @@ class UsageService:
             result: dict[QuotaType, QuotaStatus] = {}
             for resource in QuotaType:
                 used, limit, custom = rows.get(
-                    resource.value, (0.0, tier_limit(policy, resource), False)
+                    resource.value, QuotaRow(0.0, tier_limit(policy, resource), False)
                 )
                 if resource is QuotaType.CONCURRENT_REQUESTS:
                     used = float(live)
@@ -210,7 +208,7 @@ class UsageService:
             limit = v.quantity(limit, "limit", zero=True)
 
         async def work(conn: Connection, fx: Effects) -> None:
-            await self.sessions.existing(conn, tenant, session_id)
+            await self.sessions.existing(conn, tenant, session_id, fx.now)
             await self.repo.set_quota(conn, tenant, session_id, resource.value, limit)
 
         await self.ctx.transact(work, operation="set_quota")
@@ -221,12 +219,12 @@ class UsageService:
         policy = self.ctx.settings.tiers[v.tier(tier, self.ctx.settings.tiers)]
 
         async def work(conn: Connection, fx: Effects) -> Session:
-            row = await self.sessions.repo.set_tier(conn, tenant, session_id, tier)
-            if row is None:
+            session = await self.sessions.repo.set_tier(conn, tenant, session_id, tier, fx.now)
+            if session is None:
                 raise SessionNotFoundError(session_id, tenant)
             limits = {q.value: tier_limit(policy, q) for q in QuotaType}
             await self.repo.retier_quotas(conn, tenant, session_id, limits)
-            return to_session(row, fx.now)
+            return session
 
         return await self.ctx.transact(work, operation="change_tier")
 
@@ -251,20 +249,7 @@ class UsageService:
         v.limit(limit)
 
         async def work(conn: Connection, fx: Effects) -> list[UsageRecord]:
-            rows = await self.repo.history(conn, tenant, f, limit)
-            return [
-                UsageRecord(
-                    record_id=r.record_id,
-                    session_id=r.session_id,
-                    user_id=r.user_id,
-                    operation=r.operation,
-                    resource_type=QuotaType(r.resource_type),
-                    amount=r.amount,
-                    metadata=r.metadata,
-                    created_at=r.created_at,
-                )
-                for r in rows
-            ]
+            return await self.repo.history(conn, tenant, f, limit)
 
         return await self.ctx.transact(work, write=False, operation="get_usage_history")
 

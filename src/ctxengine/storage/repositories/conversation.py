@@ -7,7 +7,6 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
-    Row,
     and_,
     bindparam,
     delete,
@@ -21,6 +20,7 @@ from sqlalchemy import (
     update,
 )
 
+from ...lifecycle import epoch
 from ...models import Chat, Checkpoint, Message
 from ..backend import Backend
 from ..connection import Connection
@@ -28,12 +28,15 @@ from ..prebuilt import Record, run, run_dicts
 from ..schema import chats, checkpoints, messages, shared_state
 from ..schema import sessions as s
 from . import Repository, of_session, written_or_abort
-from .sessions import TOUCH_WORKING, epoch
+from .sessions import TOUCH_WORKING
 
 _CHAT = list(chats.c)
+#: Chat fields read from a row of ``_CHAT``, each with its position.
+_CHAT_FIELDS = tuple((name, _CHAT.index(chats.c[name])) for name in Chat.model_fields)
 #: The columns of a Message, in the order of its fields.
 _MESSAGE = [messages.c[name] for name in Message.model_fields]
-_CHECKPOINT = [checkpoints.c[name] for name in Checkpoint.model_fields if name != "session_id"]
+_CHECKPOINT_FIELDS = tuple(name for name in Checkpoint.model_fields if name != "session_id")
+_CHECKPOINT = [checkpoints.c[name] for name in _CHECKPOINT_FIELDS]
 _SYSTEM = "system"
 
 # Statements of the hot paths, built once (parameters: tenant, sid, chat, n, before,
@@ -219,6 +222,32 @@ _APPENDS = {n: _append(n) for n in range(1, APPEND_MAX + 1)}
 _APPENDS_ANYWAY = {n: _append(n, room=False) for n in range(1, APPEND_MAX + 1)}
 
 
+class Taken(NamedTuple):
+    """A chat's counters after sequence numbers were handed out: the last seq taken, its
+    message count and its cap (None: unlimited)."""
+
+    next_seq: int
+    message_count: int
+    max_messages: int | None
+
+
+class CurrentChat(NamedTuple):
+    """The current chat of a session that exists (None: it has none)."""
+
+    chat_id: str | None
+
+
+class StoredChat(NamedTuple):
+    """A chat as stored, with the last sequence number it handed out (for snapshots)."""
+
+    chat_id: str
+    name: str | None
+    metadata: dict[str, Any]
+    max_messages: int | None
+    created_at: datetime
+    next_seq: int
+
+
 class Appended(NamedTuple):
     """What ``append`` wrote: whose session, which chat, its last seq taken, its message
     count now and its limit (None: unlimited)."""
@@ -230,39 +259,24 @@ class Appended(NamedTuple):
     limit: int | None
 
 
-def to_chat(row: Record) -> Chat:
-    m = row._mapping
-    return Chat._trusted(
-        {
-            "chat_id": m["chat_id"],
-            "session_id": m["session_id"],
-            "name": m["name"],
-            "metadata": m["metadata"],
-            "max_messages": m["max_messages"],
-            "created_at": m["created_at"],
-            "message_count": m["message_count"],
-        }
-    )
+def _chat(row: Record) -> Chat:
+    """A Chat from a row of the ``_CHAT`` columns."""
+    return Chat._trusted({name: row[position] for name, position in _CHAT_FIELDS})
 
 
 _MESSAGE_FIELDS = tuple(Message.model_fields)
 
 
-def to_message(row: Record) -> Message:
+def _message(row: Record) -> Message:
     """A Message from a row of the ``_MESSAGE`` columns."""
     return Message._trusted(dict(zip(_MESSAGE_FIELDS, row, strict=True)))
 
 
-def to_checkpoint(row: Row[Any], session_id: str) -> Checkpoint:
-    m = row._mapping
-    return Checkpoint._trusted(
-        {
-            "checkpoint_id": m["checkpoint_id"],
-            "session_id": session_id,
-            "description": m["description"],
-            "created_at": m["created_at"],
-        }
-    )
+def _checkpoint(row: Record, session_id: str) -> Checkpoint:
+    """A Checkpoint from a row of the ``_CHECKPOINT`` columns."""
+    values = dict(zip(_CHECKPOINT_FIELDS, row, strict=True))
+    values["session_id"] = session_id
+    return Checkpoint._trusted(values)
 
 
 class ConversationRepository(Repository):
@@ -277,21 +291,24 @@ class ConversationRepository(Repository):
         ).returning(*_CHAT)
 
     # -- chats --------------------------------------------------------------------------
-    async def lock_session(self, conn: Connection, tenant: str, session_id: str) -> Row[Any] | None:
+    async def lock_session(self, conn: Connection, tenant: str, session_id: str) -> bool:
         """Lock the session row (taken first by every write that also locks chats, so
-        writers never wait on each other in a cycle); its current chat and metadata."""
+        writers never wait on each other in a cycle); False when it does not exist."""
         stmt = (
             update(s)
             .where(of_session(s, tenant, session_id))
             .values(chat_count=s.c.chat_count)
-            .returning(s.c.current_chat_id, s.c.metadata)
+            .returning(s.c.session_id)
         )
-        return (await conn.execute(stmt)).first()
+        return (await conn.execute(stmt)).first() is not None
 
-    async def current_chat(self, conn: Connection, tenant: str, session_id: str) -> Row[Any] | None:
-        """(current_chat_id,) of the session, or None when it does not exist."""
+    async def current_chat(
+        self, conn: Connection, tenant: str, session_id: str
+    ) -> CurrentChat | None:
+        """The session's current chat, or None when the session does not exist."""
         stmt = select(s.c.current_chat_id).where(of_session(s, tenant, session_id))
-        return (await conn.execute(stmt)).first()
+        row = (await conn.execute(stmt)).first()
+        return None if row is None else CurrentChat._make(row)
 
     async def reserve_chat(
         self, conn: Connection, tenant: str, session_id: str, limit: int | None
@@ -303,25 +320,38 @@ class ConversationRepository(Repository):
         result = await conn.execute(stmt.values(chat_count=s.c.chat_count + 1))
         return bool(result.rowcount)
 
-    async def insert_chat(self, conn: Connection, values: dict[str, Any]) -> Record | None:
-        """Insert unless the chat id exists in the session; the new row or None."""
-        return (await run(conn, self._insert_chat, values)).first()
+    async def insert_chat(self, conn: Connection, values: dict[str, Any]) -> Chat | None:
+        """Insert unless the chat id exists in the session; the new chat or None."""
+        row = (await run(conn, self._insert_chat, values)).first()
+        return None if row is None else _chat(row)
 
     async def get_chat(
         self, conn: Connection, tenant: str, session_id: str, chat_id: str
-    ) -> Row[Any] | None:
+    ) -> Chat | None:
         stmt = select(*_CHAT).where(of_session(chats, tenant, session_id, chat_id=chat_id))
-        return (await conn.execute(stmt)).first()
+        row = (await conn.execute(stmt)).first()
+        return None if row is None else _chat(row)
 
-    async def chats(self, conn: Connection, tenant: str, session_id: str) -> Sequence[Row[Any]]:
+    async def chats(self, conn: Connection, tenant: str, session_id: str) -> list[Chat]:
         """The session's chats, oldest first."""
+        return [_chat(row) for row in await conn.execute(self._chats(_CHAT, tenant, session_id))]
+
+    async def stored_chats(
+        self, conn: Connection, tenant: str, session_id: str
+    ) -> list[StoredChat]:
+        """The session's chats as stored (with their next sequence number), oldest first."""
+        columns = [chats.c[name] for name in StoredChat._fields]
+        rows = await conn.execute(self._chats(columns, tenant, session_id))
+        return [StoredChat._make(row) for row in rows]
+
+    @staticmethod
+    def _chats(columns: Sequence[Any], tenant: str, session_id: str) -> Any:
         c = chats.c
-        stmt = (
-            select(*_CHAT)
+        return (
+            select(*columns)
             .where(of_session(chats, tenant, session_id))
             .order_by(c.created_at, c.chat_id)
         )
-        return (await conn.execute(stmt)).all()
 
     async def set_current_chat(
         self, conn: Connection, tenant: str, session_id: str, chat_id: str | None
@@ -361,11 +391,12 @@ class ConversationRepository(Repository):
     # -- messages -----------------------------------------------------------------------
     async def take_seqs(
         self, conn: Connection, tenant: str, session_id: str, chat_id: str, n: int
-    ) -> Record | None:
+    ) -> Taken | None:
         """Hand out the next ``n`` sequence numbers of the chat, locking its row until
-        commit; (next_seq, message_count, max_messages) after the change, or None."""
+        commit; its counters after the change, or None when the chat does not exist."""
         params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "n": n}
-        return (await run(conn, _TAKE_SEQS, params)).first()
+        row = (await run(conn, _TAKE_SEQS, params)).first()
+        return None if row is None else Taken._make(row)
 
     async def last_seq(
         self, conn: Connection, tenant: str, session_id: str, chat_id: str, below: int
@@ -451,7 +482,7 @@ class ConversationRepository(Repository):
 
     async def pop_last(
         self, conn: Connection, tenant: str, session_id: str, chat_id: str
-    ) -> Row[Any] | None:
+    ) -> Message | None:
         """Delete and return the chat's newest message (the chat row must be locked)."""
         m = messages.c
         row = (
@@ -462,14 +493,16 @@ class ConversationRepository(Repository):
                 .limit(1)
             )
         ).first()
-        if row is not None:
-            await conn.execute(
-                delete(messages).where(
-                    of_session(messages, tenant, session_id, chat_id=chat_id), m.seq == row.seq
-                )
+        if row is None:
+            return None
+        message = _message(row)
+        await conn.execute(
+            delete(messages).where(
+                of_session(messages, tenant, session_id, chat_id=chat_id), m.seq == message.seq
             )
-            await self._uncount(conn, tenant, session_id, chat_id, 1)
-        return row
+        )
+        await self._uncount(conn, tenant, session_id, chat_id, 1)
+        return message
 
     async def delete_messages(
         self,
@@ -527,9 +560,7 @@ class ConversationRepository(Repository):
         # the rows' columns are the Message fields: each row is a message's __dict__
         return [Message._trusted(row) for row in await run_dicts(conn, _PAGES[shape], params)]
 
-    async def all_messages(
-        self, conn: Connection, tenant: str, session_id: str
-    ) -> Sequence[Row[Any]]:
+    async def all_messages(self, conn: Connection, tenant: str, session_id: str) -> list[Message]:
         """Every message of the session, by chat then sequence."""
         m = messages.c
         stmt = (
@@ -537,7 +568,7 @@ class ConversationRepository(Repository):
             .where(of_session(messages, tenant, session_id))
             .order_by(m.chat_id, m.seq)
         )
-        return (await conn.execute(stmt)).all()
+        return [_message(row) for row in await conn.execute(stmt)]
 
     async def delete_chats(self, conn: Connection, tenant: str, session_id: str) -> None:
         """Every chat and message of the session (before a restore)."""
@@ -605,13 +636,11 @@ class ConversationRepository(Repository):
         )
 
     # -- checkpoints --------------------------------------------------------------------
-    async def insert_checkpoint(self, conn: Connection, values: dict[str, Any]) -> Row[Any]:
+    async def insert_checkpoint(self, conn: Connection, values: dict[str, Any]) -> Checkpoint:
         stmt = insert(checkpoints).values(**values).returning(*_CHECKPOINT)
-        return (await conn.execute(stmt)).one()
+        return _checkpoint((await conn.execute(stmt)).one(), values["session_id"])
 
-    async def checkpoints(
-        self, conn: Connection, tenant: str, session_id: str
-    ) -> Sequence[Row[Any]]:
+    async def checkpoints(self, conn: Connection, tenant: str, session_id: str) -> list[Checkpoint]:
         """The session's checkpoints, oldest first."""
         k = checkpoints.c
         stmt = (
@@ -619,7 +648,7 @@ class ConversationRepository(Repository):
             .where(of_session(checkpoints, tenant, session_id))
             .order_by(k.created_at, k.checkpoint_id)
         )
-        return (await conn.execute(stmt)).all()
+        return [_checkpoint(row, session_id) for row in await conn.execute(stmt)]
 
     async def checkpoint_content(
         self, conn: Connection, tenant: str, session_id: str, checkpoint_id: str

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
-    Row,
     and_,
     bindparam,
     case,
@@ -24,15 +23,20 @@ from sqlalchemy import (
     update,
 )
 
+from ...lifecycle import epoch
+from ...models import UsageRecord
 from ..backend import Backend
 from ..connection import Connection
 from ..prebuilt import run
 from ..schema import quotas, usage_records
 from ..schema import sessions as s
 from . import Repository, of_session, written_or_abort
-from .sessions import TOUCH_WORKING, epoch
+from .sessions import TOUCH_WORKING
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
+#: The columns of a UsageRecord, in the order of its fields.
+_RECORD_FIELDS = tuple(UsageRecord.model_fields)
+_RECORD = [usage_records.c[name] for name in _RECORD_FIELDS]
 _INSERT_RECORD = insert(usage_records)
 #: The quota row can take ``amount`` (parameters: amount).
 _FITS = or_(
@@ -124,6 +128,31 @@ def _track(backend: Backend, tier_limits: Mapping[str, float]) -> Any:
     )
 
 
+class Counted(NamedTuple):
+    """A quota row after an amount was added: what is used, and its limit (None:
+    unlimited)."""
+
+    used: float
+    limit: float | None
+
+
+class Recorded(NamedTuple):
+    """What ``track`` wrote: whose session it is, and the quota row after the amount."""
+
+    user_id: str
+    used: float
+    limit: float | None
+
+
+class QuotaRow(NamedTuple):
+    """A stored quota: what is used, its limit (None: unlimited), and whether
+    ``set_quota`` set that limit (else it is the tier's)."""
+
+    used: float
+    limit: float | None
+    custom: bool
+
+
 @dataclass(frozen=True, slots=True)
 class UsageFilter:
     """Filters of get_usage_history."""
@@ -169,9 +198,9 @@ class QuotaRepository(Repository):
         resource_type: str,
         amount: float,
         tier_limit: float | None,
-    ) -> tuple[float, float | None] | None:
+    ) -> Counted | None:
         """Add ``amount`` if it fits under the row's limit (the tier's limit for a new
-        row); the new (used, limit), or None when it does not fit."""
+        row); the row after it, or None when it does not fit."""
         params = {
             "tenant": tenant,
             "sid": session_id,
@@ -184,19 +213,19 @@ class QuotaRepository(Repository):
         fits_new = tier_limit is None or amount <= tier_limit
         stmt = self._add_or_create if fits_new else _ADD_TO_EXISTING
         row = (await run(conn, stmt, params)).first()
-        return None if row is None else (float(row[0]), _opt_float(row[1]))
+        return None if row is None else Counted(float(row[0]), _opt_float(row[1]))
 
     async def track(
         self,
         conn: Connection,
         record: dict[str, Any],
         tier_limits: tuple[tuple[str, float], ...],
-    ) -> tuple[str, float, float | None] | None:
+    ) -> Recorded | None:
         """Touch the session, count ``record`` (usage record values without user_id)
         against its quota, insert it, in ONE statement (:attr:`Backend.data_modifying_ctes`),
         if the session can work and the quota has room (a new quota row gets the limit
-        ``tier_limits``, (tier, limit) pairs, gives the session's tier). (user_id, used,
-        limit), or None when nothing was written."""
+        ``tier_limits``, (tier, limit) pairs, gives the session's tier). What was
+        written, or None when nothing was."""
         stmt = self._tracks.get(tier_limits)
         if stmt is None:
             stmt = self._tracks[tier_limits] = _track(self.backend, dict(tier_limits))
@@ -212,19 +241,19 @@ class QuotaRepository(Repository):
             "meta": record["metadata"],
         }
         row = (await run(conn, stmt, params)).first()
-        return None if row is None else (row[0], float(row[1]), _opt_float(row[2]))
+        return None if row is None else Recorded(row[0], float(row[1]), _opt_float(row[2]))
 
     async def quota_rows(
         self, conn: Connection, tenant: str, session_id: str
-    ) -> dict[str, tuple[float, float | None, bool]]:
-        """resource_type → (used, limit, custom) for the rows that exist."""
+    ) -> dict[str, QuotaRow]:
+        """resource_type → its stored quota, for the rows that exist."""
         q = quotas.c
         rows = await conn.execute(
             select(q.resource_type, q.used, q.quota_limit, q.custom).where(
                 of_session(quotas, tenant, session_id)
             )
         )
-        return {r[0]: (float(r[1]), _opt_float(r[2]), bool(r[3])) for r in rows}
+        return {r[0]: QuotaRow(float(r[1]), _opt_float(r[2]), bool(r[3])) for r in rows}
 
     async def set_quota(
         self,
@@ -319,9 +348,10 @@ class QuotaRepository(Repository):
 
     async def history(
         self, conn: Connection, tenant: str, f: UsageFilter, limit: int
-    ) -> Sequence[Row[Any]]:
+    ) -> list[UsageRecord]:
+        """The tenant's usage records that ``f`` selects, newest first."""
         u = usage_records.c
-        stmt = select(usage_records).where(u.tenant_id == tenant)
+        stmt = select(*_RECORD).where(u.tenant_id == tenant)
         if f.user_id is not None:
             stmt = stmt.where(u.user_id == f.user_id)
         if f.session_id is not None:
@@ -333,7 +363,9 @@ class QuotaRepository(Repository):
         if f.since is not None:
             stmt = stmt.where(u.created_at >= f.since)
         stmt = stmt.order_by(u.created_at.desc(), u.record_id.desc()).limit(limit)
-        return (await conn.execute(stmt)).all()
+        # validated, as records are built from their values (the resource type's enum)
+        rows = await conn.execute(stmt)
+        return [UsageRecord(**dict(zip(_RECORD_FIELDS, row, strict=True))) for row in rows]
 
     async def amounts_since(
         self, conn: Connection, tenant: str, session_id: str, since: datetime

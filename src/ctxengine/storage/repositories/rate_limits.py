@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
@@ -23,6 +23,7 @@ from sqlalchemy import (
     update,
 )
 
+from ...lifecycle import epoch
 from ...ratelimit import in_us
 from ..backend import Backend
 from ..connection import Connection
@@ -30,7 +31,7 @@ from ..prebuilt import run
 from ..schema import rate_limit_rules, rate_limit_state
 from ..schema import sessions as s
 from . import Repository, written_or_abort
-from .sessions import TOUCH_WORKING, epoch
+from .sessions import TOUCH_WORKING
 
 _r = rate_limit_rules.c
 
@@ -166,6 +167,24 @@ def _take(backend: Backend, tier_max: Mapping[str, int], tier_window: float) -> 
     return written_or_abort(touched, written, written.c.state, *returned)
 
 
+class Rule(NamedTuple):
+    """A custom rate-limit rule: whose (``"session"`` or ``"user"``), and ``max_calls``
+    per ``window_seconds``."""
+
+    scope: str
+    max_calls: int
+    window_seconds: float
+
+
+class Admitted(NamedTuple):
+    """A call ``take`` admitted: the limiter state it wrote, under ``max_calls`` per
+    ``window_seconds``."""
+
+    state: Any
+    max_calls: int
+    window_seconds: float
+
+
 def _state_params(key: tuple[str, str, str, str, int]) -> dict[str, Any]:
     return {f"k_{column}": value for column, value in zip(_STATE_KEY, key, strict=True)}
 
@@ -195,8 +214,8 @@ class RateLimitRepository(Repository):
 
     async def rule(
         self, conn: Connection, tenant: str, session_id: str, user_id: str, operation: str
-    ) -> tuple[str, int, float] | None:
-        """(scope, max_calls, window) of the session's custom rule, else its user's."""
+    ) -> Rule | None:
+        """The session's custom rule for ``operation``, else its user's, else None."""
         params = {
             "tenant": tenant,
             "session_id": session_id,
@@ -204,7 +223,7 @@ class RateLimitRepository(Repository):
             "operation": operation,
         }
         row = (await run(conn, _RULE, params)).first()
-        return None if row is None else (row[0], int(row[1]), float(row[2]))
+        return None if row is None else Rule(row[0], int(row[1]), float(row[2]))
 
     async def take(
         self,
@@ -214,11 +233,11 @@ class RateLimitRepository(Repository):
         now: datetime,
         tier_limits: tuple[tuple[str, int], ...],
         tier_window: float,
-    ) -> tuple[Any, int, float] | None:
+    ) -> Admitted | None:
         """Admit a call of ``cost`` in ONE statement (:attr:`Backend.data_modifying_ctes`)
         under the limit that applies to ``key`` (tenant, session_id, operation), the
         session's tier giving ``tier_limits`` calls per ``tier_window`` seconds when it
-        has no rule: (new state, max_calls, window), or None when nothing was written."""
+        has no rule; None when nothing was written."""
         stmt = self._takes.get((tier_limits, tier_window))
         if stmt is None:
             stmt = _take(self.backend, dict(tier_limits), tier_window)
@@ -234,7 +253,7 @@ class RateLimitRepository(Repository):
             "cost": cost,
         }
         row = (await run(conn, stmt, params)).first()
-        return None if row is None else (row[0], int(row[1]), float(row[2]))
+        return None if row is None else Admitted(row[0], int(row[1]), float(row[2]))
 
     async def set_rule(
         self,

@@ -6,12 +6,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
     Double,
-    Row,
     and_,
     bindparam,
     case,
@@ -20,13 +19,14 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    not_,
     or_,
     select,
     tuple_,
     update,
 )
 
-from ...lifecycle import OPEN_STATUSES
+from ...lifecycle import LIFE, OPEN_STATUSES, WORKING_STATUSES, epoch
 from ...models import Session, SessionStatus
 from ...ratelimit import CLOCK_SKEW
 from ..backend import Backend
@@ -40,13 +40,42 @@ from . import Repository, of_session
 _OPEN = [s.value for s in OPEN_STATUSES]
 
 
+class SessionKey(NamedTuple):
+    """Whose a session is, and its status (after the statement that returned it)."""
+
+    tenant_id: str
+    session_id: str
+    user_id: str
+    status: str
+
+
+class Worker(NamedTuple):
+    """What most calls need of the session they work on: whose it is."""
+
+    session_id: str
+    user_id: str
+    tier: str
+    current_chat_id: str | None
+
+
+class Totals(NamedTuple):
+    """Aggregates over a tenant's sessions."""
+
+    by_status: dict[str, int]
+    sessions: int
+    users: int
+    requests: int
+    errors: int
+    processing_time: float
+
+
 @dataclass
 class Expired:
-    """Sessions one sweep batch expired: how many per tenant, and their rows (tenant_id,
-    session_id, user_id, status) when asked for."""
+    """Sessions one sweep batch expired: how many per tenant, and their keys when asked
+    for."""
 
     by_tenant: Counter[str]
-    rows: list[Row[Any]]
+    rows: list[SessionKey]
 
     @property
     def count(self) -> int:
@@ -55,6 +84,8 @@ class Expired:
 
 #: The columns of a Session (the idle deadline and its bucket are for the sweep).
 _COLUMNS = [c for c in t.c if c.name not in ("idle_deadline", "idle_bucket")]
+#: The columns of a SessionKey.
+_KEY = [t.c[name] for name in SessionKey._fields]
 
 
 def _live_leases(tenant: Any, session_id: Any, now: Any, horizon: Any) -> Any:
@@ -80,26 +111,40 @@ def _returned(tenant: Any, session_id: Any, now: Any, horizon: Any) -> list[Any]
     return [*_COLUMNS, _live_leases(tenant, session_id, now, horizon)]
 
 
-def epoch(now: datetime) -> float:
-    """``now`` as seconds since the epoch, the unit of ``idle_deadline``."""
-    return now.timestamp()
+# "A session can work", in SQL: the translation, bound by bound, of the rule that
+# ctxengine.lifecycle states (WORKING_STATUSES, LIFE), from the same pieces.
 
 
 def live(now: Any, now_epoch: Any) -> ColumnElement[bool]:
-    """Not idle longer than its own timeout and not past its deadline."""
+    """:func:`ctxengine.lifecycle.is_live` at ``now`` (a datetime, and as seconds since
+    the epoch): within every bound of ``LIFE`` — its column NULL, or the bound holds."""
+    instants = {"now": now, "now_epoch": now_epoch}
     return and_(
-        or_(t.c.idle_deadline.is_(None), t.c.idle_deadline >= now_epoch),
-        or_(t.c.expires_at.is_(None), t.c.expires_at > now),
+        *(
+            or_(
+                t.c[bound.column].is_(None),
+                bound.within(t.c[bound.column], instants[bound.instant]),
+            )
+            for bound in LIFE
+        )
     )
 
 
 def stale(now: Any, now_epoch: Any) -> ColumnElement[bool]:
-    """Idle longer than its own timeout or past its deadline (the negation of ``live``)."""
-    return or_(t.c.idle_deadline < now_epoch, t.c.expires_at <= now)
+    """Outside some bound of ``LIFE`` (the negation of ``live``: a NULL column is within
+    its bound, and its negated comparison is not true)."""
+    instants = {"now": now, "now_epoch": now_epoch}
+    return or_(*(not_(bound.within(t.c[bound.column], instants[bound.instant])) for bound in LIFE))
+
+
+def can_work(now: Any, now_epoch: Any) -> ColumnElement[bool]:
+    """:func:`ctxengine.lifecycle.can_work`: a working status, and live."""
+    working = or_(*(t.c.status == status.value for status in sorted(WORKING_STATUSES)))
+    return and_(working, live(now, now_epoch))
 
 
 #: What every write that records activity sets (parameters now, now_epoch).
-_TOUCHED: dict[str, Any] = {
+TOUCHED: dict[str, Any] = {
     "last_activity": bindparam("now"),
     "idle_deadline": bindparam("now_epoch", type_=Double()) + t.c.idle_timeout,
 }
@@ -108,9 +153,8 @@ _TOUCHED: dict[str, Any] = {
 # executing it on SQLite. Parameters: tenant, sid, now, now_epoch (``epoch(now)``),
 # requests, errors, processing_time.
 _BY_KEY = and_(t.c.tenant_id == bindparam("tenant"), t.c.session_id == bindparam("sid"))
-_LIVE = live(bindparam("now"), bindparam("now_epoch", type_=Double()))
-#: A session that can work: active and live (parameters now, now_epoch).
-_CAN_WORK = and_(t.c.status == SessionStatus.ACTIVE.value, _LIVE)
+#: A session that can work (parameters now, now_epoch).
+CAN_WORK = can_work(bindparam("now"), bindparam("now_epoch", type_=Double()))
 #: Every session column plus the number of live leases at ``now`` (for SELECTs).
 _COUNTED = [
     *_COLUMNS,
@@ -122,7 +166,7 @@ _RECORD = (
     update(t)
     .where(_BY_KEY)
     .values(
-        **_TOUCHED,
+        **TOUCHED,
         request_count=t.c.request_count + bindparam("requests"),
         error_count=t.c.error_count + bindparam("errors"),
         total_processing_time=t.c.total_processing_time + bindparam("processing_time"),
@@ -131,11 +175,11 @@ _RECORD = (
         *_returned(bindparam("tenant"), bindparam("sid"), bindparam("now"), bindparam("horizon"))
     )
 )
-_RECORD_ACTIVE = _RECORD.where(_CAN_WORK)
+_RECORD_ACTIVE = _RECORD.where(CAN_WORK)
 #: Touch a session that can work (parameters: tenant, sid, now, now_epoch); the writes
 #: of the hot paths add their own conditions and RETURNING.
-TOUCH_WORKING = update(t).where(_BY_KEY, _CAN_WORK).values(**_TOUCHED)
-_TOUCH_ACTIVE = TOUCH_WORKING.returning(t.c.session_id, t.c.user_id, t.c.tier, t.c.current_chat_id)
+TOUCH_WORKING = update(t).where(_BY_KEY, CAN_WORK).values(**TOUCHED)
+_TOUCH_ACTIVE = TOUCH_WORKING.returning(*(t.c[name] for name in Worker._fields))
 
 
 def _insert_with_chat(backend: Backend, columns: Sequence[str], chat_columns: Sequence[str]) -> Any:
@@ -219,7 +263,7 @@ def _listing_params(
 _POSITION = select(t.c.created_at, t.c.session_id).where(_BY_KEY)
 
 
-def to_session(row: Record, observed_at: datetime) -> Session:
+def _session(row: Record, observed_at: datetime) -> Session:
     """Build the public snapshot from a row whose first columns are ``_COLUMNS`` (values
     are already validated on write); by position, which costs less than by name."""
     values = {name: row[position] for name, position in _ROW_FIELDS}
@@ -251,15 +295,16 @@ class SessionRepository(Repository):
 
     # -- reads --------------------------------------------------------------------------
     async def get(
-        self, conn: Connection, tenant: str, session_id: str, now: datetime | None = None
-    ) -> Record | None:
-        """The session row (with its live leases counted when ``now`` is given)."""
-        if now is None:
-            result = await run(conn, _GET, {"tenant": tenant, "sid": session_id})
-        else:
+        self, conn: Connection, tenant: str, session_id: str, now: datetime, *, leases: bool = True
+    ) -> Session | None:
+        """The session observed at ``now``, its live leases counted unless ``leases`` is
+        False (``concurrent_operations`` is then 0)."""
+        if leases:
             params = {"tenant": tenant, "sid": session_id, "now": now, "horizon": self.horizon(now)}
-            result = await run(conn, _GET_COUNTED, params)
-        return result.first()
+            row = (await run(conn, _GET_COUNTED, params)).first()
+        else:
+            row = (await run(conn, _GET, {"tenant": tenant, "sid": session_id})).first()
+        return None if row is None else _session(row, now)
 
     async def count_open(
         self, conn: Connection, tenant: str, now: datetime, user_id: str | None = None
@@ -328,14 +373,15 @@ class SessionRepository(Repository):
         now: datetime,
         limit: int | None,
         after: tuple[datetime, str] | None,
-    ) -> Sequence[Record]:
-        """Newest first, after ``after``: the (created_at, session_id) ending the last page."""
+    ) -> list[Session]:
+        """Newest first, after ``after``: the (created_at, session_id) ending the last page;
+        observed at ``now``."""
         stmt = self._listing(f, after=after is not None, limited=limit is not None)
         params = _listing_params(tenant, f, now, self.horizon(now))
         params["limit"] = limit
         if after is not None:
             params["after_created"], params["after_sid"] = after
-        return list(await run(conn, stmt, params))
+        return [_session(row, now) for row in await run(conn, stmt, params)]
 
     async def position(
         self, conn: Connection, tenant: str, session_id: str
@@ -348,7 +394,7 @@ class SessionRepository(Repository):
         params = _listing_params(tenant, f, now, self.horizon(now))
         return int((await conn.execute(stmt, params)).scalar_one())
 
-    async def statistics(self, conn: Connection, tenant: str) -> dict[str, Any]:
+    async def statistics(self, conn: Connection, tenant: str) -> Totals:
         by_status = (
             await conn.execute(
                 select(t.c.status, func.count()).where(t.c.tenant_id == tenant).group_by(t.c.status)
@@ -365,18 +411,21 @@ class SessionRepository(Repository):
                 ).where(t.c.tenant_id == tenant)
             )
         ).one()
-        return {
-            "by_status": {status: int(n) for status, n in by_status},
-            "sessions": int(totals[0]),
-            "users": int(totals[1]),
-            "requests": int(totals[2]),
-            "errors": int(totals[3]),
-            "processing_time": float(totals[4]),
-        }
+        return Totals(
+            by_status={status: int(n) for status, n in by_status},
+            sessions=int(totals[0]),
+            users=int(totals[1]),
+            requests=int(totals[2]),
+            errors=int(totals[3]),
+            processing_time=float(totals[4]),
+        )
 
     # -- writes -------------------------------------------------------------------------
-    async def insert(self, conn: Connection, values: dict[str, Any]) -> Record | None:
-        """Insert unless the id exists; the new row, or None on conflict."""
+    async def insert(
+        self, conn: Connection, values: dict[str, Any], now: datetime
+    ) -> Session | None:
+        """Insert unless the id exists; the new session observed at ``now``, or None on
+        conflict."""
         shape = tuple(values)
         stmt = self._inserts.get(shape)
         if stmt is None:
@@ -385,7 +434,8 @@ class SessionRepository(Repository):
                 .values({c: bindparam(c, type_=t.c[c].type) for c in shape})
                 .returning(*_COLUMNS)
             )
-        return (await run(conn, stmt, values)).first()
+        row = (await run(conn, stmt, values)).first()
+        return None if row is None else _session(row, now)
 
     async def record(
         self,
@@ -396,11 +446,12 @@ class SessionRepository(Repository):
         require_active: bool,
         counters: Counters,
         metadata: dict[str, Any] | None,
-    ) -> Record | None:
-        """Add counters, merge metadata and touch, atomically.
+    ) -> Session | None:
+        """Add counters, merge metadata and touch, atomically; the session after it.
 
-        With ``require_active`` the session must be active and live; else any status
-        is accepted (metrics of work admitted earlier). None when no row matched.
+        With ``require_active`` the session must be able to work (``CAN_WORK``); else
+        any status is accepted (metrics of work admitted earlier). None when no row
+        matched.
         """
         params = {
             "tenant": tenant,
@@ -413,18 +464,22 @@ class SessionRepository(Repository):
             "processing_time": counters.processing_time,
         }
         stmt = _RECORD_ACTIVE if require_active else _RECORD
+        row: Record | None
         if metadata:  # a statement of its own
             stmt = stmt.values(metadata=self.backend.json_merge(t.c.metadata, metadata))
-            return (await conn.execute(stmt, params)).first()
-        return (await run(conn, stmt, params)).first()
+            row = (await conn.execute(stmt, params)).first()
+        else:
+            row = (await run(conn, stmt, params)).first()
+        return None if row is None else _session(row, now)
 
     async def touch_active(
         self, conn: Connection, tenant: str, session_id: str, now: datetime
-    ) -> Record | None:
-        """Touch the session if it is active and live: (session_id, user_id, tier,
-        current_chat_id), or None when no row matched."""
+    ) -> Worker | None:
+        """Touch the session if it can work (``CAN_WORK``); whose it is, or None when no
+        row matched."""
         params = {"tenant": tenant, "sid": session_id, "now": now, "now_epoch": epoch(now)}
-        return (await run(conn, _TOUCH_ACTIVE, params)).first()
+        row = (await run(conn, _TOUCH_ACTIVE, params)).first()
+        return None if row is None else Worker._make(row)
 
     async def transition(
         self,
@@ -434,8 +489,9 @@ class SessionRepository(Repository):
         now: datetime,
         sources: Sequence[SessionStatus],
         target: SessionStatus,
-    ) -> Row[Any] | None:
-        """Move a live session whose status is in ``sources`` to ``target``."""
+    ) -> Session | None:
+        """Move a live session whose status is in ``sources`` to ``target``; the session
+        after the move, observed at ``now``."""
         values: dict[str, Any] = {"status": target.value}
         if target in OPEN_STATUSES:
             values["last_activity"] = now
@@ -452,12 +508,13 @@ class SessionRepository(Repository):
             .values(**values)
             .returning(*_returned(tenant, session_id, now, self.horizon(now)))
         )
-        return (await conn.execute(stmt)).first()
+        row = (await conn.execute(stmt)).first()
+        return None if row is None else _session(row, now)
 
     async def expire_one(
         self, conn: Connection, tenant: str, session_id: str, now: datetime
-    ) -> Row[Any] | None:
-        """Expire this session if it is open and stale; the expired row, or None."""
+    ) -> SessionKey | None:
+        """Expire this session if it is open and stale; its key, or None."""
         stmt = (
             update(t)
             .where(
@@ -466,9 +523,10 @@ class SessionRepository(Repository):
                 stale(now, epoch(now)),
             )
             .values(status=SessionStatus.EXPIRED.value, ended_at=now)
-            .returning(*_COLUMNS)
+            .returning(*_KEY)
         )
-        return (await conn.execute(stmt)).first()
+        row = (await conn.execute(stmt)).first()
+        return None if row is None else SessionKey._make(row)
 
     async def expire_stale(
         self,
@@ -513,8 +571,9 @@ class SessionRepository(Repository):
                     .values(status=SessionStatus.EXPIRED.value, ended_at=now)
                 )
                 if keys:
-                    returned = (t.c.tenant_id, t.c.session_id, t.c.user_id, t.c.status)
-                    rows = (await conn.execute(stmt.returning(*returned))).all()
+                    rows = [
+                        SessionKey._make(row) for row in await conn.execute(stmt.returning(*_KEY))
+                    ]
                     expired.by_tenant.update(row.tenant_id for row in rows)
                     expired.rows.extend(rows)
                 elif not self.backend.data_modifying_ctes:
@@ -538,15 +597,18 @@ class SessionRepository(Repository):
         return {r[0]: float(r[1]) for r in rows}
 
     async def set_tier(
-        self, conn: Connection, tenant: str, session_id: str, tier: str
-    ) -> Row[Any] | None:
+        self, conn: Connection, tenant: str, session_id: str, tier: str, now: datetime
+    ) -> Session | None:
+        """Give the session ``tier``; the session after it, observed at ``now`` (its
+        leases not counted), or None when it does not exist."""
         stmt = (
             update(t)
             .where(of_session(t, tenant, session_id))
             .values(tier=tier)
             .returning(*_COLUMNS)
         )
-        return (await conn.execute(stmt)).first()
+        row = (await conn.execute(stmt)).first()
+        return None if row is None else _session(row, now)
 
     async def user_counts(self, conn: Connection, tenant: str, user_id: str) -> tuple[int, int]:
         """(all sessions, active sessions) of a user."""
@@ -583,17 +645,19 @@ class SessionRepository(Repository):
         await conn.execute(stmt)
 
     async def insert_with_chat(
-        self, conn: Connection, values: dict[str, Any], chat: dict[str, Any]
-    ) -> Record | None:
+        self, conn: Connection, values: dict[str, Any], chat: dict[str, Any], now: datetime
+    ) -> Session | None:
         """Insert the session and its first chat in ONE statement (a data-modifying CTE,
         :attr:`Backend.data_modifying_ctes`): the chat row is inserted only if the session
-        row was. The new session row, or None when the id exists (nothing written)."""
+        row was. The new session observed at ``now``, or None when the id exists (nothing
+        written)."""
         shape = (tuple(values), tuple(chat))
         stmt = self._inserts_with_chat.get(shape)
         if stmt is None:
             stmt = self._inserts_with_chat[shape] = _insert_with_chat(self.backend, *shape)
         params = {f"s_{k}": v for k, v in values.items()} | {f"c_{k}": v for k, v in chat.items()}
-        return (await run(conn, stmt, params)).first()
+        row = (await run(conn, stmt, params)).first()
+        return None if row is None else _session(row, now)
 
     async def delete(self, conn: Connection, tenant: str, session_id: str) -> bool:
         """Delete the session; owned rows go by ON DELETE CASCADE, its rate limits here."""
