@@ -4,6 +4,7 @@ hands it to the next unit (HeldConnections); the pool stays in charge of them.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -164,3 +165,33 @@ async def test_connections_above_pool_size_close_quietly_when_the_server_is_froz
         await proxy.close()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
+
+
+async def test_a_database_refusing_connections_is_unavailable_then_works(
+    pg_url: str, pg_admin: asyncpg.Connection
+) -> None:
+    """``ALLOW_CONNECTIONS false`` (SQLSTATE 55000): DatabaseUnavailableError, retryable;
+    the same engine works once the database accepts connections again."""
+    from ctxengine.errors import ConnectionLostError, DatabaseUnavailableError
+
+    database = pg_url.rsplit("/", 1)[1]
+    async with ContextEngine(pg_url, settings=EngineSettings(auto_cleanup=False)) as engine:
+        await engine.create_session("s", "u")
+        await pg_admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        try:
+            await pg_admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                database,
+            )
+            with pytest.raises(DatabaseUnavailableError) as info:
+                for _ in range(50):  # until the engine has to connect again
+                    with contextlib.suppress(ConnectionLostError):  # its own, terminated
+                        await engine.update_session("s", increment_requests=True)
+                    await asyncio.sleep(0.01)
+            assert info.value.retryable is True
+            assert "does not accept connections" in str(info.value)
+        finally:
+            await pg_admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        session = await engine.update_session("s", increment_requests=True)
+        assert session.request_count >= 1
+        assert engine._store.connections_in_use() == 0

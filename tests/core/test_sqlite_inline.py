@@ -7,6 +7,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from ctxengine import ContextEngine, EngineSettings
@@ -97,3 +98,31 @@ async def test_prebuilt_statements_convert_values_as_sqlalchemy_does(tmp_path: P
         assert direct.last_activity == now and direct._mapping["metadata"] == {"k": [1, "ü"]}
         assert (direct.request_count, direct.error_count) == (2, 1)
         assert stored == "2031-02-03 04:05:06.000789"
+
+
+async def test_a_timeout_around_a_write_waiting_for_the_lock_is_a_timeout(tmp_path: Path) -> None:
+    """``asyncio.timeout`` and ``wait_for`` turn the cancellation of a write that waits
+    for another writer's lock into TimeoutError (they do so only for CancelledError
+    itself: a subclass reached the caller as a cancellation of its own task)."""
+    path = tmp_path / "timeout.db"
+    async with ContextEngine(f"sqlite:///{path}", settings=SETTINGS) as engine:
+        await engine.create_session("s", "u")
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await engine.update_session("s", increment_requests=True)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(engine.add_message("s", "user", "x"), 0.2)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        session = await engine.update_session("s", increment_requests=True)
+        assert session.request_count == 1  # the timed-out ones were never applied
+        assert await engine.get_messages("s") == []
+        for _ in range(100):  # the worker threads give their connections back
+            if engine._store.connections_in_use() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert engine._store.connections_in_use() == 0

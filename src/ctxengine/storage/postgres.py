@@ -7,6 +7,7 @@ import asyncio
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import asyncpg
@@ -102,6 +103,12 @@ _FAILURES: dict[str, tuple[type[StorageError], str, bool]] = {
         "`ctxengine migrate`) or fix the URL",
         False,
     ),
+    "55000": (
+        DatabaseUnavailableError,
+        "database {database!r} at {where} does not accept connections now (ALLOW_CONNECTIONS "
+        "false): retry once it does",
+        True,
+    ),
     "57P01": (
         ConnectionLostError,
         "{where} terminated the connection (an administrator, or a shutdown): retry",
@@ -161,6 +168,9 @@ def connect_args(settings: EngineSettings) -> dict[str, Any]:
 
 #: Seconds a closing engine waits for the server to take a connection's goodbye.
 GOODBYE = 0.5
+#: Seconds a connection whose unit was cancelled has to settle (the statement in flight
+#: cancelled, the transaction rolled back) before it is discarded instead.
+SETTLE = 2.0
 
 
 class HeldConnections:
@@ -247,14 +257,23 @@ class HeldConnections:
         else:
             await self.finish(entry.close)
 
-    async def finish(self, call: Callable[[], object]) -> None:
-        """Run the pool's ``call`` (a return, an invalidation: it may suspend) to its end
-        even if the unit is cancelled meanwhile, which gets its CancelledError at once:
-        interrupted, the pool logs an error and closes nothing."""
-        done = asyncio.ensure_future(greenlet_spawn(call))
+    def later(self, call: Callable[[], object]) -> asyncio.Future[object]:
+        """Run the pool's ``call`` (a return, an invalidation: it may suspend) in a task
+        of its own, to its end whatever happens to the unit that asked for it."""
+        return self.adopt(greenlet_spawn(call))
+
+    def adopt(self, work: Awaitable[T]) -> asyncio.Future[T]:
+        """Run ``work`` in a task of its own, kept until it ends."""
+        done = asyncio.ensure_future(work)
         self._adopting.add(done)
         done.add_done_callback(self._adopting.discard)
-        await asyncio.shield(done)
+        return done
+
+    async def finish(self, call: Callable[[], object]) -> None:
+        """Run the pool's ``call`` to its end even if the unit is cancelled meanwhile,
+        which gets its CancelledError at once: interrupted, the pool logs an error and
+        closes nothing."""
+        await asyncio.shield(self.later(call))
 
     async def close(self) -> None:
         """Return every entry to the pool and hold none from now on."""
@@ -304,24 +323,64 @@ class AutocommitConnection:
     async def run_sync(self, fn: Callable[[SyncConnection], T]) -> T:
         return await (await self._connection()).run_sync(fn)
 
-    async def invalidate(self) -> None:
-        """Discard the connection at once (no goodbye to a server that may not answer):
-        the pool replaces it."""
+    def discard(self) -> None:
+        """Discard the connection without waiting for anything (no goodbye to a server
+        that may not answer): the server rolls back what was not committed, the pool
+        replaces the connection."""
+        if self._returned:
+            return
+        self._returned = True
+        self._discard()
+
+    def _discard(self) -> None:
         self.driver.terminate()
-        if self._conn is not None:
-            await self._conn.invalidate()
-        elif not self._returned:
-            self._returned = True
-            await self._held.finish(self.entry.invalidate)  # it returns the entry too
+        if self._conn is None:
+            self._held.later(self.entry.invalidate)  # it returns the entry too
+        else:
+            sync = self._conn.sync_connection
+            if sync is not None:
+                self._held.later(partial(_invalidate, sync))
+
+    def release_later(self, transaction: Any = None) -> None:
+        """Give the connection back without making a cancelled unit wait: in a task of
+        its own, asyncpg finishes cancelling the statement in flight (it asks the
+        server to), ``transaction`` is rolled back, then the connection is returned;
+        one that does not settle within :data:`SETTLE` seconds is discarded."""
+        if self._returned:
+            return
+        self._returned = True
+        self._held.adopt(self._settle(transaction))
+
+    async def _settle(self, transaction: Any) -> None:
+        try:
+            async with asyncio.timeout(SETTLE):
+                if transaction is not None:
+                    await transaction.rollback()
+                else:
+                    await self.driver.execute("SELECT 1")  # after the cancellation ends
+        except BaseException:
+            self._discard()
+            return
+        await self._give_back()
 
     async def close(self) -> None:
-        """Return the connection (once): to the pool when an AsyncConnection was made
-        on it, else to the held entries."""
+        """Return the connection, unless it was discarded or is being released."""
+        if self._returned:
+            return
+        self._returned = True
+        await self._give_back()
+
+    async def _give_back(self) -> None:
+        """To the pool when an AsyncConnection was made on it, else to the held entries."""
         if self._conn is not None:
             await self._conn.close()
-        elif not self._returned:
-            self._returned = True
+        else:
             await self._held.checkin(self.entry)
+
+
+def _invalidate(conn: SyncConnection) -> None:
+    conn.invalidate()
+    conn.close()
 
 
 async def _driver_transaction(
@@ -330,28 +389,28 @@ async def _driver_transaction(
     """A transaction of asyncpg's own on a connection SQLAlchemy sees in autocommit:
     statements through SQLAlchemy and prebuilt ones run on the driver directly are
     both inside it. It must end here, since the pool resets autocommit connections
-    without a ROLLBACK: one that cannot be rolled back is discarded."""
+    without a ROLLBACK: one that cannot be rolled back is discarded; a cancelled unit
+    leaves the ROLLBACK to a task of its own."""
     transaction = direct.driver.transaction()
-    try:
-        await transaction.start()
-    except BaseException:  # interrupted, the BEGIN may have taken effect or not
-        await direct.invalidate()
-        raise
+    await transaction.start()  # interrupted, the unit discards the connection
     try:
         result = await work(direct)
+    except asyncio.CancelledError:
+        direct.release_later(transaction)
+        raise
     except TimeoutError:
-        raise  # a ROLLBACK would wait on the same silent server: the caller discards it
+        raise  # a ROLLBACK would wait on the same silent server: the unit discards it
     except BaseException:
         try:
             await transaction.rollback()
         except BaseException:
-            await direct.invalidate()
+            direct.discard()
             raise
         raise
     try:
         await transaction.commit()
     except BaseException:
-        await direct.invalidate()
+        direct.discard()
         raise
     return result
 
@@ -477,17 +536,23 @@ class PostgresBackend(Backend):
         try:
             if one_statement or not write:
                 # each statement commits by itself; nothing to begin or commit
-                return await work(direct)
-            return await _driver_transaction(direct, work)
+                result = await work(direct)
+            else:
+                result = await _driver_transaction(direct, work)
+        except asyncio.CancelledError:
+            direct.release_later()  # the caller goes at once
+            raise
         except TimeoutError:
             # no answer in time: the server may still run the statement, or be gone
-            await direct.invalidate()
+            direct.discard()
             raise
-        finally:
-            # Not shielded (a task per call): closing suspends only to return the
-            # entry to the pool, which returns its slot even if that is
-            # interrupted. The cancellation test checks nothing stays checked out.
+        except BaseException:
             await direct.close()
+            raise
+        # a return suspends only to give the entry back to the pool, which it finishes
+        # even if this unit is cancelled meanwhile
+        await direct.close()
+        return result
 
     def connections_in_use(self) -> int:
         return super().connections_in_use() - self._held.held

@@ -57,18 +57,13 @@ T = TypeVar("T")
 INLINE_DRIVER = "sqlite+ctxengine"
 
 
-class LeftToWorker(asyncio.CancelledError):
-    """A cancelled unit of work whose connection a worker thread still uses: the unit
-    must not touch it (it goes back to the pool when the thread is done with it)."""
-
-
-def _release(conn: Connection) -> None:
-    """Roll back and return to the pool a connection a worker thread is done with (on
-    the loop thread, as pool returns are)."""
+def _discard(conn: Connection) -> None:
+    """Roll back what a unit of work began and return its connection to the pool
+    (on the loop thread, as pool returns are; never suspends)."""
     try:
         conn.rollback()
     except sqlite3.Error:  # the connection is unusable: the pool discards it
-        pass
+        log.debug("rollback failed", exc_info=True)
     finally:
         conn.close()
 
@@ -317,16 +312,16 @@ class SQLiteBackend(Backend):
         try:
             if write:
                 await self.begin_inline(conn)
+        except asyncio.CancelledError:
+            raise  # the connection is a worker thread's now (see begin_inline)
+        except BaseException:
+            _discard(conn)
+            raise
+        try:
             result = await work(InlineConnection(conn))
             conn.commit()
-        except LeftToWorker:  # cancelled while a worker thread waits on the connection
-            raise
         except BaseException:
-            try:
-                conn.rollback()
-            except sqlite3.Error:
-                log.debug("rollback failed", exc_info=True)
-            conn.close()  # closing it never suspends
+            _discard(conn)
             raise
         conn.close()
         return result
@@ -347,7 +342,7 @@ class SQLiteBackend(Backend):
         """Open a write transaction on an inline connection. The write lock is taken on
         the loop thread when it is free, else waited for in a worker thread.
 
-        Cancelled while that thread waits, it raises :class:`LeftToWorker` at once: the
+        Cancelled while that thread waits, it raises CancelledError at once: the
         connection then belongs to the thread until its wait ends (touching it from the
         loop would block the loop on the connection's mutex for the rest of the busy
         timeout), after which it is rolled back and returned to the pool."""
@@ -374,8 +369,8 @@ class SQLiteBackend(Backend):
         try:
             await asyncio.shield(waiting)
         except asyncio.CancelledError:
-            waiting.add_done_callback(lambda _: _release(conn))
-            raise LeftToWorker from None
+            waiting.add_done_callback(lambda _: _discard(conn))
+            raise
 
     def _insert(self, table: Table) -> Any:
         return sqlite_insert(table)
