@@ -18,7 +18,7 @@ from ..errors import (
     ValidationError,
 )
 from ..ids import new_id
-from ..lifecycle import END_STATUSES, can_work, epoch, is_stale, sources_of
+from ..lifecycle import END_STATUSES, can_work, idle_deadline, is_stale, sources_of
 from ..models import FROM_SETTINGS, FromSettings, Session, SessionStatus, Statistics
 from ..storage.connection import Connection
 from ..storage.repositories.conversation import ConversationRepository
@@ -185,7 +185,7 @@ class SessionService:
                 **values,
                 "created_at": fx.now,
                 "last_activity": fx.now,
-                "idle_deadline": None if timeout is None else epoch(fx.now) + timeout,
+                "idle_deadline": idle_deadline(fx.now, timeout),
             }
             if at_once:
                 chat = chat_values(tenant, sid, DEFAULT_CHAT_ID, fx.now, max_messages=cap)
