@@ -28,6 +28,17 @@ _NOTIFY = text(
 )
 
 
+#: What a failure of the listening connection raises (asyncpg's client-state errors
+#: included: they would end the reconnecting task).
+_DRIVER_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
 class EventRelay:
     """Forwards this engine's committed events to every other engine listening on the
     same database, and delivers theirs to ``deliver``. Events are delivered at most
@@ -82,7 +93,7 @@ class EventRelay:
         if conn is not None and not conn.is_closed():
             try:
                 await asyncio.wait_for(conn.close(), timeout=1.0)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except _DRIVER_ERRORS:
                 conn.terminate()
 
     async def _connect(self) -> None:
@@ -117,7 +128,7 @@ class EventRelay:
                     await self._connect()
                     log.info("event relay reconnected", extra={"channel": CHANNEL})
                     break
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                except _DRIVER_ERRORS:
                     log.warning(
                         "event relay cannot reconnect; retrying",
                         extra={"channel": CHANNEL, "retry_in": delay},
