@@ -152,3 +152,16 @@ async def engine(db_url: str) -> AsyncIterator[ContextEngine]:
     async with ContextEngine(db_url, settings=EngineSettings(auto_cleanup=False)) as eng:
         yield eng
         assert eng._store.connections_in_use() == 0
+
+
+async def connections_returned(engine: ContextEngine, seconds: float = 5.0) -> int:
+    """Wait up to ``seconds`` for the connections of cancelled calls to settle and go
+    back to the pool (a worker thread's wait, a rollback in a task of the engine's);
+    the number still checked out."""
+    import asyncio
+
+    for _ in range(int(seconds / 0.01)):
+        if engine._store.connections_in_use() == 0:
+            break
+        await asyncio.sleep(0.01)
+    return engine._store.connections_in_use()

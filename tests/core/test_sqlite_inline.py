@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from ctxengine import ContextEngine, EngineSettings
+from tests.fixtures import connections_returned
 
 SETTINGS = EngineSettings(auto_cleanup=False)
 
@@ -121,8 +122,4 @@ async def test_a_timeout_around_a_write_waiting_for_the_lock_is_a_timeout(tmp_pa
         session = await engine.update_session("s", increment_requests=True)
         assert session.request_count == 1  # the timed-out ones were never applied
         assert await engine.get_messages("s") == []
-        for _ in range(100):  # the worker threads give their connections back
-            if engine._store.connections_in_use() == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert engine._store.connections_in_use() == 0
+        assert await connections_returned(engine) == 0

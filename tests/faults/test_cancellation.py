@@ -19,6 +19,7 @@ import pytest
 
 from ctxengine import ContextEngine, EngineSettings, QuotaType
 from tests.faults.test_sqlite import release, sqlite_path, write_lock  # noqa: F401
+from tests.fixtures import connections_returned
 
 from .proxy import Proxy, through
 from .test_postgres import as_admin
@@ -62,11 +63,7 @@ async def test_cancelling_a_write_waiting_for_another_process_lock_frees_the_loo
         ticking.cancel()
 
         release(write_lock)
-        for _ in range(500):  # the worker threads see the lock free and give back
-            if engine._store.connections_in_use() == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert engine._store.connections_in_use() == 0
+        assert await connections_returned(engine) == 0
         session = await engine.get_session("a")
         assert session is not None and session.request_count == 0  # none applied
         assert (await engine.update_session("a", increment_requests=True)).request_count == 1
@@ -126,11 +123,7 @@ async def test_thousands_of_cancellations_on_postgres_print_nothing(
 
         for _ in range(200):
             await asyncio.gather(*(one() for _ in range(8)))
-        for _ in range(300):  # calls cancelled mid-flight finish in the background
-            if engine._store.connections_in_use() == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert engine._store.connections_in_use() == 0
+        assert await connections_returned(engine) == 0
         session = await engine.update_session("s", increment_requests=True)
         assert session.request_count >= finished + 1  # cancelled ones may have committed
     gc.collect()  # futures whose error nobody retrieved are reported when collected
@@ -296,11 +289,7 @@ async def test_a_cancelled_call_hands_control_back_at_once_on_postgres(
         assert max(took) < CANCEL_LIMIT, spread(took)
         assert loop.longest < CANCEL_LIMIT
 
-        for _ in range(500):  # calls cancelled mid-flight may finish in the background
-            if engine._store.connections_in_use() == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert engine._store.connections_in_use() == 0
+        assert await connections_returned(engine) == 0
         # A one-statement write the server received may still run after its call was
         # cancelled (it waited on the lock, or in the proxy): it may be applied.
         await server_quiet(pg_url)
@@ -342,11 +331,7 @@ async def test_a_cancelled_call_hands_control_back_at_once_on_sqlite(
         assert loop.longest < CANCEL_LIMIT
 
         release(write_lock)
-        for _ in range(500):  # the worker threads see the lock free and give back
-            if engine._store.connections_in_use() == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert engine._store.connections_in_use() == 0
+        assert await connections_returned(engine) == 0
         session = await engine.get_session("a")
         assert session is not None and session.request_count == 0  # none applied
         assert await engine.get_usage_history(session_id="a") == []
