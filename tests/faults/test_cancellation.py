@@ -338,3 +338,26 @@ async def test_a_cancelled_call_hands_control_back_at_once_on_sqlite(
         assert await engine.get_messages("a") == []
         assert await engine.get_session("new") is None
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_call_cancelled_while_its_transaction_begins_leaves_the_engine_working(
+    pg_url: str, proxy: Proxy
+) -> None:
+    """Cancelled while the server has not yet answered its BEGIN, a unit's connection
+    is discarded: asyncpg keeps a transaction whose start was interrupted as the
+    connection's own, and would open every later one as a savepoint of it (each
+    failing). Found by the chaos run: the engine's calls failed from then on."""
+    settings = EngineSettings(
+        auto_cleanup=False, auto_migrate=False, connect_timeout=5, statement_timeout=5
+    )
+    async with ContextEngine(through(pg_url, proxy), settings=settings) as engine:
+        await engine.create_session("s", "u", idle_timeout=None)
+        for limit in range(100, 105):
+            proxy.pause()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):  # set_quota begins a transaction first
+                    await engine.set_quota("s", QuotaType.TOKENS, limit * 10)
+            proxy.resume()
+            await engine.set_quota("s", QuotaType.TOKENS, limit)  # the same engine
+            assert (await engine.get_quota("s", QuotaType.TOKENS)).limit == limit
+        assert await connections_returned(engine) == 0

@@ -45,7 +45,7 @@ from ..models import Event
 from ..settings import EngineSettings
 from .backend import GENERIC_ERRORS, Backend, Failure, first_locked, lock_key
 from .connection import Connection, Params, Rows
-from .prebuilt import compiled, run_portable
+from .prebuilt import Result, compiled, run_portable
 from .relay import EventRelay
 
 try:
@@ -310,10 +310,23 @@ class AutocommitConnection:
 
     async def run(self, statement: Executable, parameters: Params, as_dicts: bool = False) -> Rows:
         form = compiled(statement, self.dialect)
-        if form.types and not isinstance(parameters, Mapping):
-            # rows of parameters for a statement returning rows: SQLAlchemy's insertmanyvalues
-            return await run_portable(await self._connection(), statement, parameters, as_dicts)
-        return await form.run_asyncpg(self.driver, parameters, as_dicts)
+        driver = self.driver
+        if not isinstance(parameters, Mapping):
+            if form.types:  # rows of parameters, rows returned: SQLAlchemy's insertmanyvalues
+                connection = await self._connection()
+                return await run_portable(connection, statement, parameters, as_dicts)
+            await driver.executemany(form.sql, [form.values(p) for p in parameters])
+            return Result([], -1)
+        values = form.values(parameters)
+        if not form.types:
+            status = await driver.execute(form.sql, *values)
+            count = status.rsplit(" ", 1)[-1]
+            return Result([], int(count) if count.isdigit() else -1)
+        converters = form.converters
+        if converters is None:  # the driver's column types (OIDs), as SQLAlchemy reads them
+            prepared = await driver.prepare(form.sql)
+            converters = form.converters_for([a.type.oid for a in prepared.get_attributes()])
+        return Result.of(await driver.fetch(form.sql, *values), converters[as_dicts])
 
     async def execute(
         self, statement: Executable, parameters: Params | None = None
@@ -371,8 +384,11 @@ class AutocommitConnection:
         await self._give_back()
 
     async def _give_back(self) -> None:
-        """To the pool when an AsyncConnection was made on it, else to the held entries."""
-        if self._conn is not None:
+        """To the pool when an AsyncConnection was made on it, else to the held entries;
+        never inside a transaction (discarded then)."""
+        if self.driver.is_in_transaction():
+            self._discard()
+        elif self._conn is not None:
             await self._conn.close()
         else:
             await self._held.checkin(self.entry)
@@ -392,7 +408,14 @@ async def _driver_transaction(
     without a ROLLBACK: one that cannot be rolled back is discarded; a cancelled unit
     leaves the ROLLBACK to a task of its own."""
     transaction = direct.driver.transaction()
-    await transaction.start()  # interrupted, the unit discards the connection
+    try:
+        await transaction.start()
+    except BaseException:
+        # the BEGIN may have taken effect or not, and asyncpg keeps a transaction whose
+        # start failed as the connection's own (it would make every later one a
+        # savepoint of it): the connection is of no further use
+        direct.discard()
+        raise
     try:
         result = await work(direct)
     except asyncio.CancelledError:
