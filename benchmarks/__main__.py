@@ -35,6 +35,7 @@ import asyncpg
 from sqlalchemy import text
 
 from benchmarks import floors
+from benchmarks.placement import database_apart
 from benchmarks.timing import Op, Stats, interleaved, raw_pool, timed_pair
 from ctxengine import ContextEngine, EngineSettings, Message, QuotaType
 
@@ -701,12 +702,18 @@ async def run(
         await admin.execute(f'CREATE DATABASE "{name}"')
         url = PG_SERVER.rsplit("/", 1)[0] + f"/{name}"
         try:
-            reps = [await bench_backend(url, RawPostgres(url), n, only) for _ in range(repeats)]
+            with database_apart(admin.get_server_pid()) as placement:
+                reps = [await bench_backend(url, RawPostgres(url), n, only) for _ in range(repeats)]
             out["postgres"] = median_of(reps)
+            PLACEMENT["postgres"] = placement
         finally:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             await admin.close()
     return out
+
+
+#: Where each backend's run placed the client and the server (see benchmarks.placement).
+PLACEMENT: dict[str, str] = {}
 
 
 def median_of(reps: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -731,7 +738,8 @@ def main() -> None:
     args = parser.parse_args()
     results = asyncio.run(run(args.backend, args.n, args.repeats, args.only))
     for backend, rows in results.items():
-        print(f"\n{backend}: {args.n} calls per operation, median of {args.repeats}")
+        where = f" ({PLACEMENT[backend]})" if backend in PLACEMENT else ""
+        print(f"\n{backend}: {args.n} calls per operation, median of {args.repeats}{where}")
         print(
             f"{'operation':<30}{'ops/s':>9}{'p50 ms':>9}{'p99 ms':>9}  "
             f"{'baseline':<28}{'ops/s':>9}{'ratio':>7}"

@@ -82,6 +82,10 @@ CANCEL_CONTRACT = 0.050
 REFUSALS = (QuotaExceededError, RateLimitError, SessionNotActiveError)
 
 
+#: Seconds after the faults end within which the engine must work again.
+RECOVERY = 30
+
+
 def settings() -> EngineSettings:
     # short timeouts: a call meets a refused or killed connection often here
     return EngineSettings(auto_cleanup=False, connect_timeout=2, statement_timeout=5)
@@ -169,11 +173,15 @@ class Worker:
             return "uncertain", None
 
     async def until_done(self, kind: str, make: Callable[[], Awaitable[Any]]) -> Any:
-        """``make()``'s call, made again until the database lets it through."""
+        """``make()``'s call, made again until the database lets it through; past
+        :data:`RECOVERY` seconds after the run's deadline, the engine never recovered
+        (a finding: the task dies of it, and the run fails)."""
         while True:
             status, result = await self.call(kind, make(), cancel=False)
             if status == "ok":
                 return result
+            if time.time() > self.deadline + RECOVERY:
+                raise RuntimeError(f"{kind} still failing {RECOVERY} s after the faults ended")
             await asyncio.sleep(0.1)
 
     async def setup(self, name: str) -> str:
