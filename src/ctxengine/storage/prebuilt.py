@@ -2,16 +2,15 @@
 
 SQLAlchemy's per-execution work (cache key, parameter dictionary, execution context,
 result object) takes about 80 µs, more than SQLite takes to run a small statement.
-So a statement built once is compiled once, by SQLAlchemy (:func:`compiled`), and
-the connections of the backends whose driver can run it directly (SQLite inline,
-asyncpg) do, its parameters and results converted by the processors of the
-statement's own column types; elsewhere it runs through SQLAlchemy
+So a statement built once is compiled once, by SQLAlchemy (:func:`compiled`), with
+the processors of its own column types for its parameters and results; the
+connection kinds of the backends whose driver can run it directly (inline sqlite3,
+asyncpg) do, each in its ``run``; elsewhere it runs through SQLAlchemy
 (:func:`run_portable`).
 """
 
 from __future__ import annotations
 
-import sqlite3
 import weakref
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -25,7 +24,17 @@ from sqlalchemy.sql.selectable import ReturnsRows
 
 from .connection import Connection, Params, Record, Rows
 
-__all__ = ["Compiled", "Params", "Record", "Rows", "compiled", "run", "run_dicts", "run_portable"]
+__all__ = [
+    "Compiled",
+    "Params",
+    "Record",
+    "Result",
+    "Rows",
+    "compiled",
+    "run",
+    "run_dicts",
+    "run_portable",
+]
 
 
 async def run(conn: Connection, statement: Executable, parameters: Params) -> Rows:
@@ -50,7 +59,7 @@ async def run_portable(
     result = await conn.execute(statement, parameters)
     if not as_dicts:
         return result
-    return _Result([dict(row._mapping) for row in result], result.rowcount)
+    return Result([dict(row._mapping) for row in result], result.rowcount)
 
 
 def compiled(statement: Executable, dialect: Dialect) -> Compiled:
@@ -121,40 +130,6 @@ class Compiled:
             values.append(value if process is None else process(value))
         return values
 
-    def run_sqlite(
-        self, raw: sqlite3.Connection, parameters: Params, as_dicts: bool = False
-    ) -> _Result:
-        if isinstance(parameters, Mapping):
-            cursor = raw.execute(self.sql, self.values(parameters))
-        else:
-            cursor = raw.executemany(self.sql, [self.values(p) for p in parameters])
-        try:
-            if not self.types:
-                return _Result([], cursor.rowcount)
-            converters = self.converters_for([None] * len(self.types))
-            return _Result.of(cursor, converters[as_dicts])  # row by row, as read
-        finally:
-            cursor.close()
-
-    async def run_asyncpg(self, driver: Any, parameters: Params, as_dicts: bool = False) -> Rows:
-        """Run on an asyncpg connection: one execution, or one per row of parameters
-        (for a statement returning nothing)."""
-        if not isinstance(parameters, Mapping):
-            if self.types:
-                raise TypeError(f"rows of parameters for a statement returning rows: {self.sql}")
-            await driver.executemany(self.sql, [self.values(p) for p in parameters])
-            return _Result([], -1)
-        values = self.values(parameters)
-        if not self.types:
-            status = await driver.execute(self.sql, *values)
-            count = status.rsplit(" ", 1)[-1]
-            return _Result([], int(count) if count.isdigit() else -1)
-        converters = self.converters
-        if converters is None:  # the driver's column types (OIDs), as SQLAlchemy reads them
-            prepared = await driver.prepare(self.sql)
-            converters = self.converters_for([a.type.oid for a in prepared.get_attributes()])
-        return _Result.of(await driver.fetch(self.sql, *values), converters[as_dicts])
-
 
 _Convert = Callable[[Sequence[Any]], Any]
 
@@ -188,7 +163,9 @@ def _row_type(names: tuple[str, ...]) -> Any:
     return type("Row", (base,), {"__slots__": (), "_mapping": property(mapping)})
 
 
-class _Result:
+class Result:
+    """Rows a driver returned, converted (see :meth:`Compiled.converters_for`)."""
+
     __slots__ = ("rowcount", "rows")
 
     def __init__(self, rows: list[Any], rowcount: int) -> None:
@@ -196,7 +173,7 @@ class _Result:
         self.rowcount = rowcount
 
     @classmethod
-    def of(cls, fetched: Iterable[Sequence[Any]], convert: _Convert) -> _Result:
+    def of(cls, fetched: Iterable[Sequence[Any]], convert: _Convert) -> Result:
         rows = list(map(convert, fetched))
         return cls(rows, len(rows))
 

@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,7 +42,7 @@ from ..settings import EngineSettings
 from .backend import GENERIC_ERRORS, Backend, Failure
 from .connection import Connection as UnitConnection
 from .connection import Params, Rows
-from .prebuilt import compiled
+from .prebuilt import Result, compiled
 
 try:
     from sqlalchemy.util import await_
@@ -135,7 +135,18 @@ class InlineConnection:
     async def run(self, statement: Executable, parameters: Params, as_dicts: bool = False) -> Rows:
         raw = self.sync.connection.driver_connection
         assert isinstance(raw, sqlite3.Connection)
-        return compiled(statement, self.sync.dialect).run_sqlite(raw, parameters, as_dicts)
+        form = compiled(statement, self.sync.dialect)
+        if isinstance(parameters, Mapping):
+            cursor = raw.execute(form.sql, form.values(parameters))
+        else:
+            cursor = raw.executemany(form.sql, [form.values(p) for p in parameters])
+        try:
+            if not form.types:
+                return Result([], cursor.rowcount)
+            converters = form.converters_for([None] * len(form.types))
+            return Result.of(cursor, converters[as_dicts])  # row by row, as read
+        finally:
+            cursor.close()
 
     async def execute(
         self, statement: Executable, parameters: Params | None = None
