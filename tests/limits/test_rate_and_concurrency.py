@@ -76,6 +76,33 @@ async def test_refused_calls_consume_nothing(db_url: str, clock: Any) -> None:
         assert (await engine.check_rate_limit(sid, "op")).remaining == 0
 
 
+async def test_a_call_under_no_limit_touches_the_session_and_stores_nothing(
+    db_url: str, clock: Any
+) -> None:
+    """No rule and an unlimited tier: the call is admitted, records activity (so it
+    keeps the session alive), writes no limiter state, and is refused once the session
+    cannot work, as any call. On PostgreSQL this is the one-statement path too."""
+    settings = EngineSettings(auto_cleanup=False)
+    async with ContextEngine(db_url, settings=settings, clock=clock) as engine:
+        sid = (
+            await engine.create_session(user_id="u", tier="enterprise", idle_timeout=60)
+        ).session_id
+        for _ in range(3):
+            clock.advance(40)  # each call keeps it alive past its 60 s idle timeout
+            status = await engine.enforce_rate_limit(sid, "op", cost=7)
+            assert (status.limit, status.remaining, status.reset_after) == (None, None, 0.0)
+            session = await engine.get_session(sid)
+            assert session is not None and session.last_activity == clock.now
+        assert await rows(engine, "SELECT * FROM ctx_rate_limit_state") == []
+        clock.advance(61)
+        with pytest.raises(SessionExpiredError):
+            await engine.enforce_rate_limit(sid, "op")
+        ended = (await engine.create_session(user_id="u", tier="enterprise")).session_id
+        await engine.end_session(ended)
+        with pytest.raises(SessionNotActiveError):
+            await engine.enforce_rate_limit(ended, "op")
+
+
 async def test_tier_limits_and_bad_input(engine: ContextEngine) -> None:
     sid = (await engine.create_session(user_id="u", tier="free")).session_id
     status = await engine.enforce_rate_limit(sid, limit_type=RateLimitType.PER_SECOND)

@@ -33,6 +33,10 @@ from .usage import limits_by_tier, tier_limit
 log = logging.getLogger("ctxengine.limits")
 
 
+#: What a call under no limit is told.
+_UNLIMITED = RateLimitStatus(limit=None, remaining=None, reset_after=0.0)
+
+
 class LeaseService:
     """Concurrency slots: a lease row per running operation, live until ``expires_at``.
 
@@ -251,7 +255,7 @@ class RateLimitService:
         consume: bool,
     ) -> RateLimitStatus:
         """Apply every limit that applies, all or nothing; a refusal is left in ``fx``."""
-        best = RateLimitStatus(limit=None, remaining=None, reset_after=0.0)
+        best = _UNLIMITED
         decisions = []
         for key, max_calls, window in await self._rules(
             conn, tenant, session, operation, limit_types
@@ -334,6 +338,8 @@ class RateLimitService:
                 )
                 if taken is None:
                     return None
+                if taken.max_calls is None or taken.window_seconds is None:
+                    return _UNLIMITED  # no limit applies (the session was touched)
                 # the new state, peeked at the same instant: what is left, and when the
                 # oldest counted sub-window stops counting
                 after = decide(

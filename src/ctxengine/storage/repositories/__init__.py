@@ -36,7 +36,11 @@ def of_session(table: Table, tenant: str, session_id: str, **columns: Any) -> Co
 
 
 def written_or_abort(
-    touched: CTE, written: CTE, present: ColumnElement[Any], *columns: ColumnElement[Any]
+    touched: CTE,
+    written: CTE,
+    present: ColumnElement[Any],
+    *columns: ColumnElement[Any],
+    due: ColumnElement[bool] | None = None,
 ) -> Select[Any]:
     """The final SELECT of a one-statement write (data-modifying CTEs): ``columns`` of
     the session ``touched`` and of the row ``written`` (``present`` is a column of it
@@ -44,6 +48,8 @@ def written_or_abort(
     touched but nothing was written (a concurrent writer took the room between the
     statement's check in its snapshot and its write on the locked row), the SELECT
     divides by zero: the whole statement aborts, writing nothing, and is retried as a
-    transient conflict (see ``PostgresBackend.is_transient``)."""
-    abort_unless_written = literal(1) // case((present.is_(None), 0), else_=1)
+    transient conflict (see ``PostgresBackend.is_transient``). ``due``: when a row was
+    to be written at all (by default, always)."""
+    missing = present.is_(None) if due is None else and_(present.is_(None), due)
+    abort_unless_written = literal(1) // case((missing, 0), else_=1)
     return select(*columns, abort_unless_written).select_from(touched.outerjoin(written, true()))

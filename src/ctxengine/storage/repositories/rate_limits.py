@@ -78,9 +78,10 @@ def _take(backend: Backend, tier_max: Mapping[str, int], tier_window: float) -> 
     As in ``quotas._track``: the call is admitted in the statement's snapshot before the
     session row is locked, and again on the locked state row; when it no longer is,
     the statement aborts (``written_or_abort``). It returns (state, max_calls,
-    window_seconds), or no row when nothing was written: refused, no limit, the
-    session cannot work, or the state is newer than ``now_us``. Parameters: tenant,
-    sid, now, now_epoch, operation, now_us, cost."""
+    window_seconds), both NULL when no limit applies (the session is only touched),
+    or no row when nothing was written: refused, the session cannot work, or the
+    state is newer than ``now_us``. Parameters: tenant, sid, now, now_epoch,
+    operation, now_us, cost."""
     r, st = rate_limit_rules.c, rate_limit_state.c
     rule = _rule_of(s.c.session_id, s.c.user_id).where(r.tenant_id == s.c.tenant_id).lateral("rule")
     by_tier = (
@@ -126,8 +127,10 @@ def _take(backend: Backend, tier_max: Mapping[str, int], tier_window: float) -> 
     admitted = (
         select(limit)
         .where(
-            limit.c.max_calls.is_not(None),
-            take(stored, limit.c.window_us, limit.c.max_calls).is_not(None),
+            or_(
+                limit.c.max_calls.is_(None),  # no limit applies: only the touch
+                take(stored, limit.c.window_us, limit.c.max_calls).is_not(None),
+            )
         )
         .cte("admitted")
     )
@@ -136,15 +139,19 @@ def _take(backend: Backend, tier_max: Mapping[str, int], tier_window: float) -> 
         .returning(s.c.session_id)
         .cte("touched")
     )
-    new_row = select(
-        bindparam("tenant", type_=st.tenant_id.type).label("tenant_id"),
-        admitted.c.scope,
-        admitted.c.subject,
-        bindparam("operation", type_=st.operation.type).label("operation"),
-        admitted.c.window_ms,
-        take(null(), admitted.c.window_us, admitted.c.max_calls).label("state"),
-        bindparam("now", type_=st.updated_at.type).label("updated_at"),
-    ).select_from(admitted.join(touched, true()))
+    new_row = (
+        select(
+            bindparam("tenant", type_=st.tenant_id.type).label("tenant_id"),
+            admitted.c.scope,
+            admitted.c.subject,
+            bindparam("operation", type_=st.operation.type).label("operation"),
+            admitted.c.window_ms,
+            take(null(), admitted.c.window_us, admitted.c.max_calls).label("state"),
+            bindparam("now", type_=st.updated_at.type).label("updated_at"),
+        )
+        .select_from(admitted.join(touched, true()))
+        .where(admitted.c.max_calls.is_not(None))
+    )
     # ON CONFLICT DO UPDATE sees only the locked row and EXCLUDED: the limit's columns
     # come in as scalar subqueries
     on_locked = (
@@ -164,7 +171,8 @@ def _take(backend: Backend, tier_max: Mapping[str, int], tier_window: float) -> 
         .cte("written")
     )
     returned = (written.c.state, admitted.c.max_calls, admitted.c.window_seconds)
-    return written_or_abort(touched, written, written.c.state, *returned)
+    limited = admitted.c.max_calls.is_not(None)
+    return written_or_abort(touched, written, written.c.state, *returned, due=limited)
 
 
 class Rule(NamedTuple):
@@ -178,11 +186,11 @@ class Rule(NamedTuple):
 
 class Admitted(NamedTuple):
     """A call ``take`` admitted: the limiter state it wrote, under ``max_calls`` per
-    ``window_seconds``."""
+    ``window_seconds`` (None, None and None: no limit applied)."""
 
     state: Any
-    max_calls: int
-    window_seconds: float
+    max_calls: int | None
+    window_seconds: float | None
 
 
 def _state_params(key: tuple[str, str, str, str, int]) -> dict[str, Any]:
@@ -253,7 +261,11 @@ class RateLimitRepository(Repository):
             "cost": cost,
         }
         row = (await run(conn, stmt, params)).first()
-        return None if row is None else Admitted(row[0], int(row[1]), float(row[2]))
+        if row is None:
+            return None
+        if row[1] is None:
+            return Admitted(None, None, None)
+        return Admitted(row[0], int(row[1]), float(row[2]))
 
     async def set_rule(
         self,
