@@ -81,7 +81,8 @@ FROM touched LEFT JOIN taken ON true
 #: enforce_rate_limit: the rule that applies (the session's, else its user's, else the
 #: tier's), one call taken from the limiter state by ``ctx_rate_limit_take`` (the
 #: database function the engine's migration creates), the state written and the
-#: session touched, only if the call is admitted.
+#: session touched, only if the call is admitted (the new row's state written out, the
+#: locked row's evaluated once: refused there, the statement divides by zero).
 TAKE = f"""
 WITH lim AS (
     SELECT coalesce(r.scope, 'session') AS scope,
@@ -103,7 +104,7 @@ WITH lim AS (
     WHERE s.tenant_id = :tenant AND s.session_id = :sid
 ), admitted AS (
     SELECT lim.* FROM lim
-    WHERE lim.max_calls IS NOT NULL AND ctx_rate_limit_take(
+    WHERE lim.max_calls IS NULL OR ctx_rate_limit_take(
         (SELECT st.state FROM ctx_rate_limit_state AS st
          WHERE st.tenant_id = :tenant AND st.scope = lim.scope AND st.subject = lim.subject
            AND st.operation = :operation AND st.window_ms = lim.window_ms),
@@ -118,18 +119,16 @@ WITH lim AS (
     INSERT INTO ctx_rate_limit_state AS st
         (tenant_id, scope, subject, operation, window_ms, state, updated_at)
     SELECT :tenant, a.scope, a.subject, :operation, a.window_ms,
-           ctx_rate_limit_take(NULL, :now_us::bigint, a.window_us, a.max_calls,
-                               :cost::bigint),
+           jsonb_build_object('b', div(:now_us::numeric * 60, a.window_us),
+                              'c', jsonb_build_array(:cost::bigint)),
            :now::timestamptz
     FROM admitted AS a JOIN touched ON true
+    WHERE a.max_calls IS NOT NULL
     ON CONFLICT (tenant_id, scope, subject, operation, window_ms) DO UPDATE SET
-        state = ctx_rate_limit_take(st.state, :now_us::bigint,
+        state = coalesce(ctx_rate_limit_take(st.state, :now_us::bigint,
             (SELECT window_us FROM admitted), (SELECT max_calls FROM admitted),
-            :cost::bigint),
+            :cost::bigint), to_jsonb(1 / (st.window_ms - st.window_ms))),
         updated_at = excluded.updated_at
-    WHERE ctx_rate_limit_take(st.state, :now_us::bigint,
-            (SELECT window_us FROM admitted), (SELECT max_calls FROM admitted),
-            :cost::bigint) IS NOT NULL
     RETURNING st.state
 )
 SELECT written.state, admitted.max_calls, admitted.window_seconds
