@@ -116,7 +116,9 @@ class ContextEngine(TenantView):
 
     async def _sweep(self) -> int:
         runtime = self._runtime()
-        return await runtime.sessions.expire_stale(None, None)
+        expired = await runtime.sessions.expire_stale(None, None)
+        await runtime.memory.sweep()  # expired memory items (logged by the sweep itself)
+        return expired
 
     async def close(self) -> None:
         """Stop background work (at most about a second), end event streams, release

@@ -17,6 +17,7 @@ __all__ = [
     "Checkpoint",
     "Event",
     "FromSettings",
+    "MemoryItem",
     "Message",
     "QuotaStatus",
     "QuotaType",
@@ -240,6 +241,22 @@ class Checkpoint(_Frozen):
     session_id: str
     description: str = ""
     created_at: datetime
+
+
+class MemoryItem(_Frozen):
+    """One key-value memory (SPEC §13) and its scope: ``user_id`` None is the tenant-wide
+    scope, ``session_id`` None is not narrowed to a session. ``version`` counts the
+    writes since the item was created (the first is 1); ``expires_at`` None: never."""
+
+    key: str
+    value: Any
+    version: int
+    user_id: str | None = None
+    session_id: str | None = None
+    namespace: str = "default"
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None = None
 
 
 class UsageRecord(_Frozen):

@@ -11,6 +11,7 @@ from .cleanup import CleanupLoop
 from .services.base import Context
 from .services.conversation import ConversationService
 from .services.limits import LeaseService, RateLimitService
+from .services.memory import MemoryService
 from .services.metadata import MetadataService
 from .services.sessions import SessionService
 from .services.snapshots import SnapshotService
@@ -29,6 +30,7 @@ class Runtime:
     usage: UsageService
     leases: LeaseService
     rates: RateLimitService
+    memory: MemoryService
     cleanup: CleanupLoop | None
     #: The event loop (and its thread) that opened the engine: the only one it serves.
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
@@ -47,6 +49,7 @@ class Runtime:
             UsageService(ctx, sessions),
             LeaseService(ctx, sessions),
             RateLimitService(ctx, sessions),
+            MemoryService(ctx),
             cleanup,
         )
 

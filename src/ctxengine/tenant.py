@@ -18,6 +18,7 @@ from .models import (
     Chat,
     Checkpoint,
     FromSettings,
+    MemoryItem,
     Message,
     QuotaStatus,
     QuotaType,
@@ -33,6 +34,7 @@ from .models import (
 )
 from .services.chats import NewMessage
 from .services.conversation import ConversationService
+from .services.memory import scope as _memory_scope
 from .services.usage import quota_type, usage_callback
 from .tracking import RequestTracker, track_request
 
@@ -534,6 +536,90 @@ class TenantView:
         """Set the keys of ``patch`` in the shared document ``key`` (created when missing),
         merged in SQL like session metadata; the document after the change."""
         return await self._runtime().metadata.update_shared_state(self._tenant, key, patch)
+
+    # -- key-value memory ---------------------------------------------------------------
+    async def remember(
+        self,
+        key: str,
+        value: Any,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        namespace: str = "default",
+        ttl: float | None = None,
+        expected_version: int | None = None,
+    ) -> MemoryItem:
+        """Store the JSON ``value`` under ``key`` in the scope (``user_id`` None: shared
+        by the tenant; ``session_id`` narrows a user's scope), in one statement. Each
+        write bumps ``version`` (the first is 1). ``ttl``: seconds until the item
+        expires (None: never; each write sets it anew). ``expected_version``: write
+        only if the stored version is this one (0: only if nothing is stored), else
+        ConflictError and nothing written. Raises ValidationError."""
+        memory = self._runtime().memory
+        where = _memory_scope(self._tenant, user_id, session_id, namespace)
+        return await memory.remember(where, key, value, ttl, expected_version)
+
+    async def recall(
+        self,
+        key: str,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        namespace: str = "default",
+    ) -> Any:
+        """The value stored under ``key`` in the scope, or None (never stored, forgotten
+        or expired). Scopes are exact: a user's scope does not see the tenant-wide one."""
+        memory = self._runtime().memory
+        item = await memory.get(_memory_scope(self._tenant, user_id, session_id, namespace), key)
+        return None if item is None else item.value
+
+    async def get_memory(
+        self,
+        key: str,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        namespace: str = "default",
+    ) -> MemoryItem | None:
+        """The whole item under ``key`` in the scope (its version for a compare-and-set),
+        or None."""
+        memory = self._runtime().memory
+        return await memory.get(_memory_scope(self._tenant, user_id, session_id, namespace), key)
+
+    async def forget(
+        self,
+        key: str,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        namespace: str = "default",
+    ) -> bool:
+        """Delete the item under ``key`` in the scope; False when there was none."""
+        memory = self._runtime().memory
+        return await memory.forget(_memory_scope(self._tenant, user_id, session_id, namespace), key)
+
+    async def list_memories(
+        self,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        namespace: str = "default",
+        prefix: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> list[MemoryItem]:
+        """One page (at most ``limit``, up to 1000) of the scope's items in key order
+        (code point order on every backend), those whose key starts with ``prefix``
+        when given. ``cursor`` is the key of the last item of the previous page (keyset
+        paging: items added or removed meanwhile never shift a page)."""
+        memory = self._runtime().memory
+        where = _memory_scope(self._tenant, user_id, session_id, namespace)
+        return await memory.page(where, prefix, limit, cursor)
+
+    async def forget_user(self, user_id: str) -> int:
+        """Delete every key-value memory item of ``user_id`` in this tenant, in every
+        namespace, those narrowed to the user's sessions included; the number deleted."""
+        return await self._runtime().memory.forget_user(self._tenant, user_id)
 
     async def checkpoint(self, session_id: str, description: str = "") -> Checkpoint:
         """Save a copy of every chat, message and the metadata of the session."""

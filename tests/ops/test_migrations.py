@@ -39,6 +39,7 @@ TABLES = {
     "ctx_messages",
     "ctx_checkpoints",
     "ctx_shared_state",
+    "ctx_memory_items",
 }
 
 

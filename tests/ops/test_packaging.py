@@ -35,6 +35,7 @@ def test_public_names_are_pinned() -> None:
             "SessionStats",
             "Event",
             "SessionTemplate",
+            "MemoryItem",
         ]
     )
     for name in ctxengine.__all__:

@@ -16,6 +16,7 @@ from ctxengine.storage.repositories import (
     Repository,
     conversation,
     leases,
+    memory,
     quotas,
     rate_limits,
     sessions,
@@ -27,6 +28,7 @@ REPOSITORIES = [
     quotas.QuotaRepository,
     rate_limits.RateLimitRepository,
     leases.LeaseRepository,
+    memory.MemoryRepository,
 ]
 #: Results that are stored JSON documents, not rows (the limiter state of a key).
 DOCUMENTS = {("RateLimitRepository", "lock_state"), ("RateLimitRepository", "peek_state")}

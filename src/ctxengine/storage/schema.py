@@ -265,3 +265,37 @@ shared_state = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     PrimaryKeyConstraint("tenant_id", "key"),
 )
+
+#: Scope columns of memory: "" stands for "none" (no user: the tenant-wide scope; no
+#: session: not narrowed), since a primary key column cannot be NULL; identifiers are
+#: never empty, so "" is never a real id. The API shows None.
+NO_SCOPE = ""
+
+#: Keys compare byte by byte (code point order) on every backend: PostgreSQL's "C"
+#: collation, SQLite's default BINARY; listing by key pages the same everywhere.
+MEMORY_KEY = ID.with_variant(String(255, collation="C"), "postgresql")
+
+#: Key-value memory (SPEC §13): one row per (tenant, user, session, namespace, key).
+#: The primary key is the scope, then the key: prefix listing reads one range of it in
+#: key order, and forget_user reads the (tenant, user) range. ``version`` counts the
+#: writes since the item was (re)created; ``expires_at`` NULL = never expires. (The
+#: semantic half of memory gets tables of its own: ``ctx_memories``.)
+memory_items = Table(
+    "ctx_memory_items",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("user_id", ID, nullable=False),
+    Column("session_id", ID, nullable=False),
+    Column("namespace", ID, nullable=False),
+    Column("key", MEMORY_KEY, nullable=False),
+    Column("value", JSONDocument, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    PrimaryKeyConstraint("tenant_id", "user_id", "session_id", "namespace", "key"),
+    # delete_session and purge_sessions: the items narrowed to a session
+    Index(None, "tenant_id", "session_id"),
+    # the sweep: expired items
+    Index(None, "expires_at"),
+)

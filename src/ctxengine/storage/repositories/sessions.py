@@ -32,7 +32,15 @@ from ...ratelimit import CLOCK_SKEW
 from ..backend import Backend
 from ..connection import Connection
 from ..prebuilt import Record, run
-from ..schema import chats, idle_bucket, leases, quotas, rate_limit_rules, rate_limit_state
+from ..schema import (
+    chats,
+    idle_bucket,
+    leases,
+    memory_items,
+    quotas,
+    rate_limit_rules,
+    rate_limit_state,
+)
 from ..schema import sessions as t
 from ..types import JSONDocument, UTCDateTime
 from . import Repository, of_session
@@ -660,8 +668,10 @@ class SessionRepository(Repository):
         return None if row is None else _session(row, now)
 
     async def delete(self, conn: Connection, tenant: str, session_id: str) -> bool:
-        """Delete the session; owned rows go by ON DELETE CASCADE, its rate limits here."""
+        """Delete the session; owned rows go by ON DELETE CASCADE, its rate limits and
+        the memory items narrowed to it here."""
         result = await conn.execute(delete(t).where(of_session(t, tenant, session_id)))
+        await conn.execute(delete(memory_items).where(of_session(memory_items, tenant, session_id)))
         for table in (rate_limit_rules, rate_limit_state):
             await conn.execute(
                 delete(table).where(
@@ -690,12 +700,21 @@ class SessionRepository(Repository):
         statuses: Sequence[SessionStatus],
     ) -> int:
         result = await conn.execute(
-            delete(t).where(
+            delete(t)
+            .where(
                 t.c.tenant_id == tenant,
                 t.c.status.in_([s.value for s in statuses]),
                 t.c.ended_at < ended_before,
             )
+            .returning(t.c.session_id)
         )
-        if result.rowcount:
+        purged = list(result.scalars())
+        if purged:
             await self.drop_orphan_limits(conn, tenant)
-        return int(result.rowcount)
+            m = memory_items.c
+            for start in range(0, len(purged), 500):  # the memory items narrowed to them
+                chunk = purged[start : start + 500]
+                await conn.execute(
+                    delete(memory_items).where(m.tenant_id == tenant, m.session_id.in_(chunk))
+                )
+        return len(purged)
