@@ -179,6 +179,19 @@ async def test_prefix_listing_pages_with_cursors(engine: ContextEngine) -> None:
     assert [m.key for m in after] == [k for k in expected if k > "note:0125"][:3]
 
 
+async def test_a_prefix_range_holds_every_key_that_starts_with_it(engine: ContextEngine) -> None:
+    """Listing by prefix reads one range of keys: keys of the largest code points and
+    of the longest length after the prefix are in it, the next key after it is not."""
+    longest = "a" + "\U0010ffff" * 254  # 255 characters, the most a key may have
+    inside = ["a", "a\U0001f600", "a\U0010ffff", "a\U0010ffffz", longest, "a\x01"]
+    outside = ["b", "`", "A", "\U0001f600"]
+    for key in inside + outside:
+        await engine.remember(key, 1, user_id="u")
+    listed = [m.key for m in await engine.list_memories(user_id="u", prefix="a")]
+    assert listed == sorted(inside)
+    assert [m.key for m in await engine.list_memories(user_id="u", prefix=longest)] == [longest]
+
+
 async def test_scopes_are_exact_and_tenants_isolated(engine: ContextEngine) -> None:
     other = engine.tenant("acme")
     await engine.remember("k", "tenant-wide")

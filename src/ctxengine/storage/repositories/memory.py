@@ -13,7 +13,6 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
-    func,
     not_,
     or_,
     select,
@@ -22,6 +21,7 @@ from sqlalchemy import (
 )
 
 from ...models import MemoryItem
+from ...validation import MAX_ID_LENGTH
 from ..backend import first_locked
 from ..connection import Connection
 from ..prebuilt import Record, run
@@ -97,11 +97,20 @@ def _params(scope: MemoryScope, **more: Any) -> dict[str, Any]:
     }
 
 
+def _beyond(prefix: str) -> str:
+    """A string after every key that starts with ``prefix`` and before every other key
+    after it, in code point order (keys are at most MAX_ID_LENGTH characters): the
+    prefix followed by more of the largest code point than any key can hold."""
+    return prefix + "\U0010ffff" * (MAX_ID_LENGTH + 1)
+
+
 def _page(*, prefix: bool, after: bool) -> Any:
     where: list[ColumnElement[bool]] = [_SCOPE, _ALIVE]
     if prefix:
-        start = bindparam("prefix", type_=MEMORY_KEY)
-        where.append(func.substr(c.key, 1, bindparam("prefix_len", type_=Integer)) == start)
+        # one range of the key's index: every key starting with the prefix is at or
+        # after it and before ``_beyond(prefix)``, in code point order
+        where.append(c.key >= bindparam("prefix", type_=MEMORY_KEY))
+        where.append(c.key < bindparam("beyond", type_=MEMORY_KEY))
     if after:
         where.append(c.key > bindparam("after", type_=MEMORY_KEY))
     return select(*_ITEM).where(*where).order_by(c.key).limit(bindparam("limit", type_=Integer))
@@ -214,7 +223,7 @@ class MemoryRepository(Repository):
         """Live items of the scope in key order, after the key ``after``."""
         params = _params(scope, now=now, limit=limit)
         if prefix is not None:
-            params["prefix"], params["prefix_len"] = prefix, len(prefix)
+            params["prefix"], params["beyond"] = prefix, _beyond(prefix)
         if after is not None:
             params["after"] = after
         stmt = _PAGES[prefix is not None, after is not None]
