@@ -22,7 +22,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 #: The superuser initdb creates; loopback connections are trusted.
 SUPERUSER = "postgres"
@@ -388,3 +391,21 @@ class Cluster:
                 f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}{done.stderr}\n"
                 f"server log:\n{self.log_tail()}"
             )
+
+
+@contextlib.contextmanager
+def running_cluster(what: str, bin_dir: Callable[[], Path] = _bin_dir) -> Iterator[Cluster]:
+    """A started cluster of ``bin_dir()``'s binaries for a fixture, destroyed afterwards;
+    when none can be had, the test skips (``what`` names the cluster), or fails under
+    CI=true."""
+    try:
+        cluster = Cluster.create(bin_dir())
+    except ClusterUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{what} is required under CI: {exc}")
+        pytest.skip(f"no {what}: {exc}")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()

@@ -4,24 +4,14 @@ unprivileged user. Skips when it cannot be had, and fails under CI=true."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster import Cluster, ClusterUnavailable, pgvector_bin_dir
+from tests.cluster import Cluster, pgvector_bin_dir, running_cluster
 
 
 @pytest.fixture(scope="session")
 def pgvector_cluster() -> Iterator[Cluster]:
-    try:
-        cluster = Cluster.create(pgvector_bin_dir())
-    except ClusterUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL with pgvector is required under CI: {exc}")
-        pytest.skip(f"no PostgreSQL with pgvector: {exc}")
-    try:
-        cluster.start()
+    with running_cluster("PostgreSQL with pgvector", pgvector_bin_dir) as cluster:
         yield cluster
-    finally:
-        cluster.destroy()

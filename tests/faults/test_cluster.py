@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import traceback
 import uuid
@@ -33,7 +32,7 @@ from ctxengine.errors import (
     StorageError,
     StorageTimeoutError,
 )
-from tests.cluster import Cluster, ClusterUnavailable
+from tests.cluster import Cluster, running_cluster
 
 pytestmark = pytest.mark.postgres
 
@@ -68,17 +67,8 @@ TEMPLATE = "ctx_template"
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """A PostgreSQL cluster of this module's own, running; destroyed at the end."""
-    try:
-        own = Cluster.create()
-    except ClusterUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the fault suite's PostgreSQL cluster is required under CI: {exc}")
-        pytest.skip(f"no PostgreSQL cluster of the suite's own: {exc}")
-    try:
-        own.start()
+    with running_cluster("the fault suite's PostgreSQL cluster") as own:
         yield own
-    finally:
-        own.destroy()
 
 
 @pytest.fixture
