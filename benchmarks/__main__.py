@@ -51,6 +51,9 @@ HELD_INSERT = "raw INSERT, held conn"
 #: The raw INSERTs of a session row and of a usage row (a message row: "raw INSERT").
 INSERT_SESSION = "raw INSERT, session row"
 INSERT_USAGE = "raw INSERT, usage row"
+#: remember's and recall's baselines: the same row written and read by its key.
+UPSERT_MEMORY = "raw INSERT ON CONFLICT"
+SELECT_MEMORY = "raw SELECT memory by key"
 
 
 #: A call from task ``t`` (its ``i``-th).
@@ -397,6 +400,40 @@ async def bench_backend(
 
         await engine.set_rate_limit(hot, "bench", 10**9, 60)
         await engine.enforce_rate_limit(hot, "bench")
+
+        # key-value memory: the raw driver writes (INSERT … ON CONFLICT DO UPDATE, the
+        # version counted) and reads the same row, by its key
+        fact = {"language": "fr", "units": "metric"}
+        await engine.remember("preferences", fact, user_id="bench")
+        await raw.clone("ctx_memory_items", "bench_memory_items")
+        memory_key = (
+            "WHERE tenant_id = $1 AND user_id = $2 AND session_id = $3 AND namespace = $4"
+            " AND key = $5"
+        )
+        memory_args = ("default", "bench", "", "default", "preferences")
+        memory = Rows(
+            "bench_memory_items",
+            await raw.read_dict(f"SELECT * FROM ctx_memory_items {memory_key}", *memory_args),
+        )
+        upsert_memory = (
+            memory.sql + " ON CONFLICT (tenant_id, user_id, session_id, namespace, key) DO UPDATE"
+            " SET value = excluded.value, version = bench_memory_items.version + 1,"
+            " updated_at = excluded.updated_at, expires_at = excluded.expires_at"
+        )
+        select_memory = f"SELECT * FROM ctx_memory_items {memory_key}"
+
+        async def remember(i: int) -> None:
+            await engine.remember("preferences", fact, user_id="bench")
+
+        async def recall(i: int) -> None:
+            await engine.recall("preferences", user_id="bench")
+
+        async def raw_remember(i: int) -> None:
+            await raw.write(upsert_memory, *memory.args(updated_at=stamp()))
+
+        async def raw_recall(i: int) -> None:
+            await raw.read(select_memory, *memory_args)
+
         peers = await peer_plan(engine, url)
         plan = [
             ("update_session", update, "raw UPDATE by key", raw_update),
@@ -408,6 +445,8 @@ async def bench_backend(
             ("add_message, full chat (trims)", add_trimming, "raw INSERT", raw_insert),
             ("get_messages last 50 of 1000", last_50, "raw SELECT 50 rows", raw_last_50),
             ("get_messages all 1000", all_1000, "raw SELECT 1000 rows", raw_all_1000),
+            ("remember", remember, UPSERT_MEMORY, raw_remember),
+            ("recall", recall, SELECT_MEMORY, raw_recall),
             *peers,
         ]
 
@@ -455,6 +494,12 @@ async def bench_backend(
             async def held_insert_usage(i: int) -> None:
                 await raw.write_held(usage.sql, *new_usage())
 
+            async def held_remember(i: int) -> None:
+                await raw.write_held(upsert_memory, *memory.args(updated_at=stamp()))
+
+            async def held_recall(i: int) -> None:
+                await raw.read_held(select_memory, *memory_args)
+
             plan += [
                 ("update_session", update, HELD_UPDATE, held_update),
                 ("get_session", get, "raw SELECT, held conn", held_select),
@@ -463,6 +508,8 @@ async def bench_backend(
                 ("enforce_rate_limit", rate, HELD_UPDATE, held_update),
                 ("add_message", add_message, HELD_INSERT, held_insert),
                 ("get_messages last 50 of 1000", last_50, "raw SELECT 50, held conn", held_last_50),
+                ("remember", remember, f"{UPSERT_MEMORY}, held conn", held_remember),
+                ("recall", recall, f"{SELECT_MEMORY}, held conn", held_recall),
             ]
             bare = Bare(raw)
             append = bare.op(floors.APPEND, partial(append_params, talk))
