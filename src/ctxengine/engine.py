@@ -9,7 +9,6 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal
 
-import asyncpg
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -24,6 +23,7 @@ from .services.base import CallObserver, Context
 from .settings import EngineSettings
 from .storage import Store, normalize_url, open_store, resolve_url
 from .storage.connection import Connection
+from .storage.relay import DRIVER_ERRORS
 from .tenant import TenantView
 
 log = logging.getLogger("ctxengine")
@@ -91,8 +91,9 @@ class ContextEngine(TenantView):
                     await relay.start()
                 except BaseException as exc:
                     await store.dispose()
-                    if isinstance(exc, _DRIVER_ERRORS):
-                        raise _relay_failure(store, exc) from exc
+                    if isinstance(exc, DRIVER_ERRORS):
+                        doing = "cannot listen for events of other engines (cross_process_events): "
+                        raise store.failure(exc, "initialize", doing) from exc
                     raise
             ctx = Context(store, bus, self._clock, self.settings, relay, self._observers)
             cleanup = None
@@ -213,27 +214,3 @@ async def _ping(conn: Connection) -> None:
 async def _probe(conn: Connection) -> str | None:
     """The schema revision (None: not migrated); reading it is a round trip."""
     return await conn.run_sync(migrations._read_revision)
-
-
-#: What the event relay's driver raises when the database fails (TimeoutError, a
-#: refused connection: OSError).
-_DRIVER_ERRORS = (
-    OSError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-)
-
-
-def _relay_failure(store: Store, exc: BaseException) -> StorageError:
-    """The StorageError subclass of a failure to start listening for other engines'
-    events, classified as a call's would be."""
-    failure = store.backend.classify(exc)
-    cause = failure.cause if failure.cause is not None else exc
-    return failure.kind(
-        "initialize failed: cannot listen for events of other engines "
-        f"(cross_process_events): {failure.reason} [{type(cause).__name__}: {cause}]",
-        operation="initialize",
-        retryable=failure.retryable,
-        cause=cause,
-    )

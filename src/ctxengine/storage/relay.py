@@ -28,11 +28,10 @@ _NOTIFY = text(
 )
 
 
-#: What a failure of the listening connection raises (asyncpg's client-state errors
-#: included: they would end the reconnecting task).
-_DRIVER_ERRORS = (
+#: What a failure of the listening connection raises (TimeoutError is an OSError;
+#: asyncpg's client-state errors included: they would end the reconnecting task).
+DRIVER_ERRORS = (
     OSError,
-    TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
@@ -93,7 +92,7 @@ class EventRelay:
         if conn is not None and not conn.is_closed():
             try:
                 await asyncio.wait_for(conn.close(), timeout=1.0)
-            except _DRIVER_ERRORS:
+            except DRIVER_ERRORS:
                 conn.terminate()
 
     async def _connect(self) -> None:
@@ -128,7 +127,7 @@ class EventRelay:
                     await self._connect()
                     log.info("event relay reconnected", extra={"channel": CHANNEL})
                     break
-                except _DRIVER_ERRORS:
+                except DRIVER_ERRORS:
                     log.warning(
                         "event relay cannot reconnect; retrying",
                         extra={"channel": CHANNEL, "retry_in": delay},

@@ -17,7 +17,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from ..errors import EngineClosedError, StorageTimeoutError
+from ..errors import EngineClosedError, StorageError, StorageTimeoutError
 from .backend import Backend
 from .connection import Connection
 
@@ -111,16 +111,22 @@ class Store:
         except self._errors as exc:
             if self.backend.closed:  # the engine closed under this call: that is why it failed
                 raise EngineClosedError("closed") from exc
-            failure = self.backend.classify(exc)
-            cause = failure.cause if failure.cause is not None else exc
-            raise failure.kind(
-                f"{operation or 'a ctxengine call'} failed: {failure.reason} "
-                f"[{type(cause).__name__}: {cause}]",
-                operation=operation or None,
-                retryable=failure.retryable,
-                cause=cause,
-            ) from exc
+            raise self.failure(exc, operation) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def failure(self, exc: BaseException, operation: str, doing: str = "") -> StorageError:
+        """The :class:`StorageError` subclass a database error ``exc`` of ``operation``
+        is (see :meth:`Backend.classify`), its message saying what failed (``doing``,
+        when the operation's name does not) and what to do."""
+        failure = self.backend.classify(exc)
+        cause = failure.cause if failure.cause is not None else exc
+        return failure.kind(
+            f"{operation or 'a ctxengine call'} failed: {doing}{failure.reason} "
+            f"[{type(cause).__name__}: {cause}]",
+            operation=operation or None,
+            retryable=failure.retryable,
+            cause=cause,
+        )
 
     async def _once(
         self, work: Callable[[Connection], Awaitable[T]], write: bool, one_statement: bool
