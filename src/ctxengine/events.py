@@ -32,6 +32,8 @@ EVENT_TYPES = frozenset(
         "quota.exceeded",
         "rate_limit.exceeded",
         "cleanup.completed",
+        "memory.added",
+        "memory.deleted",
     }
 )
 

@@ -17,7 +17,9 @@ __all__ = [
     "Checkpoint",
     "Event",
     "FromSettings",
+    "MemoryHit",
     "MemoryItem",
+    "MemoryRecord",
     "Message",
     "QuotaStatus",
     "QuotaType",
@@ -257,6 +259,30 @@ class MemoryItem(_Frozen):
     created_at: datetime
     updated_at: datetime
     expires_at: datetime | None = None
+
+
+class MemoryRecord(_Frozen):
+    """One semantic memory (SPEC §13): a text found by meaning, in a scope as
+    :class:`MemoryItem`'s. ``importance`` ranks memories for retention;
+    ``last_accessed_at`` is when a search last returned it."""
+
+    memory_id: str
+    text: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    importance: float = 1.0
+    user_id: str | None = None
+    session_id: str | None = None
+    namespace: str = "default"
+    created_at: datetime
+    last_accessed_at: datetime
+    expires_at: datetime | None = None
+
+
+class MemoryHit(_Frozen):
+    """A memory a search found, and its cosine similarity to the query (-1 to 1)."""
+
+    record: MemoryRecord
+    score: float
 
 
 class UsageRecord(_Frozen):

@@ -13,6 +13,7 @@ from .services.conversation import ConversationService
 from .services.limits import LeaseService, RateLimitService
 from .services.memory import MemoryService
 from .services.metadata import MetadataService
+from .services.semantic_memory import SemanticMemoryService
 from .services.sessions import SessionService
 from .services.snapshots import SnapshotService
 from .services.usage import UsageService
@@ -31,6 +32,7 @@ class Runtime:
     leases: LeaseService
     rates: RateLimitService
     memory: MemoryService
+    semantic: SemanticMemoryService
     cleanup: CleanupLoop | None
     #: The event loop (and its thread) that opened the engine: the only one it serves.
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
@@ -50,6 +52,7 @@ class Runtime:
             LeaseService(ctx, sessions),
             RateLimitService(ctx, sessions),
             MemoryService(ctx),
+            SemanticMemoryService(ctx),
             cleanup,
         )
 

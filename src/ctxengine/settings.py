@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .embeddings import Embedder
 from .errors import ValidationError
 from .models import QuotaType, RateLimitType
 
@@ -71,7 +72,11 @@ class EngineSettings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="CTXENGINE_", frozen=True, extra="forbid", env_parse_none_str="none"
+        env_prefix="CTXENGINE_",
+        frozen=True,
+        extra="forbid",
+        env_parse_none_str="none",
+        arbitrary_types_allowed=True,
     )
 
     database_url: str | None = Field(
@@ -95,6 +100,12 @@ class EngineSettings(BaseSettings):
     auto_migrate: bool = True
     tiers: dict[str, TierPolicy] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
     redact_patterns: tuple[str, ...] = ()
+    embedder: Embedder | None = Field(
+        default=None,
+        exclude=True,
+        description="what embeds the texts of semantic memory (ctxengine.embeddings); "
+        "None: add_memory and search_memory need an embedding given",
+    )
     max_metadata_bytes: int = Field(default=65536, ge=2)
     max_message_bytes: int = Field(
         default=1_048_576, ge=1, description="largest message content, in bytes of UTF-8"

@@ -18,7 +18,9 @@ from .models import (
     Chat,
     Checkpoint,
     FromSettings,
+    MemoryHit,
     MemoryItem,
+    MemoryRecord,
     Message,
     QuotaStatus,
     QuotaType,
@@ -617,9 +619,66 @@ class TenantView:
         return await memory.page(where, prefix, limit, cursor)
 
     async def forget_user(self, user_id: str) -> int:
-        """Delete every key-value memory item of ``user_id`` in this tenant, in every
-        namespace, those narrowed to the user's sessions included; the number deleted."""
+        """Delete every memory of ``user_id`` in this tenant, key-value items and
+        semantic memories, in every namespace, those narrowed to the user's sessions
+        included, in one transaction; the number deleted."""
         return await self._runtime().memory.forget_user(self._tenant, user_id)
+
+    # -- semantic memory ----------------------------------------------------------------
+    async def add_memory(
+        self,
+        text: str,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        namespace: str = "default",
+        metadata: dict[str, Any] | None = None,
+        ttl: float | None = None,
+        importance: float = 1.0,
+        embedding: Sequence[float] | None = None,
+    ) -> MemoryRecord:
+        """Store ``text`` to be found by meaning, embedded by ``EngineSettings.embedder``
+        unless ``embedding`` is given (a namespace holds vectors of one dimension).
+        ``ttl`` in seconds; ``importance`` (>= 0) ranks memories for retention."""
+        where = _memory_scope(self._tenant, user_id, session_id, namespace)
+        semantic = self._runtime().semantic
+        return await semantic.add(where, text, metadata, ttl, importance, embedding)
+
+    async def search_memory(
+        self,
+        query: str,
+        *,
+        user_id: str | None = None,
+        namespace: str = "default",
+        limit: int = 5,
+        min_score: float | None = None,
+        metadata: dict[str, Any] | None = None,
+        include_shared: bool = True,
+    ) -> list[MemoryHit]:
+        """The memories nearest ``query`` by cosine similarity, best first (exact): the
+        user's (those narrowed to their sessions included) and, with ``include_shared``,
+        the tenant-wide ones; only tenant-wide ones when ``user_id`` is None. Only
+        memories whose metadata holds every pair of ``metadata``, scoring at least
+        ``min_score`` (-1 to 1). The memories returned are marked accessed."""
+        return await self._runtime().semantic.search(
+            self._tenant, user_id, namespace, query, limit, min_score, metadata, include_shared
+        )
+
+    async def delete_memory(self, memory_id: str) -> bool:
+        """Delete one semantic memory; False when there was none."""
+        return await self._runtime().semantic.delete(self._tenant, memory_id)
+
+    async def count_memories(
+        self,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        namespace: str = "default",
+    ) -> int:
+        """Live semantic memories of the scope: with ``session_id`` None, a user's count
+        includes those narrowed to their sessions; ``user_id`` None: tenant-wide ones."""
+        where = _memory_scope(self._tenant, user_id, session_id, namespace)
+        return await self._runtime().semantic.count(where, all_sessions=session_id is None)
 
     async def checkpoint(self, session_id: str, description: str = "") -> Checkpoint:
         """Save a copy of every chat, message and the metadata of the session."""

@@ -40,6 +40,7 @@ TABLES = {
     "ctx_checkpoints",
     "ctx_shared_state",
     "ctx_memory_items",
+    "ctx_memories",
 }
 
 

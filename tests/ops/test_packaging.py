@@ -35,7 +35,9 @@ def test_public_names_are_pinned() -> None:
             "SessionStats",
             "Event",
             "SessionTemplate",
+            "MemoryHit",
             "MemoryItem",
+            "MemoryRecord",
         ]
     )
     for name in ctxengine.__all__:

@@ -19,6 +19,7 @@ from ctxengine.storage.repositories import (
     memory,
     quotas,
     rate_limits,
+    semantic_memory,
     sessions,
 )
 
@@ -29,6 +30,7 @@ REPOSITORIES = [
     rate_limits.RateLimitRepository,
     leases.LeaseRepository,
     memory.MemoryRepository,
+    semantic_memory.SemanticMemoryRepository,
 ]
 #: Results that are stored JSON documents, not rows (the limiter state of a key).
 DOCUMENTS = {("RateLimitRepository", "lock_state"), ("RateLimitRepository", "peek_state")}

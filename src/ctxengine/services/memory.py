@@ -13,6 +13,7 @@ from ..errors import ConflictError, ValidationError
 from ..models import MemoryItem
 from ..storage.connection import Connection
 from ..storage.repositories.memory import NO_SCOPE, MemoryRepository, MemoryScope
+from ..storage.repositories.semantic_memory import SemanticMemoryRepository
 from .base import Context, Effects
 
 log = logging.getLogger("ctxengine.memory")
@@ -78,6 +79,8 @@ class MemoryService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.repo = MemoryRepository(ctx.store.backend)
+        #: semantic memories: forget_user and the sweep remove them with the items
+        self.semantic = SemanticMemoryRepository(ctx.store.backend)
 
     async def remember(
         self,
@@ -143,22 +146,25 @@ class MemoryService:
         user = v.identifier(user_id, "user_id")
 
         async def work(conn: Connection, fx: Effects) -> int:
-            return await self.repo.forget_user(conn, tenant, user)
+            items = await self.repo.forget_user(conn, tenant, user)
+            return items + await self.semantic.forget_user(conn, tenant, user)
 
         return await self.ctx.transact(work, operation="forget_user")
 
     async def sweep(self) -> int:
-        """Delete expired items in batches until one is not full; how many."""
-
-        async def work(conn: Connection, fx: Effects) -> int:
-            return await self.repo.delete_expired(conn, fx.now, _SWEEP_BATCH)
-
+        """Delete expired items and semantic memories, each in batches until one is not
+        full; how many."""
         total = 0
-        while True:
-            removed = await self.ctx.transact(work, operation="cleanup_expired_memory")
-            total += removed
-            if removed < _SWEEP_BATCH:
-                break
+        for repo in (self.repo, self.semantic):
+
+            async def work(conn: Connection, fx: Effects, repo: Any = repo) -> int:
+                return int(await repo.delete_expired(conn, fx.now, _SWEEP_BATCH))
+
+            while True:
+                removed = await self.ctx.transact(work, operation="cleanup_expired_memory")
+                total += removed
+                if removed < _SWEEP_BATCH:
+                    break
         if total:
-            log.info("deleted expired memory items", extra={"deleted": total})
+            log.info("deleted expired memories", extra={"deleted": total})
         return total

@@ -13,8 +13,11 @@ from sqlalchemy import (
     Column,
     Computed,
     Double,
+    Float,
     ForeignKeyConstraint,
     Index,
+    Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -297,5 +300,36 @@ memory_items = Table(
     # delete_session and purge_sessions: the items narrowed to a session
     Index(None, "tenant_id", "session_id"),
     # the sweep: expired items
+    Index(None, "expires_at"),
+)
+
+
+#: Semantic memory (SPEC §13): a text, its metadata and importance, and its vector as
+#: ``dimensions`` little-endian float32s of length 1 (cosine = dot product), in a scope
+#: (the scope columns as ``ctx_memory_items``'): tenant, user ("" = tenant-wide),
+#: session ("" = not narrowed), namespace.
+memories = Table(
+    "ctx_memories",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("memory_id", ID, nullable=False),
+    Column("user_id", ID, nullable=False),
+    Column("session_id", ID, nullable=False),
+    Column("namespace", ID, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("metadata", JSONDocument, nullable=False),
+    Column("importance", Float, nullable=False),
+    Column("dimensions", Integer, nullable=False),
+    Column("embedding", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("last_accessed_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    PrimaryKeyConstraint("tenant_id", "memory_id"),
+    # a search reads one scope: the user's memories (their sessions' included) and the
+    # tenant-wide ones, of one namespace
+    Index(None, "tenant_id", "namespace", "user_id"),
+    # delete_session and purge_sessions: the memories narrowed to a session
+    Index(None, "tenant_id", "session_id"),
+    # the sweep: expired memories
     Index(None, "expires_at"),
 )

@@ -36,6 +36,7 @@ from ..schema import (
     chats,
     idle_bucket,
     leases,
+    memories,
     memory_items,
     quotas,
     rate_limit_rules,
@@ -671,7 +672,8 @@ class SessionRepository(Repository):
         """Delete the session; owned rows go by ON DELETE CASCADE, its rate limits and
         the memory items narrowed to it here."""
         result = await conn.execute(delete(t).where(of_session(t, tenant, session_id)))
-        await conn.execute(delete(memory_items).where(of_session(memory_items, tenant, session_id)))
+        for narrowed in (memory_items, memories):  # memory narrowed to the session
+            await conn.execute(delete(narrowed).where(of_session(narrowed, tenant, session_id)))
         for table in (rate_limit_rules, rate_limit_state):
             await conn.execute(
                 delete(table).where(
@@ -711,10 +713,11 @@ class SessionRepository(Repository):
         purged = list(result.scalars())
         if purged:
             await self.drop_orphan_limits(conn, tenant)
-            m = memory_items.c
-            for start in range(0, len(purged), 500):  # the memory items narrowed to them
+            for start in range(0, len(purged), 500):  # the memory narrowed to them
                 chunk = purged[start : start + 500]
-                await conn.execute(
-                    delete(memory_items).where(m.tenant_id == tenant, m.session_id.in_(chunk))
-                )
+                for narrowed in (memory_items, memories):
+                    m = narrowed.c
+                    await conn.execute(
+                        delete(narrowed).where(m.tenant_id == tenant, m.session_id.in_(chunk))
+                    )
         return len(purged)

@@ -1,0 +1,180 @@
+"""Semantic memory (SPEC §13): memories and their vectors; the search itself compares
+the vectors of a scope, read here, in the service."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, tuple_, update
+
+from ...models import MemoryRecord
+from ..backend import first_locked
+from ..connection import Connection
+from ..prebuilt import Record, run
+from ..schema import memories
+from ..types import UTCDateTime
+from . import Repository
+
+t = memories
+c = t.c
+
+_NOW = bindparam("now", type_=UTCDateTime())
+_ALIVE = or_(c.expires_at.is_(None), c.expires_at > _NOW)
+#: The columns a MemoryRecord is built from, in its fields' order.
+_RECORD = (
+    c.memory_id,
+    c.text,
+    c.metadata,
+    c.importance,
+    c.user_id,
+    c.session_id,
+    c.namespace,
+    c.created_at,
+    c.last_accessed_at,
+    c.expires_at,
+)
+_IN_NAMESPACE = and_(c.tenant_id == bindparam("tenant"), c.namespace == bindparam("namespace"))
+_INSERT = insert(t)
+_DIMENSIONS = select(c.dimensions).where(_IN_NAMESPACE).limit(1)
+#: The vectors a search compares: live memories of the namespace whose user is one of
+#: two (the same twice for one).
+_OF_USERS = c.user_id.in_([bindparam("user_a"), bindparam("user_b")])
+_CANDIDATES = select(c.memory_id, c.dimensions, c.embedding).where(_IN_NAMESPACE, _OF_USERS, _ALIVE)
+_CANDIDATES_WITH_METADATA = select(c.memory_id, c.dimensions, c.embedding, c.metadata).where(
+    _IN_NAMESPACE, _OF_USERS, _ALIVE
+)
+_DELETE = delete(t).where(c.tenant_id == bindparam("tenant"), c.memory_id == bindparam("id"))
+
+
+class Candidate(NamedTuple):
+    """A live memory a search may return: its id, its vector (``dimensions`` float32s,
+    little-endian) and, when the search filters on them, its metadata."""
+
+    memory_id: str
+    dimensions: int
+    embedding: bytes
+    metadata: dict[str, Any] | None
+
+
+def _record(row: Record) -> MemoryRecord:
+    return MemoryRecord._trusted(
+        {
+            "memory_id": row[0],
+            "text": row[1],
+            "metadata": row[2],
+            "importance": float(row[3]),
+            "user_id": row[4] or None,
+            "session_id": row[5] or None,
+            "namespace": row[6],
+            "created_at": row[7],
+            "last_accessed_at": row[8],
+            "expires_at": row[9],
+        }
+    )
+
+
+class SemanticMemoryRepository(Repository):
+    """The statements of semantic memory."""
+
+    async def dimensions(self, conn: Connection, tenant: str, namespace: str) -> int | None:
+        """The dimension of the vectors stored in the namespace; None when it holds none."""
+        found = (await run(conn, _DIMENSIONS, {"tenant": tenant, "namespace": namespace})).first()
+        return None if found is None else int(found[0])
+
+    async def insert(self, conn: Connection, row: dict[str, Any]) -> MemoryRecord:
+        await run(conn, _INSERT, row)
+        return MemoryRecord._trusted(
+            {
+                "memory_id": row["memory_id"],
+                "text": row["text"],
+                "metadata": row["metadata"],
+                "importance": row["importance"],
+                "user_id": row["user_id"] or None,
+                "session_id": row["session_id"] or None,
+                "namespace": row["namespace"],
+                "created_at": row["created_at"],
+                "last_accessed_at": row["last_accessed_at"],
+                "expires_at": row["expires_at"],
+            }
+        )
+
+    async def candidates(
+        self,
+        conn: Connection,
+        tenant: str,
+        namespace: str,
+        users: tuple[str, str],
+        now: datetime,
+        *,
+        with_metadata: bool,
+    ) -> list[Candidate]:
+        """The live memories of ``namespace`` whose user is one of ``users``."""
+        stmt = _CANDIDATES_WITH_METADATA if with_metadata else _CANDIDATES
+        params = {
+            "tenant": tenant,
+            "namespace": namespace,
+            "user_a": users[0],
+            "user_b": users[1],
+            "now": now,
+        }
+        rows = await run(conn, stmt, params)
+        if with_metadata:
+            return [Candidate(r[0], int(r[1]), bytes(r[2]), r[3]) for r in rows]
+        return [Candidate(r[0], int(r[1]), bytes(r[2]), None) for r in rows]
+
+    async def accessed(
+        self, conn: Connection, tenant: str, memory_ids: Sequence[str], now: datetime
+    ) -> dict[str, MemoryRecord]:
+        """Stamp ``last_accessed_at`` on the memories and return them, by id."""
+        if not memory_ids:
+            return {}
+        stmt = (
+            update(t)
+            .where(c.tenant_id == tenant, c.memory_id.in_(list(memory_ids)))
+            .values(last_accessed_at=now)
+            .returning(*_RECORD)
+        )
+        return {row[0]: _record(row) for row in await conn.execute(stmt)}
+
+    async def delete(self, conn: Connection, tenant: str, memory_id: str) -> bool:
+        return bool((await run(conn, _DELETE, {"tenant": tenant, "id": memory_id})).rowcount)
+
+    async def count(
+        self,
+        conn: Connection,
+        tenant: str,
+        namespace: str,
+        user_id: str,
+        session_id: str | None,
+        now: datetime,
+    ) -> int:
+        """Live memories of the namespace of ``user_id`` ("" = tenant-wide), those of one
+        session of the user when ``session_id`` is given, else all of the user's."""
+        where = [
+            c.tenant_id == tenant,
+            c.namespace == namespace,
+            c.user_id == user_id,
+            or_(c.expires_at.is_(None), c.expires_at > now),
+        ]
+        if session_id is not None:
+            where.append(c.session_id == session_id)
+        return int((await conn.execute(select(func.count()).where(*where))).scalar_one())
+
+    async def forget_user(self, conn: Connection, tenant: str, user_id: str) -> int:
+        """Delete every memory of the user (their sessions' included)."""
+        stmt = delete(t).where(c.tenant_id == tenant, c.user_id == user_id)
+        return int((await conn.execute(stmt)).rowcount)
+
+    async def delete_expired(self, conn: Connection, now: datetime, limit: int) -> int:
+        """Delete up to ``limit`` memories expired at ``now`` (rows another sweep holds
+        locked are skipped); how many."""
+        expired = [c.expires_at.is_not(None), c.expires_at <= now]
+        key = list(t.primary_key.columns)
+        found = first_locked(select(*key), expired, c.expires_at, limit)
+        stmt = delete(t).where(tuple_(*key).in_(found))
+        return int((await conn.execute(stmt)).rowcount)
+
+
+__all__ = ["Candidate", "SemanticMemoryRepository"]
