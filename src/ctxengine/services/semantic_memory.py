@@ -21,7 +21,7 @@ from ..ids import new_id
 from ..models import MemoryHit, MemoryRecord
 from ..storage.connection import Connection
 from ..storage.repositories.memory import NO_SCOPE, MemoryScope
-from ..storage.repositories.semantic_memory import Candidate, SemanticMemoryRepository
+from ..storage.repositories.semantic_memory import SemanticMemoryRepository, Vectors
 from .base import Context, Effects
 
 #: The most hits one search returns.
@@ -115,7 +115,7 @@ class SemanticMemoryService:
                 conn, tenant, space, users, fx.now, with_metadata=bool(match)
             )
             if match:
-                found = [m for m in found if _matches(m.metadata, match)]
+                found = _matching(found, match)
             best = _best(found, query_vector, size, floor, space)
             records = await self.repo.accessed(conn, tenant, [i for i, _ in best], fx.now)
             return [MemoryHit(record=records[i], score=s) for i, s in best if i in records]
@@ -206,14 +206,27 @@ def _same_dimensions(stored: int | None, given: int, namespace: str) -> None:
         )
 
 
-def _matches(metadata: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> bool:
-    return metadata is not None and all(
-        key in metadata and metadata[key] == value for key, value in wanted.items()
+def _matching(found: Vectors, wanted: Mapping[str, Any]) -> Vectors:
+    """The memories of ``found`` whose metadata holds every pair of ``wanted``."""
+    assert found.metadata is not None
+    size = found.dimensions * 4
+    keep = [
+        i
+        for i, metadata in enumerate(found.metadata)
+        if all(
+            key in metadata and _same_json(metadata[key], value) for key, value in wanted.items()
+        )
+    ]
+    return Vectors(
+        [found.memory_ids[i] for i in keep],
+        found.dimensions,
+        b"".join(found.data[i * size : (i + 1) * size] for i in keep),
+        [found.metadata[i] for i in keep],
     )
 
 
 def _best(
-    found: list[Candidate],
+    found: Vectors,
     query: np.ndarray[Any, Any],
     limit: int,
     floor: float | None,
@@ -221,17 +234,36 @@ def _best(
 ) -> list[tuple[str, float]]:
     """The ``limit`` highest cosines of ``found`` to ``query`` (at least ``floor``),
     best first: one matrix product over the scope's vectors."""
-    if not found:
+    count = len(found.memory_ids)
+    if not count:
         return []
-    _same_dimensions(found[0].dimensions, len(query), namespace)
-    matrix = np.frombuffer(b"".join(m.embedding for m in found), dtype="<f4")
-    scores = matrix.reshape(len(found), len(query)) @ query
-    if limit < len(found):
+    _same_dimensions(found.dimensions, len(query), namespace)
+    matrix = np.frombuffer(found.data, dtype="<f4").reshape(count, len(query))
+    scores = matrix @ query
+    if limit < count:
         top = np.argpartition(-scores, limit - 1)[:limit]
     else:
-        top = np.arange(len(found))
+        top = np.arange(count)
     ordered = top[np.argsort(-scores[top], kind="stable")]
-    best = [(found[i].memory_id, float(scores[i])) for i in ordered]
+    best = [(found.memory_ids[i], float(scores[i])) for i in ordered]
     if floor is not None:
         best = [(memory_id, score) for memory_id, score in best if score >= floor]
     return best
+
+
+def _same_json(stored: Any, wanted: Any) -> bool:
+    """Whether two JSON values are equal as JSON: true is not 1 (Python's == says it
+    is), 1 is 1.0; objects and arrays compared member by member."""
+    if isinstance(stored, bool) or isinstance(wanted, bool):
+        return type(stored) is type(wanted) and stored == wanted
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        return stored.keys() == wanted.keys() and all(
+            _same_json(stored[key], wanted[key]) for key in stored
+        )
+    if isinstance(stored, list) and isinstance(wanted, list):
+        return len(stored) == len(wanted) and all(
+            _same_json(a, b) for a, b in zip(stored, wanted, strict=True)
+        )
+    if isinstance(stored, dict | list) or isinstance(wanted, dict | list):
+        return False
+    return bool(stored == wanted)

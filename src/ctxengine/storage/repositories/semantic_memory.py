@@ -7,7 +7,17 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import (
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 
 from ...models import MemoryRecord
 from ..backend import first_locked
@@ -48,14 +58,15 @@ _CANDIDATES_WITH_METADATA = select(c.memory_id, c.dimensions, c.embedding, c.met
 _DELETE = delete(t).where(c.tenant_id == bindparam("tenant"), c.memory_id == bindparam("id"))
 
 
-class Candidate(NamedTuple):
-    """A live memory a search may return: its id, its vector (``dimensions`` float32s,
-    little-endian) and, when the search filters on them, its metadata."""
+class Vectors(NamedTuple):
+    """The live memories a search compares: their ids, the dimension of their vectors,
+    the vectors one after another (little-endian float32s) and, when the search
+    filters on it, each one's metadata."""
 
-    memory_id: str
+    memory_ids: list[str]
     dimensions: int
-    embedding: bytes
-    metadata: dict[str, Any] | None
+    data: bytes
+    metadata: list[dict[str, Any]] | None
 
 
 def _record(row: Record) -> MemoryRecord:
@@ -109,9 +120,10 @@ class SemanticMemoryRepository(Repository):
         now: datetime,
         *,
         with_metadata: bool,
-    ) -> list[Candidate]:
-        """The live memories of ``namespace`` whose user is one of ``users``."""
-        stmt = _CANDIDATES_WITH_METADATA if with_metadata else _CANDIDATES
+    ) -> Vectors:
+        """The live memories of ``namespace`` whose user is one of ``users``. (Packed
+        by the server into one row, an array and one long value, they took four times
+        as long on PostgreSQL: 65 against 15 ms for 10,000.)"""
         params = {
             "tenant": tenant,
             "namespace": namespace,
@@ -119,10 +131,14 @@ class SemanticMemoryRepository(Repository):
             "user_b": users[1],
             "now": now,
         }
-        rows = await run(conn, stmt, params)
-        if with_metadata:
-            return [Candidate(r[0], int(r[1]), bytes(r[2]), r[3]) for r in rows]
-        return [Candidate(r[0], int(r[1]), bytes(r[2]), None) for r in rows]
+        stmt = _CANDIDATES_WITH_METADATA if with_metadata else _CANDIDATES
+        rows = list(await run(conn, stmt, params))
+        return Vectors(
+            [r[0] for r in rows],
+            int(rows[0][1]) if rows else 0,
+            b"".join(r[2] for r in rows),
+            [r[3] for r in rows] if with_metadata else None,
+        )
 
     async def accessed(
         self, conn: Connection, tenant: str, memory_ids: Sequence[str], now: datetime
@@ -177,4 +193,4 @@ class SemanticMemoryRepository(Repository):
         return int((await conn.execute(stmt)).rowcount)
 
 
-__all__ = ["Candidate", "SemanticMemoryRepository"]
+__all__ = ["SemanticMemoryRepository", "Vectors"]
