@@ -257,10 +257,6 @@ async def test_metadata_filters_keep_memories_with_all_the_pairs(mem: ContextEng
     assert await matching({}) == {"tea one", "tea two", "tea three", "tea four", "tea shared"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the filter compares with Python ==, so JSON true matches 1 and 1.0",
-)
 async def test_metadata_filters_tell_booleans_from_numbers(mem: ContextEngine) -> None:
     await mem.add_memory("tea one", user_id="u", metadata={"n": 1})
     await mem.add_memory("tea flag", user_id="u", metadata={"n": True})
