@@ -134,11 +134,6 @@ async def test_scores_are_exact_cosine_of_normalized_vectors(exact: ContextEngin
     assert await exact.search_memory("z", limit=10, min_score=1.0) == []  # best is sqrt(0.5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: scores are float32 dot products, so a memory equal to the query "
-    "can score 1.0000002 (outside [-1, 1]) and min_score=1.0 is decided by rounding",
-)
 async def test_a_memory_equal_to_the_query_scores_at_most_one(mem: ContextEngine) -> None:
     await mem.add_memory("tea with honey", user_id="u")  # 1.0000002 with HashingEmbedder(64)
     (hit,) = await mem.search_memory("tea with honey", user_id="u")
@@ -288,6 +283,8 @@ async def test_ttl_hides_at_once_and_the_sweep_deletes(
     assert await mem.count_memories(user_id="u") == 2
     assert await mem.count_memories() == 0
     assert await stored(mem) == 5  # until the sweep
+    assert await mem.delete_memory(short.memory_id) is False  # expired: absent already
+    assert await stored(mem) == 5
     await mem._sweep()  # what the background cleanup task runs
     assert await stored(mem) == 2
     assert await mem.delete_memory(short.memory_id) is False

@@ -26,6 +26,8 @@ from .base import Context, Effects
 
 #: The most hits one search returns.
 MAX_HITS = 1000
+#: How far below ``min_score`` a cosine computed in float32 may fall and still count.
+_SLACK = 1e-6
 
 
 class SemanticMemoryService:
@@ -126,7 +128,7 @@ class SemanticMemoryService:
         target = v.identifier(memory_id, "memory_id")
 
         async def work(conn: Connection, fx: Effects) -> bool:
-            deleted = await self.repo.delete(conn, tenant, target)
+            deleted = await self.repo.delete(conn, tenant, target, fx.now)
             if deleted:
                 fx.emit("memory.deleted", tenant, memory_id=target)
             return deleted
@@ -158,10 +160,16 @@ class SemanticMemoryService:
                 await embedder.embed([text]), 1, embedder.dimensions, source="embedder"
             )
         else:
-            if isinstance(embedding, str | bytes) or not isinstance(embedding, list | tuple):
-                raise ValidationError("embedding must be a list of numbers", field="embedding")
-            dimensions = len(embedding) if embedder is None else embedder.dimensions
-            (values,) = checked_vectors([embedding], 1, dimensions, source="caller")
+            if isinstance(embedding, str | bytes | Mapping) or not hasattr(embedding, "__iter__"):
+                raise ValidationError("embedding must be a sequence of numbers", field="embedding")
+            try:
+                given = [float(x) for x in embedding]
+            except (TypeError, ValueError):
+                raise ValidationError(
+                    "embedding must be a sequence of numbers", field="embedding"
+                ) from None
+            dimensions = len(given) if embedder is None else embedder.dimensions
+            (values,) = checked_vectors([given], 1, dimensions, source="caller")
         vector = np.asarray(values, dtype="<f4")
         norm = float(np.linalg.norm(vector))
         if not math.isfinite(norm) or norm == 0.0:
@@ -239,15 +247,16 @@ def _best(
         return []
     _same_dimensions(found.dimensions, len(query), namespace)
     matrix = np.frombuffer(found.data, dtype="<f4").reshape(count, len(query))
-    scores = matrix @ query
+    # float32 rounding can put a vector's cosine with itself a hair above 1
+    scores = np.clip(matrix @ query, -1.0, 1.0)
     if limit < count:
         top = np.argpartition(-scores, limit - 1)[:limit]
     else:
         top = np.arange(count)
     ordered = top[np.argsort(-scores[top], kind="stable")]
     best = [(found.memory_ids[i], float(scores[i])) for i in ordered]
-    if floor is not None:
-        best = [(memory_id, score) for memory_id, score in best if score >= floor]
+    if floor is not None:  # within float32's precision: a duplicate meets min_score=1
+        best = [(memory_id, score) for memory_id, score in best if score >= floor - _SLACK]
     return best
 
 

@@ -55,7 +55,10 @@ _CANDIDATES = select(c.memory_id, c.dimensions, c.embedding).where(_IN_NAMESPACE
 _CANDIDATES_WITH_METADATA = select(c.memory_id, c.dimensions, c.embedding, c.metadata).where(
     _IN_NAMESPACE, _OF_USERS, _ALIVE
 )
-_DELETE = delete(t).where(c.tenant_id == bindparam("tenant"), c.memory_id == bindparam("id"))
+#: A live memory (an expired one is absent, as to every call; the sweep deletes it).
+_DELETE = delete(t).where(
+    c.tenant_id == bindparam("tenant"), c.memory_id == bindparam("id"), _ALIVE
+)
 
 
 class Vectors(NamedTuple):
@@ -154,8 +157,10 @@ class SemanticMemoryRepository(Repository):
         )
         return {row[0]: _record(row) for row in await conn.execute(stmt)}
 
-    async def delete(self, conn: Connection, tenant: str, memory_id: str) -> bool:
-        return bool((await run(conn, _DELETE, {"tenant": tenant, "id": memory_id})).rowcount)
+    async def delete(self, conn: Connection, tenant: str, memory_id: str, now: datetime) -> bool:
+        """Delete a live memory; whether there was one."""
+        params = {"tenant": tenant, "id": memory_id, "now": now}
+        return bool((await run(conn, _DELETE, params)).rowcount)
 
     async def count(
         self,
