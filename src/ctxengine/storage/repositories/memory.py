@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Integer,
+    Table,
     and_,
     bindparam,
     case,
@@ -136,8 +137,32 @@ _REPLACE = (
 _PAGES = {(p, a): _page(prefix=p, after=a) for p in (False, True) for a in (False, True)}
 
 
-class MemoryRepository(Repository):
+class MemoryTable(Repository):
+    """What every memory table shares: rows in a user's scopes, rows that expire."""
+
+    table: ClassVar[Table]
+
+    async def forget_user(self, conn: Connection, tenant: str, user_id: str) -> int:
+        """Delete every row of the user's scopes (their sessions' included); how many."""
+        rows = self.table.c
+        stmt = delete(self.table).where(rows.tenant_id == tenant, rows.user_id == user_id)
+        return int((await conn.execute(stmt)).rowcount)
+
+    async def delete_expired(self, conn: Connection, now: datetime, limit: int) -> int:
+        """Delete up to ``limit`` rows expired at ``now`` (rows another sweep holds
+        locked are skipped); how many."""
+        rows = self.table.c
+        expired = [rows.expires_at.is_not(None), rows.expires_at <= now]
+        key = list(self.table.primary_key.columns)
+        found = first_locked(select(*key), expired, rows.expires_at, limit)
+        stmt = delete(self.table).where(tuple_(*key).in_(found))
+        return int((await conn.execute(stmt)).rowcount)
+
+
+class MemoryRepository(MemoryTable):
     """The statements of key-value memory."""
+
+    table = memory_items
 
     def __init__(self, backend: Backend) -> None:
         super().__init__(backend)
@@ -229,19 +254,5 @@ class MemoryRepository(Repository):
         stmt = _PAGES[prefix is not None, after is not None]
         return [_item(row) for row in await run(conn, stmt, params)]
 
-    async def forget_user(self, conn: Connection, tenant: str, user_id: str) -> int:
-        """Delete every item of the user's scopes (their sessions' included)."""
-        stmt = delete(t).where(c.tenant_id == tenant, c.user_id == user_id)
-        return int((await conn.execute(stmt)).rowcount)
 
-    async def delete_expired(self, conn: Connection, now: datetime, limit: int) -> int:
-        """Delete up to ``limit`` items expired at ``now`` (rows another sweep holds
-        locked are skipped); how many."""
-        expired = [c.expires_at.is_not(None), c.expires_at <= now]
-        key = list(t.primary_key.columns)
-        found = first_locked(select(*key), expired, c.expires_at, limit)
-        stmt = delete(t).where(tuple_(*key).in_(found))
-        return int((await conn.execute(stmt)).rowcount)
-
-
-__all__ = ["NO_SCOPE", "MemoryRepository", "MemoryScope"]
+__all__ = ["NO_SCOPE", "MemoryRepository", "MemoryScope", "MemoryTable"]

@@ -15,17 +15,15 @@ from sqlalchemy import (
     insert,
     or_,
     select,
-    tuple_,
     update,
 )
 
 from ...models import MemoryRecord
-from ..backend import first_locked
 from ..connection import Connection
 from ..prebuilt import Record, run
 from ..schema import memories
 from ..types import UTCDateTime
-from . import Repository
+from .memory import MemoryTable
 
 t = memories
 c = t.c
@@ -89,8 +87,10 @@ def _record(row: Record) -> MemoryRecord:
     )
 
 
-class SemanticMemoryRepository(Repository):
+class SemanticMemoryRepository(MemoryTable):
     """The statements of semantic memory."""
+
+    table = memories
 
     async def dimensions(self, conn: Connection, tenant: str, namespace: str) -> int | None:
         """The dimension of the vectors stored in the namespace; None when it holds none."""
@@ -182,20 +182,6 @@ class SemanticMemoryRepository(Repository):
         if session_id is not None:
             where.append(c.session_id == session_id)
         return int((await conn.execute(select(func.count()).where(*where))).scalar_one())
-
-    async def forget_user(self, conn: Connection, tenant: str, user_id: str) -> int:
-        """Delete every memory of the user (their sessions' included)."""
-        stmt = delete(t).where(c.tenant_id == tenant, c.user_id == user_id)
-        return int((await conn.execute(stmt)).rowcount)
-
-    async def delete_expired(self, conn: Connection, now: datetime, limit: int) -> int:
-        """Delete up to ``limit`` memories expired at ``now`` (rows another sweep holds
-        locked are skipped); how many."""
-        expired = [c.expires_at.is_not(None), c.expires_at <= now]
-        key = list(t.primary_key.columns)
-        found = first_locked(select(*key), expired, c.expires_at, limit)
-        stmt = delete(t).where(tuple_(*key).in_(found))
-        return int((await conn.execute(stmt)).rowcount)
 
 
 __all__ = ["SemanticMemoryRepository", "Vectors"]
