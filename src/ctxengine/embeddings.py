@@ -58,7 +58,13 @@ def checked_vectors(
         )
     checked = []
     for vector in vectors:
-        values = [float(x) for x in vector]
+        try:
+            values = [float(x) for x in vector]
+        except (TypeError, ValueError):
+            raise ValidationError(
+                f"the {source} returned something that is not a vector of numbers",
+                field="embedding",
+            ) from None
         if len(values) != dimensions:
             raise ValidationError(
                 f"the {source} returned a vector of {len(values)} dimensions; "

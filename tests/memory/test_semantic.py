@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import pytest
 from sqlalchemy import text
 
@@ -484,3 +485,24 @@ async def test_the_bundled_model_finds_the_trip(db_url: str) -> None:
         (hit,) = await engine.search_memory("when is the trip?", user_id="ann", limit=1)
         assert hit.record.text == "my flight leaves Tuesday"
         assert hit.score > 0.3
+
+
+async def test_a_namespace_holding_vectors_of_two_lengths_is_refused_clearly(
+    exact: ContextEngine,
+) -> None:
+    """Two first writes of a namespace with different dimensions at once can both be
+    stored (nothing serializes them); a search then says so instead of failing inside
+    the vector arithmetic."""
+    await exact.add_memory("three", embedding=[1.0, 0.0, 0.0])
+    async with exact._store.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO ctx_memories SELECT tenant_id, 'other', user_id, session_id,"
+                " namespace, 'two', metadata, importance, 2, :vector, created_at,"
+                " last_accessed_at, expires_at FROM ctx_memories"
+            ),
+            {"vector": np.asarray([1.0, 0.0], dtype="<f4").tobytes()},
+        )
+    with pytest.raises(ValidationError) as info:
+        await exact.search_memory("x")
+    assert info.value.field == "namespace" and "several dimensions" in str(info.value)

@@ -70,6 +70,8 @@ async def test_a_functions_vectors_are_checked() -> None:
         FunctionEmbedder(_constant([1.0, 0.0, 0.0]), 2),
         FunctionEmbedder(_constant([math.nan, 1.0]), 2),
         FunctionEmbedder(_constant([math.inf, 1.0]), 2),
+        FunctionEmbedder(_constant(["a", "b"]), 2),  # type: ignore[list-item]
+        FunctionEmbedder(_constant(None), 2),  # type: ignore[arg-type]
     ]
     for embedder in bad:
         with pytest.raises(ValidationError) as info:

@@ -21,7 +21,7 @@ from ..ids import new_id
 from ..models import MemoryHit, MemoryRecord
 from ..storage.connection import Connection
 from ..storage.repositories.memory import NO_SCOPE, MemoryScope
-from ..storage.repositories.semantic_memory import SemanticMemoryRepository, Vectors
+from ..storage.repositories.semantic_memory import MIXED, SemanticMemoryRepository, Vectors
 from .base import Context, Effects
 
 #: The most hits one search returns.
@@ -245,6 +245,12 @@ def _best(
     count = len(found.memory_ids)
     if not count:
         return []
+    if found.dimensions == MIXED:
+        raise ValidationError(
+            f"namespace {namespace!r} holds vectors of several dimensions (written at once "
+            "by different embedders): delete the memories of the other embedder",
+            field="namespace",
+        )
     _same_dimensions(found.dimensions, len(query), namespace)
     matrix = np.frombuffer(found.data, dtype="<f4").reshape(count, len(query))
     # float32 rounding can put a vector's cosine with itself a hair above 1

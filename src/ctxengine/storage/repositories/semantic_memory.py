@@ -59,6 +59,11 @@ _DELETE = delete(t).where(
 )
 
 
+#: ``Vectors.dimensions`` of memories whose vectors differ in length (two first writes
+#: of a namespace with different dimensions, at once: nothing serializes them).
+MIXED = -1
+
+
 class Vectors(NamedTuple):
     """The live memories a search compares: their ids, the dimension of their vectors,
     the vectors one after another (little-endian float32s) and, when the search
@@ -136,9 +141,10 @@ class SemanticMemoryRepository(MemoryTable):
         }
         stmt = _CANDIDATES_WITH_METADATA if with_metadata else _CANDIDATES
         rows = list(await run(conn, stmt, params))
+        dimensions = {int(r[1]) for r in rows}
         return Vectors(
             [r[0] for r in rows],
-            int(rows[0][1]) if rows else 0,
+            dimensions.pop() if len(dimensions) == 1 else MIXED if dimensions else 0,
             b"".join(r[2] for r in rows),
             [r[3] for r in rows] if with_metadata else None,
         )
@@ -184,4 +190,4 @@ class SemanticMemoryRepository(MemoryTable):
         return int((await conn.execute(select(func.count()).where(*where))).scalar_one())
 
 
-__all__ = ["SemanticMemoryRepository", "Vectors"]
+__all__ = ["MIXED", "SemanticMemoryRepository", "Vectors"]
