@@ -18,6 +18,7 @@ __all__ = [
     "Event",
     "FromSettings",
     "MemoryHit",
+    "MemoryImportResult",
     "MemoryItem",
     "MemoryRecord",
     "Message",
@@ -264,7 +265,8 @@ class MemoryItem(_Frozen):
 class MemoryRecord(_Frozen):
     """One semantic memory (SPEC §13): a text found by meaning, in a scope as
     :class:`MemoryItem`'s. ``importance`` ranks memories for retention;
-    ``last_accessed_at`` is when a search last returned it."""
+    ``last_accessed_at`` is when a search last returned it; ``source`` names where it
+    came from (a tenant holds one memory per source)."""
 
     memory_id: str
     text: str
@@ -276,6 +278,7 @@ class MemoryRecord(_Frozen):
     created_at: datetime
     last_accessed_at: datetime
     expires_at: datetime | None = None
+    source: str | None = None
 
 
 class MemoryHit(_Frozen):
@@ -283,6 +286,20 @@ class MemoryHit(_Frozen):
 
     record: MemoryRecord
     score: float
+
+
+class MemoryImportResult(_Frozen):
+    """What ``import_memories`` did: the user the memories went to (None: the
+    tenant-wide scope), key-value items written or already stored alike, semantic
+    memories added or already present, and entries not written because they expired
+    since the export."""
+
+    user_id: str | None
+    items_written: int
+    items_unchanged: int
+    memories_added: int
+    memories_present: int
+    expired: int
 
 
 class UsageRecord(_Frozen):

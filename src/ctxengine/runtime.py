@@ -12,6 +12,7 @@ from .services.base import Context
 from .services.conversation import ConversationService
 from .services.limits import LeaseService, RateLimitService
 from .services.memory import MemoryService
+from .services.memory_transfer import MemoryTransferService
 from .services.metadata import MetadataService
 from .services.semantic_memory import SemanticMemoryService
 from .services.sessions import SessionService
@@ -33,6 +34,7 @@ class Runtime:
     rates: RateLimitService
     memory: MemoryService
     semantic: SemanticMemoryService
+    transfer: MemoryTransferService
     cleanup: CleanupLoop | None
     #: The event loop (and its thread) that opened the engine: the only one it serves.
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
@@ -42,17 +44,19 @@ class Runtime:
     def open(cls, ctx: Context, cleanup: CleanupLoop | None) -> Runtime:
         """The services of an engine opened with ``ctx``, on the running event loop."""
         sessions = SessionService(ctx)
+        conversation = ConversationService(ctx, sessions)
         return cls(
             ctx,
             sessions,
-            ConversationService(ctx, sessions),
+            conversation,
             SnapshotService(ctx, sessions),
             MetadataService(ctx, sessions),
             UsageService(ctx, sessions),
             LeaseService(ctx, sessions),
             RateLimitService(ctx, sessions),
             MemoryService(ctx),
-            SemanticMemoryService(ctx),
+            SemanticMemoryService(ctx, sessions, conversation),
+            MemoryTransferService(ctx),
             cleanup,
         )
 

@@ -106,6 +106,12 @@ class EngineSettings(BaseSettings):
         description="what embeds the texts of semantic memory (ctxengine.embeddings); "
         "None: add_memory and search_memory need an embedding given",
     )
+    max_memories_per_user: int | None = Field(
+        default=None,
+        ge=1,
+        description="most semantic memories a user keeps (every namespace); adding one "
+        "more evicts the lowest importance, then the least recently accessed",
+    )
     max_metadata_bytes: int = Field(default=65536, ge=2)
     max_message_bytes: int = Field(
         default=1_048_576, ge=1, description="largest message content, in bytes of UTF-8"

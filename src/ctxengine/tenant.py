@@ -7,6 +7,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
+from types import EllipsisType
 from typing import TYPE_CHECKING, Any, overload
 
 from . import validation as v
@@ -19,6 +20,7 @@ from .models import (
     Checkpoint,
     FromSettings,
     MemoryHit,
+    MemoryImportResult,
     MemoryItem,
     MemoryRecord,
     Message,
@@ -636,13 +638,17 @@ class TenantView:
         ttl: float | None = None,
         importance: float = 1.0,
         embedding: Sequence[float] | None = None,
+        source: str | None = None,
     ) -> MemoryRecord:
         """Store ``text`` to be found by meaning, embedded by ``EngineSettings.embedder``
         unless ``embedding`` is given (a namespace holds vectors of one dimension).
-        ``ttl`` in seconds; ``importance`` (>= 0) ranks memories for retention."""
+        ``ttl`` in seconds; ``importance`` (>= 0) ranks memories for retention (see
+        ``EngineSettings.max_memories_per_user``). ``source`` names where the text came
+        from: when a live memory of the tenant has it already, nothing is written and
+        that memory is returned (adding is idempotent per source)."""
         where = _memory_scope(self._tenant, user_id, session_id, namespace)
         semantic = self._runtime().semantic
-        return await semantic.add(where, text, metadata, ttl, importance, embedding)
+        return await semantic.add(where, text, metadata, ttl, importance, embedding, source)
 
     async def search_memory(
         self,
@@ -664,6 +670,17 @@ class TenantView:
             self._tenant, user_id, namespace, query, limit, min_score, metadata, include_shared
         )
 
+    async def memorize_session(
+        self, session_id: str, *, chat_id: str | None = None, namespace: str = "default"
+    ) -> list[MemoryRecord]:
+        """Store the session's messages (of one chat, or of all; system prompts aside)
+        not memorized yet as semantic memories of its user, not narrowed to the session,
+        so they outlive it; each one's metadata names its source session, chat, seq and
+        role. Idempotent per message: running it again stores only newer messages.
+        Returns the memories stored now."""
+        semantic = self._runtime().semantic
+        return await semantic.memorize(self._tenant, session_id, chat_id, namespace)
+
     async def delete_memory(self, memory_id: str) -> bool:
         """Delete one semantic memory; False when there was none."""
         return await self._runtime().semantic.delete(self._tenant, memory_id)
@@ -679,6 +696,27 @@ class TenantView:
         includes those narrowed to their sessions; ``user_id`` None: tenant-wide ones."""
         where = _memory_scope(self._tenant, user_id, session_id, namespace)
         return await self._runtime().semantic.count(where, all_sessions=session_id is None)
+
+    async def export_memories(
+        self, user_id: str | None, *, namespace: str | None = None
+    ) -> dict[str, Any]:
+        """Every live memory of ``user_id`` (None: the tenant-wide scope's), key-value
+        items and semantic memories with their vectors, those narrowed to the user's
+        sessions included, of one ``namespace`` or all, as JSON-safe data
+        (``"format": "ctxengine.memories"``, ``format_version`` 1) that
+        import_memories() takes back."""
+        return await self._runtime().transfer.export(self._tenant, user_id, namespace)
+
+    async def import_memories(
+        self, data: Mapping[str, Any], *, user_id: str | EllipsisType | None = ...
+    ) -> MemoryImportResult:
+        """Put the memories of an export back, under ``user_id`` if given (None: the
+        tenant-wide scope), in one transaction. Idempotent: items stored alike and
+        memories present (same id, or same source in the user's scopes) are left as
+        they are; other items are overwritten by key. ValidationError, and nothing
+        written, for an unknown format or format_version, malformed data, or vectors
+        whose dimension differs from their namespace's."""
+        return await self._runtime().transfer.import_(self._tenant, data, user_id)
 
     async def checkpoint(self, session_id: str, description: str = "") -> Checkpoint:
         """Save a copy of every chat, message and the metadata of the session."""

@@ -490,16 +490,16 @@ async def test_the_bundled_model_finds_the_trip(db_url: str) -> None:
 async def test_a_namespace_holding_vectors_of_two_lengths_is_refused_clearly(
     exact: ContextEngine,
 ) -> None:
-    """Two first writes of a namespace with different dimensions at once can both be
-    stored (nothing serializes them); a search then says so instead of failing inside
-    the vector arithmetic."""
+    """A namespace holding vectors of two lengths (written by hand, or by an engine
+    older than the lock on a namespace's first write): a search says so instead of
+    failing inside the vector arithmetic."""
     await exact.add_memory("three", embedding=[1.0, 0.0, 0.0])
     async with exact._store.engine.begin() as conn:
         await conn.execute(
             text(
                 "INSERT INTO ctx_memories SELECT tenant_id, 'other', user_id, session_id,"
                 " namespace, 'two', metadata, importance, 2, :vector, created_at,"
-                " last_accessed_at, expires_at FROM ctx_memories"
+                " last_accessed_at, expires_at, NULL FROM ctx_memories"
             ),
             {"vector": np.asarray([1.0, 0.0], dtype="<f4").tobytes()},
         )

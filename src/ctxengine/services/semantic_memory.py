@@ -7,6 +7,7 @@ in one matrix product (measured: 10,000 vectors of 384 dimensions in 24-34 ms).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from datetime import timedelta
@@ -16,14 +17,20 @@ import numpy as np
 
 from .. import validation as v
 from ..embeddings import Embedder, checked_vectors
-from ..errors import ValidationError
+from ..errors import SessionNotFoundError, ValidationError
 from ..ids import new_id
 from ..models import MemoryHit, MemoryRecord
 from ..storage.connection import Connection
 from ..storage.repositories.memory import NO_SCOPE, MemoryScope
 from ..storage.repositories.semantic_memory import MIXED, SemanticMemoryRepository, Vectors
 from .base import Context, Effects
+from .conversation import ConversationService
+from .sessions import SessionService
 
+#: The longest source, in bytes of UTF-8.
+MAX_SOURCE_BYTES = 2048
+#: How many messages memorize_session embeds at once.
+MEMORIZE_BATCH = 64
 #: The most hits one search returns.
 MAX_HITS = 1000
 #: How far below ``min_score`` a cosine computed in float32 may fall and still count.
@@ -31,10 +38,14 @@ _SLACK = 1e-6
 
 
 class SemanticMemoryService:
-    """add_memory / search_memory / delete_memory / count_memories."""
+    """add_memory / search_memory / delete_memory / count_memories / memorize_session."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(
+        self, ctx: Context, sessions: SessionService, conversation: ConversationService
+    ) -> None:
         self.ctx = ctx
+        self.sessions = sessions
+        self.conversation = conversation
         self.repo = SemanticMemoryRepository(ctx.store.backend)
 
     @property
@@ -49,43 +60,61 @@ class SemanticMemoryService:
         ttl: object,
         importance: object,
         embedding: object,
+        source: object = None,
     ) -> MemoryRecord:
         body = _text(text, "text", self.ctx.settings.max_message_bytes)
         meta = v.json_object(metadata, "metadata", self.ctx.settings.max_metadata_bytes)
         weight = _importance(importance)
         seconds = None if ttl is None else v.seconds(ttl, "ttl")
+        origin = None if source is None else _text(source, "source", MAX_SOURCE_BYTES)
         vector = await self._vector(body, embedding)
+        row = _row(where, body, meta, weight, seconds, vector, origin)
 
         async def work(conn: Connection, fx: Effects) -> MemoryRecord:
-            stored = await self.repo.dimensions(conn, where.tenant_id, where.namespace)
-            _same_dimensions(stored, len(vector), where.namespace)
-            row = {
-                "tenant_id": where.tenant_id,
-                "memory_id": new_id(),
-                "user_id": where.user_id,
-                "session_id": where.session_id,
-                "namespace": where.namespace,
-                "text": body,
-                "metadata": meta,
-                "importance": weight,
-                "dimensions": len(vector),
-                "embedding": vector.tobytes(),
-                "created_at": fx.now,
-                "last_accessed_at": fx.now,
-                "expires_at": None if seconds is None else fx.now + timedelta(seconds=seconds),
-            }
-            record = await self.repo.insert(conn, row)
-            fx.emit(
-                "memory.added",
-                where.tenant_id,
-                record.session_id,
-                record.user_id,
-                memory_id=record.memory_id,
-                namespace=record.namespace,
-            )
+            (record,) = await self._insert(conn, fx, where, [row])
             return record
 
         return await self.ctx.transact(work, operation="add_memory")
+
+    async def _insert(
+        self, conn: Connection, fx: Effects, where: MemoryScope, rows: list[dict[str, Any]]
+    ) -> list[MemoryRecord]:
+        """Insert memories of one scope (rows of :func:`_row`, stamped now): each one
+        whose source a live memory has already is that memory instead, and nothing is
+        written for it. Then the user's memories beyond ``max_memories_per_user`` go."""
+        tenant, namespace = where.tenant_id, where.namespace
+        stored = await self.repo.dimensions(conn, tenant, namespace)
+        if stored is None:
+            # the namespace's first vectors: one writer at a time settles its dimension
+            await self.ctx.store.backend.lock(conn, f"ctxengine.memories.{tenant}.{namespace}")
+            stored = await self.repo.dimensions(conn, tenant, namespace)
+        records = []
+        for row in rows:
+            _same_dimensions(stored, row["dimensions"], namespace)
+            stored = row["dimensions"]
+            row.update(created_at=fx.now, last_accessed_at=fx.now)
+            if row["expires_at"] is not None:
+                row["expires_at"] = fx.now + timedelta(seconds=row["expires_at"])
+            record = await self.repo.insert(conn, row)
+            if record is None:
+                found = await self.repo.by_source(conn, tenant, row["source"], fx.now)
+                assert found is not None  # the conflicting row is locked by the insert
+                records.append(found)
+                continue
+            fx.emit(
+                "memory.added",
+                tenant,
+                record.session_id,
+                record.user_id,
+                memory_id=record.memory_id,
+                namespace=namespace,
+            )
+            records.append(record)
+        keep = self.ctx.settings.max_memories_per_user
+        if keep is not None and where.user_id != NO_SCOPE:
+            for memory_id in await self.repo.evict(conn, tenant, where.user_id, keep, fx.now):
+                fx.emit("memory.deleted", tenant, memory_id=memory_id, reason="evicted")
+        return records
 
     async def search(
         self,
@@ -145,36 +174,156 @@ class SemanticMemoryService:
 
         return await self.ctx.transact(work, write=False, operation="count_memories")
 
+    async def memorize(
+        self, tenant: str, session_id: object, chat_id: object, namespace: object
+    ) -> list[MemoryRecord]:
+        space = v.identifier(namespace, "namespace")
+        sid = v.identifier(session_id)
+        session = await self.sessions.get(tenant, sid)
+        if session is None:
+            raise SessionNotFoundError(sid, tenant)
+        if chat_id is None:
+            chats = [chat.chat_id for chat in await self.conversation.list_chats(tenant, sid)]
+        else:
+            chats = [v.identifier(chat_id, "chat_id")]
+        messages = [
+            message
+            for chat in chats
+            for message in await self.conversation.get_messages(tenant, sid, chat, None, None)
+            if message.role != "system"
+        ]
+        texts = {f"message/{m.message_id}": (m, _message_text(m.content)) for m in messages}
+        texts = {source: (m, text) for source, (m, text) in texts.items() if text}
+        where = MemoryScope(tenant, session.user_id, NO_SCOPE, space)
+
+        async def stored(conn: Connection, fx: Effects) -> set[str]:
+            return await self.repo.sources(conn, tenant, list(texts), fx.now)
+
+        known = await self.ctx.transact(stored, write=False, operation="memorize_session")
+        new = [source for source in texts if source not in known]
+        memorized: list[MemoryRecord] = []
+        for start in range(0, len(new), MEMORIZE_BATCH):
+            batch = new[start : start + MEMORIZE_BATCH]
+            vectors = await self._embed([texts[source][1] for source in batch])
+            rows = []
+            for source, vector in zip(batch, vectors, strict=True):
+                message, text = texts[source]
+                metadata = {
+                    "source_session": sid,
+                    "chat_id": message.chat_id,
+                    "seq": message.seq,
+                    "role": message.role,
+                }
+                rows.append(_row(where, text, metadata, 1.0, None, vector, source))
+
+            async def work(
+                conn: Connection, fx: Effects, rows: list[dict[str, Any]] = rows
+            ) -> list[MemoryRecord]:
+                records = await self._insert(conn, fx, where, rows)
+                return [
+                    r
+                    for r, row in zip(records, rows, strict=True)
+                    if r.memory_id == row["memory_id"]
+                ]
+
+            memorized += await self.ctx.transact(work, operation="memorize_session")
+        return memorized
+
     async def _vector(self, text: str, embedding: object) -> np.ndarray[Any, Any]:
         """``embedding`` (checked) or the embedder's vector of ``text``, scaled to
         length 1, as little-endian float32s."""
-        embedder = self._embedder
         if embedding is None:
-            if embedder is None:
-                raise ValidationError(
-                    "semantic memory needs an embedder: set EngineSettings.embedder "
-                    "(ctxengine.embeddings), or pass embedding=",
-                    field="embedder",
-                )
-            (values,) = checked_vectors(
-                await embedder.embed([text]), 1, embedder.dimensions, source="embedder"
+            (vector,) = await self._embed([text])
+            return vector
+        if isinstance(embedding, str | bytes | Mapping) or not hasattr(embedding, "__iter__"):
+            raise ValidationError("embedding must be a sequence of numbers", field="embedding")
+        try:
+            given = [float(x) for x in embedding]
+        except (TypeError, ValueError):
+            raise ValidationError(
+                "embedding must be a sequence of numbers", field="embedding"
+            ) from None
+        embedder = self._embedder
+        dimensions = len(given) if embedder is None else embedder.dimensions
+        (values,) = checked_vectors([given], 1, dimensions, source="caller")
+        return _unit(values)
+
+    async def _embed(self, texts: list[str]) -> list[np.ndarray[Any, Any]]:
+        """The embedder's vectors of ``texts`` (checked), as :meth:`_vector`'s."""
+        embedder = self._embedder
+        if embedder is None:
+            raise ValidationError(
+                "semantic memory needs an embedder: set EngineSettings.embedder "
+                "(ctxengine.embeddings), or pass embedding=",
+                field="embedder",
             )
-        else:
-            if isinstance(embedding, str | bytes | Mapping) or not hasattr(embedding, "__iter__"):
-                raise ValidationError("embedding must be a sequence of numbers", field="embedding")
-            try:
-                given = [float(x) for x in embedding]
-            except (TypeError, ValueError):
-                raise ValidationError(
-                    "embedding must be a sequence of numbers", field="embedding"
-                ) from None
-            dimensions = len(given) if embedder is None else embedder.dimensions
-            (values,) = checked_vectors([given], 1, dimensions, source="caller")
-        vector = np.asarray(values, dtype="<f4")
-        norm = float(np.linalg.norm(vector))
-        if not math.isfinite(norm) or norm == 0.0:
-            raise ValidationError("an embedding of length 0 has no direction", field="embedding")
-        return (vector / norm).astype("<f4")
+        vectors = await embedder.embed(texts)
+        checked = checked_vectors(vectors, len(texts), embedder.dimensions, source="embedder")
+        return [_unit(values) for values in checked]
+
+
+def _unit(values: list[float]) -> np.ndarray[Any, Any]:
+    """``values`` scaled to length 1, as little-endian float32s."""
+    vector = np.asarray(values, dtype="<f4")
+    norm = float(np.linalg.norm(vector))
+    if not math.isfinite(norm) or norm == 0.0:
+        raise ValidationError("an embedding of length 0 has no direction", field="embedding")
+    return (vector / norm).astype("<f4")
+
+
+def _message_text(content: str) -> str:
+    """What a message says: its text, or for JSON data (an agent framework's item) the
+    text inside it (``content``/``text`` strings); "" when it holds none."""
+    if not content.startswith(("{", "[")):
+        return content.strip()
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return content.strip()
+    return "\n".join(_texts_in(data)).strip()
+
+
+def _texts_in(data: Any) -> list[str]:
+    if isinstance(data, list):
+        return [text for part in data for text in _texts_in(part)]
+    if not isinstance(data, dict):
+        return []
+    found = []
+    for key in ("content", "text"):
+        value = data.get(key)
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, list | dict):
+            found += _texts_in(value)
+    return found
+
+
+def _row(
+    where: MemoryScope,
+    text: str,
+    metadata: dict[str, Any],
+    importance: float,
+    ttl: float | None,
+    vector: np.ndarray[Any, Any],
+    source: str | None,
+) -> dict[str, Any]:
+    """The columns of a new memory; ``expires_at`` holds the ttl until it is stamped."""
+    return {
+        "tenant_id": where.tenant_id,
+        "memory_id": new_id(),
+        "user_id": where.user_id,
+        "session_id": where.session_id,
+        "namespace": where.namespace,
+        "text": text,
+        "metadata": metadata,
+        "importance": importance,
+        "dimensions": len(vector),
+        "embedding": vector.tobytes(),
+        "created_at": None,
+        "last_accessed_at": None,
+        "expires_at": ttl,
+        "source": source,
+    }
 
 
 def _text(value: object, field: str, max_bytes: int) -> str:

@@ -324,7 +324,12 @@ memories = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("last_accessed_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=True),
+    # where the memory came from (a message, an ADK event): one memory per source
+    Column("source", Text, nullable=True),
     PrimaryKeyConstraint("tenant_id", "memory_id"),
+    Index(None, "tenant_id", "source", unique=True),
+    # retention by max_memories_per_user ranks a user's memories of every namespace
+    Index(None, "tenant_id", "user_id"),
     # a search reads one scope: the user's memories (their sessions' included) and the
     # tenant-wide ones, of one namespace
     Index(None, "tenant_id", "namespace", "user_id"),
