@@ -36,3 +36,52 @@ def race(url: str, key: str, worker: int, rounds: int, start: float) -> list[int
     """``rounds`` compare-and-set writes of ``key`` from the time ``start`` on, each
     expecting the version just read; the versions this process wrote."""
     return asyncio.run(_race(url, key, worker, rounds, start))
+
+
+async def _memorize(url: str, session_id: str, start: float) -> int:
+    from ctxengine.embeddings import HashingEmbedder
+
+    settings = EngineSettings(auto_cleanup=False, auto_migrate=False, embedder=HashingEmbedder(32))
+    async with ContextEngine(url, settings=settings) as engine:
+        await engine.count_memories(user_id="u")  # connected
+        await asyncio.sleep(max(0.0, start - time.time()))
+        return len(await engine.memorize_session(session_id))
+
+
+def memorize(url: str, session_id: str, start: float) -> int:
+    """memorize_session from the time ``start`` on; how many memories it stored."""
+    return asyncio.run(_memorize(url, session_id, start))
+
+
+async def _add_memories(url: str, worker: int, count: int, keep: int, start: float) -> None:
+    settings = EngineSettings(auto_cleanup=False, auto_migrate=False, max_memories_per_user=keep)
+    async with ContextEngine(url, settings=settings) as engine:
+        await engine.count_memories(user_id="u")
+        await asyncio.sleep(max(0.0, start - time.time()))
+        for i in range(count):
+            await engine.add_memory(
+                f"{worker}/{i}", user_id="u", importance=float(i), embedding=[1.0, float(worker)]
+            )
+
+
+def add_memories(url: str, worker: int, count: int, keep: int, start: float) -> None:
+    """``count`` memories of user "u" of rising importance, under a cap of ``keep``."""
+    asyncio.run(_add_memories(url, worker, count, keep, start))
+
+
+async def _first_vector(url: str, dimensions: int, start: float) -> str:
+    from ctxengine.errors import ValidationError
+
+    async with ContextEngine(url, settings=SETTINGS) as engine:
+        await engine.count_memories(user_id="u")
+        await asyncio.sleep(max(0.0, start - time.time()))
+        try:
+            await engine.add_memory("first", user_id="u", embedding=[1.0] * dimensions)
+        except ValidationError:
+            return "refused"
+        return "stored"
+
+
+def first_vector(url: str, dimensions: int, start: float) -> str:
+    """One memory of ``dimensions`` into the empty namespace: "stored" or "refused"."""
+    return asyncio.run(_first_vector(url, dimensions, start))
