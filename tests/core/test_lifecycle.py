@@ -126,6 +126,24 @@ async def test_deadlines_expire_sessions(db_url: str, clock: FakeClock) -> None:
             await engine.touch("d")
 
 
+async def test_a_clock_stepped_back_gives_no_negative_ages(db_url: str, clock: FakeClock) -> None:
+    """A clock stepped back an hour after creation: every snapshot reads idle and age 0.0
+    (never negative), and the session is not expired (issue 16 §8)."""
+    async with ContextEngine(db_url, settings=lazy_settings(), clock=clock) as engine:
+        await engine.create_session("back", "u")
+        clock.advance(-3600)
+        read = await engine.get_session("back")
+        assert read is not None
+        (listed,) = await engine.list_sessions()
+        touched = await engine.touch("back")
+        updated = await engine.update_session("back", increment_requests=True)
+        for snapshot in (read, listed, touched, updated):
+            assert snapshot.observed_at < snapshot.created_at  # the clock did step back
+            assert snapshot.idle_seconds == 0.0 and snapshot.age_seconds == 0.0
+            assert snapshot.status is SessionStatus.ACTIVE and not snapshot.is_expired()
+        assert updated.request_count == 1
+
+
 class LifecycleMachine(RuleBasedStateMachine):
     """Drive the real engine and a model of the SPEC's diagram side by side."""
 
