@@ -1,8 +1,9 @@
 """The ``ctxengine`` command: migrations, sessions, cleanup, purge, statistics, demo.
 
 Only ``migrate`` and ``demo`` create or migrate a database; every other command needs
-the schema to exist already. An expected error (bad URL, missing database, refused
-connection, any :class:`ContextEngineError`) prints one line on stderr and exits 1.
+the schema to exist already, at the head revision of this ctxengine's migrations. An
+expected error (bad URL, missing database, refused connection, a schema behind head, any
+:class:`ContextEngineError`) prints one line on stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -63,16 +64,37 @@ def _settings() -> EngineSettings:
     return EngineSettings(auto_cleanup=False, auto_migrate=False)
 
 
+async def _require_schema(url: str | None, settings: EngineSettings) -> None:
+    """Refuse (one line, exit 1) unless the database holds the ctxengine schema at the
+    scripts' head revision; reads the revision only, so nothing is created or migrated."""
+    current = await migrations.schema_revision(url, settings)
+    head = migrations.head_revision()
+    if current == head:
+        return
+    where = describe_url(resolve_url(url, settings))
+    if current is None:
+        raise click.ClickException(f"no ctxengine schema at {where}; run `ctxengine migrate`")
+    try:
+        migrations.resolve_revision(current)
+    except ContextEngineError:
+        raise click.ClickException(
+            f"ctxengine schema at {where} is at revision {current}, unknown to this "
+            f"ctxengine (which needs {head}); upgrade ctxengine"
+        ) from None
+    raise click.ClickException(
+        f"ctxengine schema at {where} is at revision {current}, this ctxengine needs {head}; "
+        "run `ctxengine migrate`"
+    )
+
+
 def _run(tenant: str, action: Callable[[TenantView], Awaitable[T]]) -> T:
     """Run ``action`` on the tenant of the database, which must hold the ctxengine schema
-    (checked before an engine opens, so nothing is created or migrated)."""
+    at head (checked before an engine opens, so nothing is created or migrated)."""
     url = _url()
 
     async def main() -> T:
         settings = _settings()
-        if await migrations.schema_revision(url, settings) is None:
-            where = describe_url(resolve_url(url, settings))
-            raise click.ClickException(f"no ctxengine schema at {where}; run `ctxengine migrate`")
+        await _require_schema(url, settings)
         async with ContextEngine(url, settings=settings) as engine:
             return await action(engine.tenant(tenant))
 

@@ -9,11 +9,14 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import sqlalchemy as sa
 from click.testing import CliRunner, Result
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from ctxengine import ContextEngine, EngineSettings
 from ctxengine.cli import _IsoDateTime, main
-from ctxengine.migrate import head_revision
+from ctxengine.migrate import VERSION_TABLE, head_revision
+from ctxengine.storage import describe_url
 from tests.ops.test_migrations import empty_url  # noqa: F401 (a fixture)
 
 
@@ -137,6 +140,79 @@ def test_migrate_down_and_up_with_db_status(db_url: str) -> None:
     assert "no ctxengine schema" in fails("stats", "--url", db_url)
     unknown = fails("migrate", "--revision", "0999_nope", "--url", db_url)
     assert "unknown revision '0999_nope'" in unknown and "0001_sessions" in unknown
+
+
+#: Every command that works on sessions, each of which needs the schema at head.
+SCHEMA_COMMANDS = (
+    ["stats"],
+    ["stats", "--json"],
+    ["sessions", "list"],
+    ["sessions", "show", "s2"],
+    ["sessions", "end", "s2", "--status", "failed"],
+    ["cleanup", "--max-idle", "0.000001"],
+    ["purge", "--ended-before", "2999-01-01"],
+)
+
+
+async def stored(url: str) -> dict[str, str]:
+    """The sessions' statuses as stored, and the schema revision (read without ctxengine)."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = (
+                await conn.execute(sa.text("SELECT session_id, status FROM ctx_sessions"))
+            ).all()
+            revision = await conn.scalar(sa.text(f"SELECT version_num FROM {VERSION_TABLE}"))
+    finally:
+        await engine.dispose()
+    return {"revision": str(revision), **{str(r[0]): str(r[1]) for r in rows}}
+
+
+def test_commands_refuse_a_schema_behind_head(db_url: str) -> None:
+    """A schema migrated, but not to head: one line naming both revisions, exit 1, and
+    nothing read or written (no raw "no such column", no purge on the old tables)."""
+    asyncio.run(seed(db_url))
+    old = "0006_idle_bucket"  # before the idle_timeout column the commands read
+    assert f"to {old}" in invoke("migrate", "--revision", old, "--yes", "--url", db_url)
+    before = asyncio.run(stored(db_url))
+    assert before == {"revision": old, "s1": "completed", "s2": "active"}
+    expected = (
+        f"Error: ctxengine schema at {describe_url(db_url)} is at revision {old}, "
+        f"this ctxengine needs {head_revision()}; run `ctxengine migrate`"
+    )
+    for args in SCHEMA_COMMANDS:
+        assert fails(*args, "--url", db_url) == expected, args
+    assert asyncio.run(stored(db_url)) == before
+    assert f"from {old} to {head_revision()}" in invoke("migrate", "--url", db_url)
+    assert json.loads(invoke("stats", "--url", db_url, "--json"))["total_sessions"] == 2
+
+
+def test_commands_refuse_a_schema_ahead_of_this_ctxengine(db_url: str) -> None:
+    """A revision this ctxengine does not know (a newer one migrated the database)."""
+    asyncio.run(seed(db_url))
+
+    async def set_revision(revision: str) -> None:
+        engine = create_async_engine(db_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    sa.text(f"UPDATE {VERSION_TABLE} SET version_num = :r"), {"r": revision}
+                )
+        finally:
+            await engine.dispose()
+
+    asyncio.run(set_revision("0999_future"))
+    expected = (
+        f"Error: ctxengine schema at {describe_url(db_url)} is at revision 0999_future, "
+        f"unknown to this ctxengine (which needs {head_revision()}); upgrade ctxengine"
+    )
+    for args in SCHEMA_COMMANDS:
+        assert fails(*args, "--url", db_url) == expected, args
+    assert asyncio.run(stored(db_url)) == {
+        "revision": "0999_future",
+        "s1": "completed",
+        "s2": "active",
+    }
 
 
 def test_read_only_commands_never_create_a_database(tmp_path: Path) -> None:
