@@ -36,13 +36,19 @@ from pydantic_core import to_jsonable_python
 
 from .. import errors
 from ._adapter import Closable
+from ._adk_memory import ContextEngineMemoryService, memory_source
 
 if TYPE_CHECKING:
     from .. import Message
     from .. import Session as EngineSession
     from ..tenant import TenantView
 
-__all__ = ["ContextEngineSessionService", "engine_session_id"]
+__all__ = [
+    "ContextEngineMemoryService",
+    "ContextEngineSessionService",
+    "engine_session_id",
+    "memory_source",
+]
 
 #: The longest id ctxengine stores (sessions, users, shared state keys).
 _MAX_KEY = 255
