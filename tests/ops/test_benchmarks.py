@@ -105,3 +105,32 @@ def test_the_migration_benchmark_runs() -> None:
         timeout=120,
     )
     assert "-> head on 50 sessions" in done.stdout
+
+
+def test_the_adk_memory_benchmark_runs() -> None:
+    """ADK's memory services and ctxengine's side by side, at their smallest (SQLite,
+    HashingEmbedder, one timed pass)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.adk_memory",
+            "--backend",
+            "sqlite",
+            "--embedders",
+            "hashing",
+            "--rounds",
+            "1",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| ADK InMemoryMemoryService",
+        "| ADK SqliteMemoryService (FTS5, file)",
+        "| ctxengine, SQLite, HashingEmbedder",
+    ]
