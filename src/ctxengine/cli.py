@@ -1,4 +1,5 @@
-"""The ``ctxengine`` command: migrations, sessions, cleanup, purge, statistics, demo.
+"""The ``ctxengine`` command: migrations, sessions, cleanup, purge, statistics, memory,
+demo.
 
 Only ``migrate`` and ``demo`` create or migrate a database; every other command needs
 the schema to exist already, at the head revision of this ctxengine's migrations. An
@@ -9,16 +10,21 @@ expected error (bad URL, missing database, refused connection, a schema behind h
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
+import os
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from types import EllipsisType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from . import __version__
 from . import migrate as migrations
+from .embeddings import Embedder, HashingEmbedder, MiniLMEmbedder
 from .engine import ContextEngine
 from .errors import ContextEngineError
 from .lifecycle import END_STATUSES
@@ -346,6 +352,342 @@ def stats(tenant: str, as_json: bool) -> None:
         return
     for key, value in data.items():
         click.echo(f"{key:>26}: {value}")
+
+
+# -- memory ------------------------------------------------------------------------------
+_SHOWN_TEXT = 70
+_SHOWN_VALUE = 40
+
+
+def _run_memory(
+    tenant: str,
+    action: Callable[[TenantView], Awaitable[T]],
+    embedder: Embedder | None = None,
+) -> T:
+    """:func:`_run` with an embedder for semantic search."""
+    url = _url()
+
+    async def main() -> T:
+        settings = _settings().model_copy(update={"embedder": embedder})
+        await _require_schema(url, settings)
+        async with ContextEngine(url, settings=settings) as engine:
+            return await action(engine.tenant(tenant))
+
+    return asyncio.run(main())
+
+
+if TYPE_CHECKING:  # generic from click 8.2; click 8.1's is not subscriptable
+    _SpecType = click.ParamType[Embedder, Any]
+else:
+    _SpecType = click.ParamType
+
+
+class _EmbedderSpec(_SpecType):
+    """``hashing[:DIMS]``, ``minilm``, or ``module:attribute`` naming an Embedder or a
+    factory of one (a class, a function), imported from the current directory too."""
+
+    name = "SPEC"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Embedder:
+        if isinstance(value, Embedder):
+            return value
+        spec = str(value)
+        name, _, attribute = spec.partition(":")
+        try:
+            if name == "hashing":
+                return HashingEmbedder(int(attribute) if attribute else 256)
+            if name == "minilm" and not attribute:
+                return MiniLMEmbedder()
+        except ValueError:
+            self.fail(f"{spec!r}: hashing takes a number of dimensions (hashing:256)", param, ctx)
+        if not name or not attribute:
+            self.fail(f"{spec!r} is not hashing[:DIMS], minilm, or module:attribute", param, ctx)
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # a module beside the command, as python -m does
+        try:
+            found: Any = importlib.import_module(name)
+        except ImportError as exc:
+            self.fail(f"{spec!r}: cannot import {name!r} ({exc})", param, ctx)
+        for part in attribute.split("."):
+            found = getattr(found, part, None)
+            if found is None:
+                self.fail(f"{spec!r}: {name!r} has no attribute {attribute!r}", param, ctx)
+        if isinstance(found, type) or (callable(found) and not _is_embedder(found)):
+            try:
+                found = found()
+            except Exception as exc:
+                self.fail(f"{spec!r}: calling {attribute} failed: {exc}", param, ctx)
+        if not _is_embedder(found):
+            self.fail(
+                f"{spec!r} is not an embedder (dimensions: int and async embed(texts))",
+                param,
+                ctx,
+            )
+        embedder: Embedder = found
+        return embedder
+
+
+def _is_embedder(value: object) -> bool:
+    return isinstance(getattr(value, "dimensions", None), int) and callable(
+        getattr(value, "embed", None)
+    )
+
+
+def _one_line(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+def _whose(user_id: str | None, tenant: str) -> str:
+    who = "the tenant-wide scope" if user_id is None else f"user {user_id!r}"
+    return f"{who} in tenant {tenant!r}"
+
+
+user_option = click.option(
+    "--user",
+    "user_id",
+    default=None,
+    help="The user whose memories (their sessions' included); omitted: the tenant-wide scope.",
+)
+
+
+@main.group()
+@url_option
+def memory() -> None:
+    """Look into, search, export and import what agents remember (key-value items and
+    semantic memories)."""
+
+
+@memory.command("list")
+@url_option
+@tenant_option
+@user_option
+@click.option("--namespace", default=None, help="Only this namespace (default: all).")
+@click.option("--prefix", default=None, help="Only key-value items whose key starts so.")
+@click.option(
+    "--limit",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=1, max=1000),
+    help="Rows shown of each kind.",
+)
+@click.option(
+    "--order",
+    type=click.Choice(["newest", "importance"]),
+    default="newest",
+    show_default=True,
+    help="Semantic memories newest first, or most important first (then newest).",
+)
+@json_option
+def memory_list(
+    tenant: str,
+    user_id: str | None,
+    namespace: str | None,
+    prefix: str | None,
+    limit: int,
+    order: str,
+    as_json: bool,
+) -> None:
+    """Count and show a user's memories (reads only).
+
+    Live key-value items and semantic memories per namespace, then the first of each
+    kind: items in key order, semantic memories newest (or most important) first."""
+    found = _run_memory(
+        tenant,
+        lambda view: view._runtime().transfer.overview(
+            view.tenant_id, user_id, namespace, prefix, limit, order == "importance"
+        ),
+    )
+    if as_json:
+        _echo_json(
+            {
+                "tenant_id": tenant,
+                "user_id": user_id,
+                "namespace": namespace,
+                "items": {
+                    "total": sum(found.item_counts.values()),
+                    "by_namespace": found.item_counts,
+                    "shown": [item.to_dict() for item in found.items],
+                },
+                "memories": {
+                    "total": sum(found.memory_counts.values()),
+                    "by_namespace": found.memory_counts,
+                    "shown": [record.to_dict() for record in found.memories],
+                },
+            }
+        )
+        return
+    items, memories = sum(found.item_counts.values()), sum(found.memory_counts.values())
+    click.echo(
+        f"{_whose(user_id, tenant)}: {_plural(items, 'key-value item', 'key-value items')}, "
+        f"{_plural(memories, 'semantic memory', 'semantic memories')}"
+    )
+    for space in sorted(found.item_counts.keys() | found.memory_counts.keys()):
+        in_space = _plural(found.item_counts.get(space, 0), "item", "items")
+        in_space += ", " + _plural(found.memory_counts.get(space, 0), "memory", "memories")
+        click.echo(f"  namespace {space}: {in_space}")
+    if found.items:
+        click.echo("\nKEY-VALUE ITEMS (key order)")
+        click.echo(
+            f"{'NAMESPACE':<16} {'SESSION':<16} {'KEY':<24} {'VERSION':>7} "
+            f"{'UPDATED (UTC)':<19} VALUE"
+        )
+        for item in found.items:
+            value = _one_line(json.dumps(item.value, ensure_ascii=False), _SHOWN_VALUE)
+            click.echo(
+                f"{item.namespace:<16} {item.session_id or '-':<16} {item.key:<24} "
+                f"{item.version:>7} {item.updated_at:%Y-%m-%d %H:%M:%S} {value}"
+            )
+        if len(found.items) < items:
+            click.echo(f"showing {len(found.items)} of {items} items: --limit for more")
+    if found.memories:
+        click.echo(
+            f"\nSEMANTIC MEMORIES ({'most important' if order == 'importance' else 'newest'} first)"
+        )
+        click.echo(
+            f"{'NAMESPACE':<16} {'SESSION':<16} {'IMPORTANCE':>10} {'CREATED (UTC)':<19} TEXT"
+        )
+        for record in found.memories:
+            click.echo(
+                f"{record.namespace:<16} {record.session_id or '-':<16} "
+                f"{record.importance:>10g} {record.created_at:%Y-%m-%d %H:%M:%S} "
+                f"{_one_line(record.text, _SHOWN_TEXT)}"
+            )
+        if len(found.memories) < memories:
+            click.echo(f"showing {len(found.memories)} of {memories} memories: --limit for more")
+
+
+@memory.command("search")
+@url_option
+@tenant_option
+@click.argument("query")
+@user_option
+@click.option("--namespace", default="default", show_default=True)
+@click.option("--limit", default=5, show_default=True, type=click.IntRange(min=1, max=1000))
+@click.option(
+    "--min-score",
+    type=click.FloatRange(-1, 1),
+    default=None,
+    help="Only memories at least this similar (cosine, -1 to 1).",
+)
+@click.option(
+    "--embedder",
+    type=_EmbedderSpec(),
+    required=True,
+    help="What embeds QUERY: hashing[:DIMS] (HashingEmbedder, 256 by default), minilm "
+    "(MiniLMEmbedder, the extra 'embeddings'), or module:attribute naming an Embedder or "
+    "a factory of one. It must be the embedder that wrote the memories: another one's "
+    "vectors mean nothing to it (only a different dimension is detected).",
+)
+@json_option
+def memory_search(
+    tenant: str,
+    query: str,
+    user_id: str | None,
+    namespace: str,
+    limit: int,
+    min_score: float | None,
+    embedder: Embedder,
+    as_json: bool,
+) -> None:
+    """Find the memories nearest QUERY in meaning.
+
+    The user's semantic memories (their sessions' included) and the tenant-wide ones,
+    best first, by cosine similarity. As search_memory does, it marks the memories
+    found as accessed (retention keeps recently accessed ones longer)."""
+    hits = _run_memory(
+        tenant,
+        lambda view: view.search_memory(
+            query, user_id=user_id, namespace=namespace, limit=limit, min_score=min_score
+        ),
+        embedder,
+    )
+    if as_json:
+        _echo_json([{"score": hit.score, **hit.record.to_dict()} for hit in hits])
+        return
+    if not hits:
+        click.echo(f"no memories of {_whose(user_id, tenant)} in namespace {namespace!r} found")
+        return
+    click.echo(f"{'SCORE':>7} {'SCOPE':<24} {'IMPORTANCE':>10} {'CREATED (UTC)':<19} TEXT")
+    for hit in hits:
+        record = hit.record
+        scope = "tenant-wide" if record.user_id is None else "user"
+        if record.session_id is not None:
+            scope = f"session {record.session_id}"
+        click.echo(
+            f"{hit.score:>7.4f} {scope:<24} "
+            f"{record.importance:>10g} {record.created_at:%Y-%m-%d %H:%M:%S} "
+            f"{_one_line(record.text, _SHOWN_TEXT)}"
+        )
+
+
+@memory.command("export")
+@url_option
+@tenant_option
+@user_option
+@click.option("--namespace", default=None, help="Only this namespace (default: all).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+    default="-",
+    help="The file to write (default: standard output).",
+)
+def memory_export(tenant: str, user_id: str | None, namespace: str | None, output: str) -> None:
+    """Write a user's memories as JSON (reads only).
+
+    Live key-value items and semantic memories with their vectors (format
+    ctxengine.memories, format_version 1), for `ctxengine memory import`."""
+    doc = _run_memory(tenant, lambda view: view.export_memories(user_id, namespace=namespace))
+    text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    if output == "-":
+        click.echo(text, nl=False)
+        return
+    with click.open_file(output, "w", encoding="utf-8") as file:
+        file.write(text)
+    click.echo(
+        f"exported {_plural(len(doc['items']), 'key-value item', 'key-value items')} and "
+        f"{_plural(len(doc['memories']), 'semantic memory', 'semantic memories')} of "
+        f"{_whose(user_id, tenant)} to {output}"
+    )
+
+
+@memory.command("import")
+@url_option
+@tenant_option
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option(
+    "--user",
+    "user_id",
+    default=None,
+    help="Import under this user (default: the user the export is of).",
+)
+def memory_import(tenant: str, file: Any, user_id: str | None) -> None:
+    """Put exported memories back (idempotent).
+
+    FILE (- for standard input) is what `ctxengine memory export` wrote; all of it is
+    written in one transaction, or nothing. Items stored alike and memories already
+    present are left as they are, so importing twice adds nothing."""
+    try:
+        doc = json.load(file)
+    except ValueError as exc:
+        raise click.ClickException(f"{file.name} is not JSON: {exc}") from None
+    target: str | EllipsisType | None = ... if user_id is None else user_id
+    result = _run_memory(tenant, lambda view: view.import_memories(doc, user_id=target))
+    click.echo(
+        f"imported into {_whose(result.user_id, tenant)}: "
+        f"{_plural(result.items_written, 'key-value item', 'key-value items')} written "
+        f"({result.items_unchanged} already stored alike), "
+        f"{_plural(result.memories_added, 'semantic memory', 'semantic memories')} added "
+        f"({result.memories_present} already present), {result.expired} expired since the "
+        "export and skipped"
+    )
 
 
 @main.command()
