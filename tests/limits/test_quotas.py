@@ -166,3 +166,22 @@ async def test_tenants_do_not_share_quotas(engine: ContextEngine) -> None:
     assert len(await other.get_usage_history()) == 1
     with pytest.raises(SessionNotFoundError):
         await engine.track_usage("s", "op", QuotaType.TOKENS, 1)
+
+
+async def test_message_tokens_do_not_draw_on_the_tokens_quota(engine: ContextEngine) -> None:
+    """docs/concepts/quotas-and-limits.md: ``add_message(..., tokens=n)`` stores ``n`` on
+    the message and nothing else; only ``track_usage`` counts against TOKENS."""
+    usage: list[Any] = []
+    engine.subscribe(usage.append, "usage.recorded")
+    await engine.create_session("s", "u", tier="free")
+    message = await engine.add_message("s", "assistant", "an answer", tokens=500)
+    assert message.tokens == 500
+    assert (await engine.get_messages("s"))[0].tokens == 500
+    tokens = await engine.get_quota("s", QuotaType.TOKENS)
+    assert tokens.used == 0 and tokens.limit == 100_000
+    assert await scalar(engine, "SELECT COUNT(*) FROM ctx_usage_records") == 0
+    assert (await engine.get_statistics()).usage_by_resource == {}
+    assert usage == []
+    await engine.track_usage("s", "llm", QuotaType.TOKENS, 500)  # what the docs say to do
+    assert (await engine.get_quota("s", QuotaType.TOKENS)).used == 500
+    assert [e.data["record"].amount for e in usage] == [500]

@@ -148,6 +148,31 @@ async def test_a_sessions_own_rule_wins_over_its_users(engine: ContextEngine) ->
         await engine.enforce_rate_limit(sibling, "gen")
 
 
+async def test_a_new_rule_counts_the_windows_past_calls(db_url: str, clock: Any) -> None:
+    """The example of docs/concepts/quotas-and-limits.md ("Rate limits"): a session rule
+    with a tier's window continues that tier rule's count, changing max_calls keeps the
+    count, another window length (or a user's first rule) starts from zero."""
+    settings = EngineSettings(auto_cleanup=False, session_timeout=10_000)
+    async with ContextEngine(db_url, settings=settings, clock=clock) as engine:
+        await engine.create_session("s1", "u", tier="free")
+        for left in range(59, 54, -1):
+            status = await engine.enforce_rate_limit("s1")  # the free tier: 60 per minute
+            assert (status.limit, status.remaining) == (60, left)
+        await engine.set_rate_limit("s1", "default", 10, 60)
+        status = await engine.check_rate_limit("s1")
+        assert (status.limit, status.remaining) == (10, 5)  # the minute's calls count
+        await engine.set_rate_limit("s1", "default", 20, 60)
+        assert (await engine.check_rate_limit("s1")).remaining == 15  # the count is kept
+        await engine.set_rate_limit("s1", "default", 10, 30)
+        status = await engine.check_rate_limit("s1")
+        assert (status.limit, status.remaining) == (10, 10)  # a new 30 s window
+        await engine.create_session("s2", "v", tier="free")
+        for _ in range(5):
+            await engine.enforce_rate_limit("s2")
+        await engine.set_rate_limit(None, "default", 10, 60, user_id="v")
+        assert (await engine.check_rate_limit("s2")).remaining == 10  # a user's first rule
+
+
 async def test_rate_limit_is_exact_across_processes(engine: ContextEngine, db_url: str) -> None:
     sid = (await engine.create_session(user_id="u")).session_id
     await engine.set_rate_limit(sid, "search", 30, 3600)
