@@ -53,35 +53,54 @@ def memorize(url: str, session_id: str, start: float) -> int:
     return asyncio.run(_memorize(url, session_id, start))
 
 
-async def _add_memories(url: str, worker: int, count: int, keep: int, start: float) -> None:
+async def _add_memories(url: str, worker: int, count: int, keep: int, start: float) -> int:
     settings = EngineSettings(auto_cleanup=False, auto_migrate=False, max_memories_per_user=keep)
     async with ContextEngine(url, settings=settings) as engine:
         await engine.count_memories(user_id="u")
         await asyncio.sleep(max(0.0, start - time.time()))
-        for i in range(count):
-            await engine.add_memory(
-                f"{worker}/{i}", user_id="u", importance=float(i), embedding=[1.0, float(worker)]
-            )
+
+        async def task(number: int) -> int:
+            most = 0
+            for i in range(count):
+                await engine.add_memory(
+                    f"{worker}/{number}/{i}",
+                    user_id="u",
+                    importance=float(i),
+                    embedding=[1.0, float(worker)],
+                )
+                most = max(most, await engine.count_memories(user_id="u"))
+            return most
+
+        return max(await asyncio.gather(*(task(n) for n in range(4))))
 
 
-def add_memories(url: str, worker: int, count: int, keep: int, start: float) -> None:
-    """``count`` memories of user "u" of rising importance, under a cap of ``keep``."""
-    asyncio.run(_add_memories(url, worker, count, keep, start))
+def add_memories(url: str, worker: int, count: int, keep: int, start: float) -> int:
+    """4 tasks adding ``count`` memories each of user "u", of rising importance, under
+    a cap of ``keep``, each counting the user's memories after each add; the most any
+    count saw."""
+    return asyncio.run(_add_memories(url, worker, count, keep, start))
 
 
-async def _first_vector(url: str, dimensions: int, start: float) -> str:
+async def _first_vectors(url: str, dimensions: int, spaces: int, start: float) -> list[str]:
     from ctxengine.errors import ValidationError
 
+    outcomes = []
     async with ContextEngine(url, settings=SETTINGS) as engine:
         await engine.count_memories(user_id="u")
         await asyncio.sleep(max(0.0, start - time.time()))
-        try:
-            await engine.add_memory("first", user_id="u", embedding=[1.0] * dimensions)
-        except ValidationError:
-            return "refused"
-        return "stored"
+        for space in range(spaces):
+            try:
+                await engine.add_memory(
+                    "first", user_id="u", namespace=f"n{space}", embedding=[1.0] * dimensions
+                )
+            except ValidationError:
+                outcomes.append("refused")
+            else:
+                outcomes.append("stored")
+    return outcomes
 
 
-def first_vector(url: str, dimensions: int, start: float) -> str:
-    """One memory of ``dimensions`` into the empty namespace: "stored" or "refused"."""
-    return asyncio.run(_first_vector(url, dimensions, start))
+def first_vectors(url: str, dimensions: int, spaces: int, start: float) -> list[str]:
+    """One memory of ``dimensions`` into each of ``spaces`` namespaces, in turn, from
+    the time ``start`` on: "stored" or "refused" for each."""
+    return asyncio.run(_first_vectors(url, dimensions, spaces, start))

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from ctxengine import ContextEngine, EngineSettings
-from ctxengine.embeddings import HashingEmbedder
+from ctxengine.embeddings import FunctionEmbedder, HashingEmbedder
 from ctxengine.errors import SessionNotFoundError, ValidationError
 from ctxengine.models import Event
 from tests.fixtures import FakeClock
@@ -59,6 +59,20 @@ async def test_a_source_is_stored_once(mem: ContextEngine) -> None:
     await mem.add_memory("my flight leaves Tuesday", user_id="ann")
     await mem.add_memory("my flight leaves Tuesday", user_id="ann")
     assert await stored(mem) == 4
+
+
+async def test_a_stored_source_is_not_embedded_again(db_url: str) -> None:
+    embedded: list[str] = []
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        embedded.extend(texts)
+        return [[1.0, float(len(t))] for t in texts]
+
+    settings = EngineSettings(auto_cleanup=False, embedder=FunctionEmbedder(embed, 2))
+    async with ContextEngine(db_url, settings=settings) as engine:
+        await engine.add_memory("tea", user_id="ann", source="s")
+        await engine.add_memory("tea", user_id="ann", source="s")
+        assert embedded == ["tea"]
 
 
 async def test_sources_are_per_tenant(mem: ContextEngine) -> None:
@@ -226,33 +240,40 @@ async def test_the_cap_counts_every_namespace_and_session(db_url: str) -> None:
 
 
 async def test_the_cap_holds_across_processes(db_url: str) -> None:
-    """4 processes add 25 memories each for one user under a cap of 10: 10 remain,
-    the most important ones."""
+    """4 processes of 4 tasks add 15 memories each for one user under a cap of 10,
+    counting after every add: no count ever saw more than 10, and the 10 that remain
+    are the most important."""
     async with ContextEngine(db_url, settings=capped(10)) as engine:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(4) as pool:
             start = time.time() + 3
-            pool.starmap(_workers.add_memories, [(db_url, w, 25, 10, start) for w in range(4)])
-        importances = sorted(
-            r[0] for r in await rows(engine, "SELECT importance FROM ctx_memories")
-        )
-        assert len(importances) == 10
-        assert min(importances) >= 21.0  # of the top ranks: 24, 23 and 22 of 4 writers
+            most = pool.starmap(
+                _workers.add_memories, [(db_url, w, 15, 10, start) for w in range(4)]
+            )
+        assert max(most) == 10
+        importances = [r[0] for r in await rows(engine, "SELECT importance FROM ctx_memories")]
+        assert sorted(importances) == [14.0] * 10  # 16 writers' last, most important adds
 
 
 # -- a namespace's dimension ------------------------------------------------------------
 async def test_first_writes_of_two_dimensions_at_once(engine: ContextEngine, db_url: str) -> None:
-    """6 processes write the first vector of an empty namespace at once, in 2 or 3
-    dimensions: the namespace ends with one dimension, and every write of the other
-    was refused."""
+    """4 processes write the first vector of 60 empty namespaces in turn, at once, in 2
+    or 3 dimensions: each namespace ends with one dimension, and every write of the
+    other was refused."""
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(6) as pool:
+    dimensions = [2, 3, 2, 3]
+    with ctx.Pool(4) as pool:
         start = time.time() + 3
         outcomes = pool.starmap(
-            _workers.first_vector, [(db_url, 2 + w % 2, start) for w in range(6)]
+            _workers.first_vectors, [(db_url, d, 60, start) for d in dimensions]
         )
-    dimensions = {r[0] for r in await rows(engine, "SELECT dimensions FROM ctx_memories")}
-    assert len(dimensions) == 1
-    (kept,) = dimensions
-    expected = ["stored" if 2 + w % 2 == kept else "refused" for w in range(6)]
-    assert outcomes == expected
+    kept = await rows(engine, "SELECT namespace, dimensions FROM ctx_memories")
+    by_space: dict[str, set[int]] = {}
+    for namespace, size in kept:
+        by_space.setdefault(namespace, set()).add(size)
+    assert all(len(sizes) == 1 for sizes in by_space.values()), by_space
+    assert len(by_space) == 60
+    for space in range(60):
+        (size,) = by_space[f"n{space}"]
+        expected = ["stored" if d == size else "refused" for d in dimensions]
+        assert [outcome[space] for outcome in outcomes] == expected

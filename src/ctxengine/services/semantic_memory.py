@@ -67,6 +67,10 @@ class SemanticMemoryService:
         weight = _importance(importance)
         seconds = None if ttl is None else v.seconds(ttl, "ttl")
         origin = None if source is None else _text(source, "source", MAX_SOURCE_BYTES)
+        if origin is not None:  # stored already: nothing to embed
+            found = await self._by_source(where.tenant_id, origin)
+            if found is not None:
+                return found
         vector = await self._vector(body, embedding)
         row = _row(where, body, meta, weight, seconds, vector, origin)
 
@@ -76,6 +80,12 @@ class SemanticMemoryService:
 
         return await self.ctx.transact(work, operation="add_memory")
 
+    async def _by_source(self, tenant: str, source: str) -> MemoryRecord | None:
+        async def work(conn: Connection, fx: Effects) -> MemoryRecord | None:
+            return await self.repo.by_source(conn, tenant, source, fx.now)
+
+        return await self.ctx.transact(work, write=False, operation="add_memory")
+
     async def _insert(
         self, conn: Connection, fx: Effects, where: MemoryScope, rows: list[dict[str, Any]]
     ) -> list[MemoryRecord]:
@@ -83,18 +93,24 @@ class SemanticMemoryService:
         whose source a live memory has already is that memory instead, and nothing is
         written for it. Then the user's memories beyond ``max_memories_per_user`` go."""
         tenant, namespace = where.tenant_id, where.namespace
+        keep = self.ctx.settings.max_memories_per_user
+        if keep is not None and where.user_id != NO_SCOPE:
+            # one writer per user at a time while the cap applies: exact across processes
+            await self.ctx.store.backend.lock(
+                conn, f"ctxengine.memory-user.{tenant}/{where.user_id}"
+            )
         stored = await self.repo.dimensions(conn, tenant, namespace)
         if stored is None:
             # the namespace's first vectors: one writer at a time settles its dimension
-            await self.ctx.store.backend.lock(conn, f"ctxengine.memories.{tenant}.{namespace}")
+            await self.ctx.store.backend.lock(conn, f"ctxengine.memory-space.{tenant}/{namespace}")
             stored = await self.repo.dimensions(conn, tenant, namespace)
         records = []
-        for row in rows:
-            _same_dimensions(stored, row["dimensions"], namespace)
-            stored = row["dimensions"]
-            row.update(created_at=fx.now, last_accessed_at=fx.now)
-            if row["expires_at"] is not None:
-                row["expires_at"] = fx.now + timedelta(seconds=row["expires_at"])
+        for new in rows:
+            _same_dimensions(stored, new["dimensions"], namespace)
+            stored = new["dimensions"]
+            ttl = new["ttl"]
+            row = dict(new, created_at=fx.now, last_accessed_at=fx.now)
+            row["expires_at"] = None if ttl is None else fx.now + timedelta(seconds=ttl)
             record = await self.repo.insert(conn, row)
             if record is None:
                 found = await self.repo.by_source(conn, tenant, row["source"], fx.now)
@@ -110,7 +126,6 @@ class SemanticMemoryService:
                 namespace=namespace,
             )
             records.append(record)
-        keep = self.ctx.settings.max_memories_per_user
         if keep is not None and where.user_id != NO_SCOPE:
             for memory_id in await self.repo.evict(conn, tenant, where.user_id, keep, fx.now):
                 fx.emit("memory.deleted", tenant, memory_id=memory_id, reason="evicted")
@@ -307,7 +322,7 @@ def _row(
     vector: np.ndarray[Any, Any],
     source: str | None,
 ) -> dict[str, Any]:
-    """The columns of a new memory; ``expires_at`` holds the ttl until it is stamped."""
+    """The columns of a new memory but its times, and its ``ttl``."""
     return {
         "tenant_id": where.tenant_id,
         "memory_id": new_id(),
@@ -319,10 +334,8 @@ def _row(
         "importance": importance,
         "dimensions": len(vector),
         "embedding": vector.tobytes(),
-        "created_at": None,
-        "last_accessed_at": None,
-        "expires_at": ttl,
         "source": source,
+        "ttl": ttl,
     }
 
 
