@@ -113,10 +113,12 @@ async def test_opentelemetry_session_id_is_opt_in(engine: ContextEngine) -> None
     await engine.get_session("s")
     await engine.create_session("t", "u")
     spans = {span.name: span for span in exporter.get_finished_spans()}
+    # the semantic conventions' session attribute (requirement level Opt-In)
+    assert SESSION_ID == "session.id"
     assert spans["add_message"].attributes is not None
-    assert spans["add_message"].attributes[SESSION_ID] == "s"
+    assert spans["add_message"].attributes["session.id"] == "s"
     assert spans["create_session"].attributes is not None
-    assert spans["create_session"].attributes[SESSION_ID] == "t"
+    assert spans["create_session"].attributes["session.id"] == "t"
     assert spans["get_session"].attributes is not None
     assert SESSION_ID not in spans["get_session"].attributes  # a read publishes no event
     for values in metric_points(reader).values():

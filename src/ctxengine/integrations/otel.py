@@ -7,8 +7,9 @@ the database, and metrics, after the database semantic conventions.
 Spans (kind CLIENT) are named after the call (``create_session``) and carry
 ``db.system.name`` (``sqlite`` or ``postgresql``), ``db.operation.name`` and, when the
 call raised, ``error.type`` (the exception's qualified class name) with status ERROR.
-``record_session_id=True`` adds ``ctxengine.session.id`` to the span of a call that
-changed one session (taken from the events it published; reads carry none).
+``record_session_id=True`` adds ``session.id`` (the semantic conventions' session
+attribute, opt-in there too) to the span of a call that changed one session (taken
+from the events it published; reads carry none).
 
 Metrics: ``db.client.operation.duration`` (seconds, by ``db.system.name``,
 ``db.operation.name`` and ``error.type``; its count is the number of calls),
@@ -33,7 +34,7 @@ from ..services.usage import usage_of
 __all__ = ["SESSION_ID", "instrument"]
 
 #: The span attribute that holds the session id (only with ``record_session_id=True``).
-SESSION_ID = "ctxengine.session.id"
+SESSION_ID = "session.id"
 
 # The bucket boundaries the conventions advise for db.client.operation.duration.
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
