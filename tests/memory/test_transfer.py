@@ -5,6 +5,7 @@ on SQLite files and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import json
@@ -460,3 +461,29 @@ async def test_bad_arguments(mem: ContextEngine) -> None:
     doc = await mem.export_memories("ann")
     with pytest.raises(ValidationError):
         await mem.import_memories(doc, user_id=" ")
+
+
+async def test_imports_at_once_store_each_memory_once(
+    mem: ContextEngine, clock: FakeClock, db_url: str
+) -> None:
+    await seed_ann(mem, clock)
+    doc = await mem.export_memories("ann")
+    engines = [ContextEngine(db_url, settings=HASHING, clock=clock) for _ in range(3)]
+    for engine in engines:
+        await engine.initialize()
+    try:
+        # the whole document, and memories alone of a namespace holding vectors already
+        # (neither the items' row locks nor a new namespace's lock make the imports queue)
+        default = {**await mem.export_memories("ann", namespace="default"), "items": []}
+        for document in (doc, default):
+            await mem.forget_user("ann")
+            results = await asyncio.gather(*(e.import_memories(document) for e in engines))
+            added = len(document["memories"])
+            assert sorted(r.memories_added for r in results) == [0, 0, added]
+            assert sum(r.items_written for r in results) == len(document["items"])
+            assert len((await mem.export_memories("ann"))["memories"]) == added
+    finally:
+        for engine in engines:
+            await engine.close()
+    await mem.import_memories(doc)
+    assert without_time_of_export(await mem.export_memories("ann")) == without_time_of_export(doc)

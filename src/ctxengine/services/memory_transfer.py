@@ -365,11 +365,16 @@ class MemoryTransferService:
     async def _write(
         self, conn: Connection, fx: Effects, tenant: str, plan: _Plan, target: str | None
     ) -> MemoryImportResult:
+        # the locks add_memory takes, in its order: the user's (one import or capped add
+        # at a time: the second finds what the first wrote, and the cap holds), then
+        # each new namespace's while its first vectors settle its dimension
+        lock = self.ctx.store.backend.lock
+        await lock(conn, f"ctxengine.memory-user.{tenant}/{plan.user}")
         # the namespaces' dimensions first: a mismatch writes nothing
         for namespace, wanted in sorted(plan.dimensions.items()):
             stored = await self.semantic.dimensions(conn, tenant, namespace)
             if stored is None:  # the namespace's first vectors, as add_memory settles them
-                await self.ctx.store.backend.lock(conn, f"ctxengine.memories.{tenant}.{namespace}")
+                await lock(conn, f"ctxengine.memory-space.{tenant}/{namespace}")
                 stored = await self.semantic.dimensions(conn, tenant, namespace)
             if stored is not None and stored != wanted:
                 raise ValidationError(
