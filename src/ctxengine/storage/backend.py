@@ -105,8 +105,10 @@ class PortableConnection:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
 
-    async def run(self, statement: Executable, parameters: Params, as_dicts: bool = False) -> Rows:
-        return await run_portable(self.conn, statement, parameters, as_dicts)
+    async def run(
+        self, statement: Executable, parameters: Params, as_dicts: bool = False, raw: bool = False
+    ) -> Rows:
+        return await run_portable(self.conn, statement, parameters, as_dicts, raw)
 
     async def execute(
         self, statement: Executable, parameters: Params | None = None

@@ -45,10 +45,13 @@ class Connection(Protocol):
     """What units of work execute statements on. Each backend gives its own kind
     (:meth:`~ctxengine.storage.backend.Backend.unit_of_work`)."""
 
-    async def run(self, statement: Executable, parameters: Params, as_dicts: bool = False) -> Rows:
+    async def run(
+        self, statement: Executable, parameters: Params, as_dicts: bool = False, raw: bool = False
+    ) -> Rows:
         """Execute a statement built once (see :func:`~ctxengine.storage.prebuilt.run`),
         on the driver directly where the backend can; rows as dicts keyed by column
-        when ``as_dicts``."""
+        when ``as_dicts``; with ``raw``, plain sequences read by position, as the driver
+        made them when no column needs converting (no object of ours per row)."""
         ...
 
     async def execute(

@@ -45,7 +45,7 @@ from ..models import Event
 from ..settings import EngineSettings
 from .backend import GENERIC_ERRORS, Backend, Failure, first_locked, lock_key
 from .connection import Connection, Params, Rows
-from .prebuilt import Result, compiled, run_portable
+from .prebuilt import Result, compiled, run_portable, shape
 from .relay import EventRelay
 
 try:
@@ -308,13 +308,15 @@ class AutocommitConnection:
             self._conn = AsyncConnection(view, sync)
         return self._conn
 
-    async def run(self, statement: Executable, parameters: Params, as_dicts: bool = False) -> Rows:
+    async def run(
+        self, statement: Executable, parameters: Params, as_dicts: bool = False, raw: bool = False
+    ) -> Rows:
         form = compiled(statement, self.dialect)
         driver = self.driver
         if not isinstance(parameters, Mapping):
             if form.types:  # rows of parameters, rows returned: SQLAlchemy's insertmanyvalues
                 connection = await self._connection()
-                return await run_portable(connection, statement, parameters, as_dicts)
+                return await run_portable(connection, statement, parameters, as_dicts, raw)
             await driver.executemany(form.sql, [form.values(p) for p in parameters])
             return Result([], -1)
         values = form.values(parameters)
@@ -326,7 +328,7 @@ class AutocommitConnection:
         if converters is None:  # the driver's column types (OIDs), as SQLAlchemy reads them
             prepared = await driver.prepare(form.sql)
             converters = form.converters_for([a.type.oid for a in prepared.get_attributes()])
-        return Result.of(await driver.fetch(form.sql, *values), converters[as_dicts])
+        return Result.of(await driver.fetch(form.sql, *values), converters[shape(as_dicts, raw)])
 
     async def execute(
         self, statement: Executable, parameters: Params | None = None

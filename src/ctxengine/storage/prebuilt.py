@@ -26,6 +26,7 @@ from .connection import Connection, Params, Record, Rows
 
 __all__ = [
     "Compiled",
+    "Converters",
     "Params",
     "Record",
     "Result",
@@ -34,6 +35,8 @@ __all__ = [
     "run",
     "run_dicts",
     "run_portable",
+    "run_raw",
+    "shape",
 ]
 
 
@@ -52,12 +55,27 @@ async def run_dicts(
     return list(await conn.run(statement, parameters, as_dicts=True))
 
 
+async def run_raw(
+    conn: Connection, statement: Executable, parameters: Mapping[str, Any]
+) -> list[Sequence[Any]]:
+    """The rows of ``statement`` (built once, as for :func:`run`) as plain sequences
+    read by position: the driver's own rows (sqlite3's tuples, asyncpg's records) when
+    none of its columns needs converting, with no object of ours per row; for reads
+    of many rows (the vectors of a search)."""
+    return list(await conn.run(statement, parameters, raw=True))
+
+
 async def run_portable(
-    conn: AsyncConnection, statement: Executable, parameters: Params, as_dicts: bool
+    conn: AsyncConnection,
+    statement: Executable,
+    parameters: Params,
+    as_dicts: bool,
+    raw: bool = False,
 ) -> Rows:
-    """``statement`` run through SQLAlchemy (where no driver runs it directly)."""
+    """``statement`` run through SQLAlchemy (where no driver runs it directly); its
+    rows are plain sequences already, so ``raw`` changes nothing."""
     result = await conn.execute(statement, parameters)
-    if not as_dicts:
+    if raw or not as_dicts:
         return result
     return Result([dict(row._mapping) for row in result], result.rowcount)
 
@@ -103,21 +121,26 @@ class Compiled:
         self.types = [column.type.dialect_impl(dialect) for column in columns]
         self.keys = tuple(column.key for column in columns)
         self.row = _row_type(self.keys)
-        #: (to a Row, to a dict) for one driver row, made once the driver's column types
-        #: are known
-        self.converters: tuple[_Convert, _Convert] | None = None
+        #: (to a Row, to a dict, to a plain tuple or None when the driver's row will do)
+        #: for one driver row, made once the driver's column types are known
+        self.converters: Converters | None = None
 
-    def converters_for(self, coltypes: Sequence[Any]) -> tuple[_Convert, _Convert]:
-        """(to a Row, to a dict) for one driver row, by the result processors of the
-        statement's column types for the driver's column types."""
+    def converters_for(self, coltypes: Sequence[Any]) -> Converters:
+        """(to a Row, to a dict, to a tuple: None when no column needs a processor) for
+        one driver row, by the result processors of the statement's column types for
+        the driver's column types; index it by :func:`shape`."""
         if self.converters is None:
             processors = [
                 t.result_processor(self.dialect, coltype)
                 for t, coltype in zip(self.types, coltypes, strict=True)
             ]
+            plain = None
+            if any(p is not None for p in processors):
+                plain = _converter(self.keys, processors, tuple)
             self.converters = (
                 _converter(self.keys, processors, self.row),
                 _converter(self.keys, processors, None),
+                plain,
             )
         return self.converters
 
@@ -132,6 +155,13 @@ class Compiled:
 
 
 _Convert = Callable[[Sequence[Any]], Any]
+#: See :meth:`Compiled.converters_for`.
+Converters = tuple[_Convert, _Convert, _Convert | None]
+
+
+def shape(as_dicts: bool, raw: bool) -> int:
+    """The index in :data:`Converters` of the rows a run asked for."""
+    return 2 if raw else int(as_dicts)
 
 
 def _converter(keys: tuple[str, ...], processors: Sequence[Any], row: Any) -> _Convert:
@@ -173,8 +203,9 @@ class Result:
         self.rowcount = rowcount
 
     @classmethod
-    def of(cls, fetched: Iterable[Sequence[Any]], convert: _Convert) -> Result:
-        rows = list(map(convert, fetched))
+    def of(cls, fetched: Iterable[Sequence[Any]], convert: _Convert | None) -> Result:
+        """``fetched`` converted row by row (None: the rows as they are)."""
+        rows = list(fetched) if convert is None else list(map(convert, fetched))
         return cls(rows, len(rows))
 
     def first(self) -> Any:

@@ -42,7 +42,7 @@ from ..settings import EngineSettings
 from .backend import GENERIC_ERRORS, Backend, Failure
 from .connection import Connection as UnitConnection
 from .connection import Params, Rows
-from .prebuilt import Result, compiled
+from .prebuilt import Result, compiled, shape
 
 try:
     from sqlalchemy.util import await_
@@ -132,19 +132,22 @@ class InlineConnection:
     def __init__(self, sync: Connection) -> None:
         self.sync = sync
 
-    async def run(self, statement: Executable, parameters: Params, as_dicts: bool = False) -> Rows:
-        raw = self.sync.connection.driver_connection
-        assert isinstance(raw, sqlite3.Connection)
+    async def run(
+        self, statement: Executable, parameters: Params, as_dicts: bool = False, raw: bool = False
+    ) -> Rows:
+        driver = self.sync.connection.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
         form = compiled(statement, self.sync.dialect)
         if isinstance(parameters, Mapping):
-            cursor = raw.execute(form.sql, form.values(parameters))
+            cursor = driver.execute(form.sql, form.values(parameters))
         else:
-            cursor = raw.executemany(form.sql, [form.values(p) for p in parameters])
+            cursor = driver.executemany(form.sql, [form.values(p) for p in parameters])
         try:
             if not form.types:
                 return Result([], cursor.rowcount)
             converters = form.converters_for([None] * len(form.types))
-            return Result.of(cursor, converters[as_dicts])  # row by row, as read
+            convert = converters[shape(as_dicts, raw)]
+            return Result.of(cursor.fetchall() if convert is None else cursor, convert)
         finally:
             cursor.close()
 
