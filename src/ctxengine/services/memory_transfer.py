@@ -55,7 +55,7 @@ from ..storage.repositories.semantic_memory import SemanticMemoryRepository
 from .base import Context, Effects
 from .memory import _value
 from .memory import scope as memory_scope
-from .semantic_memory import MAX_SOURCE_BYTES
+from .semantic_memory import MAX_SOURCE_BYTES, namespace_lock, user_lock
 
 FORMAT = "ctxengine.memories"
 FORMAT_VERSION = 1
@@ -369,12 +369,12 @@ class MemoryTransferService:
         # at a time: the second finds what the first wrote, and the cap holds), then
         # each new namespace's while its first vectors settle its dimension
         lock = self.ctx.store.backend.lock
-        await lock(conn, f"ctxengine.memory-user.{tenant}/{plan.user}")
+        await lock(conn, user_lock(tenant, plan.user))
         # the namespaces' dimensions first: a mismatch writes nothing
         for namespace, wanted in sorted(plan.dimensions.items()):
             stored = await self.semantic.dimensions(conn, tenant, namespace)
             if stored is None:  # the namespace's first vectors, as add_memory settles them
-                await lock(conn, f"ctxengine.memory-space.{tenant}/{namespace}")
+                await lock(conn, namespace_lock(tenant, namespace))
                 stored = await self.semantic.dimensions(conn, tenant, namespace)
             if stored is not None and stored != wanted:
                 raise ValidationError(

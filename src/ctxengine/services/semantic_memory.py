@@ -96,13 +96,11 @@ class SemanticMemoryService:
         keep = self.ctx.settings.max_memories_per_user
         if keep is not None and where.user_id != NO_SCOPE:
             # one writer per user at a time while the cap applies: exact across processes
-            await self.ctx.store.backend.lock(
-                conn, f"ctxengine.memory-user.{tenant}/{where.user_id}"
-            )
+            await self.ctx.store.backend.lock(conn, user_lock(tenant, where.user_id))
         stored = await self.repo.dimensions(conn, tenant, namespace)
         if stored is None:
             # the namespace's first vectors: one writer at a time settles its dimension
-            await self.ctx.store.backend.lock(conn, f"ctxengine.memory-space.{tenant}/{namespace}")
+            await self.ctx.store.backend.lock(conn, namespace_lock(tenant, namespace))
             stored = await self.repo.dimensions(conn, tenant, namespace)
         records = []
         for new in rows:
@@ -311,6 +309,18 @@ def _texts_in(data: Any) -> list[str]:
         elif isinstance(value, list | dict):
             found += _texts_in(value)
     return found
+
+
+def user_lock(tenant: str, user_id: str) -> str:
+    """The lock a write of the user's memories takes while ``max_memories_per_user``
+    applies (and an import always): one such writer per user at a time. Taken before
+    :func:`namespace_lock`."""
+    return f"ctxengine.memory-user.{tenant}/{user_id}"
+
+
+def namespace_lock(tenant: str, namespace: str) -> str:
+    """The lock the first write of a namespace takes while it settles the dimension."""
+    return f"ctxengine.memory-space.{tenant}/{namespace}"
 
 
 def _row(
