@@ -53,6 +53,7 @@ INSERT_SESSION = "raw INSERT, session row"
 INSERT_USAGE = "raw INSERT, usage row"
 #: remember's and recall's baselines: the same row written and read by its key.
 UPSERT_MEMORY = "raw INSERT ON CONFLICT"
+INSERT_MEMORY = "raw INSERT, memory row"
 SELECT_MEMORY = "raw SELECT memory by key"
 
 
@@ -422,6 +423,32 @@ async def bench_backend(
         )
         select_memory = f"SELECT * FROM ctx_memory_items {memory_key}"
 
+        # semantic memory: add_memory with its embedding given (384 float32s, as
+        # all-MiniLM-L6-v2's) against a raw INSERT of the same row
+        vector = [((i * 7919) % 1000) / 1000.0 - 0.5 for i in range(384)]
+        await engine.add_memory("the user prefers aisle seats", user_id="bench", embedding=vector)
+        await raw.clone("ctx_memories", "bench_memories")
+        memories = Rows(
+            "bench_memories",
+            await raw.read_dict(
+                "SELECT * FROM ctx_memories WHERE tenant_id = $1 AND user_id = $2 LIMIT 1",
+                "default",
+                "bench",
+            ),
+        )
+
+        async def add_memory(i: int) -> None:
+            await engine.add_memory(
+                "the user prefers aisle seats", user_id="bench", embedding=vector
+            )
+
+        async def raw_add_memory(i: int) -> None:
+            now = stamp()
+            await raw.write(
+                memories.sql,
+                *memories.args(memory_id=uuid.uuid4().hex, created_at=now, last_accessed_at=now),
+            )
+
         async def remember(i: int) -> None:
             await engine.remember("preferences", fact, user_id="bench")
 
@@ -447,6 +474,7 @@ async def bench_backend(
             ("get_messages all 1000", all_1000, "raw SELECT 1000 rows", raw_all_1000),
             ("remember", remember, UPSERT_MEMORY, raw_remember),
             ("recall", recall, SELECT_MEMORY, raw_recall),
+            ("add_memory", add_memory, INSERT_MEMORY, raw_add_memory),
             *peers,
         ]
 
@@ -500,6 +528,15 @@ async def bench_backend(
             async def held_recall(i: int) -> None:
                 await raw.read_held(select_memory, *memory_args)
 
+            async def held_add_memory(i: int) -> None:
+                now = stamp()
+                await raw.write_held(
+                    memories.sql,
+                    *memories.args(
+                        memory_id=uuid.uuid4().hex, created_at=now, last_accessed_at=now
+                    ),
+                )
+
             plan += [
                 ("update_session", update, HELD_UPDATE, held_update),
                 ("get_session", get, "raw SELECT, held conn", held_select),
@@ -510,6 +547,7 @@ async def bench_backend(
                 ("get_messages last 50 of 1000", last_50, "raw SELECT 50, held conn", held_last_50),
                 ("remember", remember, f"{UPSERT_MEMORY}, held conn", held_remember),
                 ("recall", recall, f"{SELECT_MEMORY}, held conn", held_recall),
+                ("add_memory", add_memory, f"{INSERT_MEMORY}, held conn", held_add_memory),
             ]
             bare = Bare(raw)
             append = bare.op(floors.APPEND, partial(append_params, talk))
