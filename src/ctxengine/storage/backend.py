@@ -73,6 +73,22 @@ def lock_key(name: str) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class VectorSearch:
+    """What a database offers semantic search besides reading every vector of a scope:
+    a cosine distance over the stored float32 blobs in SQL (sqlite-vec loaded), or
+    pgvector's copy of each vector (``ctx_memories.embedding_vector``, migration 0011)
+    with an HNSW index for some dimensions."""
+
+    blob_distance: bool = False
+    vector_column: bool = False
+    indexed: frozenset[int] = frozenset()
+
+
+#: Exact search only.
+EXACT_ONLY = VectorSearch()
+
+
+@dataclass(frozen=True, slots=True)
 class Failure:
     """What a database error means: the :class:`StorageError` class to raise, why (for
     a person: what failed and what to do), whether retrying may help (None: the class's
@@ -205,6 +221,10 @@ class Backend:
         self.closed = True
         if self.owned:
             await self.engine.dispose()
+
+    async def vector_search(self, conn: Connection) -> VectorSearch:
+        """What this database offers semantic search now (exact only, here)."""
+        return EXACT_ONLY
 
     async def lock(self, conn: Connection, name: str) -> None:
         """Hold a named lock until the transaction ends (mutual exclusion across processes)."""

@@ -12,16 +12,20 @@ from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import (
+    ARRAY,
     Boolean,
     ColumnElement,
     String,
     Table,
+    Text,
     cast,
+    column,
     event,
     func,
     literal,
     literal_column,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -43,7 +47,15 @@ from ..errors import (
 )
 from ..models import Event
 from ..settings import EngineSettings
-from .backend import GENERIC_ERRORS, Backend, Failure, first_locked, lock_key
+from .backend import (
+    EXACT_ONLY,
+    GENERIC_ERRORS,
+    Backend,
+    Failure,
+    VectorSearch,
+    first_locked,
+    lock_key,
+)
 from .connection import Connection, Params, Rows
 from .prebuilt import Result, compiled, run_portable, shape
 from .relay import EventRelay
@@ -145,6 +157,29 @@ _FAILURES: dict[str, tuple[type[StorageError], str, bool]] = {
     "08": (ConnectionLostError, "the connection to {where} broke: retry", True),
     "53": (StorageError, "{where} ran out of resources (memory, locks): retry later", True),
 }
+#: Seconds between two reads of pgvector's state (see PostgresBackend.vector_search).
+VECTOR_RECHECK = 30.0
+#: pgvector's version, whether ctx_memories has its vector column (migration 0011),
+#: and the valid HNSW indexes named for a dimension (ix_ctx_memories_hnsw_<dims>).
+_VECTOR_CATALOG = text(
+    """SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
+    EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('ctx_memories')
+        AND attname = 'embedding_vector' AND NOT attisdropped),
+    ARRAY(SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+        WHERE i.indrelid = to_regclass('ctx_memories') AND i.indisvalid
+        AND c.relname LIKE 'ix\\_ctx\\_memories\\_hnsw\\_%')"""
+).columns(
+    column("version", String()),
+    column("vector_column", Boolean()),
+    column("indexes", ARRAY(Text())),
+)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """A version like "0.8.1" as (0, 8, 1); unreadable parts count as 0."""
+    return tuple(int(part) if part.isdigit() else 0 for part in text.split("."))
+
+
 #: A pooled connection idle longer than this is pinged before use.
 PING_AFTER_IDLE = 10.0
 #: Where a pool entry's ``info`` keeps when it was last returned to the pool.
@@ -465,6 +500,8 @@ class PostgresBackend(Backend):
         super().__init__(url)
         #: the driver connections checked in to the pool (see ``dispose``)
         self._idle: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
+        #: (when read, what was read) of :meth:`vector_search`
+        self._vector_search: tuple[float, VectorSearch] = (-VECTOR_RECHECK, EXACT_ONLY)
 
     def engine_options(self, settings: EngineSettings) -> dict[str, Any]:
         return {
@@ -594,6 +631,23 @@ class PostgresBackend(Backend):
             goodbyes = [c.close(timeout=GOODBYE) for c in self._idle if not c.is_closed()]
             await asyncio.gather(*goodbyes, return_exceptions=True)
             await self.engine.dispose()
+
+    async def vector_search(self, conn: Connection) -> VectorSearch:
+        """pgvector's column and HNSW indexes (read from the catalog at most every
+        :data:`VECTOR_RECHECK` seconds, so an index created or dropped meanwhile is
+        used or left within that time: a search planned for a dropped index is still
+        exact, only slower)."""
+        checked, found = self._vector_search
+        if time.monotonic() - checked < VECTOR_RECHECK:
+            return found
+        row = (await conn.run(_VECTOR_CATALOG, {})).first()
+        assert row is not None
+        version, column, indexes = row
+        dims = {int(name.rsplit("_", 1)[1]) for name in indexes if name.rsplit("_", 1)[1].isdigit()}
+        usable = column and version is not None and _version(version) >= (0, 8)
+        found = VectorSearch(vector_column=bool(column), indexed=frozenset(dims if usable else ()))
+        self._vector_search = (time.monotonic(), found)
+        return found
 
     async def lock(self, conn: Connection, name: str) -> None:
         await conn.execute(select(func.pg_advisory_xact_lock(lock_key(name))))

@@ -39,7 +39,7 @@ from ..errors import (
     StorageTimeoutError,
 )
 from ..settings import EngineSettings
-from .backend import GENERIC_ERRORS, Backend, Failure
+from .backend import EXACT_ONLY, GENERIC_ERRORS, Backend, Failure, VectorSearch
 from .connection import Connection as UnitConnection
 from .connection import Params, Rows
 from .prebuilt import Result, compiled, shape
@@ -160,6 +160,24 @@ class InlineConnection:
         return fn(self.sync)
 
 
+def _vector_extension() -> str | None:
+    """The path of sqlite-vec's loadable extension (the extra ``vector``), or None when
+    it is not installed or this Python's sqlite3 cannot load extensions (a build
+    without ``--enable-loadable-sqlite-extensions``)."""
+    if not hasattr(sqlite3.Connection, "enable_load_extension"):
+        return None
+    try:
+        import sqlite_vec
+    except ImportError:
+        return None
+    path: str = sqlite_vec.loadable_path()
+    return path
+
+
+#: sqlite-vec loaded: SQL computes cosine distances over the stored blobs.
+VECTOR_FUNCTIONS = VectorSearch(blob_distance=True)
+
+
 def _json_contains_all(array: str | None, wanted: str) -> int:
     have = set(json.loads(array)) if array else set()
     return int(have.issuperset(json.loads(wanted)))
@@ -267,6 +285,9 @@ class SQLiteBackend(Backend):
         self._serial = asyncio.Lock() if in_memory else None
         #: whether the pool has made its first connection (see ``_checkout``)
         self._pool_started = False
+        #: sqlite-vec's loadable extension, loaded into each connection (engines
+        #: ctxengine creates); None: not installed, or this Python cannot load any
+        vectors = self._vector_functions = _vector_extension() if inline else None
 
         @event.listens_for(engine.sync_engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -286,6 +307,26 @@ class SQLiteBackend(Backend):
             )
             if inline:  # nothing may wait for a lock on the event loop thread
                 dbapi_connection.execute("PRAGMA busy_timeout=0")
+            if vectors is not None and not self._load(dbapi_connection, vectors):
+                self._vector_functions = None  # searches compare every vector instead
+
+    def _load(self, connection: sqlite3.Connection, extension: str) -> bool:
+        """Load ``extension`` into ``connection``; whether it loaded (a failure is
+        logged, once per engine: searches stay exact)."""
+        try:
+            connection.enable_load_extension(True)
+            try:
+                connection.load_extension(extension)
+            finally:
+                connection.enable_load_extension(False)
+        except sqlite3.Error:
+            if self._vector_functions is not None:
+                log.warning("sqlite-vec did not load; semantic search stays exact", exc_info=True)
+            return False
+        return True
+
+    async def vector_search(self, conn: UnitConnection) -> VectorSearch:
+        return VECTOR_FUNCTIONS if self._vector_functions is not None else EXACT_ONLY
 
     def _check_folder(self) -> None:
         """Refuse, before connecting, a database file whose folder does not exist."""
