@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -74,6 +74,19 @@ class SemanticMemoryService:
         vector = await self._vector(body, embedding)
         row = _row(where, body, meta, weight, seconds, vector, origin)
 
+        if self.ctx.settings.max_memories_per_user is None or where.user_id == NO_SCOPE:
+            # one statement where it is all there is to do: a namespace settled to this
+            # dimension, a source (if any) not stored, no cap to apply
+            async def at_once(conn: Connection, fx: Effects) -> MemoryRecord | None:
+                record = await self.repo.insert(conn, _stamped(row, fx.now), settled=True)
+                if record is not None:
+                    _added(fx, where.tenant_id, record)
+                return record
+
+            added = await self.ctx.transact(at_once, one_statement=True, operation="add_memory")
+            if added is not None:
+                return added
+
         async def work(conn: Connection, fx: Effects) -> MemoryRecord:
             (record,) = await self._insert(conn, fx, where, [row])
             return record
@@ -106,23 +119,13 @@ class SemanticMemoryService:
         for new in rows:
             _same_dimensions(stored, new["dimensions"], namespace)
             stored = new["dimensions"]
-            ttl = new["ttl"]
-            row = dict(new, created_at=fx.now, last_accessed_at=fx.now)
-            row["expires_at"] = None if ttl is None else fx.now + timedelta(seconds=ttl)
-            record = await self.repo.insert(conn, row)
+            record = await self.repo.insert(conn, _stamped(new, fx.now))
             if record is None:
-                found = await self.repo.by_source(conn, tenant, row["source"], fx.now)
+                found = await self.repo.by_source(conn, tenant, new["source"], fx.now)
                 assert found is not None  # the conflicting row is locked by the insert
                 records.append(found)
                 continue
-            fx.emit(
-                "memory.added",
-                tenant,
-                record.session_id,
-                record.user_id,
-                memory_id=record.memory_id,
-                namespace=namespace,
-            )
+            _added(fx, tenant, record)
             records.append(record)
         if keep is not None and where.user_id != NO_SCOPE:
             for memory_id in await self.repo.evict(conn, tenant, where.user_id, keep, fx.now):
@@ -354,6 +357,24 @@ def _row(
         "source": source,
         "ttl": ttl,
     }
+
+
+def _stamped(row: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """A row of :func:`_row` with its times, as of ``now``."""
+    ttl = row["ttl"]
+    expires_at = None if ttl is None else now + timedelta(seconds=ttl)
+    return dict(row, created_at=now, last_accessed_at=now, expires_at=expires_at)
+
+
+def _added(fx: Effects, tenant: str, record: MemoryRecord) -> None:
+    fx.emit(
+        "memory.added",
+        tenant,
+        record.session_id,
+        record.user_id,
+        memory_id=record.memory_id,
+        namespace=record.namespace,
+    )
 
 
 def _text(value: object, field: str, max_bytes: int) -> str:

@@ -263,14 +263,24 @@ class SemanticMemoryRepository(MemoryTable):
         def replaced(excluded: Any) -> dict[str, Any]:
             return {name: excluded[name] for name in names if name not in ("tenant_id", "source")}
 
+        values = {name: bindparam(name, type_=t.c[name].type) for name in names}
         #: Insert a memory; one whose source a live memory has already writes nothing
         #: (an expired one with that source is replaced: expired memories are absent).
         self._insert = backend.upsert(
-            t,
-            ["tenant_id", "source"],
-            {name: bindparam(name, type_=t.c[name].type) for name in names},
-            replaced,
-            where=lambda excluded: not_(_ALIVE),
+            t, ["tenant_id", "source"], values, replaced, where=lambda excluded: not_(_ALIVE)
+        )
+        #: The same, only into a namespace whose vectors have the memory's dimension.
+        settled = (
+            select(c.dimensions)
+            .where(c.tenant_id == values["tenant_id"], c.namespace == values["namespace"])
+            .limit(1)
+            .scalar_subquery()
+        )
+        fitting = select(*(value.label(name) for name, value in values.items())).where(
+            settled == values["dimensions"]
+        )
+        self._insert_fitting = backend.upsert(
+            t, ["tenant_id", "source"], fitting, replaced, where=lambda excluded: not_(_ALIVE)
         )
         #: The user's live memories beyond the ``keep`` they keep longest: lowest
         #: importance first, then least recently accessed.
@@ -291,11 +301,15 @@ class SemanticMemoryRepository(MemoryTable):
             .returning(c.memory_id)
         )
 
-    async def insert(self, conn: Connection, row: dict[str, Any]) -> MemoryRecord | None:
+    async def insert(
+        self, conn: Connection, row: dict[str, Any], *, settled: bool = False
+    ) -> MemoryRecord | None:
         """Insert the memory of ``row`` (every column) and return it; None when a live
-        memory of the tenant has its ``source`` (nothing is written)."""
+        memory of the tenant has its ``source``, or with ``settled`` when the namespace
+        holds no vectors of the row's dimension yet (nothing is written)."""
         params = dict(row, now=row["created_at"])
-        if not (await run(conn, self._insert, params)).rowcount:
+        stmt = self._insert_fitting if settled else self._insert
+        if not (await run(conn, stmt, params)).rowcount:
             return None
         return MemoryRecord._trusted(
             {
