@@ -122,8 +122,9 @@ class ContextEngine(TenantView):
         return expired
 
     async def close(self) -> None:
-        """Stop background work (at most about a second), end event streams, release
-        the connection pool if the engine created it. Closing twice is fine."""
+        """Stop background work (the cleanup task, automatic compactions: at most about
+        a second each), end event streams, release the connection pool if the engine
+        created it. Closing twice is fine."""
         if self._live is not None:
             self._runtime()  # WrongEventLoopError from another loop
         async with self._opening:
@@ -133,6 +134,7 @@ class ContextEngine(TenantView):
                 return
             if runtime.cleanup is not None:
                 await runtime.cleanup.stop()
+            await runtime.context.stop()  # automatic compactions: finished or cancelled
             if runtime.ctx.relay is not None:
                 await runtime.ctx.relay.stop()
             await runtime.leases.release_all()

@@ -26,6 +26,7 @@ EVENT_TYPES = frozenset(
         "session.expired",
         "message.added",
         "history.trimmed",
+        "history.compacted",
         "usage.recorded",
         "quota.warning",
         "quota.critical",

@@ -15,6 +15,7 @@ __all__ = [
     "FROM_SETTINGS",
     "Chat",
     "Checkpoint",
+    "ContextWindow",
     "Event",
     "FromSettings",
     "MemoryHit",
@@ -224,7 +225,8 @@ class Chat(_Frozen):
 
 
 class Message(_Frozen):
-    """One message of a chat; ``seq`` orders messages exactly."""
+    """One message of a chat; ``seq`` orders messages exactly. ``compacted``: replaced
+    by a summary (``compact_history``), shown only with ``include_compacted=True``."""
 
     message_id: str
     chat_id: str
@@ -235,6 +237,20 @@ class Message(_Frozen):
     metadata: dict[str, Any] = Field(default_factory=dict)
     tokens: int | None = None
     created_at: datetime
+    compacted: bool = False
+
+
+class ContextWindow(_Frozen):
+    """What ``get_context`` returns: the ``messages`` to send, in order (system messages
+    and the latest summary first, then the newest whole turns), their ``tokens`` in all,
+    the ``max_tokens`` asked for, and whether the chat's whole history is in it
+    (``complete``; False: older turns were left out). ``tokens`` passes ``max_tokens``
+    only when the system messages and the summary alone do."""
+
+    messages: list[Message]
+    tokens: int
+    max_tokens: int
+    complete: bool
 
 
 class Checkpoint(_Frozen):

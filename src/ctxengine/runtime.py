@@ -9,6 +9,7 @@ from typing import Protocol
 
 from .cleanup import CleanupLoop
 from .services.base import Context
+from .services.context import ContextService
 from .services.conversation import ConversationService
 from .services.limits import LeaseService, RateLimitService
 from .services.memory import MemoryService
@@ -27,6 +28,7 @@ class Runtime:
     ctx: Context
     sessions: SessionService
     conversation: ConversationService
+    context: ContextService
     snapshots: SnapshotService
     metadata: MetadataService
     usage: UsageService
@@ -49,6 +51,7 @@ class Runtime:
             ctx,
             sessions,
             conversation,
+            ContextService(ctx, conversation),
             SnapshotService(ctx, sessions),
             MetadataService(ctx, sessions),
             UsageService(ctx, sessions),

@@ -6,13 +6,14 @@ import difflib
 import re
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .embeddings import Embedder
 from .errors import ValidationError
 from .models import QuotaType, RateLimitType
+from .tokens import Summarizer, TokenCounter
 
 __all__ = ["DEFAULT_TIERS", "EngineSettings", "TierPolicy"]
 
@@ -96,7 +97,34 @@ class EngineSettings(BaseSettings):
     max_sessions_per_user: int | None = Field(default=None, ge=0)
     max_chats_per_session: int | None = Field(default=None, ge=1)
     max_messages_per_chat: int | None = Field(default=1000, ge=1)
-    history_overflow: Literal["trim", "reject"] = "trim"
+    history_overflow: Literal["trim", "reject", "compact"] = Field(
+        default="trim",
+        description="past a chat's cap: drop the oldest whole turns, refuse the append, "
+        "or (with a summarizer) commit it and compact the chat in the background",
+    )
+    summarizer: Summarizer | None = Field(
+        default=None,
+        exclude=True,
+        description="what history_overflow='compact' summarizes old turns with: "
+        "await summarizer(messages) -> str",
+    )
+    token_counter: TokenCounter | None = Field(
+        default=None,
+        exclude=True,
+        description="counts the tokens of a message given none (get_context, "
+        "max_context_tokens); None: ctxengine.tokens.estimate_tokens",
+    )
+    max_context_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="with history_overflow='compact': a chat whose history passes this "
+        "many tokens is compacted too",
+    )
+    compact_keep_last_turns: int = Field(
+        default=4,
+        ge=0,
+        description="the newest whole turns an automatic compaction leaves as they are",
+    )
     auto_migrate: bool = True
     tiers: dict[str, TierPolicy] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
     redact_patterns: tuple[str, ...] = ()
@@ -175,6 +203,17 @@ class EngineSettings(BaseSettings):
                 ) from None
         return patterns
 
+    @model_validator(mode="after")
+    def _compaction_needs_a_summarizer(self) -> EngineSettings:
+        if self.history_overflow == "compact" and self.summarizer is None:
+            raise ValueError("history_overflow='compact' needs a summarizer")
+        if self.max_context_tokens is not None and self.history_overflow != "compact":
+            raise ValueError(
+                "max_context_tokens applies with history_overflow='compact' (and a "
+                "summarizer); get_context(max_tokens=...) takes a budget per call"
+            )
+        return self
+
     @field_validator("tiers")
     @classmethod
     def _tier_names_match(cls, tiers: dict[str, TierPolicy]) -> dict[str, TierPolicy]:
@@ -192,6 +231,8 @@ def _settings_error(exc: PydanticValidationError) -> ValidationError:
         close = difflib.get_close_matches(name, EngineSettings.model_fields, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         message = f"unknown setting {name!r}{hint}"
+    elif not name:  # a rule across settings
+        message = f"settings: {first['msg'].removeprefix('Value error, ')}"
     else:
         message = f"setting {name!r}: {first['msg']} (got {first.get('input')!r})"
     more = exc.error_count() - 1

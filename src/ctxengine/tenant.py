@@ -18,6 +18,7 @@ from .models import (
     FROM_SETTINGS,
     Chat,
     Checkpoint,
+    ContextWindow,
     FromSettings,
     MemoryHit,
     MemoryImportResult,
@@ -40,6 +41,7 @@ from .services.chats import NewMessage
 from .services.conversation import ConversationService
 from .services.memory import scope as _memory_scope
 from .services.usage import quota_type, usage_callback
+from .tokens import Summarizer
 from .tracking import RequestTracker, track_request
 
 if TYPE_CHECKING:
@@ -464,11 +466,16 @@ class TenantView:
         chat_id: str | None = None,
         limit: int | None = 50,
         before_seq: int | None = None,
+        include_compacted: bool = False,
     ) -> list[Message]:
         """The last ``limit`` messages (all with None) of a chat, oldest first; with
-        ``before_seq``, those before that sequence number (paging backwards)."""
+        ``before_seq``, those before the message with that sequence number (paging
+        backwards: ``before_seq=page[0].seq``). Once compacted, the chat's latest
+        summary stands where the messages it replaced stood (after the system prompt)
+        and those are left out; ``include_compacted=True`` returns every stored
+        message, compacted ones too, by sequence number."""
         return await self._runtime().conversation.get_messages(
-            self._tenant, session_id, chat_id, limit, before_seq
+            self._tenant, session_id, chat_id, limit, before_seq, include_compacted
         )
 
     get_conversation_history = get_messages
@@ -504,6 +511,49 @@ class TenantView:
         return await self._runtime().conversation.trim_history(
             self._tenant, session_id, keep_last, keep_system, chat_id
         )
+
+    async def get_context(
+        self,
+        session_id: str,
+        *,
+        chat_id: str | None = None,
+        max_tokens: int,
+        keep_system: bool = True,
+    ) -> ContextWindow:
+        """What to send a model: the newest whole turns of the chat (a turn starts at a
+        user message, so a tool result never comes without its call) within
+        ``max_tokens``, the chat's system messages and latest summary first (with
+        ``keep_system``; they count toward ``max_tokens`` and are kept even when they
+        alone pass it). A message counts its ``tokens`` when given, else
+        ``EngineSettings.token_counter``'s count of its content."""
+        return await self._runtime().context.get_context(
+            self._tenant, session_id, chat_id, max_tokens, keep_system
+        )
+
+    async def compact_history(
+        self,
+        session_id: str,
+        summarizer: Summarizer,
+        *,
+        chat_id: str | None = None,
+        keep_last_turns: int = 4,
+    ) -> Message | None:
+        """Replace the chat's turns before the last ``keep_last_turns`` (and its previous
+        summary, folded in) with one summary: a system message written by ``await
+        summarizer(messages) -> str``, with the next sequence number and
+        ``metadata["summary_of"] = [first_seq, last_seq]``. The summarizer runs outside
+        any transaction; the replacement commits only if what it read is unchanged,
+        else ConflictError and nothing is written (messages appended meanwhile are
+        never touched). Replaced messages are flagged compacted, not deleted (see
+        get_messages(include_compacted=True), purge_compacted()). Returns the summary,
+        or None when there was nothing to compact."""
+        return await self._runtime().context.compact(
+            self._tenant, session_id, summarizer, chat_id, keep_last_turns
+        )
+
+    async def purge_compacted(self, session_id: str) -> int:
+        """Delete the session's compacted messages (every chat); the number deleted."""
+        return await self._runtime().context.purge_compacted(self._tenant, session_id)
 
     async def set_metadata(self, session_id: str, key: str, value: Any) -> dict[str, Any]:
         """Set one metadata key (in SQL: concurrent writers of other keys are kept);

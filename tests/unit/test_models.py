@@ -21,6 +21,7 @@ def test_trusted_construction_matches_validation() -> None:
         "metadata": {"k": [1]},
         "tokens": None,
         "created_at": datetime(2030, 1, 1, tzinfo=UTC),
+        "compacted": False,
     }
     trusted = Message._trusted(dict(values))
     validated = Message(**values)

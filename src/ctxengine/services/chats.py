@@ -66,6 +66,7 @@ def message_values(
         "metadata": message.metadata,
         "tokens": message.tokens,
         "created_at": now,
+        "compacted": False,
     }
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +21,7 @@ from ..models import Chat, Message, Session, SessionStats
 from ..storage.connection import Connection
 from ..storage.repositories.conversation import ConversationRepository
 from . import documents as d
+from . import history
 from .base import Context, Effects, done
 from .chats import NewMessage, insert_chat, message_cap, message_values
 
@@ -32,6 +34,9 @@ D = TypeVar("D", bound=d.ConversationDoc)
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
+
+#: Above every sequence number.
+_NO_SEQ_ABOVE = 2**63 - 1
 
 #: The most chats remembered as full (see ``ConversationService._full``); all are
 #: forgotten when a new one would pass it.
@@ -49,13 +54,23 @@ class ConversationService:
         #: the next one skips the one-statement append, which would find no room. A
         #: hint only: the transaction taken instead is right whatever the chat holds.
         self._full: set[tuple[str, str, str | None]] = set()
+        #: With ``history_overflow="compact"``: told after each committed append
+        #: (tenant, session_id, chat_id, whether the chat is past its cap).
+        self.appended: Callable[[str, str, str, bool], None] | None = None
 
     # -- input ----------------------------------------------------------------------------
     def new_message(
-        self, role: object, content: object, metadata: object = None, tokens: object = None
+        self,
+        role: object,
+        content: object,
+        metadata: object = None,
+        tokens: object = None,
+        *,
+        summary: bool = False,
     ) -> NewMessage:
         """Validate a message and redact its content: text as text; JSON data (a dict or
-        a list) value by value, then stored as its compact JSON text."""
+        a list) value by value, then stored as its compact JSON text. Only a ``summary``
+        may carry ``summary_of`` metadata."""
         role = v.choice_of(d.ROLES, role, "role")
         redactor = self.ctx.redactor
         if isinstance(content, Mapping | list):
@@ -67,12 +82,14 @@ class ConversationService:
         text = v.text(content, "content", self.ctx.settings.max_message_bytes)
         if not text and role in ("system", "user"):
             raise ValidationError(f"a {role} message needs content", field="content")
-        return NewMessage(
-            role,
-            text,
-            v.json_object(metadata, "metadata", self.ctx.settings.max_metadata_bytes),
-            None if tokens is None else v.count(tokens, "tokens"),
-        )
+        data = v.json_object(metadata, "metadata", self.ctx.settings.max_metadata_bytes)
+        if history.SUMMARY_OF in data and not summary:
+            raise ValidationError(
+                f"metadata {history.SUMMARY_OF!r} marks a summary, which only "
+                "compact_history writes",
+                field="metadata",
+            )
+        return NewMessage(role, text, data, None if tokens is None else v.count(tokens, "tokens"))
 
     def _chat_options(
         self, name: object, metadata: object, max_messages: object
@@ -220,8 +237,12 @@ class ConversationService:
         # the one-statement append checks no expected seq
         appends = self.repo.appends_at_once(len(new)) and if_last_seq is None
         trims = appends and settings.history_overflow == "trim"
+        # "compact": the append always commits (past the cap too); compaction follows
+        compacts = settings.history_overflow == "compact"
         hint = (tenant, session_id, chat_id)
         starts_turn = bool(new) and new[0].role == "user"
+        #: the chat written to, and whether it is now past its cap
+        written: list[tuple[str, bool]] = []
 
         async def append(conn: Connection, fx: Effects, *, room: bool) -> list[Message] | None:
             """ONE statement appending the messages if the session can work and the chat
@@ -235,26 +256,30 @@ class ConversationService:
             chat, last = appended.chat_id, appended.last_seq
             if not room:
                 first, count, limit = last - len(rows) + 1, appended.message_count, appended.limit
-                await self._keep_limit(
+                over = await self._keep_limit(
                     conn, fx, tenant, session_id, chat, first, count, limit, starts_turn
                 )
+                written.append((chat, over))
                 if limit is None or count < limit:
                     self._full.discard(hint)
                 else:
                     if len(self._full) >= _FULL_CHATS_KEPT:
                         self._full.clear()  # the oldest hints are as likely stale
                     self._full.add(hint)
+            written.append((chat, False))
             return self._added(fx, appended.user_id, _placed(rows, chat, last))
 
         if appends and not (trims and hint in self._full):
-            # one statement when the session can work and the chat has room; anything
-            # else (refusals, trimming the history) takes the general transaction below
+            # one statement when the session can work and the chat has room (with
+            # "compact", whatever its room); anything else (refusals, trimming the
+            # history) takes the general transaction below
             added = await self.ctx.transact(
-                lambda conn, fx: append(conn, fx, room=True),
+                lambda conn, fx: append(conn, fx, room=not compacts),
                 one_statement=True,
                 operation="add_message",
             )
             if added is not None:
+                self._notify(tenant, session_id, written)
                 return added
 
         async def work(conn: Connection, fx: Effects) -> list[Message] | None:
@@ -274,7 +299,8 @@ class ConversationService:
                 raise ChatNotFoundError(session_id, chat)
             first = taken.next_seq - len(new) + 1
             if if_last_seq is not None:
-                last = await self.repo.last_seq(conn, tenant, session_id, chat, first)
+                newest = await self._shown_last(conn, tenant, session_id, chat, first)
+                last = 0 if newest is None else newest.seq
                 if last != if_last_seq:
                     raise ConflictError(
                         f"the newest seq of chat {chat!r} of session {session_id!r}",
@@ -282,7 +308,7 @@ class ConversationService:
                         last,
                     )
             count, limit = taken.message_count, taken.max_messages
-            await self._keep_limit(
+            over = await self._keep_limit(
                 conn, fx, tenant, session_id, chat, first, count, limit, starts_turn
             )
             rows = [
@@ -290,9 +316,44 @@ class ConversationService:
                 for i, message in enumerate(new)
             ]
             await self.repo.insert_messages(conn, rows)
+            written.append((chat, over))
             return self._added(fx, session.user_id, rows)
 
-        return done(await self.ctx.transact(work, operation="add_message"))
+        added = done(await self.ctx.transact(work, operation="add_message"))
+        self._notify(tenant, session_id, written)
+        return added
+
+    def _notify(self, tenant: str, session_id: str, written: list[tuple[str, bool]]) -> None:
+        """Tell ``appended`` (automatic compaction) of a committed append (the last
+        attempt's chat: a retried unit of work records each attempt)."""
+        if self.appended is not None and written:
+            chat, over = written[-1]
+            self.appended(tenant, session_id, chat, over)
+
+    async def _shown_last(
+        self, conn: Connection, tenant: str, session_id: str, chat: str, below: int
+    ) -> Message | None:
+        """The last message of the chat's history as shown (see ``history``) among the
+        messages below seq ``below``: its newest message not compacted, or its latest
+        summary when only messages before the summary's range are newer."""
+        summary = history.latest_summary(
+            await self.repo.system_messages(conn, tenant, session_id, chat)
+        )
+        if summary is not None and summary.seq >= below:
+            summary = None
+        newest = await self.repo.newest_visible(
+            conn,
+            tenant,
+            session_id,
+            chat,
+            below=below,
+            other_than=None if summary is None else summary.seq,
+        )
+        if summary is not None and (
+            newest is None or newest.seq < history.position(summary, summary)
+        ):
+            return summary
+        return newest
 
     async def _keep_limit(
         self,
@@ -305,16 +366,20 @@ class ConversationService:
         count: int,
         limit: int | None,
         starts_turn: bool,
-    ) -> None:
+    ) -> bool:
         """With ``count`` messages in the chat (its row locked) once the messages from
         seq ``first`` on are added (``starts_turn``: the first of them is a user
         message): trim the oldest whole turns below ``first`` down to ``limit``, or raise
         HistoryLimitError ("reject", or too few whole turns to trim: the unit of work
-        is then rolled back)."""
+        is then rolled back). With "compact", nothing here: whether the chat is past
+        its limit (compaction follows the commit)."""
         if limit is None or count <= limit:
-            return
+            return False
         excess = count - limit
-        if self.ctx.settings.history_overflow == "reject":
+        overflow = self.ctx.settings.history_overflow
+        if overflow == "compact":
+            return True
+        if overflow == "reject":
             raise HistoryLimitError(session_id, chat, limit)
         removed = await self.repo.delete_oldest_turns(
             conn,
@@ -329,6 +394,7 @@ class ConversationService:
         if removed < excess:
             raise HistoryLimitError(session_id, chat, limit)
         self._trimmed(fx, tenant, session_id, chat, removed)
+        return False
 
     @staticmethod
     def _trimmed(fx: Effects, tenant: str, session_id: str, chat: str, removed: int) -> None:
@@ -357,6 +423,7 @@ class ConversationService:
         chat_id: str | None,
         limit: int | None,
         before_seq: int | None,
+        include_compacted: bool = False,
     ) -> list[Message]:
         v.identifier(session_id)
         if chat_id is not None:
@@ -367,15 +434,43 @@ class ConversationService:
             v.count(before_seq, "before_seq")
 
         async def work(conn: Connection, fx: Effects) -> list[Message]:
-            page = await self.repo.page(conn, tenant, session_id, chat_id, limit, before_seq)
+            if include_compacted:  # every stored message, by seq
+                page = await self.repo.page(
+                    conn, tenant, session_id, chat_id, limit, before_seq, include_compacted=True
+                )
+                page.reverse()
+            else:
+                page = await self._shown(conn, tenant, session_id, chat_id, limit, before_seq)
             if not page:
                 chat = await self._resolve_chat(conn, tenant, session_id, chat_id)
                 if await self.repo.get_chat(conn, tenant, session_id, chat) is None:
                     raise await self._missing_chat(conn, tenant, session_id, chat)
-            page.reverse()
             return page
 
         return await self.ctx.transact(work, write=False, operation="get_messages")
+
+    async def _shown(
+        self,
+        conn: Connection,
+        tenant: str,
+        session_id: str,
+        chat_id: str | None,
+        limit: int | None,
+        before_seq: int | None,
+    ) -> list[Message]:
+        """The last ``limit`` messages of the history shown before the message at
+        ``before_seq``, in order: the latest summary where the messages it replaced
+        stood (see ``history``)."""
+        wanted = None if limit is None else limit + 1  # the summary may be one of them
+        system, page = await self.repo.page_with_system(
+            conn, tenant, session_id, chat_id, wanted, before_seq
+        )
+        summary = history.latest_summary(system)
+        below = history.bound(before_seq, summary)
+        if summary is not None and before_seq == summary.seq:
+            # before the summary: the messages before the range it replaced
+            page = await self.repo.page(conn, tenant, session_id, chat_id, wanted, math.ceil(below))
+        return history.arrange(page, summary, below, limit)
 
     async def count_messages(self, tenant: str, session_id: str, chat_id: str | None) -> int:
         v.identifier(session_id)
@@ -396,7 +491,10 @@ class ConversationService:
 
         async def work(conn: Connection, fx: Effects) -> Message | None:
             chat, _ = await self._lock_chat(conn, tenant, session_id, chat_id)
-            return await self.repo.pop_last(conn, tenant, session_id, chat)
+            last = await self._shown_last(conn, tenant, session_id, chat, _NO_SEQ_ABOVE)
+            if last is not None:
+                await self.repo.delete_message(conn, tenant, session_id, chat, last)
+            return last
 
         return await self.ctx.transact(work, operation="pop_message")
 

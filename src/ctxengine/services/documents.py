@@ -56,6 +56,26 @@ class MessageDoc(_Doc):
     metadata: dict[str, Any] = Field(default_factory=dict)
     tokens: NonNegativeInt | None = None
     created_at: AwareDatetime
+    #: Replaced by a summary (absent: False).
+    compacted: bool = False
+
+    @pydantic.model_validator(mode="after")
+    def _summary(self) -> MessageDoc:
+        span = self.metadata.get("summary_of")
+        if span is None:
+            return self
+        if (
+            self.role != "system"
+            or not isinstance(span, list)
+            or len(span) != 2
+            or not all(type(seq) is int for seq in span)
+            or not 1 <= span[0] <= span[1] < self.seq
+        ):
+            raise ValueError(
+                "metadata summary_of must be [first_seq, last_seq] of earlier messages, "
+                "on a system message"
+            )
+        return self
 
 
 class ConversationDoc(_Doc):

@@ -73,6 +73,8 @@ class SnapshotService:
                     "metadata": m.metadata,
                     "tokens": m.tokens,
                     "created_at": _iso(m.created_at),
+                    # only when true: documents of chats never compacted stay as they were
+                    **({"compacted": True} if m.compacted else {}),
                 }
                 for m in messages
             ],
@@ -92,7 +94,7 @@ class SnapshotService:
             chat_count=len(doc.chats),
         )
         await self.repo.delete_chats(conn, tenant, session_id)
-        counts = Counter(m.chat_id for m in doc.messages)
+        counts = Counter(m.chat_id for m in doc.messages if not m.compacted)
         await self.repo.insert_chats(
             conn,
             [

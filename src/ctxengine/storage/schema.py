@@ -23,7 +23,9 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
     literal_column,
+    text,
 )
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -236,11 +238,24 @@ messages = Table(
     Column("metadata", JSONDocument, nullable=False),
     Column("tokens", BigInteger, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # replaced by a summary (compact_history): kept, hidden from the history until purged
+    Column("compacted", Boolean, nullable=False, server_default=false()),
     PrimaryKeyConstraint("tenant_id", "session_id", "chat_id", "seq"),
     ForeignKeyConstraint(
         ["tenant_id", "session_id", "chat_id"],
         ["ctx_chats.tenant_id", "ctx_chats.session_id", "ctx_chats.chat_id"],
         ondelete="CASCADE",
+    ),
+    # a chat's system messages (its prompt, its summary): read with every history page
+    # and context window without scanning the chat
+    Index(
+        "ix_ctx_messages_system",
+        "tenant_id",
+        "session_id",
+        "chat_id",
+        "seq",
+        sqlite_where=text("role = 'system'"),
+        postgresql_where=text("role = 'system'"),
     ),
 )
 

@@ -11,8 +11,11 @@ from sqlalchemy import (
     bindparam,
     delete,
     exists,
+    false,
     func,
     insert,
+    literal,
+    literal_column,
     or_,
     select,
     true,
@@ -64,8 +67,11 @@ _UNCOUNT = (
     update(chats).where(_CHAT_KEY).values(message_count=chats.c.message_count - bindparam("n"))
 )
 _INSERT_MESSAGES = insert(messages)
-#: The chat's newest message below ``before`` (parameters: tenant, sid, chat, before).
-_LAST_SEQ = select(func.max(messages.c.seq)).where(_IN_CHAT, messages.c.seq < bindparam("before"))
+#: Messages shown in the history: not replaced by a summary.
+_VISIBLE = messages.c.compacted == false()
+#: System messages, written as the partial index ``ix_ctx_messages_system`` is (a
+#: literal, not a parameter, so that both databases use the index).
+_IS_SYSTEM = messages.c.role == literal_column("'system'")
 
 
 #: The role that starts a turn.
@@ -83,7 +89,7 @@ def _delete_oldest(keep_system: bool) -> Any:
     The boundary is found from the n-th oldest candidate, by index ranges (the first
     user message after it, or the last one before ``before``), not by counting."""
     m = messages.c
-    candidates = [_IN_CHAT, m.seq < bindparam("before")]
+    candidates = [_IN_CHAT, _VISIBLE, m.seq < bindparam("before")]
     if keep_system:
         candidates.append(m.role != _SYSTEM)
     nth = (
@@ -94,7 +100,7 @@ def _delete_oldest(keep_system: bool) -> Any:
         .offset(bindparam("skip"))
         .scalar_subquery()
     )
-    starts = [_IN_CHAT, m.role == _TURN_START, m.seq < bindparam("before")]
+    starts = [_IN_CHAT, _VISIBLE, m.role == _TURN_START, m.seq < bindparam("before")]
     boundary = func.coalesce(
         select(func.min(m.seq)).where(*starts, m.seq > nth).scalar_subquery(),
         bindparam("starts", type_=m.seq.type),
@@ -127,24 +133,129 @@ _CURRENT_CHAT = (
 )
 
 
-def _page(*, current: bool, before: bool, limited: bool) -> Any:
+def _page(
+    *, current: bool, before: bool, limited: bool, visible: bool = True, conversation: bool = False
+) -> Any:
+    """A chat's messages newest first (``visible``: not compacted; ``conversation``: not
+    system messages), below ``before`` when given, the first ``limit`` when given."""
     m = messages.c
     chat = _CURRENT_CHAT if current else bindparam("chat")
     stmt = select(*_MESSAGE).where(
         m.tenant_id == bindparam("tenant"), m.session_id == bindparam("sid"), m.chat_id == chat
     )
+    if visible:
+        stmt = stmt.where(_VISIBLE)
+    if conversation:
+        stmt = stmt.where(m.role != _SYSTEM)
     if before:
         stmt = stmt.where(m.seq < bindparam("before"))
     stmt = stmt.order_by(m.seq.desc())
     return stmt.limit(bindparam("limit")) if limited else stmt
 
 
+def _system(*, current: bool) -> Any:
+    """The chat's system messages not compacted, oldest first (``ix_ctx_messages_system``)."""
+    m = messages.c
+    chat = _CURRENT_CHAT if current else bindparam("chat")
+    return (
+        select(*_MESSAGE)
+        .where(
+            m.tenant_id == bindparam("tenant"),
+            m.session_id == bindparam("sid"),
+            m.chat_id == chat,
+            _IS_SYSTEM,
+            _VISIBLE,
+        )
+        .order_by(m.seq)
+    )
+
+
+#: The column telling the two parts of ``_with_system`` apart (0: system messages).
+_PART = "part"
+
+
+def _with_system(*, current: bool, before: bool, limited: bool, conversation: bool) -> Any:
+    """ONE statement: the chat's system messages not compacted (part 0) and a page of
+    ``_page`` (part 1), so a history page or a context window is one round trip."""
+    page = _page(
+        current=current, before=before, limited=limited, conversation=conversation
+    ).subquery()
+    system = _system(current=current).order_by(None).add_columns(literal(0).label(_PART))
+    return union_all(system, select(*page.c, literal(1).label(_PART)))
+
+
 _PAGES = {
-    (current, before, limited): _page(current=current, before=before, limited=limited)
+    (current, before, limited, visible, conversation): _page(
+        current=current,
+        before=before,
+        limited=limited,
+        visible=visible,
+        conversation=conversation,
+    )
     for current in (False, True)
     for before in (False, True)
     for limited in (False, True)
+    for visible in (False, True)
+    for conversation in (False, True)
+    if visible or not conversation
 }
+_WITH_SYSTEM = {
+    (current, before, limited, conversation): _with_system(
+        current=current, before=before, limited=limited, conversation=conversation
+    )
+    for current in (False, True)
+    for before in (False, True)
+    for limited in (False, True)
+    for conversation in (False, True)
+}
+_SYSTEM_ROWS = _system(current=False)
+#: The seq of the chat's k-th newest user message not compacted (parameters: tenant,
+#: sid, chat, skip = k - 1).
+_TURN_START_FROM_END = (
+    select(messages.c.seq)
+    .where(_IN_CHAT, _VISIBLE, messages.c.role == _TURN_START)
+    .order_by(messages.c.seq.desc())
+    .limit(1)
+    .offset(bindparam("skip"))
+)
+#: The chat's messages that compaction replaces, oldest first: not compacted, not
+#: system messages, below ``before`` (parameters: tenant, sid, chat, before).
+_COMPACTABLE = (
+    select(*_MESSAGE)
+    .where(_IN_CHAT, _VISIBLE, messages.c.role != _SYSTEM, messages.c.seq < bindparam("before"))
+    .order_by(messages.c.seq)
+)
+_COMPACTABLE_IDS = (
+    select(messages.c.seq, messages.c.message_id)
+    .where(_IN_CHAT, _VISIBLE, messages.c.role != _SYSTEM, messages.c.seq < bindparam("before"))
+    .order_by(messages.c.seq)
+)
+#: Flag as compacted the messages ``_COMPACTABLE`` selects and the message at ``also``.
+_FLAG_COMPACTED = (
+    update(messages)
+    .where(
+        _IN_CHAT,
+        _VISIBLE,
+        or_(
+            and_(messages.c.role != _SYSTEM, messages.c.seq < bindparam("before")),
+            messages.c.seq == bindparam("also"),
+        ),
+    )
+    .values(compacted=True)
+)
+#: The newest message not compacted below ``before``, other than the one at ``skip_seq``.
+_NEWEST_VISIBLE = (
+    select(*_MESSAGE)
+    .where(
+        _IN_CHAT,
+        _VISIBLE,
+        messages.c.seq < bindparam("before"),
+        messages.c.seq != bindparam("skip_seq"),
+    )
+    .order_by(messages.c.seq.desc())
+    .limit(1)
+)
+_DELETE_ONE = delete(messages).where(_IN_CHAT, messages.c.seq == bindparam("seq"))
 
 
 #: The most messages one add_messages call appends in one statement (see ``append``).
@@ -248,6 +359,14 @@ class StoredChat(NamedTuple):
     next_seq: int
 
 
+class Paged(NamedTuple):
+    """A chat's system messages not compacted (oldest first) and a page of its history
+    (newest first), read at once."""
+
+    system: list[Message]
+    page: list[Message]
+
+
 class Appended(NamedTuple):
     """What ``append`` wrote: whose session, which chat, its last seq taken, its message
     count now and its limit (None: unlimited)."""
@@ -265,6 +384,10 @@ def _chat(row: Record) -> Chat:
 
 
 _MESSAGE_FIELDS = tuple(Message.model_fields)
+
+
+def _by_seq(message: Message) -> int:
+    return message.seq
 
 
 def _message(row: Record) -> Message:
@@ -398,12 +521,27 @@ class ConversationRepository(Repository):
         row = (await run(conn, _TAKE_SEQS, params)).first()
         return None if row is None else Taken._make(row)
 
-    async def last_seq(
-        self, conn: Connection, tenant: str, session_id: str, chat_id: str, below: int
-    ) -> int:
-        """The seq of the chat's newest message below ``below`` (0: none)."""
-        params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "before": below}
-        return int((await run(conn, _LAST_SEQ, params)).scalar_one() or 0)
+    async def newest_visible(
+        self,
+        conn: Connection,
+        tenant: str,
+        session_id: str,
+        chat_id: str,
+        *,
+        below: int,
+        other_than: int | None = None,
+    ) -> Message | None:
+        """The chat's newest message not compacted below seq ``below``, other than the
+        one at seq ``other_than``."""
+        params = {
+            "tenant": tenant,
+            "sid": session_id,
+            "chat": chat_id,
+            "before": below,
+            "skip_seq": -1 if other_than is None else other_than,
+        }
+        rows = await run_dicts(conn, _NEWEST_VISIBLE, params)
+        return Message._trusted(rows[0]) if rows else None
 
     async def insert_messages(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
@@ -480,29 +618,15 @@ class ConversationRepository(Repository):
         await self._uncount(conn, tenant, session_id, chat_id, deleted)
         return deleted
 
-    async def pop_last(
-        self, conn: Connection, tenant: str, session_id: str, chat_id: str
-    ) -> Message | None:
-        """Delete and return the chat's newest message (the chat row must be locked)."""
-        m = messages.c
-        row = (
-            await conn.execute(
-                select(*_MESSAGE)
-                .where(of_session(messages, tenant, session_id, chat_id=chat_id))
-                .order_by(m.seq.desc())
-                .limit(1)
-            )
-        ).first()
-        if row is None:
-            return None
-        message = _message(row)
-        await conn.execute(
-            delete(messages).where(
-                of_session(messages, tenant, session_id, chat_id=chat_id), m.seq == message.seq
-            )
-        )
-        await self._uncount(conn, tenant, session_id, chat_id, 1)
-        return message
+    async def delete_message(
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str, message: Message
+    ) -> None:
+        """Delete one message (the chat row must be locked), keeping the chat's count
+        right."""
+        params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "seq": message.seq}
+        await run(conn, _DELETE_ONE, params)
+        if not message.compacted:
+            await self._uncount(conn, tenant, session_id, chat_id, 1)
 
     async def delete_messages(
         self,
@@ -513,11 +637,16 @@ class ConversationRepository(Repository):
         *,
         keep_system: bool,
     ) -> int:
-        stmt = delete(messages).where(of_session(messages, tenant, session_id, chat_id=chat_id))
+        """Delete the chat's messages, compacted ones too (all but system messages with
+        ``keep_system``); the number deleted. The chat's count drops by those that were
+        not compacted."""
+        where = [of_session(messages, tenant, session_id, chat_id=chat_id)]
         if keep_system:
-            stmt = stmt.where(messages.c.role != _SYSTEM)
-        deleted = int((await conn.execute(stmt)).rowcount)
-        await self._uncount(conn, tenant, session_id, chat_id, deleted)
+            where.append(messages.c.role != _SYSTEM)
+        visible = select(func.count()).where(*where, _VISIBLE)
+        counted = int((await conn.execute(visible)).scalar_one())
+        deleted = int((await conn.execute(delete(messages).where(*where))).rowcount)
+        await self._uncount(conn, tenant, session_id, chat_id, counted)
         return deleted
 
     async def _uncount(
@@ -530,11 +659,12 @@ class ConversationRepository(Repository):
     async def count_where(
         self, conn: Connection, tenant: str, session_id: str, chat_id: str, *, system: bool
     ) -> int:
-        """Messages of the chat that are (``system``) or are not system messages."""
+        """Messages of the chat not compacted that are (``system``) or are not system
+        messages."""
         m = messages.c
         role = m.role == _SYSTEM if system else m.role != _SYSTEM
         stmt = select(func.count()).where(
-            of_session(messages, tenant, session_id, chat_id=chat_id), role
+            of_session(messages, tenant, session_id, chat_id=chat_id), role, _VISIBLE
         )
         return int((await conn.execute(stmt)).scalar_one())
 
@@ -546,10 +676,21 @@ class ConversationRepository(Repository):
         chat_id: str | None,
         limit: int | None,
         before_seq: int | None,
+        *,
+        include_compacted: bool = False,
+        conversation: bool = False,
     ) -> list[Message]:
-        """The last ``limit`` messages before ``before_seq``, newest first (an index range
-        scan on (chat, seq)); ``chat_id`` None reads the session's current chat."""
-        shape = (chat_id is None, before_seq is not None, limit is not None)
+        """The last ``limit`` messages before ``before_seq`` (not compacted unless
+        ``include_compacted``; not system messages with ``conversation``), newest first
+        (an index range scan on (chat, seq)); ``chat_id`` None reads the session's
+        current chat."""
+        shape = (
+            chat_id is None,
+            before_seq is not None,
+            limit is not None,
+            not include_compacted,
+            conversation and not include_compacted,
+        )
         params = {
             "tenant": tenant,
             "sid": session_id,
@@ -559,6 +700,96 @@ class ConversationRepository(Repository):
         }
         # the rows' columns are the Message fields: each row is a message's __dict__
         return [Message._trusted(row) for row in await run_dicts(conn, _PAGES[shape], params)]
+
+    async def page_with_system(
+        self,
+        conn: Connection,
+        tenant: str,
+        session_id: str,
+        chat_id: str | None,
+        limit: int | None,
+        before_seq: int | None,
+        *,
+        conversation: bool = False,
+    ) -> Paged:
+        """In ONE statement: the chat's system messages not compacted, oldest first, and
+        :meth:`page`'s messages not compacted (``conversation``: system messages left
+        out of the page), newest first."""
+        shape = (chat_id is None, before_seq is not None, limit is not None, conversation)
+        params = {
+            "tenant": tenant,
+            "sid": session_id,
+            "chat": chat_id,
+            "before": before_seq,
+            "limit": limit,
+        }
+        system: list[Message] = []
+        page: list[Message] = []
+        for row in await run_dicts(conn, _WITH_SYSTEM[shape], params):
+            (page if row.pop(_PART) else system).append(Message._trusted(row))
+        # a union's rows come in no promised order
+        system.sort(key=_by_seq)
+        page.sort(key=_by_seq, reverse=True)
+        return Paged(system, page)
+
+    async def system_messages(
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str
+    ) -> list[Message]:
+        """The chat's system messages not compacted, oldest first."""
+        params = {"tenant": tenant, "sid": session_id, "chat": chat_id}
+        return [Message._trusted(row) for row in await run_dicts(conn, _SYSTEM_ROWS, params)]
+
+    # -- compaction -----------------------------------------------------------------------
+    async def turn_start_from_end(
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str, turns: int
+    ) -> int | None:
+        """The seq of the user message starting the chat's ``turns``-th newest turn
+        (messages not compacted); None when it has fewer turns."""
+        params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "skip": turns - 1}
+        seq = (await run(conn, _TURN_START_FROM_END, params)).scalar_one_or_none()
+        return None if seq is None else int(seq)
+
+    async def compactable(
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str, below: int
+    ) -> list[Message]:
+        """The chat's messages not compacted and not system messages below seq
+        ``below``, oldest first: what a compaction replaces."""
+        params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "before": below}
+        return [Message._trusted(row) for row in await run_dicts(conn, _COMPACTABLE, params)]
+
+    async def compactable_ids(
+        self, conn: Connection, tenant: str, session_id: str, chat_id: str, below: int
+    ) -> list[tuple[int, str]]:
+        """(seq, message_id) of what :meth:`compactable` reads."""
+        params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "before": below}
+        return [(int(seq), str(mid)) for seq, mid in await run(conn, _COMPACTABLE_IDS, params)]
+
+    async def flag_compacted(
+        self,
+        conn: Connection,
+        tenant: str,
+        session_id: str,
+        chat_id: str,
+        below: int,
+        also: int | None,
+    ) -> int:
+        """Flag as compacted what :meth:`compactable` reads and the message at seq
+        ``also`` (a previous summary), lowering the chat's count by as many; that number."""
+        params = {
+            "tenant": tenant,
+            "sid": session_id,
+            "chat": chat_id,
+            "before": below,
+            "also": -1 if also is None else also,
+        }
+        flagged = int((await run(conn, _FLAG_COMPACTED, params)).rowcount)
+        await self._uncount(conn, tenant, session_id, chat_id, flagged)
+        return flagged
+
+    async def purge_compacted(self, conn: Connection, tenant: str, session_id: str) -> int:
+        """Delete the session's compacted messages (every chat); the number deleted."""
+        stmt = delete(messages).where(of_session(messages, tenant, session_id), ~_VISIBLE)
+        return int((await conn.execute(stmt)).rowcount)
 
     async def all_messages(self, conn: Connection, tenant: str, session_id: str) -> list[Message]:
         """Every message of the session, by chat then sequence."""
