@@ -540,3 +540,155 @@ async def test_processes_compacting_and_appending_at_once(db_url: str) -> None:
         assert [m.content for m in shown_now[2:]] == [c for _, c, flag in conversation if not flag]
         next_seq, count = await chat_counters(engine, "s")
         assert (next_seq, count) == (seqs[-1], len(shown_now))
+
+
+# -- automatic compaction -------------------------------------------------------------------
+async def settled(engine: ContextEngine, seconds: float = 10.0) -> None:
+    """Wait for the engine's background compactions to finish."""
+    for _ in range(int(seconds / 0.01)):
+        if engine._runtime().context.running == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("background compaction still running")
+
+
+def compacting(summarizer: Any, **settings: Any) -> EngineSettings:
+    return EngineSettings(
+        auto_cleanup=False,
+        history_overflow="compact",
+        summarizer=summarizer,
+        compact_keep_last_turns=1,
+        **settings,
+    )
+
+
+async def test_an_append_past_the_cap_commits_and_compaction_follows(db_url: str) -> None:
+    release = asyncio.Event()
+    summarize = Recorder()
+
+    async def gated(messages: list[Message]) -> str:
+        await release.wait()  # the writer must not wait for this
+        return await summarize(messages)
+
+    settings = compacting(gated, max_messages_per_chat=6)
+    async with ContextEngine(db_url, settings=settings) as engine:
+        events: list[Event] = []
+        engine.subscribe(events.append, "history.compacted")
+        await engine.create_session("s", "u", system_prompt="p")
+        await add_turns(engine, "s", range(2))  # 5 messages: within the cap
+        await asyncio.sleep(0.05)
+        assert engine._runtime().context.running == 0
+        await add_turns(engine, "s", range(2, 4))  # 9: past it, and every append committed
+        assert await engine.count_messages("s") == 9
+        assert engine._runtime().context.running == 1
+        release.set()
+        await settled(engine)
+        assert [m.seq for m in summarize.calls[0]] == [2, 3, 4, 5, 6, 7]
+        assert [m.seq for m in await engine.get_messages("s")] == [1, 10, 8, 9]
+        assert await engine.count_messages("s") == 4
+        assert [(e.data["automatic"], e.data["summary_of"]) for e in events] == [(True, [2, 7])]
+        # appends past the cap while it ran were looked at again once it finished
+        assert len(summarize.calls) == 1
+
+
+async def test_a_history_past_max_context_tokens_is_compacted(db_url: str) -> None:
+    calls: list[list[Message]] = []
+
+    async def summarize(messages: list[Message]) -> str:
+        calls.append(messages)
+        return "short"  # 1 token
+
+    settings = compacting(summarize, max_messages_per_chat=None, max_context_tokens=10)
+    async with ContextEngine(db_url, settings=settings) as engine:
+        await engine.create_session("s", "u")
+        await add_turns(engine, "s", range(2), tokens=2)  # 8 tokens
+        await settled(engine)
+        assert calls == []
+        await add_turns(engine, "s", range(2, 3), tokens=2)  # 12 tokens
+        await settled(engine)
+        assert [[m.seq for m in call] for call in calls] == [[1, 2, 3, 4]]
+        window = await engine.get_context("s", max_tokens=10)
+        assert [m.seq for m in window.messages] == [7, 5, 6] and window.complete
+        assert window.tokens == 1 + 4
+
+
+@pytest.mark.parametrize("failure", ["raises", "empty"])
+async def test_a_failing_automatic_compaction_is_logged_and_announced(
+    db_url: str, failure: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(messages: list[Message]) -> str:
+        if failure == "raises":
+            raise RuntimeError("model down")
+        return ""
+
+    async with ContextEngine(
+        db_url, settings=compacting(broken, max_messages_per_chat=3)
+    ) as engine:
+        events: list[Event] = []
+        engine.subscribe(events.append, "history.compacted")
+        await engine.create_session("s", "u")
+        await add_turns(engine, "s", range(3))  # never raises into the writer
+        await settled(engine)
+        assert await engine.count_messages("s") == 6
+        assert all(not flag for *_, flag in await stored(engine, "s"))
+        assert events and all(e.data["automatic"] and "error" in e.data for e in events)
+        expected = "RuntimeError" if failure == "raises" else "ValidationError"
+        assert {e.data["error_type"] for e in events} == {expected}
+        assert any("automatic compaction failed" in r.message for r in caplog.records)
+
+
+async def test_close_cancels_a_compaction_that_does_not_finish(db_url: str) -> None:
+    started = asyncio.Event()
+
+    async def endless(messages: list[Message]) -> str:
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    engine = ContextEngine(db_url, settings=compacting(endless, max_messages_per_chat=2))
+    await engine.initialize()
+    await engine.create_session("s", "u")
+    await add_turns(engine, "s", range(2))
+    await asyncio.wait_for(started.wait(), 5)
+    began = time.monotonic()
+    await engine.close()
+    assert time.monotonic() - began < 3
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("ctxengine-compact")]
+    async with ContextEngine(db_url, settings=UNCAPPED) as reader:
+        assert [m.seq for m in await reader.get_messages("s", include_compacted=True)] == [
+            1,
+            2,
+            3,
+            4,
+        ]
+        assert all(not flag for *_, flag in await stored(reader, "s"))
+
+
+async def test_close_waits_for_a_compaction_about_to_finish(db_url: str) -> None:
+    async def quick(messages: list[Message]) -> str:
+        await asyncio.sleep(0.2)
+        return "done"
+
+    engine = ContextEngine(db_url, settings=compacting(quick, max_messages_per_chat=2))
+    await engine.initialize()
+    await engine.create_session("s", "u")
+    await add_turns(engine, "s", range(2))
+    await engine.close()
+    async with ContextEngine(db_url, settings=UNCAPPED) as reader:
+        assert shown(await reader.get_messages("s")) == [(5, "done"), (3, "q1"), (4, "a1")]
+
+
+def test_compaction_settings_are_checked() -> None:
+    async def summarize(messages: list[Message]) -> str:
+        return "s"
+
+    with pytest.raises(ValidationError, match="needs a summarizer"):
+        EngineSettings(history_overflow="compact")
+    with pytest.raises(ValidationError, match="max_context_tokens"):
+        EngineSettings(max_context_tokens=100)
+    with pytest.raises(ValidationError, match="compact_keep_last_turns"):
+        EngineSettings(history_overflow="compact", summarizer=summarize, compact_keep_last_turns=-1)
+    with pytest.raises(ValidationError, match="summarizer"):
+        EngineSettings(summarizer="not callable")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="token_counter"):
+        EngineSettings(token_counter=5)  # type: ignore[arg-type]

@@ -254,19 +254,19 @@ class ConversationService:
             if appended is None:
                 return None
             chat, last = appended.chat_id, appended.last_seq
+            over = False
             if not room:
                 first, count, limit = last - len(rows) + 1, appended.message_count, appended.limit
                 over = await self._keep_limit(
                     conn, fx, tenant, session_id, chat, first, count, limit, starts_turn
                 )
-                written.append((chat, over))
                 if limit is None or count < limit:
                     self._full.discard(hint)
                 else:
                     if len(self._full) >= _FULL_CHATS_KEPT:
                         self._full.clear()  # the oldest hints are as likely stale
                     self._full.add(hint)
-            written.append((chat, False))
+            written.append((chat, over))
             return self._added(fx, appended.user_id, _placed(rows, chat, last))
 
         if appends and not (trims and hint in self._full):
