@@ -306,10 +306,12 @@ class ReadOnlyDatabaseError(StorageError):
 class EngineClosedError(ContextEngineError):
     """The engine is not open: call ``initialize()`` (or use ``async with``) first."""
 
-    def __init__(self, state: str) -> None:
+    def __init__(self, state: str, *, blocking: bool = False) -> None:
         self.state = state
         if state == "closed":
             msg = "the ContextEngine is closed; create a new one"
+        elif blocking:  # ctxengine.sync.ContextEngine
+            msg = "the ContextEngine is not initialized; call engine.initialize() or use `with`"
         else:
             msg = (
                 "the ContextEngine is not initialized; "
@@ -320,11 +322,14 @@ class EngineClosedError(ContextEngineError):
 
 class WrongEventLoopError(ContextEngineError):
     """The engine was used from an event loop (or thread) other than the one it was
-    opened on; its connections and tasks belong to that loop."""
+    opened on; its connections and tasks belong to that loop. To call one engine from
+    many threads, use the blocking facade, ``ctxengine.sync.ContextEngine``."""
 
     def __init__(self) -> None:
         super().__init__(
             "this ContextEngine was opened on another event loop (or thread) than the one "
             "calling it; use one engine per event loop: open another ContextEngine on the "
-            "same URL in this one (engines share the database, not their connections)"
+            "same URL in this one (engines share the database, not their connections), "
+            "or share one engine between threads with the blocking facade, "
+            "ctxengine.sync.ContextEngine (its own event loop thread, callable from any thread)"
         )

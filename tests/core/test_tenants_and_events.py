@@ -246,6 +246,7 @@ async def test_a_call_from_another_thread_raises_wrong_event_loop(engine: Contex
         error = await call_on_a_new_loop_in_a_thread(call)
         assert isinstance(error, WrongEventLoopError), error
         assert "one engine per event loop" in str(error) and "same URL" in str(error)
+        assert "blocking facade, ctxengine.sync.ContextEngine" in str(error)  # many threads
 
     async def plain_members() -> None:
         engine.subscribe(print)
