@@ -18,6 +18,7 @@ from .models import (
     FROM_SETTINGS,
     Chat,
     Checkpoint,
+    ContextWindow,
     FromSettings,
     MemoryHit,
     MemoryImportResult,
@@ -36,6 +37,7 @@ from .models import (
     UsageRecord,
     UserAnalytics,
 )
+from .tokens import Summarizer
 
 if TYPE_CHECKING:
     from ._portal import Portal
@@ -382,11 +384,21 @@ class TenantViewMethods:
         chat_id: str | None = None,
         limit: int | None = 50,
         before_seq: int | None = None,
+        include_compacted: bool = False,
     ) -> list[Message]:
         """The last ``limit`` messages (all with None) of a chat, oldest first; with
-        ``before_seq``, those before that sequence number (paging backwards)."""
+        ``before_seq``, those before the message with that sequence number (paging
+        backwards: ``before_seq=page[0].seq``). Once compacted, the chat's latest
+        summary stands where the messages it replaced stood (after the system prompt)
+        and those are left out; ``include_compacted=True`` returns every stored
+        message, compacted ones too, by sequence number."""
         return self._portal.call(
-            self._view.get_messages, session_id, chat_id=chat_id, limit=limit, before_seq=before_seq
+            self._view.get_messages,
+            session_id,
+            chat_id=chat_id,
+            limit=limit,
+            before_seq=before_seq,
+            include_compacted=include_compacted,
         )
 
     get_conversation_history = get_messages
@@ -422,6 +434,57 @@ class TenantViewMethods:
         return self._portal.call(
             self._view.trim_history, session_id, keep_last, keep_system=keep_system, chat_id=chat_id
         )
+
+    def get_context(
+        self,
+        session_id: str,
+        *,
+        chat_id: str | None = None,
+        max_tokens: int,
+        keep_system: bool = True,
+    ) -> ContextWindow:
+        """What to send a model: the newest whole turns of the chat (a turn starts at a
+        user message, so a tool result never comes without its call) within
+        ``max_tokens``, the chat's system messages and latest summary first (with
+        ``keep_system``; they count toward ``max_tokens`` and are kept even when they
+        alone pass it). A message counts its ``tokens`` when given, else
+        ``EngineSettings.token_counter``'s count of its content."""
+        return self._portal.call(
+            self._view.get_context,
+            session_id,
+            chat_id=chat_id,
+            max_tokens=max_tokens,
+            keep_system=keep_system,
+        )
+
+    def compact_history(
+        self,
+        session_id: str,
+        summarizer: Summarizer,
+        *,
+        chat_id: str | None = None,
+        keep_last_turns: int = 4,
+    ) -> Message | None:
+        """Replace the chat's turns before the last ``keep_last_turns`` (and its previous
+        summary, folded in) with one summary: a system message written by ``await
+        summarizer(messages) -> str``, with the next sequence number and
+        ``metadata["summary_of"] = [first_seq, last_seq]``. The summarizer runs outside
+        any transaction; the replacement commits only if what it read is unchanged,
+        else ConflictError and nothing is written (messages appended meanwhile are
+        never touched). Replaced messages are flagged compacted, not deleted (see
+        get_messages(include_compacted=True), purge_compacted()). Returns the summary,
+        or None when there was nothing to compact."""
+        return self._portal.call(
+            self._view.compact_history,
+            session_id,
+            summarizer,
+            chat_id=chat_id,
+            keep_last_turns=keep_last_turns,
+        )
+
+    def purge_compacted(self, session_id: str) -> int:
+        """Delete the session's compacted messages (every chat); the number deleted."""
+        return self._portal.call(self._view.purge_compacted, session_id)
 
     def set_metadata(self, session_id: str, key: str, value: Any) -> dict[str, Any]:
         """Set one metadata key (in SQL: concurrent writers of other keys are kept);
