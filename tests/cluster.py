@@ -178,10 +178,11 @@ class Cluster:
 
     # -- the server's life -------------------------------------------------------------
 
-    def start(self, *, wait: bool = True) -> None:
+    def start(self, *, wait: bool = True, settings: dict[str, str] | None = None) -> None:
         """Start the server (the ``postgres`` binary as a child of this process, so it is
         reaped here the moment it dies and a restart never sees it as a zombie); with
-        ``wait``, return once it accepts connections."""
+        ``wait``, return once it accepts connections. ``settings`` override the
+        defaults (a benchmark's larger ``shared_buffers``)."""
         command = [
             str(self.bin_dir / "postgres"),
             "-D",
@@ -201,6 +202,8 @@ class Cluster:
             "-c",
             "shared_buffers=16MB",
         ]
+        for name, value in (settings or {}).items():
+            command += ["-c", f"{name}={value}"]
         user, group, extra_groups = self._ids()
         with open(self.log, "ab") as log:
             self._proc = subprocess.Popen(

