@@ -12,21 +12,24 @@ from typing import Any
 
 import pytest
 from google.adk.agents import LlmAgent
+from google.adk.apps.app import App, EventsCompactionConfig
+from google.adk.apps.base_events_summarizer import BaseEventsSummarizer
 from google.adk.errors import StaleSessionError
 from google.adk.errors.already_exists_error import AlreadyExistsError
 from google.adk.errors.session_not_found_error import SessionNotFoundError
 from google.adk.events.event import Event
-from google.adk.events.event_actions import EventActions
+from google.adk.events.event_actions import EventActions, EventCompaction
 from google.adk.models import BaseLlm
 from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
 from google.adk.runners import Runner
 from google.adk.sessions.base_session_service import BaseSessionService, GetSessionConfig
 from google.adk.sessions.database_session_service import DatabaseSessionService
+from google.adk.sessions.in_memory_session_service import InMemorySessionService
 from google.adk.sessions.session import Session
 from google.adk.tools.tool_context import ToolContext
 from google.genai import types
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from pydantic_core import PydanticUndefined
 
 from ctxengine import ContextEngine, EngineSettings
@@ -942,3 +945,97 @@ async def test_stale_appends_are_refused_across_processes(db_url: str) -> None:
             previous = event.id
         assert len(stored.events) + sum(refused) == 40
         assert sum(refused) > 0
+
+
+# -- ADK's own compaction (EventsCompactionConfig) ----------------------------------------------
+
+
+class EchoLlm(BaseLlm):
+    """A stand-in LLM that answers with the texts it was shown, and records them."""
+
+    model: str = "echo"
+    seen: list[list[str]] = Field(default_factory=list)
+
+    async def generate_content_async(
+        self, llm_request: LlmRequest, stream: bool = False
+    ) -> AsyncGenerator[LlmResponse, None]:
+        texts = [p.text for c in llm_request.contents for p in c.parts or [] if p.text]
+        self.seen.append(texts)
+        reply = types.Part(text=f"reply {len(self.seen)}")
+        yield LlmResponse(content=types.Content(role="model", parts=[reply]))
+
+
+class TextSummarizer(BaseEventsSummarizer):
+    """Summarizes events into one ADK compaction event, as ADK's LLM summarizer shapes
+    it, without a model."""
+
+    async def maybe_summarize_events(self, *, events: list[Event]) -> Event | None:
+        texts = [p.text for e in events if e.content for p in e.content.parts or [] if p.text]
+        return Event(
+            author="user",
+            actions=EventActions(
+                compaction=EventCompaction(
+                    start_timestamp=events[0].timestamp,
+                    end_timestamp=events[-1].timestamp,
+                    compacted_content=types.Content(
+                        role="model", parts=[types.Part(text="summary: " + " | ".join(texts))]
+                    ),
+                )
+            ),
+        )
+
+
+async def compacting_conversation(service: BaseSessionService) -> tuple[list[list[str]], Session]:
+    """Four turns of an App that compacts every 2 invocations; what the model was shown
+    each turn, and the session afterwards."""
+    model = EchoLlm()
+    app = App(
+        name=APP,
+        root_agent=LlmAgent(name="echo", model=model, instruction="Answer."),
+        events_compaction_config=EventsCompactionConfig(
+            summarizer=TextSummarizer(), compaction_interval=2, overlap_size=0
+        ),
+    )
+    runner = Runner(app=app, session_service=service)
+    await service.create_session(app_name=APP, user_id="ada", session_id="chat")
+    for text in ("one", "two", "three", "four"):
+        await run_turn_untracked(runner, "ada", "chat", text)
+    session = await service.get_session(app_name=APP, user_id="ada", session_id="chat")
+    assert session is not None
+    return model.seen, session
+
+
+@pytest.mark.filterwarnings("ignore:\\[EXPERIMENTAL\\]:UserWarning")
+async def test_adk_compaction_events_work_as_in_adks_own_service(engine: ContextEngine) -> None:
+    ours_seen, ours = await compacting_conversation(ContextEngineSessionService(engine))
+    theirs_seen, theirs = await compacting_conversation(InMemorySessionService())
+    compactions = [e for e in ours.events if e.actions.compaction is not None]
+    assert len(compactions) == 2
+    assert compactions[0].actions.compaction is not None
+    compaction = compactions[0].actions.compaction
+    assert (compaction.start_timestamp, compaction.end_timestamp) == (
+        ours.events[0].timestamp,
+        ours.events[3].timestamp,
+    )
+    summary = compaction.compacted_content.parts
+    assert summary is not None and summary[0].text == "summary: one | reply 1 | two | reply 2"
+    # the turns after a compaction were shown its summary instead of what it replaced
+    assert ours_seen[2][:1] == ["summary: one | reply 1 | two | reply 2"]
+    assert "one" not in ours_seen[2] and "two" not in ours_seen[2]
+    assert ours_seen == theirs_seen
+    # stored and returned as ADK wrote them
+    # (ids and times differ between the two runs)
+    strip: Any = {
+        "id": True,
+        "invocation_id": True,
+        "timestamp": True,
+        "actions": {"compaction": {"start_timestamp", "end_timestamp"}},
+    }
+    assert [e.model_dump(exclude=strip) for e in ours.events] == [
+        e.model_dump(exclude=strip) for e in theirs.events
+    ]
+    sid = engine_session_id(APP, "ada", "chat")
+    roles = [m.role for m in await engine.get_messages(sid, limit=None)]
+    assert roles == ["user", "assistant"] * 2 + ["assistant"] + ["user", "assistant"] * 2 + [
+        "assistant"
+    ]

@@ -27,7 +27,7 @@ from openai.types.responses import (
 )
 
 from ctxengine import ContextEngine, EngineSettings, Event
-from ctxengine.errors import SessionExpiredError
+from ctxengine.errors import SessionExpiredError, ValidationError
 from ctxengine.integrations.openai_agents import ContextEngineSession
 from ctxengine.redaction import DEFAULT_SECRET_PATTERNS
 from tests.fixtures import FakeClock
@@ -353,3 +353,100 @@ async def test_without_a_cap_nothing_is_dropped(engine: ContextEngine) -> None:
     for start in range(0, len(items), 300):
         await session.add_items(items[start : start + 300])
     assert await session.get_items() == items  # 1200 items, past max_messages_per_chat
+
+
+# -- compaction (SPEC §14) --------------------------------------------------------------------
+class RespondingEchoModel(EchoModel):
+    """EchoModel whose responses have ids, as the Responses API's do: the Runner offers
+    compaction after each such turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[list[Any]] = []
+
+    async def get_response(
+        self, system_instructions: Any, input: Any, *args: Any, **kwargs: Any
+    ) -> ModelResponse:
+        self.inputs.append(list(input) if not isinstance(input, str) else [user(input)])
+        response = await super().get_response(system_instructions, input, *args, **kwargs)
+        return ModelResponse(
+            output=response.output, usage=response.usage, response_id=f"resp_{len(self.seen)}"
+        )
+
+
+class ItemRecorder:
+    def __init__(self) -> None:
+        self.calls: list[list[Any]] = []
+
+    async def __call__(self, items: list[Any]) -> str:
+        self.calls.append(items)
+        return f"summary #{len(self.calls)} of {len(items)} items"
+
+
+async def test_a_runner_compacts_the_session_through_the_engine(engine: ContextEngine) -> None:
+    from agents.memory import OpenAIResponsesCompactionAwareSession
+
+    model = RespondingEchoModel()
+    agent = Agent(name="echo", instructions="Repeat.", model=model)
+    summarize = ItemRecorder()
+    session = ContextEngineSession(
+        engine,
+        "conv",
+        summarizer=summarize,
+        keep_last_turns=1,
+        should_trigger_compaction=lambda context: len(context["compaction_candidate_items"]) >= 3,
+    )
+    assert isinstance(session, OpenAIResponsesCompactionAwareSession)
+    for t in range(5):
+        await Runner.run(agent, f"q{t}", session=session)
+    # after turn 2 (3 answers stored) and turn 4 (the summary aside, 3 again)
+    assert len(summarize.calls) == 2
+    first, second = summarize.calls
+    assert [i.get("content") if i.get("role") == "user" else i["role"] for i in first] == [
+        "q0",
+        "assistant",
+        "q1",
+        "assistant",
+    ]
+    assert second[0] == {"role": "system", "content": "summary #1 of 4 items"}
+    assert len(second) == 5
+    items = await session.get_items()
+    assert items[0] == {"role": "system", "content": "summary #2 of 5 items"}
+    assert [i.get("role") for i in items[1:]] == ["user", "assistant"]
+    assert items[1] == user("q4")
+    # the model was shown the summary instead of the turns it replaced
+    assert model.inputs[3][0] == {"role": "system", "content": "summary #1 of 4 items"}
+    assert len(model.inputs[3]) == 4  # summary, q2, its answer, q3
+    everything = await engine.get_messages("conv", limit=None, include_compacted=True)
+    assert len(everything) == 10 + 2 and sum(m.compacted for m in everything) == 9
+
+
+async def test_run_compaction_forced_and_without_a_summarizer(engine: ContextEngine) -> None:
+    plain = ContextEngineSession(engine, "plain")
+    await plain.add_items([user("a"), user("b")])
+    await plain.run_compaction({"force": True})  # no summarizer: nothing happens
+    assert await plain.get_items() == [user("a"), user("b")]
+
+    summarize = ItemRecorder()
+    session = ContextEngineSession(engine, "conv", summarizer=summarize, keep_last_turns=1)
+    await session.add_items([user("a"), {"role": "assistant", "content": "x"}, user("b")])
+    await session.run_compaction()  # 1 candidate: under the SDK's default of 10
+    assert summarize.calls == []
+    await session.run_compaction({"force": True, "response_id": "r"})
+    assert await session.get_items() == [
+        {"role": "system", "content": "summary #1 of 2 items"},
+        user("b"),
+    ]
+
+
+async def test_a_bad_item_summary_writes_nothing(engine: ContextEngine) -> None:
+    async def empty(items: list[Any]) -> str:
+        return " "
+
+    session = ContextEngineSession(engine, "conv", summarizer=empty, keep_last_turns=0)
+    await session.add_items([user("a"), user("b")])
+    with pytest.raises(ValidationError, match="summarizer"):
+        await session.run_compaction({"force": True})
+    assert await session.get_items() == [user("a"), user("b")]
+    with pytest.raises(ValueError, match="keep_last_turns"):
+        ContextEngineSession(engine, "conv", keep_last_turns=-1)

@@ -137,9 +137,13 @@ def _role(event: Event) -> str:
     """The message role an event is stored under: ``tool`` for function responses
     (ADK gives them the role user, even the ones a user sends back), ``user`` for the
     rest of what the user authored (a turn, which trimming keeps or drops whole,
-    starts there), ``assistant`` for what agents produce (function calls included)."""
+    starts there), ``assistant`` for what agents produce (function calls included) and
+    for ADK's compaction events (a summary ADK appends after a turn, whatever its
+    author: not user input, so no turn of its own)."""
     if event.get_function_responses():
         return "tool"
+    if event.actions.compaction is not None:
+        return "assistant"
     return "user" if event.author == "user" else "assistant"
 
 
@@ -189,7 +193,9 @@ class ContextEngineSessionService(Closable, BaseSessionService):
     - each event is a message of the session's current chat whose content is the
       event as JSON data (``model_dump(mode="json", exclude_none=True)``); its role is
       ``tool`` for function responses, ``user`` for other events authored by the
-      user, ``assistant`` otherwise; the chat's sequence numbers order events;
+      user, ``assistant`` otherwise (ADK's compaction events too: they are stored and
+      returned as ADK wrote them, so an ``App``'s ``events_compaction_config`` works
+      unchanged); the chat's sequence numbers order events;
     - session state is the session's metadata; ``app:`` and ``user:`` state are the
       shared state documents ``["adk-app", app]`` and ``["adk-user", app, user]``
       (keys without their prefix); ``temp:`` state reaches the in-memory session
