@@ -24,6 +24,7 @@ from ..schema import memories, memory_items
 from ..types import JSONDocument, UTCDateTime
 from . import Repository
 from .memory import _beyond
+from .semantic_memory import RECORD_COLUMNS, record_of
 
 T = TypeVar("T")
 
@@ -106,20 +107,6 @@ _MEMORY_COLUMNS = (
     m.dimensions,
     m.embedding,
 )
-#: The columns a MemoryRecord is built from (no vector), in its fields' order.
-_RECORD_COLUMNS = (
-    m.memory_id,
-    m.text,
-    m.metadata,
-    m.importance,
-    m.user_id,
-    m.session_id,
-    m.namespace,
-    m.created_at,
-    m.last_accessed_at,
-    m.expires_at,
-    m.source,
-)
 _INSERT_MEMORY = insert(memories)
 
 
@@ -135,24 +122,6 @@ def _item(row: Any, user_id: str) -> MemoryItem:
             "created_at": row.created_at,
             "updated_at": row.updated_at,
             "expires_at": row.expires_at,
-        }
-    )
-
-
-def _record(row: Any) -> MemoryRecord:
-    return MemoryRecord._trusted(
-        {
-            "memory_id": row[0],
-            "text": row[1],
-            "metadata": row[2],
-            "importance": float(row[3]),
-            "user_id": row[4] or None,
-            "session_id": row[5] or None,
-            "namespace": row[6],
-            "created_at": row[7],
-            "last_accessed_at": row[8],
-            "expires_at": row[9],
-            "source": row[10],
         }
     )
 
@@ -293,8 +262,8 @@ class MemoryTransferRepository(Repository):
         order = [m.created_at.desc(), m.memory_id.desc()]
         if by_importance:
             order.insert(0, m.importance.desc())
-        stmt = select(*_RECORD_COLUMNS).where(*where).order_by(*order).limit(limit)
-        return [_record(row) for row in await conn.execute(stmt)]
+        stmt = select(*RECORD_COLUMNS).where(*where).order_by(*order).limit(limit)
+        return [record_of(row) for row in await conn.execute(stmt)]
 
     @staticmethod
     def _item_filter(

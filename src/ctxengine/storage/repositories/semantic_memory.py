@@ -52,7 +52,7 @@ c = t.c
 _NOW = bindparam("now", type_=UTCDateTime())
 _ALIVE = or_(c.expires_at.is_(None), c.expires_at > _NOW)
 #: The columns a MemoryRecord is built from, in its fields' order.
-_RECORD = (
+RECORD_COLUMNS = (
     c.memory_id,
     c.text,
     c.metadata,
@@ -66,7 +66,7 @@ _RECORD = (
     c.source,
 )
 _IN_NAMESPACE = and_(c.tenant_id == bindparam("tenant"), c.namespace == bindparam("namespace"))
-_BY_SOURCE = select(*_RECORD).where(
+_BY_SOURCE = select(*RECORD_COLUMNS).where(
     c.tenant_id == bindparam("tenant"), c.source == bindparam("source"), _ALIVE
 )
 _DIMENSIONS = select(c.dimensions).where(_IN_NAMESPACE).limit(1)
@@ -203,7 +203,8 @@ class Vectors(NamedTuple):
     metadata: list[dict[str, Any]] | None
 
 
-def _record(row: Record) -> MemoryRecord:
+def record_of(row: Record) -> MemoryRecord:
+    """The MemoryRecord of a row of :data:`RECORD_COLUMNS`."""
     return MemoryRecord._trusted(
         {
             "memory_id": row[0],
@@ -341,7 +342,7 @@ class SemanticMemoryRepository(MemoryTable):
         """The live memory of the tenant that came from ``source``."""
         params = {"tenant": tenant, "source": source, "now": now}
         found = (await run(conn, _BY_SOURCE, params)).first()
-        return None if found is None else _record(found)
+        return None if found is None else record_of(found)
 
     async def sources(
         self, conn: Connection, tenant: str, sources: Sequence[str], now: datetime
@@ -503,12 +504,12 @@ class SemanticMemoryRepository(MemoryTable):
                 update(t)
                 .where(c.tenant_id == bindparam("tenant"), c.memory_id.in_(ids))
                 .values(last_accessed_at=_NOW)
-                .returning(*_RECORD)
+                .returning(*RECORD_COLUMNS)
             )
         params: dict[str, Any] = {"tenant": tenant, "now": now}
         for i in range(size):
             params[f"id{i}"] = memory_ids[min(i, len(memory_ids) - 1)]
-        return {row[0]: _record(row) for row in await run(conn, stmt, params)}
+        return {row[0]: record_of(row) for row in await run(conn, stmt, params)}
 
     async def delete(self, conn: Connection, tenant: str, memory_id: str, now: datetime) -> bool:
         """Delete a live memory; whether there was one."""
@@ -537,4 +538,4 @@ class SemanticMemoryRepository(MemoryTable):
         return int((await conn.execute(select(func.count()).where(*where))).scalar_one())
 
 
-__all__ = ["MIXED", "SemanticMemoryRepository", "Vectors"]
+__all__ = ["MIXED", "RECORD_COLUMNS", "SemanticMemoryRepository", "Vectors", "record_of"]
