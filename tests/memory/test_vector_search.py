@@ -20,10 +20,8 @@ import numpy as np
 import pytest
 
 from ctxengine import ContextEngine, EngineSettings
-from ctxengine import migrate as migrations
 from ctxengine.embeddings import FunctionEmbedder
 from ctxengine.errors import ValidationError
-from ctxengine.storage import open_store
 from ctxengine.storage.repositories.semantic_memory import SemanticMemoryRepository
 from ctxengine.storage.sqlite import _vector_extension
 from tests.cluster import Cluster
@@ -267,20 +265,42 @@ async def test_hnsw_refuses_bad_input_as_exact_search_does(pg_vector_url: str) -
     await _bad_input(pg_vector_url)
 
 
+async def test_add_memory_writes_pgvectors_copy_itself(pg_vector_url: str) -> None:
+    """ctxengine's inserts write embedding_vector themselves (the trigger, disabled here,
+    is for other writers), bit for bit, and a replaced memory's copy is replaced too."""
+    await _sql(pg_vector_url, "ALTER TABLE ctx_memories DISABLE TRIGGER ctx_memories_fill_vector")
+    async with ContextEngine(pg_vector_url, settings=SETTINGS) as engine:
+        await engine.add_memory("a", user_id="ann", embedding=STORED[0])
+        await engine.add_memory("b", user_id="ann", embedding=STORED[1], source="s", ttl=1)
+        await asyncio.sleep(1.1)  # expired: a new memory of that source replaces it
+        await engine.add_memory("c", user_id="ann", embedding=STORED[2], source="s")
+    rows = await _sql(
+        pg_vector_url, "SELECT text, embedding, embedding_vector::text FROM ctx_memories"
+    )
+    assert sorted(text for text, _, _ in rows) == ["a", "c"]
+    for _, blob, vector in rows:
+        decoded = np.asarray([float(x) for x in vector.strip("[]").split(",")], dtype="<f4")
+        assert np.array_equal(decoded, np.frombuffer(blob, dtype="<f4"))
+
+
 async def test_vectors_written_by_others_are_filled_and_pgvector_installed_later(
     pg_vector_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A row written by SQL of its own gets its vector from the trigger, bit for bit;
-    and a database migrated before its server had pgvector (here: 0011 undone) takes
+    and a database migrated before its server had pgvector takes
     the howto's block, which fills the existing rows, and then its index."""
     migration = migration_0011()
     async with ContextEngine(pg_vector_url, settings=SETTINGS) as engine:
         await fill(engine)
-    store = open_store(pg_vector_url, SETTINGS)
-    try:  # as `ctxengine migrate --revision 0010_memory_source --yes`
-        await migrations.migrate(store, "0010_memory_source", down=True)
-    finally:
-        await store.dispose()
+    # the state migration 0011 leaves where the server has no pgvector (the extension
+    # itself may stay: CREATE EXTENSION IF NOT EXISTS)
+    await _sql(
+        pg_vector_url,
+        "DROP TRIGGER ctx_memories_fill_vector ON ctx_memories",
+        "DROP FUNCTION ctx_memories_fill_vector()",
+        "DROP FUNCTION ctx_memory_vector(bytea)",
+        "ALTER TABLE ctx_memories DROP COLUMN embedding_vector",
+    )
     columns = await _sql(
         pg_vector_url,
         "SELECT count(*) FROM information_schema.columns WHERE table_name = 'ctx_memories'"

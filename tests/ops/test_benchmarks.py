@@ -134,3 +134,32 @@ def test_the_adk_memory_benchmark_runs() -> None:
         "| ADK SqliteMemoryService (FTS5, file)",
         "| ctxengine, SQLite, HashingEmbedder",
     ]
+
+
+def test_the_semantic_search_benchmark_runs() -> None:
+    """benchmarks/memory.py at its smallest on SQLite: exact search beside the raw
+    driver, and sqlite-vec's where this Python loads it."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.memory",
+            "--backend",
+            "sqlite",
+            "--memories",
+            "30",
+            "--indexed",
+            "60",
+            "--dimensions",
+            "8",
+            "--searches",
+            "2",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "exact, 30 x 8" in done.stdout and "raw driver + numpy" in done.stdout
+    assert "sqlite-vec" in done.stdout

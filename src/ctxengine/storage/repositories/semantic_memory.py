@@ -14,10 +14,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import (
     REAL,
+    Column,
     ColumnElement,
     Float,
     LargeBinary,
+    MetaData,
     String,
+    Table,
     and_,
     bindparam,
     case,
@@ -31,6 +34,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
@@ -192,6 +196,29 @@ _ACCESSED: dict[int, Any] = {}
 _BY_INDEX: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 
 
+class _AnyVector(UserDefinedType[Any]):
+    """pgvector's ``vector`` of any dimension, bound as ``real[]`` (a list of numbers)."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **_: Any) -> str:
+        return "vector"
+
+    def bind_expression(self, bindvalue: Any) -> Any:
+        return cast(type_coerce(bindvalue, ARRAY(REAL())), self)
+
+
+#: ctx_memories with pgvector's copy of each vector (migration 0011, where the server
+#: has pgvector), for inserts: not in the schema alembic compares, since a database
+#: without pgvector has no such column.
+_WITH_VECTOR = Table(
+    "ctx_memories",
+    MetaData(),
+    *(column._copy() for column in t.columns),
+    Column("embedding_vector", _AnyVector(), nullable=True),
+)
+
+
 class Vectors(NamedTuple):
     """The live memories a search compares: their ids, the dimension of their vectors,
     the vectors one after another (little-endian float32s) and, when the search
@@ -255,6 +282,40 @@ def _same_json(stored: Any, wanted: Any) -> bool:
     return bool(stored == wanted)
 
 
+def _inserts(backend: Backend, table: Table) -> tuple[Any, Any]:
+    """Insert a memory (every column of ``table``); one whose source a live memory has
+    already writes nothing (an expired one with that source is replaced: expired
+    memories are absent). And the same, only into a namespace whose vectors have the
+    memory's dimension."""
+    names = [column.key for column in table.columns]
+
+    def replaced(excluded: Any) -> dict[str, Any]:
+        return {name: excluded[name] for name in names if name not in ("tenant_id", "source")}
+
+    values = {name: bindparam(name, type_=table.c[name].type) for name in names}
+    insert = backend.upsert(
+        table, ["tenant_id", "source"], values, replaced, where=lambda excluded: not_(_ALIVE)
+    )
+    settled = (
+        select(c.dimensions)
+        .where(c.tenant_id == values["tenant_id"], c.namespace == values["namespace"])
+        .limit(1)
+        .scalar_subquery()
+    )
+    fitting = select(*(value.label(name) for name, value in values.items())).where(
+        settled == values["dimensions"]
+    )
+    insert_fitting = backend.upsert(
+        table, ["tenant_id", "source"], fitting, replaced, where=lambda excluded: not_(_ALIVE)
+    )
+    return insert, insert_fitting
+
+
+def _floats(vector: bytes) -> list[float]:
+    """Little-endian float32s as numbers (for pgvector's copy, sent as ``real[]``)."""
+    return list(struct.unpack(f"<{len(vector) // 4}f", vector))
+
+
 class SemanticMemoryRepository(MemoryTable):
     """The statements of semantic memory."""
 
@@ -267,30 +328,10 @@ class SemanticMemoryRepository(MemoryTable):
 
     def __init__(self, backend: Backend) -> None:
         super().__init__(backend)
-        names = [column.key for column in t.columns]
-
-        def replaced(excluded: Any) -> dict[str, Any]:
-            return {name: excluded[name] for name in names if name not in ("tenant_id", "source")}
-
-        values = {name: bindparam(name, type_=t.c[name].type) for name in names}
-        #: Insert a memory; one whose source a live memory has already writes nothing
-        #: (an expired one with that source is replaced: expired memories are absent).
-        self._insert = backend.upsert(
-            t, ["tenant_id", "source"], values, replaced, where=lambda excluded: not_(_ALIVE)
-        )
-        #: The same, only into a namespace whose vectors have the memory's dimension.
-        settled = (
-            select(c.dimensions)
-            .where(c.tenant_id == values["tenant_id"], c.namespace == values["namespace"])
-            .limit(1)
-            .scalar_subquery()
-        )
-        fitting = select(*(value.label(name) for name, value in values.items())).where(
-            settled == values["dimensions"]
-        )
-        self._insert_fitting = backend.upsert(
-            t, ["tenant_id", "source"], fitting, replaced, where=lambda excluded: not_(_ALIVE)
-        )
+        self._insert, self._insert_fitting = _inserts(backend, t)
+        #: The same two, writing pgvector's copy of the vector as well (where the
+        #: database has the column: no decoding by its trigger, 0.35 ms an add).
+        self._insert_vector, self._insert_fitting_vector = _inserts(backend, _WITH_VECTOR)
         #: The user's live memories beyond the ``keep`` they keep longest: lowest
         #: importance first, then least recently accessed.
         ranked = (
@@ -317,7 +358,11 @@ class SemanticMemoryRepository(MemoryTable):
         memory of the tenant has its ``source``, or with ``settled`` when the namespace
         holds no vectors of the row's dimension yet (nothing is written)."""
         params = dict(row, now=row["created_at"])
-        stmt = self._insert_fitting if settled else self._insert
+        if (await self.backend.vector_search(conn)).vector_column:
+            stmt = self._insert_fitting_vector if settled else self._insert_vector
+            params["embedding_vector"] = _floats(row["embedding"])
+        else:
+            stmt = self._insert_fitting if settled else self._insert
         if not (await run(conn, stmt, params)).rowcount:
             return None
         return MemoryRecord._trusted(
