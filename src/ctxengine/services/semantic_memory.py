@@ -1,8 +1,10 @@
 """Semantic memory (SPEC §13): texts stored with their vectors, found by meaning.
 
-Texts are embedded before the unit of work begins (an embedder may take a while);
-the search is exact: the vectors of the scope are read and compared with the query's
-in one matrix product (measured: 10,000 vectors of 384 dimensions in 24-34 ms).
+Texts are embedded before the unit of work begins (an embedder may take a while).
+A search compares the query's vector with its candidates in one matrix product: the
+scope's every vector (exact: 10,000 of 384 dimensions in 24-40 ms), or the nearest
+an index found (sqlite-vec, pgvector's HNSW: the repository decides, from what the
+database offers), scored the same way.
 """
 
 from __future__ import annotations
