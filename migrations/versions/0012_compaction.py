@@ -3,6 +3,9 @@ each chat's system messages.
 
 ``compacted``: the message was replaced by a summary (``compact_history``); it stays,
 hidden from the history, until ``purge_compacted`` or its session's purge removes it.
+``ctx_chats.compacted_through``: every message of the chat not compacted, system
+messages aside, has a greater seq (the end of the latest summary's range), so history
+reads skip compacted messages by an index range instead of reading them.
 ``ix_ctx_messages_system`` (partial: system messages only) finds a chat's system prompt
 and latest summary, which every history page and context window puts first, without
 reading the chat's other messages.
@@ -27,6 +30,10 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column(
+        "ctx_chats",
+        sa.Column("compacted_through", sa.BigInteger(), nullable=False, server_default="0"),
+    )
+    op.add_column(
         "ctx_messages",
         sa.Column("compacted", sa.Boolean(), nullable=False, server_default=sa.false()),
     )
@@ -42,3 +49,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_ctx_messages_system", "ctx_messages")
     op.drop_column("ctx_messages", "compacted")
+    op.drop_column("ctx_chats", "compacted_through")

@@ -49,6 +49,7 @@ def chat_values(
         "created_at": now,
         "next_seq": messages,
         "message_count": messages,
+        "compacted_through": 0,
     }
 
 

@@ -29,8 +29,12 @@ ChatKey = tuple[str, str, str]
 #: Token counts remembered, by (message_id, length of its content); all are forgotten
 #: when a new one would pass it.
 _COUNTS_KEPT = 100_000
-#: Messages read by a context window's first page, at most; later pages double.
-_FIRST_PAGE_MAX = 1000
+#: Messages a context window's first page reads: one per this many tokens of its
+#: budget (most messages are longer), between ``_PAGE_MIN`` and ``_PAGE_MAX``; later
+#: pages read what the rest of the budget holds at the average seen so far.
+_TOKENS_PER_ROW_GUESS = 48
+_PAGE_MIN = 16
+_PAGE_MAX = 4000
 #: Seconds close() gives running compactions before cancelling them.
 _STOP_GRACE = 1.0
 
@@ -112,8 +116,8 @@ class ContextService:
         at a user message, so a tool result never comes without its call) while they
         fit; with ``keep_system`` the system messages and the summary come first and
         count first."""
-        first_page = min(_FIRST_PAGE_MAX, max(32, max_tokens // 16))
-        system, page = await self.repo.page_with_system(
+        first_page = min(_PAGE_MAX, max(_PAGE_MIN, max_tokens // _TOKENS_PER_ROW_GUESS))
+        system, page, floor = await self.repo.page_with_system(
             conn, tenant, session_id, chat_id, first_page, None, conversation=keep_system
         )
         if not system and not page:
@@ -127,22 +131,30 @@ class ContextService:
         # the chat read (when the current one was asked for, later pages read it too)
         chat = (system or page)[0].chat_id if (system or page) else None
 
+        # what stands below the pages (the floor): without keep_system, the summary and
+        # the system messages before the range it replaced, newest first
+        tail: list[Message] = []
+        if not keep_system:
+            tail = [m for m in system if m.seq <= floor]
+            if summary is not None:
+                tail.append(summary)
+            tail.sort(key=lambda m: history.position(m, summary), reverse=True)
+        skip = -1 if summary is None else summary.seq
+
         async def newest_first() -> AsyncIterator[Message]:
             """The history shown, newest first (system messages aside with
             ``keep_system``), read a page at a time."""
-            rows, size = page, first_page
-            at = None if keep_system else summary  # the summary, where it stands
+            rows, size, read = page, first_page, 0
             while True:
                 for message in rows:
-                    if at is not None and message.seq == at.seq:
-                        continue
-                    if at is not None and message.seq < history.position(at, at):
-                        yield at
-                        at = None
-                    yield message
+                    if message.seq != skip:
+                        read += 1
+                        yield message
                 if len(rows) < size:
                     break
-                size = min(size * 2, 8 * _FIRST_PAGE_MAX)
+                # what the rest of the budget holds at the tokens per message seen so far
+                average = max(1.0, (max_tokens - pinned_tokens - budget_left()) / max(read, 1))
+                size = max(_PAGE_MIN, min(_PAGE_MAX, int(budget_left() / average * 1.25) + 8))
                 assert chat is not None
                 rows = await self.repo.page(
                     conn,
@@ -153,13 +165,17 @@ class ContextService:
                     rows[-1].seq,
                     conversation=keep_system,
                 )
-            if at is not None:
-                yield at
+            for message in tail:
+                yield message
 
         kept: list[Message] = []
         turn: list[Message] = []
         turn_tokens = 0
         complete = True
+
+        def budget_left() -> int:
+            return budget - turn_tokens
+
         async for message in newest_first():
             turn.append(message)
             turn_tokens += self.tokens(message)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -334,26 +333,9 @@ class ConversationService:
         self, conn: Connection, tenant: str, session_id: str, chat: str, below: int
     ) -> Message | None:
         """The last message of the chat's history as shown (see ``history``) among the
-        messages below seq ``below``: its newest message not compacted, or its latest
-        summary when only messages before the summary's range are newer."""
-        summary = history.latest_summary(
-            await self.repo.system_messages(conn, tenant, session_id, chat)
-        )
-        if summary is not None and summary.seq >= below:
-            summary = None
-        newest = await self.repo.newest_visible(
-            conn,
-            tenant,
-            session_id,
-            chat,
-            below=below,
-            other_than=None if summary is None else summary.seq,
-        )
-        if summary is not None and (
-            newest is None or newest.seq < history.position(summary, summary)
-        ):
-            return summary
-        return newest
+        messages below seq ``below``."""
+        last = await self._shown(conn, tenant, session_id, chat, 1, below)
+        return last[-1] if last else None
 
     async def _keep_limit(
         self,
@@ -459,18 +441,19 @@ class ConversationService:
         before_seq: int | None,
     ) -> list[Message]:
         """The last ``limit`` messages of the history shown before the message at
-        ``before_seq``, in order: the latest summary where the messages it replaced
-        stood (see ``history``)."""
+        ``before_seq`` (or below seq ``before_seq``, when no message has it), in order:
+        the latest summary where the messages it replaced stood (see ``history``)."""
         wanted = None if limit is None else limit + 1  # the summary may be one of them
-        system, page = await self.repo.page_with_system(
+        system, page, floor = await self.repo.page_with_system(
             conn, tenant, session_id, chat_id, wanted, before_seq
         )
         summary = history.latest_summary(system)
         below = history.bound(before_seq, summary)
         if summary is not None and before_seq == summary.seq:
             # before the summary: the messages before the range it replaced
-            page = await self.repo.page(conn, tenant, session_id, chat_id, wanted, math.ceil(below))
-        return history.arrange(page, summary, below, limit)
+            page = []
+        older = [m for m in system if m.seq <= floor]
+        return history.arrange(page, older, summary, below, limit)
 
     async def count_messages(self, tenant: str, session_id: str, chat_id: str | None) -> int:
         v.identifier(session_id)

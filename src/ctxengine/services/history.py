@@ -64,14 +64,20 @@ def bound(before_seq: int | None, summary: Message | None) -> float:
 
 
 def arrange(
-    newest_first: Sequence[Message], summary: Message | None, below: float, limit: int | None
+    newest_first: Sequence[Message],
+    older: Sequence[Message],
+    summary: Message | None,
+    below: float,
+    limit: int | None,
 ) -> list[Message]:
     """The last ``limit`` (all with None) messages of the history shown below position
-    ``below``, in order, from ``newest_first``: the newest messages not compacted below
-    ``below`` (at least ``limit + 1`` of them when there are, the summary among them or
-    not)."""
-    ordered = [m for m in reversed(newest_first) if (summary is None or m.seq != summary.seq)]
-    ordered = [m for m in ordered if m.seq < below]
+    ``below``, in order, from ``newest_first`` (the newest messages not compacted below
+    ``below`` above the chat's floor: at least ``limit + 1`` of them when there are, the
+    summary among them or not) and ``older`` (its system messages at or below the
+    floor, oldest first)."""
+    skip = -1 if summary is None else summary.seq
+    ordered = [m for m in older if m.seq < below]
+    ordered += [m for m in reversed(newest_first) if m.seq != skip and m.seq < below]
     if summary is not None:
         at = position(summary, summary)
         if at < below:

@@ -103,6 +103,7 @@ class SnapshotService:
                     "session_id": session_id,
                     **c.model_dump(),
                     "message_count": counts[c.chat_id],
+                    "compacted_through": _compacted_through(doc.messages, c.chat_id),
                 }
                 for c in doc.chats
             ],
@@ -247,3 +248,12 @@ class SnapshotService:
             return session
 
         return await self.ctx.transact(work, operation="import_session")
+
+
+def _compacted_through(messages: list[d.MessageDoc], chat_id: str) -> int:
+    """The chat's floor: the newest compacted message (system messages aside) below
+    every message not compacted (0: none), as compaction leaves it."""
+    conversation = [m for m in messages if m.chat_id == chat_id and m.role != "system"]
+    shown = [m.seq for m in conversation if not m.compacted]
+    first_shown = min(shown, default=2**63 - 1)
+    return max((m.seq for m in conversation if m.compacted and m.seq < first_shown), default=0)

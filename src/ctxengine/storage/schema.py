@@ -220,6 +220,9 @@ chats = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("next_seq", BigInteger, nullable=False),
     Column("message_count", BigInteger, nullable=False),
+    # every message not compacted, system messages aside, has a seq above this one (the
+    # end of the latest summary's range): history reads never scan compacted messages
+    Column("compacted_through", BigInteger, nullable=False, server_default="0"),
     PrimaryKeyConstraint("tenant_id", "session_id", "chat_id"),
     _owned_by_session(),
 )

@@ -74,6 +74,24 @@ _VISIBLE = messages.c.compacted == false()
 _IS_SYSTEM = messages.c.role == literal_column("'system'")
 
 
+def _floor(chat: Any) -> Any:
+    """The chat's ``compacted_through`` (``chat``: its id, an expression): every
+    message not compacted but system messages is above it."""
+    return (
+        select(chats.c.compacted_through)
+        .where(
+            chats.c.tenant_id == bindparam("tenant"),
+            chats.c.session_id == bindparam("sid"),
+            chats.c.chat_id == chat,
+        )
+        .scalar_subquery()
+    )
+
+
+#: Above the chat's ``compacted_through`` (parameters: tenant, sid, chat).
+_ABOVE_FLOOR = messages.c.seq > _floor(bindparam("chat"))
+
+
 #: The role that starts a turn.
 _TURN_START = "user"
 
@@ -90,8 +108,8 @@ def _delete_oldest(keep_system: bool) -> Any:
     user message after it, or the last one before ``before``), not by counting."""
     m = messages.c
     candidates = [_IN_CHAT, _VISIBLE, m.seq < bindparam("before")]
-    if keep_system:
-        candidates.append(m.role != _SYSTEM)
+    if keep_system:  # (messages not compacted but system messages are above the floor)
+        candidates += [m.role != _SYSTEM, _ABOVE_FLOOR]
     nth = (
         select(m.seq)
         .where(*candidates)
@@ -136,15 +154,16 @@ _CURRENT_CHAT = (
 def _page(
     *, current: bool, before: bool, limited: bool, visible: bool = True, conversation: bool = False
 ) -> Any:
-    """A chat's messages newest first (``visible``: not compacted; ``conversation``: not
-    system messages), below ``before`` when given, the first ``limit`` when given."""
+    """A chat's messages newest first, below ``before`` when given, the first ``limit``
+    when given; ``visible``: those not compacted above the chat's floor (the system
+    messages below it are read by ``_system``); ``conversation``: not system messages."""
     m = messages.c
     chat = _CURRENT_CHAT if current else bindparam("chat")
     stmt = select(*_MESSAGE).where(
         m.tenant_id == bindparam("tenant"), m.session_id == bindparam("sid"), m.chat_id == chat
     )
     if visible:
-        stmt = stmt.where(_VISIBLE)
+        stmt = stmt.where(_VISIBLE, m.seq > _floor(chat))
     if conversation:
         stmt = stmt.where(m.role != _SYSTEM)
     if before:
@@ -154,11 +173,12 @@ def _page(
 
 
 def _system(*, current: bool) -> Any:
-    """The chat's system messages not compacted, oldest first (``ix_ctx_messages_system``)."""
+    """The chat's system messages not compacted, oldest first (``ix_ctx_messages_system``),
+    each with the chat's floor (``_FLOOR_KEY``)."""
     m = messages.c
     chat = _CURRENT_CHAT if current else bindparam("chat")
     return (
-        select(*_MESSAGE)
+        select(*_MESSAGE, _floor(chat).label(_FLOOR_KEY))
         .where(
             m.tenant_id == bindparam("tenant"),
             m.session_id == bindparam("sid"),
@@ -172,16 +192,20 @@ def _system(*, current: bool) -> Any:
 
 #: The column telling the two parts of ``_with_system`` apart (0: system messages).
 _PART = "part"
+#: The column of the chat's ``compacted_through`` in the rows of ``_system``.
+_FLOOR_KEY = "floor"
 
 
 def _with_system(*, current: bool, before: bool, limited: bool, conversation: bool) -> Any:
-    """ONE statement: the chat's system messages not compacted (part 0) and a page of
-    ``_page`` (part 1), so a history page or a context window is one round trip."""
+    """ONE statement: the chat's system messages not compacted with its floor (part 0)
+    and a page of ``_page`` (part 1), so a history page or a context window is one
+    round trip."""
     page = _page(
         current=current, before=before, limited=limited, conversation=conversation
     ).subquery()
     system = _system(current=current).order_by(None).add_columns(literal(0).label(_PART))
-    return union_all(system, select(*page.c, literal(1).label(_PART)))
+    no_floor = literal(None, type_=chats.c.compacted_through.type).label(_FLOOR_KEY)
+    return union_all(system, select(*page.c, no_floor, literal(1).label(_PART)))
 
 
 _PAGES = {
@@ -213,22 +237,23 @@ _SYSTEM_ROWS = _system(current=False)
 #: sid, chat, skip = k - 1).
 _TURN_START_FROM_END = (
     select(messages.c.seq)
-    .where(_IN_CHAT, _VISIBLE, messages.c.role == _TURN_START)
+    .where(_IN_CHAT, _VISIBLE, _ABOVE_FLOOR, messages.c.role == _TURN_START)
     .order_by(messages.c.seq.desc())
     .limit(1)
     .offset(bindparam("skip"))
 )
 #: The chat's messages that compaction replaces, oldest first: not compacted, not
 #: system messages, below ``before`` (parameters: tenant, sid, chat, before).
-_COMPACTABLE = (
-    select(*_MESSAGE)
-    .where(_IN_CHAT, _VISIBLE, messages.c.role != _SYSTEM, messages.c.seq < bindparam("before"))
-    .order_by(messages.c.seq)
+_REPLACEABLE = (
+    _IN_CHAT,
+    _VISIBLE,
+    _ABOVE_FLOOR,
+    messages.c.role != _SYSTEM,
+    messages.c.seq < bindparam("before"),
 )
+_COMPACTABLE = select(*_MESSAGE).where(*_REPLACEABLE).order_by(messages.c.seq)
 _COMPACTABLE_IDS = (
-    select(messages.c.seq, messages.c.message_id)
-    .where(_IN_CHAT, _VISIBLE, messages.c.role != _SYSTEM, messages.c.seq < bindparam("before"))
-    .order_by(messages.c.seq)
+    select(messages.c.seq, messages.c.message_id).where(*_REPLACEABLE).order_by(messages.c.seq)
 )
 #: Flag as compacted the messages ``_COMPACTABLE`` selects and the message at ``also``.
 _FLAG_COMPACTED = (
@@ -236,24 +261,18 @@ _FLAG_COMPACTED = (
     .where(
         _IN_CHAT,
         _VISIBLE,
-        or_(
-            and_(messages.c.role != _SYSTEM, messages.c.seq < bindparam("before")),
-            messages.c.seq == bindparam("also"),
-        ),
+        or_(and_(*_REPLACEABLE[2:]), messages.c.seq == bindparam("also")),
     )
     .values(compacted=True)
 )
-#: The newest message not compacted below ``before``, other than the one at ``skip_seq``.
-_NEWEST_VISIBLE = (
-    select(*_MESSAGE)
-    .where(
-        _IN_CHAT,
-        _VISIBLE,
-        messages.c.seq < bindparam("before"),
-        messages.c.seq != bindparam("skip_seq"),
+#: The chat's floor raised to ``through`` and its count lowered by ``n``.
+_COMPACTED_THROUGH = (
+    update(chats)
+    .where(_CHAT_KEY)
+    .values(
+        compacted_through=bindparam("through"),
+        message_count=chats.c.message_count - bindparam("n"),
     )
-    .order_by(messages.c.seq.desc())
-    .limit(1)
 )
 _DELETE_ONE = delete(messages).where(_IN_CHAT, messages.c.seq == bindparam("seq"))
 
@@ -360,11 +379,13 @@ class StoredChat(NamedTuple):
 
 
 class Paged(NamedTuple):
-    """A chat's system messages not compacted (oldest first) and a page of its history
-    (newest first), read at once."""
+    """A chat's system messages not compacted (oldest first), a page of its history
+    above its floor (newest first), read at once, and the floor (its
+    ``compacted_through``; 0 when it has no system message)."""
 
     system: list[Message]
     page: list[Message]
+    floor: int
 
 
 class Appended(NamedTuple):
@@ -520,28 +541,6 @@ class ConversationRepository(Repository):
         params = {"tenant": tenant, "sid": session_id, "chat": chat_id, "n": n}
         row = (await run(conn, _TAKE_SEQS, params)).first()
         return None if row is None else Taken._make(row)
-
-    async def newest_visible(
-        self,
-        conn: Connection,
-        tenant: str,
-        session_id: str,
-        chat_id: str,
-        *,
-        below: int,
-        other_than: int | None = None,
-    ) -> Message | None:
-        """The chat's newest message not compacted below seq ``below``, other than the
-        one at seq ``other_than``."""
-        params = {
-            "tenant": tenant,
-            "sid": session_id,
-            "chat": chat_id,
-            "before": below,
-            "skip_seq": -1 if other_than is None else other_than,
-        }
-        rows = await run_dicts(conn, _NEWEST_VISIBLE, params)
-        return Message._trusted(rows[0]) if rows else None
 
     async def insert_messages(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
@@ -725,19 +724,28 @@ class ConversationRepository(Repository):
         }
         system: list[Message] = []
         page: list[Message] = []
+        floor = 0
         for row in await run_dicts(conn, _WITH_SYSTEM[shape], params):
-            (page if row.pop(_PART) else system).append(Message._trusted(row))
+            if row.pop(_PART):
+                del row[_FLOOR_KEY]
+                page.append(Message._trusted(row))
+            else:
+                floor = int(row.pop(_FLOOR_KEY))
+                system.append(Message._trusted(row))
         # a union's rows come in no promised order
         system.sort(key=_by_seq)
         page.sort(key=_by_seq, reverse=True)
-        return Paged(system, page)
+        return Paged(system, page, floor)
 
     async def system_messages(
         self, conn: Connection, tenant: str, session_id: str, chat_id: str
     ) -> list[Message]:
         """The chat's system messages not compacted, oldest first."""
         params = {"tenant": tenant, "sid": session_id, "chat": chat_id}
-        return [Message._trusted(row) for row in await run_dicts(conn, _SYSTEM_ROWS, params)]
+        rows = await run_dicts(conn, _SYSTEM_ROWS, params)
+        for row in rows:
+            del row[_FLOOR_KEY]
+        return [Message._trusted(row) for row in rows]
 
     # -- compaction -----------------------------------------------------------------------
     async def turn_start_from_end(
@@ -774,7 +782,8 @@ class ConversationRepository(Repository):
         also: int | None,
     ) -> int:
         """Flag as compacted what :meth:`compactable` reads and the message at seq
-        ``also`` (a previous summary), lowering the chat's count by as many; that number."""
+        ``also`` (a previous summary); raise the chat's floor to ``below - 1`` and lower
+        its count by as many as were flagged; that number."""
         params = {
             "tenant": tenant,
             "sid": session_id,
@@ -783,7 +792,8 @@ class ConversationRepository(Repository):
             "also": -1 if also is None else also,
         }
         flagged = int((await run(conn, _FLAG_COMPACTED, params)).rowcount)
-        await self._uncount(conn, tenant, session_id, chat_id, flagged)
+        params = {"tenant": tenant, "sid": session_id, "chat": chat_id}
+        await run(conn, _COMPACTED_THROUGH, {**params, "through": below - 1, "n": flagged})
         return flagged
 
     async def purge_compacted(self, conn: Connection, tenant: str, session_id: str) -> int:
