@@ -37,7 +37,7 @@ def estimate_tokens(text: str) -> int:
     Measured against o200k_base and cl100k_base on 650 varied texts (prose, Python,
     JSON agent items, eight other languages, ids and base64, short chat turns;
     ``python -m benchmarks.token_estimate``): mean absolute error 8-9 % per text,
-    90 % of texts within 23-25 %, totals within 2 %. It runs low on random ids and
+    90 % of texts within 22-25 %, totals within 2 %. It runs low on random ids and
     base64 (-23 %) and, for o200k_base, high on non-Latin scripts (+23 %). About
     0.15 µs per character. Give ``tokens=`` or a real ``token_counter`` where exact
     counts matter."""

@@ -163,3 +163,32 @@ def test_the_semantic_search_benchmark_runs() -> None:
     )
     assert "exact, 30 x 8" in done.stdout and "raw driver + numpy" in done.stdout
     assert "sqlite-vec" in done.stdout
+
+
+def test_the_context_window_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/context.py at a tiny size on SQLite: get_context beside the raw driver,
+    compaction, and the window after it."""
+    out = tmp_path / "context.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.context",
+            "--backend",
+            "sqlite",
+            "--messages",
+            "300",
+            "--n",
+            "5",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    results = json.loads(out.read_text())["sqlite"]
+    assert {"ctxengine", "raw"} <= set(results["get_context(max_tokens=4000)"])
+    assert results["window"]["tokens"] <= 4000
+    assert results["get_context after compaction"]["n"] == 5
