@@ -1,15 +1,17 @@
 """The event loop thread behind the blocking facade (``ctxengine.sync``).
 
-The loop runs in a thread of anyio's blocking portal (``start_blocking_portal``), which
-starts and stops it. Calls reach it with ``loop.call_soon_threadsafe`` and wait on a
-plain lock: a third of the cost of ``BlockingPortal.call`` (a task in the portal's task
-group, a cancel scope and a ``concurrent.futures.Future`` per call), measured on
-``update_session``; it keeps the facade within 0.7x the async call's throughput.
+The loop runs in a daemon thread whose main task is an anyio blocking portal (as
+``start_blocking_portal`` does); the engine opens and closes through the portal. Every
+other call reaches the loop with ``loop.call_soon_threadsafe`` and waits on a plain
+lock: about half the cost of ``BlockingPortal.call`` (a task in the portal's task group,
+a cancel scope and a ``concurrent.futures.Future`` per call), measured on a call that
+does nothing; what is left is the two thread wake-ups a call from another thread needs.
 
 An engine is reached only through :class:`Portal`, the handle every object of the
 facade holds; when the last one is collected, or at interpreter exit, an engine still
 open is closed (a few seconds at most) and its loop stopped. The loop thread is a
-daemon: an unclosed facade never keeps the interpreter from exiting.
+daemon: an unclosed facade never keeps the interpreter from exiting. In a child
+process forked from one with open engines, those engines refuse every call at once.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import CoroutineType, TracebackType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
+import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from .errors import EngineClosedError
@@ -39,6 +44,8 @@ T = TypeVar("T")
 
 #: Seconds an abandoned engine (collected, or open at exit) is given to close.
 ABANDON_WAIT = 5.0
+#: Seconds close() waits for the loop thread to end once the engine is closed.
+STOP_WAIT = 30.0
 
 _ON_LOOP = (
     "a blocking ContextEngine call from the engine's own event loop thread (an event "
@@ -67,18 +74,19 @@ class _Core:
     def __init__(self, engine: ContextEngine) -> None:
         self.engine = engine
         self.lifecycle = threading.Lock()
-        self.portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self.portal: BlockingPortal | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.closing = False
         self.stopped = False
+        self.forked = False
         self.waiting: set[_Waiter] = set()
         self.tasks: set[asyncio.Future[Any]] = set()
+        _cores.add(self)
 
     # -- calls ------------------------------------------------------------------------
     def closed_error(self) -> EngineClosedError:
-        state = "closed" if self.stopped else self.engine._state
+        state = "forked" if self.forked else "closed" if self.stopped else self.engine._state
         return EngineClosedError(state, blocking=True)
 
     def on_loop_thread(self) -> bool:
@@ -180,14 +188,12 @@ class _Core:
             if self.loop is not None:
                 self.call(self.engine.initialize, (), {})  # open already: nothing happens
                 return
-            if self.stopped or self.engine._state == "closed":
-                raise EngineClosedError("closed")
+            if self.forked or self.stopped or self.engine._state == "closed":
+                raise self.closed_error() if self.forked else EngineClosedError("closed")
             self.closing = False
-            self.portal_cm = start_blocking_portal(name="ctxengine-loop")
-            self.portal = self.portal_cm.__enter__()
-            self.loop, self.thread = self.portal.call(_loop_and_thread)
+            self.portal, self.loop, self.thread = _start_loop_thread()
             try:
-                self.call(self.engine.initialize, (), {})
+                self.portal.call(self.engine.initialize)
             except BaseException:
                 self._stop()
                 self.stopped = False  # never opened: the engine says why (its state)
@@ -202,7 +208,8 @@ class _Core:
                 self.stopped = True
                 return
             try:
-                self.call(self.engine.close, (), {})
+                if self.portal is not None:
+                    self.portal.call(self.engine.close)
             finally:
                 self._stop()
 
@@ -214,9 +221,13 @@ class _Core:
             with contextlib.suppress(RuntimeError):
                 self.call(self._cancel_all, (), {})
         self.loop = None
-        if self.portal_cm is not None:
-            cm, self.portal_cm, self.portal = self.portal_cm, None, None
-            cm.__exit__(None, None, None)
+        portal, thread, self.portal, self.thread = self.portal, self.thread, None, None
+        if portal is not None and thread is not None:
+            with contextlib.suppress(RuntimeError):  # stopped already
+                portal.call(portal.stop, True)
+            thread.join(STOP_WAIT)
+            if thread.is_alive():
+                log.warning("the loop thread of a closed ContextEngine is still winding down")
         self.stopped = True
         for waiter in list(self.waiting):
             self._settle(waiter, None, EngineClosedError("closed"))
@@ -255,8 +266,48 @@ class _Core:
                 self.thread.join(1.0)
 
 
-def _loop_and_thread() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
-    return asyncio.get_running_loop(), threading.current_thread()
+#: Every engine's core, so that a forked child can tell them apart from its own.
+_cores: weakref.WeakSet[_Core] = weakref.WeakSet()
+
+
+def _forked() -> None:
+    """In a child process: no engine of the parent serves it (their loop threads did not
+    survive the fork, their connections are the parent's); each says so when called."""
+    for core in list(_cores):
+        if core.loop is not None or core.portal is not None:
+            core.forked = True
+            core.loop = core.portal = core.thread = None
+            core.waiting = set()
+            core.tasks = set()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _start_loop_thread() -> tuple[BlockingPortal, asyncio.AbstractEventLoop, threading.Thread]:
+    """A daemon thread running an event loop whose main task is a blocking portal (what
+    ``start_blocking_portal`` does, without a generator whose clean-up would wait for the
+    thread: a forked child, which has no such thread, can drop it)."""
+    ready: Future[tuple[BlockingPortal, asyncio.AbstractEventLoop]] = Future()
+
+    async def serve() -> None:
+        async with BlockingPortal() as portal:
+            ready.set_result((portal, asyncio.get_running_loop()))
+            await portal.sleep_until_stopped()
+
+    def run() -> None:
+        try:
+            anyio.run(serve)
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+            else:
+                log.exception("the event loop of a blocking ContextEngine failed")
+
+    thread = threading.Thread(target=run, name="ctxengine-loop", daemon=True)
+    thread.start()
+    portal, loop = ready.result()
+    return portal, loop, thread
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

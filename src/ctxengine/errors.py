@@ -310,6 +310,12 @@ class EngineClosedError(ContextEngineError):
         self.state = state
         if state == "closed":
             msg = "the ContextEngine is closed; create a new one"
+        elif state == "forked":  # ctxengine.sync.ContextEngine in a forked child
+            msg = (
+                "the ContextEngine was opened before this process forked, and serves the "
+                "parent only; open one in this process after the fork (gunicorn: post_fork "
+                "or the first request; Celery: worker_process_init)"
+            )
         elif blocking:  # ctxengine.sync.ContextEngine
             msg = "the ContextEngine is not initialized; call engine.initialize() or use `with`"
         else:

@@ -280,6 +280,15 @@ def test_an_interrupted_call_hands_control_back_and_writes_nothing(pg_url: str) 
                 await conn.execute("SELECT 1 FROM ctx_sessions WHERE session_id = 's' FOR UPDATE")
                 locked.set()
                 await asyncio.to_thread(release.wait, 30)
+                # the row is let go only once the cancelled UPDATE stopped waiting for it
+                for _ in range(500):
+                    waiting = await conn.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock'"
+                    )
+                    if not waiting:
+                        break
+                    await asyncio.sleep(0.01)
         finally:
             await conn.close()
 
@@ -358,3 +367,44 @@ def test_a_collected_engine_stops_its_loop(db_url: str) -> None:
             break
         time.sleep(0.05)
     assert len(loop_threads()) == before
+
+
+FORKED = """\
+import os, sys
+from ctxengine.errors import EngineClosedError
+from ctxengine.sync import ContextEngine
+
+engine = ContextEngine(os.environ["URL"])
+engine.initialize()
+engine.get_or_create_session("s", "u")
+pid = os.fork()
+if pid == 0:  # the child: the parent's engine refuses, a new one works
+    try:
+        engine.get_session("s")
+    except EngineClosedError as exc:
+        print("child refused:", exc, flush=True)
+    with ContextEngine(os.environ["URL"]) as own:
+        print("child's own engine:", own.get_session("s").session_id, flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+print("parent still served:", engine.get_session("s").session_id, flush=True)
+engine.close()
+"""
+
+
+def test_an_engine_opened_before_a_fork_refuses_in_the_child(db_url: str) -> None:
+    """gunicorn --preload, Celery's prefork pool: the child gets the parent's engine
+    without its loop thread; its calls raise at once (no hang), and an engine opened in
+    the child works."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(FORKED)],
+        env={**os.environ, "URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    refused = "child refused: the ContextEngine was opened before this process forked"
+    assert refused in done.stdout
+    assert "child's own engine: s" in done.stdout
+    assert "parent still served: s" in done.stdout
