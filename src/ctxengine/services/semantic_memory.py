@@ -436,8 +436,11 @@ def _best(
         )
     _same_dimensions(found.dimensions, len(query), namespace)
     matrix = np.frombuffer(found.data, dtype="<f4").reshape(count, len(query))
-    # float32 rounding can put a vector's cosine with itself a hair above 1
-    scores = np.clip(matrix @ query, -1.0, 1.0)
+    # each row's sum of products on its own (einsum), so a memory's score is the same
+    # whichever candidates it is read with (BLAS's product blocks rows together and
+    # rounds a row differently by its place); float32 rounding can put a vector's
+    # cosine with itself a hair above 1
+    scores = np.clip(np.einsum("ij,j->i", matrix, query), -1.0, 1.0)
     if limit < count:
         top = np.argpartition(-scores, limit - 1)[:limit]
     else:
