@@ -43,6 +43,7 @@ THROUGH_THE_FACADE = frozenset(
         "tests/conversation/test_metadata_checkpoints_export.py",
         "tests/conversation/test_turns_and_json_content.py",
         "tests/conversation/test_pop_and_shared_state.py",
+        "tests/conversation/test_context_and_compaction.py",
     }
 )
 
@@ -50,6 +51,17 @@ THROUGH_THE_FACADE = frozenset(
 ASYNC_ONLY: dict[str, str] = {
     "test_a_chat_that_trimmed_takes_appends_as_before_once_it_has_room": (
         "reads the conversation service's state (engine._runtime())"
+    ),
+    "test_an_append_past_the_cap_commits_and_compaction_follows": (
+        "counts the engine's background compactions (engine._runtime())"
+    ),
+    "test_a_history_past_max_context_tokens_is_compacted": "waits for them likewise",
+    "test_a_failing_automatic_compaction_is_logged_and_announced": "waits for them likewise",
+    "test_close_cancels_a_compaction_that_does_not_finish": (
+        "its summarizer sets an asyncio.Event of the test's loop (not thread-safe)"
+    ),
+    "test_processes_compacting_and_appending_at_once": (
+        "OS processes of the async engine; through the facade it would only take longer"
     ),
 }
 
