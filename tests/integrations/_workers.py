@@ -49,11 +49,13 @@ def adk_append_when_current(url: str, writer: str, rounds: int, start_at: float)
         refused = 0
         async with ContextEngine(url, settings=settings) as engine:
             service = ContextEngineSessionService(engine, on_stale="raise")
+            await service.get_session(app_name="app", user_id="u", session_id="s")  # connected
             await asyncio.sleep(max(start_at - time.time(), 0))
             for i in range(rounds):
                 session = await service.get_session(app_name="app", user_id="u", session_id="s")
                 assert session is not None
                 seen = session.events[-1].id if session.events else ""
+                await asyncio.sleep(0.005)  # room for another writer to append in between
                 event = AdkEvent(
                     author="user",
                     invocation_id=f"{writer}-{i}",
