@@ -463,6 +463,16 @@ async def test_export_import_and_checkpoints_carry_the_compaction(engine: Contex
         for m in await engine.get_messages("s", limit=None, include_compacted=True)
     ] == strip
     assert await engine.count_messages("s") == 6
+    strip_shown = await engine.get_messages("s")
+
+    # a session whose compacted messages were purged still shows its summary in place
+    await engine.purge_compacted("s")
+    purged = await engine.export_session("s")
+    assert not any(m.get("compacted") for m in purged["messages"])
+    await engine.import_session(purged, new_session_id="purged")
+    assert shown(await engine.get_messages("purged")) == shown(strip_shown)
+    assert strip_shown[1].metadata == {"summary_of": [2, 5]}  # after the prompt
+    assert shown(await engine.get_messages("purged", limit=2)) == shown(strip_shown[-2:])
 
     bad = json.loads(json.dumps(exported))
     bad["messages"][5]["metadata"] = {"summary_of": [3, 40]}

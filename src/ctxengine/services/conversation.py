@@ -443,6 +443,10 @@ class ConversationService:
         """The last ``limit`` messages of the history shown before the message at
         ``before_seq`` (or below seq ``before_seq``, when no message has it), in order:
         the latest summary where the messages it replaced stood (see ``history``)."""
+        recent = await self.repo.recent(conn, tenant, session_id, chat_id, limit, before_seq)
+        if recent.floor == 0:  # never compacted: the page is the history shown
+            recent.page.reverse()
+            return recent.page
         wanted = None if limit is None else limit + 1  # the summary may be one of them
         system, page, floor = await self.repo.page_with_system(
             conn, tenant, session_id, chat_id, wanted, before_seq

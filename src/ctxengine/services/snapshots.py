@@ -251,9 +251,14 @@ class SnapshotService:
 
 
 def _compacted_through(messages: list[d.MessageDoc], chat_id: str) -> int:
-    """The chat's floor: the newest compacted message (system messages aside) below
-    every message not compacted (0: none), as compaction leaves it."""
-    conversation = [m for m in messages if m.chat_id == chat_id and m.role != "system"]
-    shown = [m.seq for m in conversation if not m.compacted]
-    first_shown = min(shown, default=2**63 - 1)
-    return max((m.seq for m in conversation if m.compacted and m.seq < first_shown), default=0)
+    """The chat's floor, as compaction leaves it: the end of its latest summary's range,
+    or the newest compacted message (system messages aside) below every message not
+    compacted, whichever is higher (0: never compacted)."""
+    mine = [m for m in messages if m.chat_id == chat_id]
+    conversation = [m for m in mine if m.role != "system"]
+    first_shown = min((m.seq for m in conversation if not m.compacted), default=2**63 - 1)
+    ends = [
+        m.metadata["summary_of"][1] for m in mine if "summary_of" in m.metadata and not m.compacted
+    ]
+    compacted = (m.seq for m in conversation if m.compacted and m.seq < first_shown)
+    return max([*compacted, *(end for end in ends if end < first_shown)], default=0)

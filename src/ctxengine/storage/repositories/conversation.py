@@ -223,6 +223,22 @@ _PAGES = {
     for conversation in (False, True)
     if visible or not conversation
 }
+
+
+def _recent(*, current: bool, before: bool, limited: bool) -> Any:
+    """``_page`` of the messages not compacted, each row with the chat's floor: a chat
+    whose floor is 0 was never compacted, and this page is its history as shown."""
+    chat = _CURRENT_CHAT if current else bindparam("chat")
+    page = _page(current=current, before=before, limited=limited)
+    return page.add_columns(_floor(chat).label(_FLOOR_KEY))
+
+
+_RECENT = {
+    (current, before, limited): _recent(current=current, before=before, limited=limited)
+    for current in (False, True)
+    for before in (False, True)
+    for limited in (False, True)
+}
 _WITH_SYSTEM = {
     (current, before, limited, conversation): _with_system(
         current=current, before=before, limited=limited, conversation=conversation
@@ -376,6 +392,13 @@ class StoredChat(NamedTuple):
     max_messages: int | None
     created_at: datetime
     next_seq: int
+
+
+class Recent(NamedTuple):
+    """A page of a chat's history (newest first) and its floor (None: no row)."""
+
+    page: list[Message]
+    floor: int | None
 
 
 class Paged(NamedTuple):
@@ -699,6 +722,33 @@ class ConversationRepository(Repository):
         }
         # the rows' columns are the Message fields: each row is a message's __dict__
         return [Message._trusted(row) for row in await run_dicts(conn, _PAGES[shape], params)]
+
+    async def recent(
+        self,
+        conn: Connection,
+        tenant: str,
+        session_id: str,
+        chat_id: str | None,
+        limit: int | None,
+        before_seq: int | None,
+    ) -> Recent:
+        """:meth:`page`'s messages not compacted, newest first, and the chat's floor
+        (None when no row came back): with a floor of 0 the chat was never compacted."""
+        shape = (chat_id is None, before_seq is not None, limit is not None)
+        params = {
+            "tenant": tenant,
+            "sid": session_id,
+            "chat": chat_id,
+            "before": before_seq,
+            "limit": limit,
+        }
+        rows = await run_dicts(conn, _RECENT[shape], params)
+        floor = None
+        for row in rows:
+            floor = row.pop(_FLOOR_KEY)
+        return Recent(
+            [Message._trusted(row) for row in rows], None if floor is None else int(floor)
+        )
 
     async def page_with_system(
         self,
