@@ -144,6 +144,24 @@ async def test_memorize_session_stores_each_message_once(mem: ContextEngine) -> 
     assert await stored(mem) == 4
 
 
+async def test_memorize_keeps_what_compaction_replaced(mem: ContextEngine) -> None:
+    """Messages a summary replaced are still the conversation's: they are memorized,
+    the summary (a system message) is not."""
+    sid = await _conversation(mem)
+
+    async def summarize(messages: Any) -> str:
+        return "they talked about a flight"
+
+    await mem.add_message(sid, "user", "Back on Friday.")
+    await mem.compact_history(sid, summarize, keep_last_turns=1)
+    texts = sorted(r.text for r in await mem.memorize_session(sid, chat_id="default"))
+    assert texts == [
+        "Back on Friday.",
+        "My flight to Lisbon leaves on Tuesday.",
+        "Noted: Tuesday.",
+    ]
+
+
 async def test_memorize_one_chat(mem: ContextEngine) -> None:
     sid = await _conversation(mem)
     (aisle,) = await mem.memorize_session(sid, chat_id="side")

@@ -214,7 +214,9 @@ class SemanticMemoryService:
         messages = [
             message
             for chat in chats
-            for message in await self.conversation.get_messages(tenant, sid, chat, None, None)
+            for message in await self.conversation.get_messages(
+                tenant, sid, chat, None, None, include_compacted=True
+            )
             if message.role != "system"
         ]
         texts = {f"message/{m.message_id}": (m, _message_text(m.content)) for m in messages}
