@@ -8,24 +8,31 @@ database), interleaved in blocks so both meet the same machine, the median of
 ``--repeats`` runs: one caller (the target: the facade at 0.7x the async call's
 throughput or better), and 16 threads against 16 tasks. PostgreSQL runs against a
 database the harness creates on ``CTXENGINE_BENCH_PG_URL`` and drops afterwards.
+
+Placement: by default the harness runs on one CPU (the facade's loop thread with its
+callers, as one warm CPU; for PostgreSQL the server on the others, as ``python -m
+benchmarks`` places it); ``--free`` leaves all threads to the scheduler, which on a
+small virtual machine wakes the loop thread on a CPU gone idle for each call.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from benchmarks.placement import database_apart
 from benchmarks.timing import interleaved
 from ctxengine import ContextEngine, EngineSettings
 from ctxengine.sync import ContextEngine as BlockingEngine
@@ -50,8 +57,8 @@ async def measure(url: str, n: int) -> list[dict[str, Any]]:
     ):
         async with ContextEngine(url, settings=settings) as engine:
             for w in range(WORKERS):
-                blocking.create_session(f"sync-{w}", "bench")
-                await engine.create_session(f"async-{w}", "bench")
+                blocking.get_or_create_session(f"sync-{w}", "bench")
+                await engine.get_or_create_session(f"async-{w}", "bench")
 
             def sync_update(session_id: str) -> None:
                 blocking.update_session(session_id, increment_requests=True)
@@ -149,21 +156,41 @@ def median_of(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return rows
 
 
-async def run(backend: str, n: int, repeats: int) -> dict[str, list[dict[str, Any]]]:
+@contextlib.contextmanager
+def one_cpu(pin: bool) -> Iterator[str]:
+    """With ``pin``, this process on its first CPU for the block (the facade's threads,
+    started inside it, inherit that): both sides run on one warm CPU."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not pin or len(cpus) < 2:
+        yield "not pinned"
+        return
+    os.sched_setaffinity(0, {cpus[0]})
+    try:
+        yield f"on CPU {cpus[0]}"
+    finally:
+        os.sched_setaffinity(0, set(cpus))
+
+
+async def run(backend: str, n: int, repeats: int, pin: bool) -> dict[str, list[dict[str, Any]]]:
     results: dict[str, list[dict[str, Any]]] = {}
     if backend in ("sqlite", "all"):
         runs = []
-        for _ in range(repeats):
-            with tempfile.TemporaryDirectory() as tmp:
-                runs.append(await measure(f"sqlite:///{Path(tmp) / 'sync.db'}", n))
+        with one_cpu(pin) as placement:
+            for _ in range(repeats):
+                with tempfile.TemporaryDirectory() as tmp:
+                    runs.append(await measure(f"sqlite:///{Path(tmp) / 'sync.db'}", n))
+        print(f"sqlite: {placement}")
         results["sqlite"] = median_of(runs)
     if backend in ("postgres", "all"):
         admin = await asyncpg.connect(PG_SERVER)
         name = f"ctx_bench_sync_{uuid.uuid4().hex[:8]}"
         await admin.execute(f'CREATE DATABASE "{name}"')
+        apart = database_apart(admin.get_server_pid()) if pin else one_cpu(False)
         try:
             url = PG_SERVER.rsplit("/", 1)[0] + f"/{name}"
-            results["postgres"] = median_of([await measure(url, n) for _ in range(repeats)])
+            with apart as placement:
+                results["postgres"] = median_of([await measure(url, n) for _ in range(repeats)])
+            print(f"postgres: {placement}")
         finally:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             await admin.close()
@@ -190,8 +217,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4000, help="calls per side and row")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--free",
+        action="store_true",
+        help="leave the threads where the scheduler puts them (default: the harness on "
+        "one CPU, PostgreSQL on the others, as python -m benchmarks does)",
+    )
     args = parser.parse_args()
-    results = asyncio.run(run(args.backend, args.n, args.repeats))
+    results = asyncio.run(run(args.backend, args.n, args.repeats, not args.free))
     report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

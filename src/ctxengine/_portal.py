@@ -137,23 +137,25 @@ class _Core:
         if type(result) is not CoroutineType and not inspect.isawaitable(result):
             self._settle(waiter, result, None)
             return
-        task = asyncio.ensure_future(self._await(waiter, result))
+        task = asyncio.get_running_loop().create_task(self._await(waiter, result))
         waiter.task = task
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
     async def _await(self, waiter: _Waiter, awaitable: Awaitable[Any]) -> None:
-        """Await the call in its task and hand its outcome over at once (a done callback
-        would cost the loop one more turn)."""
+        """Await the call in its task and hand its outcome over at once (done callbacks
+        would cost the loop one more turn before it sleeps)."""
         try:
             value = await awaitable
         except asyncio.CancelledError:
+            self.tasks.discard(asyncio.current_task())
             error = self.closed_error() if self.closing else asyncio.CancelledError()
             self._settle(waiter, None, error)
             raise
         except BaseException as exc:
+            self.tasks.discard(asyncio.current_task())
             self._settle(waiter, None, exc)
             return
+        self.tasks.discard(asyncio.current_task())
         self._settle(waiter, value, None)
 
     def _cancel(self, waiter: _Waiter) -> None:
