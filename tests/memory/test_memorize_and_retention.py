@@ -162,6 +162,15 @@ async def test_memorize_keeps_what_compaction_replaced(mem: ContextEngine) -> No
     ]
 
 
+async def test_text_that_looks_like_deep_json_is_memorized_as_text(mem: ContextEngine) -> None:
+    await mem.create_session("s1", "ann")
+    deep = "[" * 5000 + " deep thought " + "]" * 5000
+    await mem.add_message("s1", "user", deep)
+    await mem.add_message("s1", "user", "{not json")
+    texts = sorted(r.text for r in await mem.memorize_session("s1"))
+    assert texts == sorted([deep, "{not json"])
+
+
 async def test_memorize_one_chat(mem: ContextEngine) -> None:
     sid = await _conversation(mem)
     (aisle,) = await mem.memorize_session(sid, chat_id="side")

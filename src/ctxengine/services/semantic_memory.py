@@ -303,11 +303,10 @@ def _message_text(content: str) -> str:
     text inside it (``content``/``text`` strings); "" when it holds none."""
     if not content.startswith(("{", "[")):
         return content.strip()
-    try:
-        data = json.loads(content)
-    except ValueError:
+    try:  # text that only looks like JSON, or nests too deep to walk, is text
+        return "\n".join(_texts_in(json.loads(content))).strip()
+    except (ValueError, RecursionError):
         return content.strip()
-    return "\n".join(_texts_in(data)).strip()
 
 
 def _texts_in(data: Any) -> list[str]:
