@@ -1,10 +1,11 @@
 """The behavioural tests of sessions, usage and conversation, through the blocking facade.
 
-The test files of :data:`THROUGH_THE_FACADE` run twice on each backend: ``api`` "async"
-(``ctxengine.ContextEngine``, as written) and "sync", where the engine of the test (the
-``engine`` fixture, and every ``ContextEngine(...)`` the test module builds, clock and
-settings included) is a :class:`FacadeEngine`: an awaitable stand-in that runs each call
-of ``ctxengine.sync.ContextEngine`` in a worker thread, so the async test bodies drive
+The test files of :data:`THROUGH_THE_FACADE` run with ``api`` "async"
+(``ctxengine.ContextEngine``, as written) on both backends, and with "sync" on SQLite
+(:func:`facade_on_postgres`), where the engine of the test (the ``engine`` fixture, and
+every ``ContextEngine(...)`` the test module builds, clock and settings included) is a
+:class:`FacadeEngine`: an awaitable stand-in that runs each call of
+``ctxengine.sync.ContextEngine`` in a worker thread, so the async test bodies drive
 the blocking facade end to end (its portal, threads, iterators, ``with`` blocks).
 
 A directory's conftest.py takes these fixtures in (tests/core, tests/limits,
@@ -80,6 +81,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         and metafunc.definition.originalname not in ASYNC_ONLY
     ):
         metafunc.parametrize("api", ["async", "sync"], indirect=True)
+
+
+def facade_on_postgres(item: pytest.Item) -> bool:
+    """Whether ``item`` runs a behavioural test through the facade on PostgreSQL: such
+    items are deselected (tests/conftest.py). The facade's own behaviour (its portal,
+    threads, PostgreSQL's driver on its loop) is tested on both backends by
+    tests/core/test_sync_facade.py; the behavioural tests run through it on SQLite,
+    where they cost least."""
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    return params.get("api") == "sync" and params.get("db_url") == "postgres"
 
 
 @pytest.fixture(autouse=True)

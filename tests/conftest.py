@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import pytest
 
+from tests.blocking import facade_on_postgres
 from tests.fixtures import clock, db_url, engine, pg_admin, pg_url  # noqa: F401
 
 _POSTGRES_FIXTURES = {"pg_url", "pg_admin"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    dropped = [item for item in items if facade_on_postgres(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not facade_on_postgres(item)]
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & _POSTGRES_FIXTURES:
