@@ -11,6 +11,8 @@ from .cleanup import CleanupLoop
 from .services.base import Context
 from .services.context import ContextService
 from .services.conversation import ConversationService
+from .services.graph_checkpoints import GraphCheckpointService
+from .services.graph_store import GraphStoreService
 from .services.limits import LeaseService, RateLimitService
 from .services.memory import MemoryService
 from .services.memory_transfer import MemoryTransferService
@@ -38,9 +40,16 @@ class Runtime:
     semantic: SemanticMemoryService
     transfer: MemoryTransferService
     cleanup: CleanupLoop | None
+    #: LangGraph checkpoints (integrations.langgraph)
+    graph: GraphCheckpointService = field(init=False)
+    graph_store: GraphStoreService = field(init=False)  # the LangGraph store
     #: The event loop (and its thread) that opened the engine: the only one it serves.
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     thread: int = field(default_factory=threading.get_ident)
+
+    def __post_init__(self) -> None:
+        self.graph = GraphCheckpointService(self.ctx, self.sessions)
+        self.graph_store = GraphStoreService(self.ctx)
 
     @classmethod
     def open(cls, ctx: Context, cleanup: CleanupLoop | None) -> Runtime:

@@ -41,6 +41,9 @@ TABLES = {
     "ctx_shared_state",
     "ctx_memory_items",
     "ctx_memories",
+    "ctx_graph_checkpoints",
+    "ctx_graph_blobs",
+    "ctx_graph_writes",
 }
 
 

@@ -356,3 +356,67 @@ memories = Table(
     # the sweep: expired memories
     Index(None, "expires_at"),
 )
+
+
+#: Checkpoint ids and channel versions compare byte by byte on every backend (the
+#: newest checkpoint is the greatest id), as memory keys do.
+GRAPH_ID = MEMORY_KEY
+
+#: LangGraph checkpoints (``ctxengine.integrations.langgraph.ContextEngineSaver``): a
+#: thread is a session. Each row is one checkpoint of one namespace, serialized by the
+#: saver's serializer without its channel values (``type``, ``checkpoint``), which are
+#: rows of ``ctx_graph_blobs``, stored once per channel version. ``metadata`` is JSON,
+#: for listing filters. Checkpoint ids grow with time: the newest is the greatest.
+graph_checkpoints = Table(
+    "ctx_graph_checkpoints",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("session_id", ID, nullable=False),
+    Column("checkpoint_ns", Text, nullable=False),
+    Column("checkpoint_id", GRAPH_ID, nullable=False),
+    Column("parent_checkpoint_id", GRAPH_ID, nullable=True),
+    Column("type", String(64), nullable=False),
+    Column("checkpoint", LargeBinary, nullable=False),
+    Column("metadata", JSONDocument, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "session_id", "checkpoint_ns", "checkpoint_id"),
+    _owned_by_session(),
+)
+
+#: The value of one channel of a thread's namespace at one version, written once (a
+#: checkpoint names the version of each of its channels); ``type`` "empty": the channel
+#: had no value at that version.
+graph_blobs = Table(
+    "ctx_graph_blobs",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("session_id", ID, nullable=False),
+    Column("checkpoint_ns", Text, nullable=False),
+    Column("channel", Text, nullable=False),
+    Column("version", GRAPH_ID, nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("blob", LargeBinary, nullable=True),
+    PrimaryKeyConstraint("tenant_id", "session_id", "checkpoint_ns", "channel", "version"),
+    _owned_by_session(),
+)
+
+#: Pending writes of the tasks of a checkpoint: ``idx`` the write's place among its
+#: task's writes, negative for LangGraph's special channels (errors, interrupts...).
+graph_writes = Table(
+    "ctx_graph_writes",
+    metadata,
+    Column("tenant_id", ID, nullable=False),
+    Column("session_id", ID, nullable=False),
+    Column("checkpoint_ns", Text, nullable=False),
+    Column("checkpoint_id", GRAPH_ID, nullable=False),
+    Column("task_id", ID, nullable=False),
+    Column("idx", Integer, nullable=False),
+    Column("channel", Text, nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("blob", LargeBinary, nullable=False),
+    Column("task_path", Text, nullable=False),
+    PrimaryKeyConstraint(
+        "tenant_id", "session_id", "checkpoint_ns", "checkpoint_id", "task_id", "idx"
+    ),
+    _owned_by_session(),
+)
