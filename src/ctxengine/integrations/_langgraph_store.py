@@ -15,6 +15,7 @@ import inspect
 import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -504,6 +505,8 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 def _minutes(ttl: object) -> float:
+    if isinstance(ttl, timedelta):
+        return ttl.total_seconds() / 60
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl):
         raise ValidationError(f"ttl must be a number of minutes, got {ttl!r}", field="ttl")
     return float(ttl)

@@ -10,5 +10,6 @@
 """
 
 from ._langgraph_saver import ContextEngineSaver
+from ._langgraph_store import ContextEngineStore
 
-__all__ = ["ContextEngineSaver"]
+__all__ = ["ContextEngineSaver", "ContextEngineStore"]
