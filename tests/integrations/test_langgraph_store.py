@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypedDict
 
+import asyncpg
 import pytest
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
@@ -27,7 +29,9 @@ from ctxengine import ContextEngine, EngineSettings
 from ctxengine.embeddings import FunctionEmbedder, HashingEmbedder
 from ctxengine.errors import ValidationError
 from ctxengine.integrations.langgraph import ContextEngineStore
+from tests.cluster import Cluster
 from tests.fixtures import FakeClock
+from tests.pgvector import pgvector_cluster  # noqa: F401
 
 from . import _langgraph_store_workers as workers
 
@@ -474,6 +478,63 @@ async def test_ttl_expires_an_items_vectors_too(
     assert await indexed.asearch(("t",), query="short lived") == []
     assert await eng._runtime().memory.sweep() == 3  # the item, its TTL row, its vector
     assert await vector_rows(eng) == [] and await item_rows(eng) == []
+
+
+@pytest.fixture
+async def pg_vector_url(pgvector_cluster: Cluster) -> AsyncIterator[str]:  # noqa: F811
+    """A fresh migrated database on the PostgreSQL with pgvector, with an HNSW index
+    for 64 dimensions."""
+    admin = await asyncpg.connect(pgvector_cluster.url(driver="postgresql"), timeout=10)
+    name = f"ctx_lgs_{os.getpid()}_{id(admin) % 100000}"
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        await ContextEngine(pgvector_cluster.url(name), settings=SETTINGS).migrate()
+        conn = await asyncpg.connect(pgvector_cluster.url(name, driver="postgresql"))
+        await conn.execute(
+            "CREATE INDEX ix_ctx_memories_hnsw_64 ON ctx_memories USING hnsw "
+            "((embedding_vector::vector(64)) vector_cosine_ops) WHERE dimensions = 64"
+        )
+        await conn.close()
+        yield pgvector_cluster.url(name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_semantic_search_through_pgvectors_index(pg_vector_url: str) -> None:
+    """With an HNSW index the nearest come from the index, filtered to the prefix
+    during the scan; the best match is found, scored exactly."""
+    async with ContextEngine(pg_vector_url, settings=SETTINGS) as engine:
+        store = ContextEngineStore(engine, index=INDEX)
+        for space in ("a", "b"):
+            await store.abatch(
+                [
+                    PutOp((space, "x"), f"k{i}", {"text": f"{space} note {i} w{i * 7}"})
+                    for i in range(90)
+                ]
+            )
+        assert (await engine._store.backend.vector_search(None)).indexed == {64}  # type: ignore[arg-type]
+        hits = await store.asearch(("a",), query="a note 42 w294", limit=5)
+        assert len(hits) == 5 and all(h.namespace == ("a", "x") for h in hits)
+        assert hits[0].key == "k42" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        hits = await store.asearch(("b", "x"), query="a note 42 w294", limit=3, offset=1)
+        assert len(hits) == 3 and all(h.namespace == ("b", "x") for h in hits)
+        assert engine._store.connections_in_use() == 0
+    conn = await asyncpg.connect(pg_vector_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        for _ in range(100):  # statistics reach the view once flushed
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            scans = await conn.fetchval(
+                "SELECT idx_scan FROM pg_stat_user_indexes "
+                "WHERE indexrelname = 'ix_ctx_memories_hnsw_64'"
+            )
+            if scans:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    assert scans and scans >= 1
 
 
 # -- tenants and processes --------------------------------------------------------------

@@ -305,7 +305,8 @@ class ContextEngineStore(Closable, BaseStore):
         self.index_config = dict(index) if index else None
         self.ttl_config = ttl
         self._embedding = None if index is None else _embedding(index)
-        self._space = None if self._embedding is None else f"langgraph-store/{index['dims']}"  # type: ignore[index]
+        #: the semantic memory namespace of the vectors (one dimension per namespace)
+        self._space = None if self._embedding is None else f"langgraph-store/{self._embedding.dims}"
 
     def _service(self) -> GraphStoreService:
         self._check_open()
