@@ -13,6 +13,7 @@ from typing import Any, TypedDict
 
 import asyncpg
 import pytest
+from langchain_core.embeddings import DeterministicFakeEmbedding
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.store.base import (
@@ -454,6 +455,13 @@ async def test_langgraph_style_embedding_functions(eng: ContextEngine) -> None:
     await store.aput(("e",), "a", {"food": "apples and pears"})
     await store.aput(("e",), "b", {"car": "a red truck"})
     assert keys(await store.asearch(("e",), query="red truck")) == ["b", "a"]
+
+    # a LangChain Embeddings object (aembed_documents / aembed_query)
+    fake = ContextEngineStore(eng, index={"dims": 32, "embed": DeterministicFakeEmbedding(size=32)})
+    await fake.aput(("fake",), "a", {"text": "one"})
+    await fake.aput(("fake",), "b", {"text": "two"})
+    hits = await fake.asearch(("fake",), query='{"text": "two"}')  # the whole value, as JSON
+    assert keys(hits)[0] == "b" and hits[0].score == pytest.approx(1.0, abs=1e-5)
 
     async def wrong(texts: list[str]) -> list[list[float]]:
         return [[1.0, 0.0] for _ in texts]  # not 32 dimensions
