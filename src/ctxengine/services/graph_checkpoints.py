@@ -12,6 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from ..errors import SessionExpiredError, SessionNotActiveError, SessionNotFoundError
+from ..lifecycle import WORKING_STATUSES, can_work
+from ..models import SessionStatus
 from ..storage.connection import Connection
 from ..storage.repositories.graph_checkpoints import (
     Blob,
@@ -35,6 +38,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: Touches of a session that exists and can work before its refusal is diagnosed.
+_TOUCHES = 3
 
 #: A checkpoint read back, decoded by the caller, and the channel versions it names.
 Decode = Callable[[Stored], tuple[T, Sequence[tuple[str, str]]]]
@@ -61,6 +67,32 @@ class GraphCheckpointService:
         self.repo = GraphCheckpointRepository(ctx.store.backend)
 
     # -- writes ---------------------------------------------------------------------------
+    async def _touch(self, conn: Connection, fx: Effects, thread: Thread) -> bool:
+        """Record activity on the thread's session if it can work; else leave the
+        error in ``fx`` (False), or raise SessionNotFoundError when it does not exist.
+
+        The first writes of a new thread race to create its session: a touch that
+        found no session may see it created a moment later, so it looks again."""
+        tenant, session_id = thread.tenant_id, thread.session_id
+        for _ in range(_TOUCHES):
+            if await self.sessions.repo.touch_active(conn, tenant, session_id, fx.now):
+                return True
+            session = await self.sessions.repo.get(conn, tenant, session_id, fx.now)
+            if session is None:
+                raise SessionNotFoundError(session_id, tenant)
+            if not can_work(session, fx.now):
+                break
+        if await self.sessions.touch_active(conn, fx, tenant, session_id) is not None:
+            return True
+        # Concurrent writers of a stale session: the one that expires it wins; the
+        # others read its status before waiting for that change. Say what it is now.
+        session = await self.sessions.repo.get(conn, tenant, session_id, fx.now)
+        if session is not None and session.status is SessionStatus.EXPIRED:
+            fx.error = SessionExpiredError(session_id)
+        elif session is not None and session.status not in WORKING_STATUSES:
+            fx.error = SessionNotActiveError(session_id, session.status)
+        return False
+
     async def put(
         self,
         thread: Thread,
@@ -75,8 +107,7 @@ class GraphCheckpointService:
         SessionExpiredError, SessionNotActiveError; nothing is written then)."""
 
         async def work(conn: Connection, fx: Effects) -> None:
-            worker = await self.sessions.touch_active(conn, fx, thread.tenant_id, thread.session_id)
-            if worker is None:
+            if not await self._touch(conn, fx, thread):
                 return
             await self.repo.put(
                 conn, thread, checkpoint_id, parent_id, serialized, metadata, blobs, fx.now
@@ -90,8 +121,7 @@ class GraphCheckpointService:
         """Store pending writes of a checkpoint (the session rules as :meth:`put`)."""
 
         async def work(conn: Connection, fx: Effects) -> None:
-            worker = await self.sessions.touch_active(conn, fx, thread.tenant_id, thread.session_id)
-            if worker is None:
+            if not await self._touch(conn, fx, thread):
                 return
             await self.repo.put_writes(conn, thread, checkpoint_id, writes, replace=replace)
 
