@@ -26,7 +26,7 @@ from langgraph.store.base import (
 )
 from sqlalchemy import text
 
-from ctxengine import ContextEngine, EngineSettings
+from ctxengine import ContextEngine, EngineSettings, sync
 from ctxengine.embeddings import FunctionEmbedder, HashingEmbedder
 from ctxengine.errors import ValidationError
 from ctxengine.integrations.langgraph import ContextEngineStore
@@ -626,3 +626,25 @@ async def test_a_graphs_nodes_share_memories_across_threads(eng: ContextEngine) 
     other = await graph.ainvoke({"said": "hello"}, config("t3", "bob"))
     assert other["recalled"] == ["hello"]
     assert await store.alist_namespaces() == [("memories", "ann"), ("memories", "bob")]
+
+
+def test_the_blocking_facades_store_runs_a_sync_graph(db_url: str) -> None:
+    """On ``ctxengine.sync.ContextEngine`` the store's sync methods run on the facade's
+    event loop: ``graph.invoke`` with sync nodes, no event loop of the caller's."""
+
+    def note(state: State, config: RunnableConfig, *, store: BaseStore) -> dict[str, Any]:
+        store.put(("notes",), config["configurable"]["thread_id"], {"text": state["said"]})
+        return {"recalled": [item.value["text"] for item in store.search(("notes",))]}
+
+    builder = StateGraph(State)
+    builder.add_node("note", note)
+    builder.add_edge(START, "note")
+    builder.add_edge("note", END)
+    with sync.ContextEngine(db_url, settings=SETTINGS) as engine:
+        store = ContextEngineStore(engine.tenant("acme"))
+        graph = builder.compile(store=store)
+        graph.invoke({"said": "first"}, {"configurable": {"thread_id": "t1"}})
+        out = graph.invoke({"said": "second"}, {"configurable": {"thread_id": "t2"}})
+        assert sorted(out["recalled"]) == ["first", "second"]
+        assert engine.tenant("acme").recall("t1", namespace="notes") == {"text": "first"}
+        assert engine.recall("t1", namespace="notes") is None  # tenant "default"

@@ -44,6 +44,7 @@ from ..errors import ValidationError
 from ..services.graph_store import Write
 from ..services.memory import _value
 from ..services.semantic_memory import _unit
+from ..sync import TenantView as SyncTenantView
 from ._adapter import Closable
 
 if TYPE_CHECKING:
@@ -288,7 +289,9 @@ class ContextEngineStore(Closable, BaseStore):
     written then. The store is asynchronous (``aget``, ``aput``, ``asearch``,
     ``adelete``, ``alist_namespaces``); the sync methods work from other threads
     than the engine's (LangGraph runs sync nodes in worker threads) and raise
-    ``NotImplementedError`` on its event loop's thread, where they would block it.
+    ``NotImplementedError`` on its event loop's thread, where they would block it. On
+    the blocking facade (``ctxengine.sync.ContextEngine``) use the sync methods
+    (``graph.invoke``).
     ``close()`` ends the use of the store, not of the engine.
     """
 
@@ -296,12 +299,14 @@ class ContextEngineStore(Closable, BaseStore):
 
     def __init__(
         self,
-        engine: TenantView,
+        engine: TenantView | SyncTenantView,
         *,
         index: IndexConfig | None = None,
         ttl: TTLConfig | None = None,
     ) -> None:
-        self.engine = engine
+        #: the engine (or tenant view) the store uses; with the blocking facade, the
+        #: view it wraps (the sync methods then run on the facade's loop)
+        self.engine: TenantView = engine._view if isinstance(engine, SyncTenantView) else engine
         self.index_config = dict(index) if index else None
         self.ttl_config = ttl
         self._embedding = None if index is None else _embedding(index)
