@@ -288,6 +288,45 @@ async def test_search_lists_under_a_prefix_newest_first(
     assert keys(await store.asearch(("docs",))) == ["root", "two", "one"]
 
 
+async def test_prefixes_are_exact_under_a_linguistic_collation(pg_url: str) -> None:
+    """With ctx_memory_items.namespace collated by ICU's en-US (a PostgreSQL database's
+    default collation applies to it) a prefix still matches whole labels, exactly."""
+    async with ContextEngine(pg_url, settings=SETTINGS) as engine:
+        async with engine._store.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "ALTER TABLE ctx_memory_items ALTER COLUMN namespace "
+                    'TYPE varchar(255) COLLATE "en-US-x-icu"'
+                )
+            )
+        ordered = await rows(
+            engine,
+            "SELECT n FROM (VALUES ('docsB'), ('docsa'), ('docs.a'), ('docs-x')) AS v(n) "
+            'ORDER BY n COLLATE "en-US-x-icu"',
+        )
+        assert [r[0] for r in ordered] != sorted(r[0] for r in ordered)  # not code point order
+        store = ContextEngineStore(engine)
+        # "döcs.a" and "DOCS.a" sort between "docs." and "docs/" in en-US: a range
+        # of the column's order would take them for namespaces under ("docs",)
+        spaces = [
+            ("docs",),
+            ("docs", "a"),
+            ("docs-x",),
+            ("docsa",),
+            ("Docs",),
+            ("doc",),
+            ("döcs", "a"),
+            ("DOCS", "a"),
+        ]
+        for namespace in spaces:
+            await store.aput(namespace, "k", {"v": 1})
+        found = await store.asearch(("docs",))
+        assert sorted(i.namespace for i in found) == [("docs",), ("docs", "a")]
+        assert await store.alist_namespaces(prefix=("docs",)) == [("docs",), ("docs", "a")]
+        assert [i.namespace for i in await store.asearch(("doc",))] == [("doc",)]
+        assert len(await store.alist_namespaces()) == len(spaces)
+
+
 async def test_search_filters(store: ContextEngineStore, clock: FakeClock) -> None:
     values = [
         ("a", {"color": "red", "score": 4.5, "flag": True, "tags": ["x"], "meta": {"k": 1}}),
