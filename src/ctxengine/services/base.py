@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -90,20 +90,33 @@ class Context:
         self.redactor = Redactor(self.settings.redact_patterns)
 
     async def transact(
-        self, work: Work[T], *, write: bool = True, one_statement: bool = False, operation: str = ""
+        self,
+        work: Work[T],
+        *,
+        write: bool = True,
+        one_statement: bool = False,
+        operation: str = "",
+        observed: bool = False,
     ) -> T:
         """Run ``work`` as one unit of work, then publish its events and raise the error
         it left: after the commit (a change it committed, such as a lazy expiry, stays),
         or after the rollback when it refused (see :meth:`Effects.refuse`).
         ``one_statement``: see :meth:`Store.run` (not with the relay, whose NOTIFY is a
-        statement of the same transaction)."""
+        statement of the same transaction). ``observed``: the caller already wraps the
+        call in :meth:`observing`."""
         one_statement = one_statement and self.relay is None
-        if not self.observers:
+        if not self.observers or observed:
             return await self._transact(work, write, one_statement, operation)
+        with self.observing(operation):
+            return await self._transact(work, write, one_statement, operation)
+
+    @contextmanager
+    def observing(self, operation: str) -> Iterator[None]:
+        """Wrap one call of ``operation`` in the observers (see :data:`CallObserver`)."""
         with ExitStack() as observed:
             for observer in self.observers:
                 observed.enter_context(observer(operation))
-            return await self._transact(work, write, one_statement, operation)
+            yield
 
     async def _transact(self, work: Work[T], write: bool, one_statement: bool, operation: str) -> T:
         effects: Effects | None = None

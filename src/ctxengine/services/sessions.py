@@ -21,6 +21,7 @@ from ..ids import new_id
 from ..lifecycle import END_STATUSES, can_work, idle_deadline, is_stale, sources_of
 from ..models import FROM_SETTINGS, FromSettings, Session, SessionStatus, Statistics
 from ..storage.connection import Connection
+from ..storage.group import SOLO, Combiner, Solo
 from ..storage.repositories.conversation import ConversationRepository
 from ..storage.repositories.sessions import (
     Counters,
@@ -61,6 +62,8 @@ class SessionService:
         self.ctx = ctx
         self.repo = SessionRepository(ctx.store.backend, ctx.settings.lease_ttl)
         self.chats = ConversationRepository(ctx.store.backend)
+        #: concurrent metric updates of working sessions, written together
+        self._recorder: Combiner[tuple[str, str, Counters], Session] = Combiner(self._record_many)
 
     # -- creation -----------------------------------------------------------------------
     def _new_values(
@@ -255,9 +258,31 @@ class SessionService:
                 v.merged_size(session.metadata, "metadata", max_bytes)
             return session
 
-        # without a metadata patch (whose merged size is checked afterwards), a call that
-        # succeeds is one guarded UPDATE
-        return done(await self.ctx.transact(work, one_statement=patch is None, operation=operation))
+        with self.ctx.observing(operation):
+            if patch is None and require_active:  # group commit (a batch of one at once)
+                recorded = await self._recorder((tenant, session_id, counters))
+                if not isinstance(recorded, Solo):
+                    return recorded
+            # a metadata patch (whose merged size is checked afterwards), or a session
+            # the batch did not write: why it cannot work is found and raised here
+            session = await self.ctx.transact(
+                work, one_statement=patch is None, operation=operation, observed=True
+            )
+        return done(session)
+
+    async def _record_many(
+        self, updates: Sequence[tuple[str, str, Counters]]
+    ) -> list[Session | Solo]:
+        """Metric updates of sessions that must be able to work, in one statement (see
+        ``SessionRepository.record_many``); SOLO where a session matched nothing."""
+
+        async def work(conn: Connection, fx: Effects) -> list[Session | None]:
+            return await self.repo.record_many(conn, updates, fx.now)
+
+        sessions = await self.ctx.transact(
+            work, one_statement=True, operation="update_session", observed=True
+        )
+        return [SOLO if session is None else session for session in sessions]
 
     async def read(self, conn: Connection, now: datetime, tenant: str, session_id: str) -> Session:
         """The session as stored, observed at ``now`` (its leases counted), or

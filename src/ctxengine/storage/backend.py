@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -18,6 +18,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.selectable import FromClause
+from sqlalchemy.types import TypeEngine
 
 from ..errors import (
     ConnectionLostError,
@@ -63,6 +65,12 @@ def first_locked(
     """``found`` limited to its first ``limit`` rows where ``where`` holds, by
     ``order_by``, each locked as it is found (rows locked elsewhere are skipped)."""
     return found.where(*where).order_by(order_by).limit(limit).with_for_update(skip_locked=True)
+
+
+def batch_document(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The value of a :meth:`Backend.batch_rows` parameter: ``rows`` as compact JSON
+    (floats as their shortest exact repr, so they arrive unchanged)."""
+    return json.dumps(rows, separators=(",", ":"), ensure_ascii=False)
 
 
 def lock_key(name: str) -> int:
@@ -274,6 +282,12 @@ class Backend:
 
     def json_merge(self, column: ColumnElement[Any], patch: dict[str, Any]) -> ColumnElement[Any]:
         """``column`` with the top-level keys of ``patch`` set (a shallow merge)."""
+        raise NotImplementedError
+
+    def batch_rows(self, name: str, columns: Mapping[str, TypeEngine[Any]]) -> FromClause:
+        """The rows of the bound parameter ``name`` as a table with ``columns``: the
+        parameter is a JSON array of objects keyed by column (:func:`batch_document`),
+        so one statement built once takes any number of rows (group commit)."""
         raise NotImplementedError
 
     def json_remove(self, column: ColumnElement[Any], key: str) -> ColumnElement[Any]:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     cast,
     column,
     event,
@@ -35,6 +36,8 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 from sqlalchemy.sql import Executable
+from sqlalchemy.sql.selectable import FromClause
+from sqlalchemy.types import TypeEngine
 from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
 
 from ..errors import (
@@ -670,6 +673,14 @@ class PostgresBackend(Backend):
 
     def json_merge(self, column: ColumnElement[Any], patch: dict[str, Any]) -> ColumnElement[Any]:
         return column.op("||")(cast(literal(patch, JSONB), JSONB))
+
+    def batch_rows(self, name: str, columns: Mapping[str, TypeEngine[Any]]) -> FromClause:
+        # jsonb_to_recordset(CAST(:name AS jsonb)) AS batch(column type, ...)
+        document = cast(bindparam(name, type_=Text()), JSONB)
+        rows = func.jsonb_to_recordset(document).table_valued(
+            *(column(key, type_) for key, type_ in columns.items()), name="batch"
+        )
+        return rows.render_derived(with_types=True)
 
     def json_remove(self, column: ColumnElement[Any], key: str) -> ColumnElement[Any]:
         return column.op("-")(literal(key, String))

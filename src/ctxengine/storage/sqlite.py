@@ -19,7 +19,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Table, event, func, literal
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    Text,
+    bindparam,
+    event,
+    func,
+    literal,
+    select,
+    type_coerce,
+)
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
@@ -28,6 +38,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, Pool, StaticPool
 from sqlalchemy.sql import Executable
+from sqlalchemy.sql.selectable import FromClause
+from sqlalchemy.types import TypeEngine
 from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
 
 from ..errors import (
@@ -440,6 +452,16 @@ class SQLiteBackend(Backend):
     def json_merge(self, column: ColumnElement[Any], patch: dict[str, Any]) -> ColumnElement[Any]:
         text = json.dumps(patch, separators=(",", ":"), ensure_ascii=False)
         return func.ctx_json_merge(column, literal(text))
+
+    def batch_rows(self, name: str, columns: Mapping[str, TypeEngine[Any]]) -> FromClause:
+        # SELECT json_extract(value, '$.column') AS column, ... FROM json_each(:name)
+        each = func.json_each(bindparam(name, type_=Text())).table_valued("value")
+        return select(
+            *(
+                type_coerce(func.json_extract(each.c.value, f"$.{key}"), type_).label(key)
+                for key, type_ in columns.items()
+            )
+        ).subquery("batch")
 
     def json_remove(self, column: ColumnElement[Any], key: str) -> ColumnElement[Any]:
         return func.ctx_json_remove(column, literal(key))

@@ -6,11 +6,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Double,
+    String,
     and_,
     bindparam,
     case,
@@ -25,11 +27,12 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.types import TypeEngine
 
 from ...lifecycle import LIFE, OPEN_STATUSES, WORKING_STATUSES, epoch
 from ...models import Session, SessionStatus
 from ...ratelimit import CLOCK_SKEW
-from ..backend import Backend
+from ..backend import Backend, batch_document
 from ..connection import Connection
 from ..prebuilt import Record, run
 from ..schema import (
@@ -227,6 +230,15 @@ class Counters:
     processing_time: float = 0.0
 
 
+#: The columns of a batch of ``record_many`` (one row per session).
+_BATCH_COLUMNS: dict[str, TypeEngine[Any]] = {
+    "tenant": String(),
+    "sid": String(),
+    "requests": BigInteger(),
+    "errors": BigInteger(),
+    "processing_time": Double(),
+}
+
 _STATUSES = {status.value: status for status in SessionStatus}
 #: Session fields read from the row, each with its position among ``_COLUMNS``.
 _ROW_FIELDS = tuple(
@@ -295,6 +307,40 @@ class SessionRepository(Repository):
         self._inserts_with_chat: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
         #: list_sessions pages, by the filters given, the cursor and the limit.
         self._listings: dict[tuple[bool, ...], Any] = {}
+        self._record_batch, self._batch_leases = self._batch_statements(backend)
+
+    @staticmethod
+    def _batch_statements(backend: Backend) -> tuple[Any, Any]:
+        """``record_many``'s statements: one guarded UPDATE of every session of a batch
+        (parameters batch, now, now_epoch) returning its row, and the count of their
+        live leases (batch, now, horizon): SQLite renders RETURNING columns unqualified,
+        so a lease count correlated to each written row cannot be returned with it."""
+        rows = backend.batch_rows("batch", _BATCH_COLUMNS)
+        record = (
+            update(t)
+            .where(t.c.tenant_id == rows.c.tenant, t.c.session_id == rows.c.sid, CAN_WORK)
+            .values(
+                **TOUCHED,
+                request_count=t.c.request_count + rows.c.requests,
+                error_count=t.c.error_count + rows.c.errors,
+                total_processing_time=t.c.total_processing_time + rows.c.processing_time,
+            )
+            .returning(*_COLUMNS)
+        )
+        keys = backend.batch_rows("batch", _BATCH_COLUMNS)
+        live = (
+            select(leases.c.tenant_id, leases.c.session_id, func.count())
+            .join(
+                keys,
+                and_(leases.c.tenant_id == keys.c.tenant, leases.c.session_id == keys.c.sid),
+            )
+            .where(
+                leases.c.expires_at > bindparam("now"),
+                leases.c.expires_at <= bindparam("horizon"),
+            )
+            .group_by(leases.c.tenant_id, leases.c.session_id)
+        )
+        return record, live
 
     def horizon(self, now: datetime) -> datetime:
         """The latest ``expires_at`` of a live lease at ``now``: one expiring further
@@ -480,6 +526,65 @@ class SessionRepository(Repository):
         else:
             row = (await run(conn, stmt, params)).first()
         return None if row is None else _session(row, now)
+
+    async def record_many(
+        self,
+        conn: Connection,
+        updates: Sequence[tuple[str, str, Counters]],
+        now: datetime,
+    ) -> list[Session | None]:
+        """:meth:`record` of several calls on sessions that must be able to work, as if
+        they ran one after another in order: what each would have returned, or None
+        where its session matched nothing (nothing was written for it). Calls on one
+        session add up in one row write (integer counters exactly; processing times as
+        their sum, to float rounding); sessions are written in key order, so batches
+        of several processes lock them in one order."""
+        if len(updates) == 1:
+            tenant, session_id, counters = updates[0]
+            return [await self.record(conn, tenant, session_id, now, True, counters, None)]
+        totals: dict[tuple[str, str], list[Any]] = {}
+        for tenant, session_id, counters in updates:
+            total = totals.setdefault((tenant, session_id), [0, 0, 0.0])
+            total[0] += counters.requests
+            total[1] += counters.errors
+            total[2] += counters.processing_time
+        names = tuple(_BATCH_COLUMNS)
+        rows = [
+            dict(zip(names, (*key, *total), strict=True)) for key, total in sorted(totals.items())
+        ]
+        batch = batch_document(rows)
+        params = {"batch": batch, "now": now, "now_epoch": epoch(now)}
+        written = {(row[0], row[1]): row for row in await run(conn, self._record_batch, params)}
+        if not written:
+            return [None] * len(updates)
+        lease_params = {"batch": batch, "now": now, "horizon": self.horizon(now)}
+        live = {(r[0], r[1]): r[2] for r in await run(conn, self._batch_leases, lease_params)}
+        # each call sees the counters after its own update: the row's, less the calls
+        # after it on the same session
+        later: dict[tuple[str, str], list[Any]] = {key: [0, 0, 0.0] for key in written}
+        results: list[Session | None] = []
+        for tenant, session_id, counters in reversed(updates):
+            key = (tenant, session_id)
+            row = written.get(key)
+            if row is None:
+                results.append(None)
+                continue
+            after = later[key]
+            session = _session(cast(Record, (*row, live.get(key, 0))), now)
+            if after != [0, 0, 0.0]:
+                session = session.model_copy(
+                    update={
+                        "request_count": session.request_count - after[0],
+                        "error_count": session.error_count - after[1],
+                        "total_processing_time": session.total_processing_time - after[2],
+                    }
+                )
+            results.append(session)
+            after[0] += counters.requests
+            after[1] += counters.errors
+            after[2] += counters.processing_time
+        results.reverse()
+        return results
 
     async def touch_active(
         self, conn: Connection, tenant: str, session_id: str, now: datetime

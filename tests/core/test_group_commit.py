@@ -1,0 +1,187 @@
+"""Group commit: concurrent metric updates share statements, each caller keeps its own
+result and its own error, and the totals stay exact."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+from sqlalchemy import text
+
+from ctxengine import ContextEngine
+from ctxengine.errors import SessionNotActiveError, SessionNotFoundError
+from ctxengine.storage.group import BATCH_LIMIT, SOLO, Combiner, Solo
+
+
+async def stored(engine: ContextEngine, session_id: str) -> tuple[int, int, float]:
+    async with engine._store.engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT request_count, error_count, total_processing_time "
+                    "FROM ctx_sessions WHERE session_id = :sid"
+                ),
+                {"sid": session_id},
+            )
+        ).one()
+    return row[0], row[1], row[2]
+
+
+async def test_concurrent_updates_share_statements_and_stay_exact(engine: ContextEngine) -> None:
+    """64 tasks: 32 on one session, 32 on sessions of their own. The calls share
+    statements (several callers see one write's last_activity), each hot caller sees the
+    count after its own update (1..32, each once), and the stored totals are exact."""
+    await engine.create_session("hot", "u")
+    for i in range(32):
+        await engine.create_session(f"own-{i}", "u")
+
+    hot = [
+        engine.update_session("hot", increment_requests=True, add_processing_time=0.25)
+        for _ in range(32)
+    ]
+    own = [
+        engine.update_session(f"own-{i}", increment_requests=True, mark_error=True)
+        for i in range(32)
+    ]
+    results = await asyncio.gather(*hot, *own)
+
+    assert sorted(s.request_count for s in results[:32]) == list(range(1, 33))
+    assert all(s.session_id == "hot" for s in results[:32])
+    assert [(s.session_id, s.request_count, s.error_count) for s in results[32:]] == [
+        (f"own-{i}", 1, 1) for i in range(32)
+    ]
+    assert await stored(engine, "hot") == (32, 0, 8.0)
+    assert len({s.last_activity for s in results}) < len(results)
+
+
+async def test_a_refused_caller_fails_alone(engine: ContextEngine) -> None:
+    """In a batch, an ended session and a missing one get their own errors; the calls
+    beside them are written, and nothing is written for the refused ones."""
+    for name in ("a", "b", "ended"):
+        await engine.create_session(name, "u")
+    await engine.end_session("ended")
+
+    outcomes = await asyncio.gather(
+        *(engine.update_session("a", increment_requests=True) for _ in range(5)),
+        engine.update_session("ended", increment_requests=True),
+        engine.update_session("missing", increment_requests=True),
+        *(engine.update_session("b", increment_requests=True) for _ in range(5)),
+        return_exceptions=True,
+    )
+
+    assert isinstance(outcomes[5], SessionNotActiveError)
+    assert isinstance(outcomes[6], SessionNotFoundError)
+    assert not any(isinstance(o, BaseException) for o in outcomes[:5] + outcomes[7:])
+    assert (await stored(engine, "a"))[0] == 5
+    assert (await stored(engine, "b"))[0] == 5
+    assert (await stored(engine, "ended"))[0] == 0
+
+
+async def test_a_metadata_patch_runs_alone_beside_a_batch(engine: ContextEngine) -> None:
+    await engine.create_session("s", "u")
+    results = await asyncio.gather(
+        *(engine.update_session("s", increment_requests=True) for _ in range(10)),
+        engine.update_session("s", increment_requests=True, metadata={"k": "v"}),
+    )
+    assert results[-1].metadata == {"k": "v"}
+    assert (await stored(engine, "s"))[0] == 11
+
+
+# -- the combiner itself ---------------------------------------------------------------
+
+
+class Recorder:
+    """A batch function that records its batches and waits for ``release``."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.fail = False
+
+    async def __call__(self, items: Sequence[int]) -> list[int | Solo]:
+        self.batches.append(list(items))
+        await self.release.wait()
+        if self.fail:
+            raise RuntimeError("the batch failed")
+        return [SOLO if item < 0 else item * 10 for item in items]
+
+
+async def test_a_lone_call_runs_at_once_and_later_ones_wait_for_the_next_batch() -> None:
+    run = Recorder()
+    combine: Combiner[int, int] = Combiner(run)
+    first = asyncio.ensure_future(combine(1))
+    await asyncio.sleep(0)
+    assert run.batches == [[1]]  # at once, alone
+    others = [asyncio.ensure_future(combine(n)) for n in (2, 3, -4)]
+    await asyncio.sleep(0)
+    assert run.batches == [[1]]  # waiting for the running batch
+    run.release.set()
+    assert await first == 10
+    assert await asyncio.gather(*others) == [20, 30, SOLO]
+    assert run.batches == [[1], [2, 3, -4]]
+
+
+async def test_a_call_cancelled_while_waiting_is_left_out_of_its_batch() -> None:
+    run = Recorder()
+    combine: Combiner[int, int] = Combiner(run)
+    first = asyncio.ensure_future(combine(1))
+    await asyncio.sleep(0)
+    cancelled = asyncio.ensure_future(combine(2))
+    kept = asyncio.ensure_future(combine(3))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    run.release.set()
+    assert await first == 10
+    assert await kept == 30
+    assert cancelled.cancelled()
+    assert run.batches == [[1], [3]]
+
+
+async def test_a_call_cancelled_while_its_batch_runs_stops_the_batch() -> None:
+    """As a lone call's cancellation interrupts its statement, so does a batched one's:
+    the batch stops (nothing of it applied), and its other callers run alone."""
+    run = Recorder()
+    combine: Combiner[int, int] = Combiner(run)
+    first = asyncio.ensure_future(combine(1))
+    await asyncio.sleep(0)
+    cancelled = asyncio.ensure_future(combine(2))
+    other = asyncio.ensure_future(combine(3))
+    await asyncio.sleep(0)
+    first.cancel()  # the lone call: its own batch stops; the waiting ones form the next
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert run.batches == [[1], [2, 3]]
+    cancelled.cancel()
+    assert await other is SOLO
+    assert cancelled.cancelled() and first.cancelled()
+    run.release.set()
+    assert await combine(4) == 40
+
+
+async def test_a_failed_batch_answers_solo_to_each_caller_and_the_next_one_runs() -> None:
+    run = Recorder()
+    combine: Combiner[int, int] = Combiner(run)
+    first = asyncio.ensure_future(combine(1))
+    await asyncio.sleep(0)
+    waiting = [asyncio.ensure_future(combine(n)) for n in (2, 3)]
+    await asyncio.sleep(0)
+    run.fail = True
+    run.release.set()
+    with pytest.raises(RuntimeError):
+        await first  # the lone caller's own batch: its own error
+    assert await asyncio.gather(*waiting) == [SOLO, SOLO]
+    run.fail = False
+    assert await combine(4) == 40  # nothing left running
+
+
+async def test_a_batch_takes_at_most_the_limit() -> None:
+    run = Recorder()
+    combine: Combiner[int, int] = Combiner(run)
+    first = asyncio.ensure_future(combine(0))
+    await asyncio.sleep(0)
+    waiting = [asyncio.ensure_future(combine(n)) for n in range(1, BATCH_LIMIT + 6)]
+    await asyncio.sleep(0)
+    run.release.set()
+    await asyncio.gather(first, *waiting)
+    assert [len(batch) for batch in run.batches] == [1, BATCH_LIMIT, 5]
