@@ -116,6 +116,11 @@ async def main_async(tasks: list[int], seconds: float) -> dict[str, Any]:
     )
 
     engine = ContextEngine()
+    # AIECS caps a conversation at 1000 messages, and with its LPUSH then
+    # LTRIM(-limit, -1) the cap keeps the oldest: past it every new message is dropped.
+    # ctxengine runs here without a cap, so AIECS does too; what it loses is then what
+    # concurrency and its connection pool cost.
+    engine.conversation_limit = 10**9
     if not await engine.initialize() or engine.redis_client is None:
         raise SystemExit("AIECS could not reach Redis")
     info = await engine.redis_client.info("persistence")

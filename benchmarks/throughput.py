@@ -178,15 +178,39 @@ class Database:
         self.name = name
         self.url = url
         self.dsn = dsn
+        #: the harness's own connection, for the checks
+        self.check: RawConn | None = None
 
     @property
     def postgres(self) -> bool:
         return self.name == "postgres"
 
     async def connect(self) -> RawConn:
-        if self.postgres:
-            return PgConn(await asyncpg.connect(self.dsn))
-        return SqliteConn(self.dsn)
+        if not self.postgres:
+            return SqliteConn(self.dsn)
+        for attempt in range(100):
+            try:
+                return PgConn(await asyncpg.connect(self.dsn))
+            except asyncpg.TooManyConnectionsError:
+                if attempt == 99:
+                    raise
+                await asyncio.sleep(0.3)
+        raise AssertionError("unreachable")
+
+    async def room(self, connections: int) -> None:
+        """Wait (up to a minute) until the server has ``connections`` to spare: on a
+        shared server other clients may hold most of ``max_connections``."""
+        if not self.postgres or self.check is None:
+            return
+        for _ in range(300):
+            (free,) = await self.check.fetch(
+                "SELECT current_setting('max_connections')::int"
+                " - current_setting('superuser_reserved_connections')::int - count(*) AS n"
+                " FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            )
+            if free["n"] >= connections + 2:
+                return
+            await asyncio.sleep(0.2)
 
     def stamp(self, now: datetime) -> Any:
         """A timestamp as the engine stores it (SQLite: UTC text)."""
@@ -322,6 +346,7 @@ class EngineSide:
         self.engine: ContextEngine | None = None
 
     async def open(self) -> None:
+        await self.db.room(self.tasks)
         self.engine = ContextEngine(self.db.url, settings=engine_settings(self.tasks))
         await self.engine.initialize()
 
@@ -355,7 +380,8 @@ class RawSide:
         self.tasks = 0
 
     async def open(self) -> None:
-        self.conns = [await self.db.connect() for _ in range(self.tasks)]
+        await self.db.room(self.tasks)
+        self.conns = list(await asyncio.gather(*(self.db.connect() for _ in range(self.tasks))))
 
     async def call(self, t: int, i: int) -> bool:
         sql, args = self.statement(t, i)
@@ -705,6 +731,7 @@ class OpenAISide(PeerSide):
     async def open(self) -> None:
         run = uuid.uuid4().hex[:8]
         ids = [f"openai-{run}-{k}" for k in range(1 if self.shared else self.tasks)]
+        await self.db.room(self.tasks)
         if self.db.postgres:
             from agents.extensions.memory.sqlalchemy_session import SQLAlchemySession
             from sqlalchemy.ext.asyncio import create_async_engine
@@ -750,6 +777,7 @@ class ADKSide(PeerSide):
         from google.adk.sessions import DatabaseSessionService
         from sqlalchemy.ext.asyncio import create_async_engine
 
+        await self.db.room(self.tasks)
         self.engine = create_async_engine(
             _async_url(self.db.url), pool_size=self.tasks, max_overflow=0
         )
@@ -928,23 +956,27 @@ async def run_backend(
     setup_settings = engine_settings(2).model_copy(update={"auto_migrate": True})
     rows = []
     async with ContextEngine(db.url, settings=setup_settings) as setup:
-        check = await db.connect()
+        check = db.check = await db.connect()
         try:
             templates = await templates_of(db, setup, check)
             bench = Bench(db, args.seconds, args.rounds, setup, check, templates, peers)
             for op in ops:
                 for tasks in args.tasks:
+                    began = time.perf_counter()
                     if db.postgres:  # what autovacuum would do (off on the server measured)
                         await check.write("VACUUM ANALYZE")
                     row = await cell(bench, op, tasks)
+                    row["wall_s"] = time.perf_counter() - began
                     rows.append(row)
                     print(
                         f"  {db.name}: {op.name}, {tasks} tasks: "
                         f"{row['ctxengine']['ops_per_s']:,.0f} ops/s, ratio {row['ratio']:.2f}"
+                        f" ({row['wall_s']:.1f} s)"
                         + ("" if row["invariants"]["ok"] else "  INVARIANTS BROKEN"),
                         flush=True,
                     )
         finally:
+            db.check = None
             await check.close()
     return {"rows": rows, "loadavg": {"start": started_load, "end": os.getloadavg()}}
 
@@ -1071,7 +1103,7 @@ def main() -> None:
         help="concurrent task counts, comma-separated",
     )
     parser.add_argument(
-        "--seconds", type=float, default=1.0, help="timed seconds per side and cell, in all"
+        "--seconds", type=float, default=0.6, help="timed seconds per side and cell, in all"
     )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved blocks per side")
     parser.add_argument("--only", default=None, help="the operations whose name contains this")
