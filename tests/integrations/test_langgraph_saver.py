@@ -535,3 +535,31 @@ def _checkpoint(checkpoint_id: str) -> Any:
         "versions_seen": {},
         "updated_channels": None,
     }
+
+
+async def test_a_thread_whose_writes_wait_never_holds_up_another(pg_url: str) -> None:
+    """No global lock: while another transaction holds thread "busy"'s session row, its
+    writes wait, and writes of every other thread go on."""
+    import asyncpg
+
+    settings = EngineSettings(auto_cleanup=False)
+    async with ContextEngine(pg_url, settings=settings) as engine:
+        saver = ContextEngineSaver(engine)
+        graph = chain(2).compile(checkpointer=saver)
+        for name in ("busy", "free"):
+            await graph.ainvoke({"items": []}, cfg(name))
+        holder = await asyncpg.connect(pg_url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            lock = holder.transaction()
+            await lock.start()
+            await holder.execute("SELECT 1 FROM ctx_sessions WHERE session_id = 'busy' FOR UPDATE")
+            waiting = asyncio.ensure_future(graph.ainvoke({"items": []}, cfg("busy")))
+            for i in range(4):  # the other thread runs to the end, and so do new ones
+                done = await asyncio.wait_for(graph.ainvoke({"items": []}, cfg(f"new-{i}")), 60)
+                assert done == {"items": ["0", "1"]}
+            await asyncio.wait_for(graph.ainvoke({"items": []}, cfg("free")), 60)
+            assert not waiting.done()
+            await lock.rollback()
+            assert await asyncio.wait_for(waiting, 60) == {"items": ["0", "1"] * 2}
+        finally:
+            await holder.close()
