@@ -145,8 +145,19 @@ class EngineSettings(BaseSettings):
         default=1_048_576, ge=1, description="largest message content, in bytes of UTF-8"
     )
     lease_ttl: float = Field(default=30.0, gt=0, allow_inf_nan=False)
-    pool_size: int = Field(default=5, ge=1)
-    max_overflow: int = Field(default=10, ge=0)
+    pool_size: int = Field(
+        default=10,
+        ge=1,
+        description="connections a process keeps open (PostgreSQL; SQLite files: kept "
+        "idle); calls beyond them wait for one, up to pool_timeout",
+    )
+    max_overflow: int = Field(
+        default=0,
+        ge=0,
+        description="PostgreSQL: connections opened above pool_size under load and closed "
+        "when returned (a connection opened and closed per call when calls outnumber "
+        "pool_size); 0 = calls wait for one of pool_size instead",
+    )
     pool_timeout: float = Field(default=30.0, gt=0)
     pool_recycle: float = Field(default=1800.0, gt=0)
     pool_pre_ping: bool = Field(
@@ -157,6 +168,20 @@ class EngineSettings(BaseSettings):
     cross_process_events: bool = Field(
         default=False,
         description="PostgreSQL: also deliver events committed by other engines on the database",
+    )
+    events_url: str | None = Field(
+        default=None,
+        description="PostgreSQL: the URL cross_process_events listens on, a direct "
+        "connection to the server when the engine's URL goes through a pooler in "
+        "transaction mode (LISTEN needs a session of its own); None = the engine's URL",
+    )
+    transaction_pooling: bool = Field(
+        default=False,
+        description="PostgreSQL: the engine's URL reaches the server through a pooler in "
+        "transaction mode (PgBouncer pool_mode=transaction): no statement stays prepared "
+        "on a server connection (one more round trip per statement) and no setting is "
+        "sent when connecting (statement_timeout is then bounded by the client only); "
+        "cross_process_events needs events_url",
     )
     connect_timeout: float = Field(
         default=10.0,
@@ -202,6 +227,15 @@ class EngineSettings(BaseSettings):
                     f"redact pattern {pattern!r} is not a valid regex: {exc}"
                 ) from None
         return patterns
+
+    @model_validator(mode="after")
+    def _events_need_a_session(self) -> EngineSettings:
+        if self.cross_process_events and self.transaction_pooling and self.events_url is None:
+            raise ValueError(
+                "cross_process_events through a pooler in transaction mode needs events_url, "
+                "a direct connection to the server (LISTEN keeps a session of its own)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _compaction_needs_a_summarizer(self) -> EngineSettings:

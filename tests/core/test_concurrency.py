@@ -119,7 +119,8 @@ async def test_get_or_create_is_safe_across_processes(engine: ContextEngine, db_
 async def test_cancelled_calls_leave_no_transaction_open(db_url: str) -> None:
     """Calls cancelled at every point of their transaction roll it back: afterwards no
     connection holds a transaction (on SQLite, the write lock) and every call works."""
-    settings = EngineSettings(auto_cleanup=False, pool_size=2)
+    # one connection above the two the engine holds, for the check's own below
+    settings = EngineSettings(auto_cleanup=False, pool_size=2, max_overflow=1)
     async with ContextEngine(db_url, settings=settings) as engine:
         await engine.create_session("s", "u")
         await engine.set_rate_limit("s", "op", 10**6, 60)

@@ -90,6 +90,35 @@ async def test_connections_above_pool_size_close_after_a_burst(pg_url: str) -> N
         assert store.connections_in_use() == 0
 
 
+async def test_default_settings_open_no_connection_under_load(
+    pg_url: str, pg_admin: asyncpg.Connection
+) -> None:
+    """On the default pool, 64 tasks at once neither open nor close a connection once
+    the pool is warm: the server sees the same processes before and after (a pool that
+    closes connections above its size on return opens new ones on every burst)."""
+
+    async def server_processes() -> set[int]:
+        rows = await pg_admin.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1", pg_url.rsplit("/", 1)[1]
+        )
+        return {row["pid"] for row in rows}
+
+    async with ContextEngine(pg_url, settings=EngineSettings(auto_cleanup=False)) as engine:
+        sids = [(await engine.create_session(user_id=f"u{t}")).session_id for t in range(64)]
+
+        async def burst() -> None:
+            await asyncio.gather(*(engine.update_session(s, increment_requests=True) for s in sids))
+
+        await burst()  # warm-up: the pool opens what it keeps
+        warm = await server_processes()
+        assert 0 < len(warm) <= engine.settings.pool_size
+        for _ in range(3):
+            await burst()
+            assert await server_processes() == warm
+        assert {s.request_count for s in await engine.list_sessions(limit=100)} == {4}
+        assert engine._store.connections_in_use() == 0
+
+
 async def test_closing_the_engine_returns_every_connection(pg_url: str) -> None:
     engine = ContextEngine(pg_url, settings=EngineSettings(auto_cleanup=False))
     async with engine:

@@ -30,9 +30,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import URL, CursorResult, ExceptionContext
+from sqlalchemy.engine import URL, CursorResult, ExceptionContext, make_url
 from sqlalchemy.engine import Connection as SyncConnection
-from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 from sqlalchemy.sql import Executable
@@ -47,6 +47,7 @@ from ..errors import (
     ReadOnlyDatabaseError,
     StorageError,
     StorageTimeoutError,
+    ValidationError,
 )
 from ..models import Event
 from ..settings import EngineSettings
@@ -195,13 +196,43 @@ def connect_args(settings: EngineSettings) -> dict[str, Any]:
     """asyncpg's ``connect()`` arguments for the engine's timeouts: ``timeout`` bounds
     connecting; the server cancels a statement after ``statement_timeout`` (57014, the
     connection stays usable), and the client stops waiting for an answer shortly
-    after (``command_timeout``), when the server does not answer at all."""
+    after (``command_timeout``), when the server does not answer at all.
+
+    Through a pooler in transaction mode (``transaction_pooling``) consecutive
+    transactions of a connection may run on different server connections: a statement
+    prepared on one is unknown to the next, so asyncpg keeps none (``statement_cache_size
+    = 0``: each statement is parsed unnamed, in the round trip that runs it, after one
+    that describes it). And PgBouncer refuses a connection that sends a setting it does
+    not track (``statement_timeout``): the client's ``command_timeout`` alone bounds a
+    statement then, unless the server has a ``statement_timeout`` of its own (for the
+    role or database)."""
     args: dict[str, Any] = {"timeout": settings.connect_timeout}
     seconds = settings.statement_timeout
     if seconds is not None:
-        args["server_settings"] = {"statement_timeout": str(max(1, round(seconds * 1000)))}
+        if not settings.transaction_pooling:
+            args["server_settings"] = {"statement_timeout": str(max(1, round(seconds * 1000)))}
         args["command_timeout"] = seconds + min(1.0, seconds / 10)
+    if settings.transaction_pooling:
+        args["statement_cache_size"] = 0
     return args
+
+
+def events_url(settings: EngineSettings, url: URL) -> URL:
+    """Where the event relay listens: ``settings.events_url``, else ``url``."""
+    if settings.events_url is None:
+        return url
+    try:
+        found = make_url(settings.events_url)
+    except ArgumentError:
+        found = None
+    if found is None or found.get_backend_name() not in ("postgresql", "postgres"):
+        raise ValidationError(
+            f"events_url {settings.events_url!r} is not a PostgreSQL URL "
+            "(postgresql://user@host:port/database)",
+            field="events_url",
+            value=settings.events_url,
+        )
+    return found
 
 
 #: Seconds a closing engine waits for the server to take a connection's goodbye.
@@ -498,6 +529,8 @@ class PostgresBackend(Backend):
     sweep_workers = 2
     #: EngineSettings.connect_timeout (set by bind), for the event relay's connection.
     connect_timeout: float
+    #: where the event relay listens (set by bind): EngineSettings.events_url, else the URL
+    events_url: URL
 
     def __init__(self, url: URL) -> None:
         super().__init__(url)
@@ -531,6 +564,7 @@ class PostgresBackend(Backend):
         # one idle for a while, which a network could have dropped silently, is pinged.
         dialect = engine.dialect
         self.connect_timeout = settings.connect_timeout
+        self.events_url = events_url(settings, self.url)
         if settings.statement_timeout is not None:
             self.call_timeout = settings.connect_timeout + settings.statement_timeout
 
@@ -691,7 +725,7 @@ class PostgresBackend(Backend):
         return column.op("@>", return_type=Boolean)(cast(items, JSONB))
 
     def event_relay(self, deliver: Callable[[Event], None]) -> EventRelay:
-        return EventRelay(self.url, deliver, connect_timeout=self.connect_timeout)
+        return EventRelay(self.events_url, deliver, connect_timeout=self.connect_timeout)
 
     def is_transient(self, exc: BaseException) -> bool:
         orig = exc.orig if isinstance(exc, DBAPIError) else exc
@@ -704,6 +738,15 @@ class PostgresBackend(Backend):
 
     def _classify(self, error: BaseException) -> Failure | None:
         state = getattr(error, "sqlstate", None)
+        if state == "08P01" and "unsupported startup parameter" in str(error):
+            return Failure(
+                DatabaseUnavailableError,
+                f"{self.where} refuses a setting sent when connecting ({error}): a pooler "
+                "such as PgBouncer; in transaction mode set transaction_pooling=True, "
+                "else add the setting to its ignore_startup_parameters",
+                False,
+                cause=error,
+            )
         if isinstance(state, str):
             entry = _FAILURES.get(state) or _FAILURES.get(state[:2])
             if entry is None:
