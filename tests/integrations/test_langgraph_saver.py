@@ -389,14 +389,14 @@ async def test_delete_thread_removes_the_checkpoints_and_keeps_the_session(
 async def test_tenants_never_see_each_others_threads(engine: ContextEngine) -> None:
     a = ContextEngineSaver(engine.tenant("a"))
     b = ContextEngineSaver(engine.tenant("b"))
-    run = {**cfg("same"), "run_id": uuid.uuid4()}
+    run = cfg("same", run_id=str(uuid.uuid4()))
     await chain(2, tag="a").compile(checkpointer=a).ainvoke({"items": []}, run)
     assert await b.aget_tuple(cfg("same")) is None
     assert [t async for t in b.alist(None)] == []
     assert [t async for t in b.alist(cfg("same"))] == []
     await b.adelete_thread("same")
     await b.aprune(["same"], strategy="delete")
-    await b.adelete_for_runs([str(run["run_id"])])
+    await b.adelete_for_runs([run["configurable"]["run_id"]])
     result = await chain(1, tag="b").compile(checkpointer=b).ainvoke({"items": []}, cfg("same"))
     assert result == {"items": ["b0"]}
     mine = await a.aget_tuple(cfg("same"))
@@ -563,3 +563,34 @@ async def test_a_thread_whose_writes_wait_never_holds_up_another(pg_url: str) ->
             assert await asyncio.wait_for(waiting, 60) == {"items": ["0", "1"] * 2}
         finally:
             await holder.close()
+
+
+async def test_copy_a_thread_then_delete_a_runs_checkpoints(engine: ContextEngine) -> None:
+    saver = ContextEngineSaver(engine)
+    graph = chain(2).compile(checkpointer=saver)
+    # LangGraph copies the configurable's run_id into the metadata of its checkpoints
+    first, second = cfg("src", run_id=str(uuid.uuid4())), cfg("src", run_id=str(uuid.uuid4()))
+    await graph.ainvoke({"items": ["a"]}, first)
+    await graph.ainvoke({"items": ["b"]}, second)
+    await engine.create_session("other", "ada")
+    await saver.acopy_thread("src", "dst")
+    await saver.acopy_thread("missing", "nowhere")
+    assert await engine.get_session("nowhere") is None
+    copied = await engine.get_session("dst")
+    assert copied is not None and copied.user_id == "src"
+    source = [t.checkpoint["id"] async for t in saver.alist(cfg("src"))]
+    assert [t.checkpoint["id"] async for t in saver.alist(cfg("dst"))] == source
+    # the copy goes on alone
+    assert (await graph.ainvoke({"items": ["c"]}, cfg("dst")))["items"][-3:] == ["c", "0", "1"]
+    assert len([t async for t in saver.alist(cfg("src"))]) == len(source)
+    # the second run's checkpoints go, in both threads; what is left loads whole
+    await saver.adelete_for_runs([second["configurable"]["run_id"]])
+    left = [t async for t in saver.alist(cfg("src"))]
+    assert len(left) == len(source) // 2
+    assert {t.metadata["run_id"] for t in left} == {first["configurable"]["run_id"]}
+    assert left[0].checkpoint["channel_values"]["items"] == ["a", "0", "1"]
+    assert (await graph.aget_state(cfg("src"))).values == {"items": ["a", "0", "1"]}
+    assert (await graph.ainvoke({"items": ["d"]}, cfg("src")))["items"] == [
+        *["a", "0", "1"],
+        *["d", "0", "1"],
+    ]
