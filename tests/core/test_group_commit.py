@@ -109,7 +109,7 @@ class Recorder:
 
 async def test_a_lone_call_runs_at_once_and_later_ones_wait_for_the_next_batch() -> None:
     run = Recorder()
-    combine: Combiner[int, int] = Combiner(run)
+    combine: Combiner[int, int] = Combiner(run, slots=1)
     first = asyncio.ensure_future(combine(1))
     await asyncio.sleep(0)
     assert run.batches == [[1]]  # at once, alone
@@ -122,9 +122,22 @@ async def test_a_lone_call_runs_at_once_and_later_ones_wait_for_the_next_batch()
     assert run.batches == [[1], [2, 3, -4]]
 
 
-async def test_a_call_cancelled_while_waiting_is_left_out_of_its_batch() -> None:
+async def test_two_batches_run_at_once_by_default() -> None:
     run = Recorder()
     combine: Combiner[int, int] = Combiner(run)
+    lone = [asyncio.ensure_future(combine(n)) for n in (1, 2)]
+    await asyncio.sleep(0)
+    waiting = [asyncio.ensure_future(combine(n)) for n in (3, 4)]
+    await asyncio.sleep(0)
+    assert run.batches == [[1], [2]]  # each at once, alone; the others wait for a slot
+    run.release.set()
+    assert await asyncio.gather(*lone, *waiting) == [10, 20, 30, 40]
+    assert run.batches == [[1], [2], [3, 4]]
+
+
+async def test_a_call_cancelled_while_waiting_is_left_out_of_its_batch() -> None:
+    run = Recorder()
+    combine: Combiner[int, int] = Combiner(run, slots=1)
     first = asyncio.ensure_future(combine(1))
     await asyncio.sleep(0)
     cancelled = asyncio.ensure_future(combine(2))
@@ -142,7 +155,7 @@ async def test_a_call_cancelled_while_its_batch_runs_stops_the_batch() -> None:
     """As a lone call's cancellation interrupts its statement, so does a batched one's:
     the batch stops (nothing of it applied), and its other callers run alone."""
     run = Recorder()
-    combine: Combiner[int, int] = Combiner(run)
+    combine: Combiner[int, int] = Combiner(run, slots=1)
     first = asyncio.ensure_future(combine(1))
     await asyncio.sleep(0)
     cancelled = asyncio.ensure_future(combine(2))
@@ -161,7 +174,7 @@ async def test_a_call_cancelled_while_its_batch_runs_stops_the_batch() -> None:
 
 async def test_a_failed_batch_answers_solo_to_each_caller_and_the_next_one_runs() -> None:
     run = Recorder()
-    combine: Combiner[int, int] = Combiner(run)
+    combine: Combiner[int, int] = Combiner(run, slots=1)
     first = asyncio.ensure_future(combine(1))
     await asyncio.sleep(0)
     waiting = [asyncio.ensure_future(combine(n)) for n in (2, 3)]
@@ -177,7 +190,7 @@ async def test_a_failed_batch_answers_solo_to_each_caller_and_the_next_one_runs(
 
 async def test_a_batch_takes_at_most_the_limit() -> None:
     run = Recorder()
-    combine: Combiner[int, int] = Combiner(run)
+    combine: Combiner[int, int] = Combiner(run, slots=1)
     first = asyncio.ensure_future(combine(0))
     await asyncio.sleep(0)
     waiting = [asyncio.ensure_future(combine(n)) for n in range(1, BATCH_LIMIT + 6)]

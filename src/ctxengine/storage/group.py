@@ -34,91 +34,90 @@ class Combiner(Generic[I, R]):
     one result per item, in order (:data:`SOLO` for an item it could not settle, whose
     caller then runs on its own path: a refusal gets that caller's own error there).
 
-    A call that finds no batch running runs at once, in its own task, as a batch of one:
-    a lone caller waits for nothing, and its cancellation interrupts its own statement
-    as any call's does. Calls that arrive while a batch runs wait, and run together as
-    the next batch (at most :data:`BATCH_LIMIT`), in a task of the combiner, when the
-    running one ends; one cancelled before its batch starts is left out of it, and one
-    cancelled while its batch runs stops that batch (whose other callers then run
-    alone), so a cancelled call is applied only if its statement was already sent, as
-    when it runs alone. A batch that fails answers :data:`SOLO` to every caller, so
-    each meets its own error.
+    Up to ``slots`` batches run at once (two: one is written while the next is built
+    and its answers read). A call that finds a slot free runs at once, in its own task,
+    as a batch of one: a lone caller waits for nothing, and its cancellation interrupts
+    its own statement as any call's does. Calls that arrive while every slot is busy
+    wait, and run together as the next batch (at most :data:`BATCH_LIMIT`), in a task
+    of the combiner, when a slot frees; one cancelled before its batch starts is left
+    out of it, and one cancelled while its batch runs stops that batch (whose other
+    callers then run alone), so a cancelled call is applied only if its statement had
+    already been sent, as when it runs alone. A batch that fails answers :data:`SOLO`
+    to every caller, so each meets its own error.
     """
 
-    __slots__ = ("_busy", "_drain", "_pending", "_run", "_running")
+    __slots__ = ("_active", "_batches", "_pending", "_run", "_slots")
 
-    def __init__(self, run: Callable[[Sequence[I]], Awaitable[Sequence[R | Solo]]]) -> None:
+    def __init__(
+        self, run: Callable[[Sequence[I]], Awaitable[Sequence[R | Solo]]], *, slots: int = 2
+    ) -> None:
         self._run = run
+        self._slots = slots
+        #: batches running now
+        self._active = 0
         self._pending: list[tuple[I, asyncio.Future[R | Solo]]] = []
-        self._busy = False
-        #: the task running the waiting calls' batches, while there is one
-        self._drain: asyncio.Task[None] | None = None
-        #: the batch that task runs now, and its callers' futures
-        self._running: (
-            tuple[asyncio.Future[Sequence[R | Solo]], set[asyncio.Future[R | Solo]]] | None
-        ) = None
+        #: the tasks running waiting calls' batches, with their callers' futures
+        self._batches: dict[asyncio.Task[None], _Batch[I, R]] = {}
 
     async def __call__(self, item: I) -> R | Solo:
-        if self._busy:
-            future: asyncio.Future[R | Solo] = asyncio.get_running_loop().create_future()
-            self._pending.append((item, future))
+        if self._active < self._slots:
+            self._active += 1
             try:
-                return await future
-            except asyncio.CancelledError:
-                # its batch may be running: stopped, as the call would stop alone (the
-                # others run alone); one still waiting is left out when a batch forms
-                running = self._running
-                if running is not None and future in running[1]:
-                    running[0].cancel()
-                raise
-        self._busy = True
+                return (await self._run((item,)))[0]
+            finally:
+                self._active -= 1
+                self._start_waiting()
+        future: asyncio.Future[R | Solo] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
         try:
-            return (await self._run((item,)))[0]
-        finally:
-            if self._pending:
-                self._drain = asyncio.get_running_loop().create_task(self._run_waiting())
-            else:
-                self._busy = False
+            return await future
+        except asyncio.CancelledError:
+            # its batch may be running: stopped, as the call would stop alone (the
+            # others run alone); one still waiting is left out when a batch forms
+            for task, batch in self._batches.items():
+                if future in batch.futures:
+                    batch.stopped = True
+                    task.cancel()
+            raise
 
-    async def _run_waiting(self) -> None:
+    def _start_waiting(self) -> None:
+        """Start batches of the waiting calls while slots are free."""
+        while self._pending and self._active < self._slots:
+            taken = self._pending[:BATCH_LIMIT]
+            del self._pending[:BATCH_LIMIT]
+            batch = _Batch([(item, future) for item, future in taken if not future.done()])
+            if batch.calls:
+                self._active += 1
+                task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+                self._batches[task] = batch
+
+    async def _run_batch(self, batch: _Batch[I, R]) -> None:
+        results: Sequence[R | Solo] = [SOLO] * len(batch.calls)
         try:
-            while self._pending:
-                taken = self._pending[:BATCH_LIMIT]
-                del self._pending[:BATCH_LIMIT]
-                batch = [(item, future) for item, future in taken if not future.done()]
-                if not batch:
-                    continue
-                results: Sequence[R | Solo] = [SOLO] * len(batch)
-                run = asyncio.get_running_loop().create_task(self._settle(batch))
-                self._running = (run, {future for _, future in batch})
-                try:
-                    results = await run
-                except asyncio.CancelledError:
-                    current = asyncio.current_task()
-                    if current is not None and current.cancelling():
-                        raise  # this task is cancelled (the loop is ending), not the batch
-                except Exception:  # every caller meets the error on its own path
-                    log.debug("a combined write failed; its calls run alone", exc_info=True)
-                finally:
-                    self._running = None
-                    _answer(batch, results)
+            results = await self._run([item for item, _ in batch.calls])
+        except asyncio.CancelledError:
+            if not batch.stopped:
+                raise  # the loop is ending: the callers are answered below all the same
+        except Exception:  # every caller meets the error on its own path
+            log.debug("a combined write failed; its calls run alone", exc_info=True)
         finally:
-            self._busy = False
-            self._drain = None
-            for _, future in self._pending:
+            for (_, future), result in zip(batch.calls, results, strict=True):
                 if not future.done():
-                    future.set_result(SOLO)
-            self._pending.clear()
+                    future.set_result(result)
+            task = asyncio.current_task()
+            if task is not None:
+                self._batches.pop(task, None)
+            self._active -= 1
+            self._start_waiting()
 
-    async def _settle(
-        self, batch: Sequence[tuple[I, asyncio.Future[R | Solo]]]
-    ) -> Sequence[R | Solo]:
-        return await self._run([item for item, _ in batch])
 
+class _Batch(Generic[I, R]):
+    """The calls of one batch run by the combiner's task."""
 
-def _answer(
-    batch: Sequence[tuple[object, asyncio.Future[R | Solo]]], results: Sequence[R | Solo]
-) -> None:
-    for (_, future), result in zip(batch, results, strict=True):
-        if not future.done():
-            future.set_result(result)
+    __slots__ = ("calls", "futures", "stopped")
+
+    def __init__(self, calls: list[tuple[I, asyncio.Future[R | Solo]]]) -> None:
+        self.calls = calls
+        self.futures = {future for _, future in calls}
+        #: a caller was cancelled, and the batch with it
+        self.stopped = False
