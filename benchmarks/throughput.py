@@ -15,9 +15,12 @@ for ``--seconds`` each in all:
   INSERT of the row (a usage row, a message row), into tables made as the engine's;
 - floor (``N`` > 1): the batched statement the raw driver would run for ``N``
   concurrent callers (one ``UPDATE … FROM (VALUES …)`` of ``N`` sessions, one
-  ``UPDATE`` adding ``N`` to one session, one ``N``-row ``INSERT``), run back to back by
-  one task on one held connection, bare; its ops/s counts ``N`` callers per statement:
-  what a single group-commit flusher could reach.
+  ``UPDATE`` adding ``N`` to one session, one ``N``-row ``INSERT``), run back to back,
+  bare, by one task on one held connection; and the ``N`` callers split over four such
+  flushers (batches of ``N / 4``, four connections, whose commits the server can
+  flush to disk together). Its ops/s counts the callers a statement serves; the
+  table shows the better split (``batch x flushers``), the JSON both: what group
+  commit could reach with at most ``N`` callers waiting.
 
 Every side opens its connections before its block and closes them after it (the
 engine is opened and closed around each of its blocks; a warm-up of a few calls per
@@ -77,6 +80,9 @@ CONTENT = "what is the weather like today?"
 WARMUP = 3
 #: Tokens per track_usage call.
 AMOUNT = 10
+#: How many flushers share the N callers in the floors (each a held connection running
+#: batches of N / flushers): one, and four where N allows.
+FLUSHERS = (1, 4)
 #: Columns the database computes (never inserted).
 GENERATED = frozenset({"idle_bucket"})
 
@@ -374,10 +380,11 @@ class EngineSide:
 class RawSide:
     """The raw driver: one held connection per task, one statement per call."""
 
-    def __init__(self, db: Database, statement: Callable[[int, int], tuple[str, list[Any]]]):
-        self.db, self.statement = db, statement
+    def __init__(
+        self, db: Database, statement: Callable[[int, int], tuple[str, list[Any]]], tasks: int
+    ) -> None:
+        self.db, self.statement, self.tasks = db, statement, tasks
         self.conns: list[RawConn] = []
-        self.tasks = 0
 
     async def open(self) -> None:
         await self.db.room(self.tasks)
@@ -434,12 +441,16 @@ async def cell(bench: Bench, op: Operation, tasks: int) -> dict[str, Any]:
 
     # the raw driver's rows: sessions to update; message and usage rows carry the key
     raw_keys = [f"{key}-raw-{k}" for k in range(subjects)]
-    floor_keys = [f"{key}-floor-{k}" for k in range(subjects)]
+    flushers = [
+        k for k in FLUSHERS if tasks > 1 and (k == 1 or (tasks >= 2 * k and tasks % k == 0))
+    ]
+    floor_keys = {k: [f"{key}-floor{k}-{j}" for j in range(subjects)] for k in flushers}
+    every_key = raw_keys + [k for keys in floor_keys.values() for k in keys]
     sessions, usage, messages = (bench.templates[t] for t in ("sessions", "usage", "messages"))
     if op.kind == "update":
-        for k in raw_keys + floor_keys:
-            await bench.check.write(sessions.insert(), sessions.values(session_id=k))
-    seqs = dict.fromkeys(raw_keys + floor_keys, 0)
+        for row_key in every_key:
+            await bench.check.write(sessions.insert(), sessions.values(session_id=row_key))
+    seqs = dict.fromkeys(every_key, 0)
 
     def now() -> Any:
         return db.stamp(datetime.now(UTC))
@@ -463,29 +474,34 @@ async def cell(bench: Bench, op: Operation, tasks: int) -> dict[str, Any]:
         )
 
     ours = EngineSide(db, op, sids, tasks)
-    raw = RawSide(db, raw_statement)
-    raw.tasks = tasks
+    raw = RawSide(db, raw_statement, tasks)
     sides: list[tuple[str, Side, Tally]] = [
         ("ctxengine", ours, Tally(tasks)),
         ("raw", raw, Tally(tasks)),
     ]
-    if tasks > 1:
-        floor = RawSide(db, floor_statement(db, op, tasks, floor_keys, seqs, now, bench.templates))
-        floor.tasks = 1
-        sides.append(("floor", floor, Tally(1, callers_per_call=tasks)))
+    for k in flushers:
+        batch = tasks // k
+        statement = floor_statement(db, op, batch, floor_keys[k], seqs, now, bench.templates)
+        sides.append((f"floor{k}", RawSide(db, statement, k), Tally(k, callers_per_call=batch)))
     per_block = bench.seconds / bench.rounds
     for r in range(bench.rounds):
-        for _, side, tally in sides if r % 2 == 0 else sides[::-1]:
-            await block(side, tally, per_block)
+        for name, side, tally in sides if r % 2 == 0 else sides[::-1]:
+            # the floors are bare statements, steady: half the time each
+            share = 1 if len(flushers) < 2 or not name.startswith("floor") else 0.5
+            await block(side, tally, per_block * share)
 
     tallies = {name: tally for name, _, tally in sides}
     out: dict[str, Any] = {
         "operation": op.name,
         "tasks": tasks,
-        **{name: tally.stats() for name, tally in tallies.items()},
+        "ctxengine": tallies["ctxengine"].stats(),
+        "raw": tallies["raw"].stats(),
+        "floors": {str(k): tallies[f"floor{k}"].stats() for k in flushers},
     }
     out["ratio"] = out["ctxengine"]["ops_per_s"] / out["raw"]["ops_per_s"]
-    if "floor" in out:
+    if flushers:
+        best = max(flushers, key=lambda k: out["floors"][str(k)]["ops_per_s"])
+        out["floor"] = {**out["floors"][str(best)], "flushers": best, "batch": tasks // best}
         out["floor_ratio"] = out["floor"]["ops_per_s"] / out["raw"]["ops_per_s"]
     problems = [
         f"{name}: {tally.errors} calls raised ({tally.first_error})"
@@ -495,10 +511,12 @@ async def cell(bench: Bench, op: Operation, tasks: int) -> dict[str, Any]:
     problems += await verify_engine(bench, op, sids, tallies["ctxengine"])
     raw_ok = tallies["raw"].ok
     problems += await verify_raw(bench, op, raw_keys, [sum(raw_ok)] if op.shared else raw_ok, "raw")
-    if "floor" in tallies:
-        batches = tallies["floor"].ok[0]
-        floor_calls = [batches * tasks] if op.shared else [batches] * tasks
-        problems += await verify_raw(bench, op, floor_keys, floor_calls, "floor")
+    for k in flushers:
+        batches, batch = tallies[f"floor{k}"].ok, tasks // k
+        floor_calls = (
+            [sum(batches) * batch] if op.shared else [batches[j // batch] for j in range(tasks)]
+        )
+        problems += await verify_raw(bench, op, floor_keys[k], floor_calls, f"floor{k}")
     out["invariants"] = {"ok": not problems, "problems": problems}
     if op.name in PEER_OPERATIONS:
         out["peers"] = await bench.peers.measure(db, *PEER_OPERATIONS[op.name], tasks)
@@ -516,13 +534,19 @@ UPDATE_ROW = (
 def floor_statement(
     db: Database,
     op: Operation,
-    tasks: int,
+    batch: int,
     keys: list[str],
     seqs: dict[str, int],
     now: Callable[[], Any],
     templates: dict[str, Rows],
 ) -> Callable[[int, int], tuple[str, list[Any]]]:
-    """The one statement doing the work of ``tasks`` concurrent calls."""
+    """The one statement doing the work of ``batch`` concurrent calls: flusher ``t``'s
+    batch covers ``keys[t * batch:(t + 1) * batch]`` (or, shared, ``keys[0]``
+    ``batch`` times)."""
+
+    def mine(t: int) -> list[str]:
+        return [keys[0]] * batch if op.shared else keys[t * batch : (t + 1) * batch]
+
     if op.kind == "update" and op.shared:
         # the callers' increments summed into one change of the row
         sql = (
@@ -532,15 +556,15 @@ def floor_statement(
         )
 
         def shared_update(t: int, i: int) -> tuple[str, list[Any]]:
-            return sql, [TENANT, keys[0], tasks, 0.001 * tasks, now(), time.time() + 1800]
+            return sql, [TENANT, keys[0], batch, 0.001 * batch, now(), time.time() + 1800]
 
         return shared_update
     if op.kind == "update":
         rows = ", ".join(
             f"({db.cast(f'${2 * r + 1}', 'text')}, {db.cast(f'${2 * r + 2}', 'float8')})"
-            for r in range(tasks)
+            for r in range(batch)
         )
-        n = 2 * tasks
+        n = 2 * batch
         sql = (
             f"WITH v(sid, spent) AS (VALUES {rows}) UPDATE bench_sessions AS s SET"
             " request_count = s.request_count + 1,"
@@ -551,18 +575,17 @@ def floor_statement(
 
         def batched_update(t: int, i: int) -> tuple[str, list[Any]]:
             args: list[Any] = []
-            for k in keys:
+            for k in mine(t):
                 args += [k, 0.001]
             return sql, [*args, now(), time.time() + 1800, TENANT]
 
         return batched_update
     template = templates["usage" if op.kind == "usage" else "messages"]
-    insert_sql = template.insert(tasks)
+    insert_sql = template.insert(batch)
 
     def batched_insert(t: int, i: int) -> tuple[str, list[Any]]:
         args: list[Any] = []
-        for r in range(tasks):
-            k = keys[0 if op.shared else r]
+        for r, k in enumerate(mine(t)):
             if op.kind == "usage":
                 args += template.values(session_id=k, record_id=str(uuid.uuid4()), created_at=now())
             else:
@@ -571,7 +594,7 @@ def floor_statement(
                     session_id=k,
                     seq=seqs[k],
                     message_id=uuid.uuid4().hex,
-                    content=f"task {r} call {i}: {CONTENT}",
+                    content=f"task {t * batch + r} call {i}: {CONTENT}",
                     created_at=now(),
                 )
         return insert_sql, args
@@ -1075,14 +1098,16 @@ def report(result: dict[str, Any]) -> list[str]:
         )
         print(
             f"{'operation':<29}{'tasks':>6}{'ctxengine':>11}{'p99 ms':>8}{'raw':>9}{'ratio':>7}"
-            f"{'floor':>10}{'floor/raw':>10}  peers (ops/s)"
+            f"{'floor':>10}{'batch':>7}{'floor/raw':>10}  peers (ops/s)"
         )
         for row in r["rows"]:
             floor = row.get("floor")
+            split = f"{floor['batch']}x{floor['flushers']}" if floor else ""
             print(
                 f"{row['operation']:<29}{row['tasks']:>6}{row['ctxengine']['ops_per_s']:>11,.0f}"
                 f"{_num(row['ctxengine']['p99_ms'], '.2f'):>8}{row['raw']['ops_per_s']:>9,.0f}"
                 f"{row['ratio']:>7.2f}{_num(floor and floor['ops_per_s']):>10}"
+                f"{split:>7}"
                 f"{_num(row.get('floor_ratio'), '.2f'):>10}  {peer_cells(result, row)}"
             )
             broken += [f"{backend}: {p}" for p in row["invariants"]["problems"]]
