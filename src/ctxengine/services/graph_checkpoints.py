@@ -106,6 +106,17 @@ class GraphCheckpointService:
         the thread's session, which must be able to work (SessionNotFoundError,
         SessionExpiredError, SessionNotActiveError; nothing is written then)."""
 
+        if self.repo.writes_at_once:
+
+            async def at_once(conn: Connection, fx: Effects) -> bool:
+                return await self.repo.put_at_once(
+                    conn, thread, checkpoint_id, parent_id, serialized, metadata, blobs, fx.now
+                )
+
+            if await self.ctx.transact(at_once, one_statement=True, operation="langgraph_put"):
+                return
+            # no session, or one that cannot work: the general path says which
+
         async def work(conn: Connection, fx: Effects) -> None:
             if not await self._touch(conn, fx, thread):
                 return
@@ -119,6 +130,19 @@ class GraphCheckpointService:
         self, thread: Thread, checkpoint_id: str, writes: Sequence[Write], *, replace: bool
     ) -> None:
         """Store pending writes of a checkpoint (the session rules as :meth:`put`)."""
+
+        one_task = len({(w.task_id, w.task_path) for w in writes}) == 1
+        if self.repo.writes_at_once and one_task:
+
+            async def at_once(conn: Connection, fx: Effects) -> bool:
+                return await self.repo.put_writes_at_once(
+                    conn, thread, checkpoint_id, writes, fx.now, replace=replace
+                )
+
+            if await self.ctx.transact(
+                at_once, one_statement=True, operation="langgraph_put_writes"
+            ):
+                return
 
         async def work(conn: Connection, fx: Effects) -> None:
             if not await self._touch(conn, fx, thread):

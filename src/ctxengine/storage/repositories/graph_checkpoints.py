@@ -6,14 +6,32 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from sqlalchemy import bindparam, delete, literal, select, true, tuple_, update
+from sqlalchemy import (
+    Integer,
+    LargeBinary,
+    Text,
+    bindparam,
+    column,
+    delete,
+    func,
+    literal,
+    select,
+    true,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.sql import FromClause
+from sqlalchemy.types import TypeEngine
 
+from ...lifecycle import epoch
 from ..connection import Connection
 from ..prebuilt import run
 from ..schema import graph_blobs, graph_checkpoints, graph_writes
 from ..schema import sessions as session_table
 from ..types import JSONDocument, UTCDateTime
 from . import Repository, of_session
+from .sessions import TOUCH_WORKING
 
 if TYPE_CHECKING:
     from ..backend import Backend
@@ -110,6 +128,28 @@ _LOCK = (
 )
 
 
+def _rows(**arrays: TypeEngine[Any]) -> FromClause:
+    """The rows of array parameters ``<name>s``, one column ``<name>`` each (unnest)."""
+    params = (bindparam(f"{name}s", type_=ARRAY(type_)) for name, type_ in arrays.items())
+    values = func.unnest(*params).table_valued(
+        *(column(name, type_) for name, type_ in arrays.items()), name="given"
+    )
+    return values.render_derived()
+
+
+def _labelled(table: Any, given: FromClause, constants: list[str]) -> list[Any]:
+    """The columns of an INSERT's SELECT into ``table``: ``constants`` as parameters
+    of their own name, the other columns from ``given``."""
+    return [
+        (
+            bindparam(c.key, type_=c.type).label(c.key)
+            if c.key in constants
+            else given.c[c.key].label(c.key)
+        )
+        for c in table.c
+    ]
+
+
 def _blob_params(thread: Thread, blobs: Iterable[Blob]) -> list[dict[str, Any]]:
     return [
         {
@@ -123,6 +163,18 @@ def _blob_params(thread: Thread, blobs: Iterable[Blob]) -> list[dict[str, Any]]:
         }
         for b in blobs
     ]
+
+
+def _touch_params(thread: Thread, now: datetime) -> dict[str, Any]:
+    return {
+        "tenant": thread.tenant_id,
+        "sid": thread.session_id,
+        "now": now,
+        "now_epoch": epoch(now),
+        "tenant_id": thread.tenant_id,
+        "session_id": thread.session_id,
+        "checkpoint_ns": thread.checkpoint_ns,
+    }
 
 
 class GraphCheckpointRepository(Repository):
@@ -165,6 +217,70 @@ class GraphCheckpointRepository(Repository):
         )
         #: other writes are kept as first written (a task's retry writes the same)
         self._add_writes = backend.insert_or_ignore(graph_writes, write_key).values(write_values)
+        if self.writes_at_once:
+            self._build_at_once(backend)
+
+    def _build_at_once(self, backend: Backend) -> None:
+        """One statement that touches the thread's session if it can work and writes
+        only then (data-modifying CTEs): blobs and checkpoint, or pending writes.
+        Parameters: tenant, sid, now, now_epoch, the constant columns by name, and
+        the varying ones as arrays named ``<column>s``."""
+        touched = TOUCH_WORKING.returning(session_table.c.session_id).cte("touched")
+        thread = ["tenant_id", "session_id", "checkpoint_ns"]
+        blobs = _rows(channel=Text(), version=Text(), type=Text(), blob=LargeBinary())
+        new_blobs = select(*_labelled(graph_blobs, blobs, thread)).select_from(
+            touched.join(blobs, true())
+        )
+        blob_key = [c.key for c in graph_blobs.primary_key.columns]
+        stored_blobs = (
+            backend.insert_or_ignore(graph_blobs, blob_key)
+            .from_select([c.key for c in graph_blobs.c], new_blobs)
+            .cte("stored_blobs")
+        )
+        new_checkpoint = select(
+            *(bindparam(c.key, type_=c.type).label(c.key) for c in graph_checkpoints.c)
+        ).select_from(touched)
+        stored_checkpoint = backend.upsert(
+            graph_checkpoints,
+            [c.key for c in graph_checkpoints.primary_key.columns],
+            new_checkpoint,
+            lambda excluded: {
+                "parent_checkpoint_id": excluded.parent_checkpoint_id,
+                "type": excluded.type,
+                "checkpoint": excluded.checkpoint,
+                "metadata": excluded.metadata,
+            },
+        ).cte("stored_checkpoint")
+        self._put_at_once = (
+            select(touched.c.session_id).add_cte(stored_blobs).add_cte(stored_checkpoint)
+        )
+        writes = _rows(idx=Integer(), channel=Text(), type=Text(), blob=LargeBinary())
+        constant = [*thread, "checkpoint_id", "task_id", "task_path"]
+        new_writes = select(*_labelled(graph_writes, writes, constant)).select_from(
+            touched.join(writes, true())
+        )
+        key = [c.key for c in graph_writes.primary_key.columns]
+        names = [c.key for c in graph_writes.c]
+        replaced = backend.upsert(
+            graph_writes,
+            key,
+            new_writes,
+            lambda excluded: {
+                "channel": excluded.channel,
+                "type": excluded.type,
+                "blob": excluded.blob,
+                "task_path": excluded.task_path,
+            },
+        ).cte("stored_writes")
+        added = (
+            backend.insert_or_ignore(graph_writes, key)
+            .from_select(names, new_writes)
+            .cte("stored_writes")
+        )
+        self._writes_at_once = {
+            replace: select(touched.c.session_id).add_cte(cte)
+            for replace, cte in ((True, replaced), (False, added))
+        }
 
     # -- writes ---------------------------------------------------------------------------
     async def lock(self, conn: Connection, tenant: str, session_id: str) -> bool:
@@ -227,6 +343,60 @@ class GraphCheckpointRepository(Repository):
             for w in writes
         ]
         await run(conn, self._replace_writes if replace else self._add_writes, params)
+
+    async def put_at_once(
+        self,
+        conn: Connection,
+        thread: Thread,
+        checkpoint_id: str,
+        parent_id: str | None,
+        serialized: tuple[str, bytes],
+        metadata: dict[str, Any],
+        blobs: Sequence[Blob],
+        now: datetime,
+    ) -> bool:
+        """:meth:`put` after touching the session, in one statement (only where
+        :attr:`writes_at_once`); False, writing nothing, when the session does not
+        exist or cannot work."""
+        params = {
+            **_touch_params(thread, now),
+            "checkpoint_id": checkpoint_id,
+            "parent_checkpoint_id": parent_id,
+            "type": serialized[0],
+            "checkpoint": serialized[1],
+            "metadata": metadata,
+            "created_at": now,
+            "channels": [b.channel for b in blobs],
+            "versions": [b.version for b in blobs],
+            "types": [b.type for b in blobs],
+            "blobs": [b.blob for b in blobs],
+        }
+        return (await run(conn, self._put_at_once, params)).first() is not None
+
+    async def put_writes_at_once(
+        self,
+        conn: Connection,
+        thread: Thread,
+        checkpoint_id: str,
+        writes: Sequence[Write],
+        now: datetime,
+        *,
+        replace: bool,
+    ) -> bool:
+        """:meth:`put_writes` of one task after touching the session, in one statement
+        (as :meth:`put_at_once`)."""
+        first = writes[0]
+        params = {
+            **_touch_params(thread, now),
+            "checkpoint_id": checkpoint_id,
+            "task_id": first.task_id,
+            "task_path": first.task_path,
+            "idxs": [w.idx for w in writes],
+            "channels": [w.channel for w in writes],
+            "types": [w.type for w in writes],
+            "blobs": [w.blob for w in writes],
+        }
+        return (await run(conn, self._writes_at_once[replace], params)).first() is not None
 
     # -- reads ----------------------------------------------------------------------------
     async def get(
