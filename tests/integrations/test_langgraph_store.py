@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any, TypedDict
 
 import asyncpg
@@ -77,6 +78,14 @@ async def vector_rows(engine: ContextEngine) -> list[tuple[str, Any]]:
     """(text, metadata) of every semantic memory, by text."""
     found = await rows(engine, "SELECT text, metadata FROM ctx_memories ORDER BY text")
     return [(r[0], r[1] if not isinstance(r[1], str) else json.loads(r[1])) for r in found]
+
+
+async def ttl_column(engine: ContextEngine) -> list[tuple[Any, ...]]:
+    """(namespace, key, ttl_seconds) of every item, by namespace and key."""
+    found = await rows(
+        engine, "SELECT namespace, key, ttl_seconds FROM ctx_memory_items ORDER BY namespace, key"
+    )
+    return [tuple(row) for row in found]
 
 
 def keys(items: list[Any]) -> list[str]:
@@ -226,8 +235,8 @@ async def test_ttl_expires_items_and_reads_start_it_over(
     assert await store.aget(("t",), "short") is None
     assert keys(await store.asearch(("t",))) == ["kept"]
     assert await store.alist_namespaces() == [("t",)]
-    # the cleanup task deletes the item and its TTL row
-    assert await eng._runtime().memory.sweep() == 2
+    # the cleanup task deletes the item: its one row, which holds its TTL
+    assert await eng._runtime().memory.sweep() == 1
     assert await item_rows(eng) == [("default", "", "t", "kept")]
 
 
@@ -239,7 +248,58 @@ async def test_a_put_without_ttl_keeps_the_item(
     clock.advance(3600)
     found = await store.aget(("t",), "k")
     assert found is not None and found.value == {"v": 2}
-    assert await item_rows(eng) == [("default", "", "t", "k")]  # no TTL row left
+    assert await item_rows(eng) == [("default", "", "t", "k")]
+    assert await ttl_column(eng) == [("t", "k", None)]  # no TTL left
+
+
+async def test_the_ttl_is_a_column_of_the_items_row(
+    store: ContextEngineStore, eng: ContextEngine, clock: FakeClock
+) -> None:
+    """The TTL is the item's ``ttl_seconds`` (one row per item); a refresh sets
+    ``expires_at = now + ttl_seconds`` to the microsecond, also for items written by
+    ``remember(ttl=...)``, and leaves items without a TTL alone."""
+    await store.aput(("t",), "a", {"v": 1}, ttl=0.5)  # minutes
+    await eng.remember("b", {"v": 2}, namespace="t", ttl=1.000001)  # seconds
+    await eng.remember("c", {"v": 3}, namespace="t")
+    assert await ttl_column(eng) == [("t", "a", 30.0), ("t", "b", 1.000001), ("t", "c", None)]
+    assert len(await item_rows(eng)) == 3  # no other row
+    clock.advance(0.654321)
+    assert len(await store.asearch(("t",))) == 3  # refreshed
+    a, b, c = [await eng.get_memory(k, namespace="t") for k in "abc"]
+    assert a is not None and a.expires_at == clock.now + timedelta(seconds=30)
+    assert b is not None and b.expires_at == clock.now + timedelta(seconds=1.000001)
+    assert c is not None and c.expires_at is None
+    clock.advance(1.000001)
+    assert keys(await store.asearch(("t",))) == ["c", "a"]  # b expired at its instant
+    await eng.remember("a", {"v": 4}, namespace="t")  # written without a TTL: none kept
+    assert (await ttl_column(eng))[0] == ("t", "a", None)
+
+
+async def test_a_user_named_as_the_old_ttl_rows_does_not_interfere(
+    store: ContextEngineStore, eng: ContextEngine, clock: FakeClock
+) -> None:
+    """The store once kept each TTL in a row of the user "\x01langgraph-ttl" (same
+    namespace and key), a user id ctxengine accepts: that user's memories overwrote
+    the TTLs (reads stopped refreshing) and the store's puts overwrote theirs."""
+    user = "\x01langgraph-ttl"
+    await eng.remember("k", {"mine": 1}, user_id=user, namespace="t")
+    await store.aput(("t",), "k", {"v": 1}, ttl=1)
+    assert await eng.recall("k", user_id=user, namespace="t") == {"mine": 1}
+    await eng.remember("k", {"mine": 2}, user_id=user, namespace="t")
+    clock.advance(50)
+    assert await store.aget(("t",), "k") is not None  # refreshed: 60 s from now
+    clock.advance(50)
+    assert await store.aget(("t",), "k", refresh_ttl=False) is not None
+    assert await eng.forget_user(user) == 1  # their item, nothing of the store's
+    assert await eng.recall("k", user_id=user, namespace="t") is None
+    assert await store.aget(("t",), "k") is not None  # refreshed: 60 s from now
+    clock.advance(59)
+    assert await store.aget(("t",), "k", refresh_ttl=False) is not None
+    clock.advance(2)
+    assert await store.aget(("t",), "k") is None
+    assert await item_rows(eng) == [("default", "", "t", "k")]
+    assert await eng._runtime().memory.sweep() == 1
+    assert await item_rows(eng) == []
 
 
 async def test_default_ttl_and_refresh_on_read_from_the_config(
@@ -523,7 +583,7 @@ async def test_ttl_expires_an_items_vectors_too(
     assert keys(await indexed.asearch(("t",), query="short lived")) == ["k"]
     clock.advance(61)
     assert await indexed.asearch(("t",), query="short lived") == []
-    assert await eng._runtime().memory.sweep() == 3  # the item, its TTL row, its vector
+    assert await eng._runtime().memory.sweep() == 2  # the item and its vector
     assert await vector_rows(eng) == [] and await item_rows(eng) == []
 
 

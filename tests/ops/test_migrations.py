@@ -7,7 +7,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from sqlalchemy import text
 from ctxengine import ContextEngine, EngineSettings, SessionStatus
 from ctxengine import migrate as migrations
 from ctxengine.migrate import VERSION_TABLE, head_revision
+from ctxengine.storage.schema import memory_items as memory_items_table
 from ctxengine.storage.schema import metadata
 from ctxengine.storage.schema import sessions as sessions_table
 from tests.fixtures import new_pg_database
@@ -184,6 +185,50 @@ async def test_sessions_from_before_0006_are_swept_by_their_idle_bucket(empty_ur
         assert "ix_ctx_sessions_status_last_activity" in indexes
         assert "ix_ctx_sessions_status_idle_bucket" not in indexes
         assert "idle_bucket" not in columns
+
+
+async def memory_item_columns(engine: ContextEngine) -> set[str]:
+    async with engine._store.engine.connect() as conn:
+        columns = await conn.run_sync(lambda c: sa.inspect(c).get_columns("ctx_memory_items"))
+    return {col["name"] for col in columns}
+
+
+async def test_memory_items_from_before_0014_have_no_ttl(empty_url: str) -> None:
+    """0014 adds ``ttl_seconds`` (NULL for the items already stored: none to refresh);
+    its downgrade drops it and keeps the items."""
+    from ctxengine.integrations.langgraph import ContextEngineStore
+
+    async with engine_for(empty_url, auto_migrate=False) as engine:
+        await migrations.migrate(engine._store, "0013_graph_checkpoints")
+        assert "ttl_seconds" not in await memory_item_columns(engine)
+        now = datetime.now(UTC)
+        async with engine._store.engine.begin() as conn:
+            # the columns revision 0013 has
+            row = memory_items_table.insert().values(
+                tenant_id="default",
+                user_id="",
+                session_id="",
+                namespace="old",
+                key="k",
+                value={"v": 1},
+                version=1,
+                created_at=now,
+                updated_at=now,
+                expires_at=now + timedelta(days=1),
+            )
+            await conn.execute(row)
+        await engine.migrate()
+        assert "ttl_seconds" in await memory_item_columns(engine)
+        found = await ContextEngineStore(engine).aget(("old",), "k")  # a read: no refresh
+        assert found is not None and found.value == {"v": 1}
+        item = await engine.get_memory("k", namespace="old")
+        assert item is not None and item.expires_at == now + timedelta(days=1)
+        await engine.remember("new", {"v": 2}, namespace="old", ttl=60)
+        await migrations.migrate(engine._store, "0013_graph_checkpoints", down=True)
+        assert "ttl_seconds" not in await memory_item_columns(engine)
+        async with engine._store.engine.connect() as conn:
+            kept = await conn.execute(text("SELECT key FROM ctx_memory_items ORDER BY key"))
+            assert [r[0] for r in kept] == ["k", "new"]
 
 
 async def test_auto_migrate_setting(empty_url: str) -> None:

@@ -271,8 +271,8 @@ class ContextEngineStore(Closable, BaseStore):
     - an item is a tenant-wide key-value memory (``user_id=None``): its namespace the
       labels joined by "." (at most 255 characters), its key the key, its value the
       dict; ``created_at``/``updated_at`` from the memory; an expired item is absent;
-    - ``ttl`` (minutes) sets the memory's ``expires_at``; reads with ``refresh_ttl``
-      start it over, by the TTL the item was written with;
+    - ``ttl`` (minutes) sets the memory's ``expires_at`` and keeps the TTL on its row
+      (``ttl_seconds``); reads with ``refresh_ttl`` start it over, by that TTL;
     - with ``index``, each text of an item's indexed fields is a semantic memory (in
       the namespace ``langgraph-store/<dims>``, tied to the item: replaced when it is
       written, deleted with it); ``search(query=...)`` ranks items by the best

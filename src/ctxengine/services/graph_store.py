@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..storage.connection import Connection
-from ..storage.repositories.graph_store import (
-    PAGE,
-    TTL_USER,
-    GraphStoreRepository,
-    StoredItem,
-)
+from ..storage.repositories.graph_store import PAGE, GraphStoreRepository, StoredItem
 from ..storage.repositories.memory import NO_SCOPE, MemoryRepository, MemoryScope
 from ..storage.repositories.semantic_memory import SemanticMemoryRepository
 from .base import Context, Effects
@@ -193,22 +188,22 @@ class GraphStoreService:
         )
 
     async def refresh(self, tenant: str, pairs: Sequence[tuple[str, str]]) -> None:
-        """Start the TTL of each live item of ``pairs`` that has one over, from now."""
+        """Start the TTL of each live item of ``pairs`` that has one over, from now
+        (its ``ttl_seconds``), and its vectors' with it."""
         if not pairs:
             return
 
         async def work(conn: Connection, fx: Effects) -> None:
-            ttls = await self.repo.ttls(conn, tenant, pairs, fx.now)
-            expiries = []
-            for (namespace, key), held in ttls.items():
-                if not isinstance(held, dict) or "ttl" not in held:
-                    continue
-                when = fx.now + timedelta(seconds=float(held["ttl"]))
-                expiries.append((namespace, key, when))
-                count = int(held.get("vectors", 0))
-                ids = vector_ids(namespace, key, count)
-                await self.repo.expire_vectors(conn, tenant, ids, when)
-            await self.repo.refresh(conn, tenant, expiries, fx.now)
+            # the items' rows first (one statement): their locks order this after, or
+            # before, a put of the same item, which replaces its vectors
+            refreshed = await self.repo.refresh(conn, tenant, pairs, fx.now)
+            firsts = {vector_ids(ns, key, 1)[0]: (ns, key, when) for ns, key, when in refreshed}
+            counts = await self.repo.vector_counts(conn, tenant, list(firsts))
+            expiries: list[tuple[str, datetime]] = []
+            for first, count in counts.items():
+                namespace, key, when = firsts[first]
+                expiries += [(i, when) for i in vector_ids(namespace, key, count)]
+            await self.repo.expire_vectors(conn, tenant, expiries)
 
         await self.ctx.transact(work, operation="langgraph_store_refresh_ttl")
 
@@ -229,13 +224,14 @@ class GraphStoreService:
     ) -> None:
         namespace, key = write.namespace, write.key
         item = MemoryScope(tenant, NO_SCOPE, NO_SCOPE, namespace)
-        ttl_row = MemoryScope(tenant, TTL_USER, NO_SCOPE, namespace)
-        expires = None if write.ttl is None else now + timedelta(seconds=write.ttl)
+        expires = None
         if write.value is None:
             await self.items.forget(conn, item, key, now)
         else:
             # the item's row first: its lock orders concurrent writers of the item
-            await self.items.put(conn, item, key, write.value, now, expires, None)
+            written = await self.items.put(conn, item, key, write.value, now, write.ttl, None)
+            assert written is not None  # an unconditional put always writes
+            expires = written.expires_at
         (first,) = vector_ids(namespace, key, 1)
         old = await self.repo.vector_count(conn, tenant, first)
         await self.repo.delete_vectors(conn, tenant, vector_ids(namespace, key, old))
@@ -267,11 +263,6 @@ class GraphStoreService:
                     "expires_at": expires,
                 }
                 await self.vectors.insert(conn, row)
-        if write.value is not None and write.ttl is not None:
-            held = {"ttl": write.ttl, "vectors": len(vectors) if space is not None else 0}
-            await self.items.put(conn, ttl_row, key, held, now, expires, None)
-        else:
-            await self.items.forget(conn, ttl_row, key, now)
 
 
 __all__ = ["GraphStoreService", "Write", "vector_ids"]

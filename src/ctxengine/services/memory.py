@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from datetime import timedelta
 from typing import Any
 
 from .. import validation as v
@@ -98,8 +97,7 @@ class MemoryService:
             expected = v.count(expected_version, "expected_version")
 
         async def work(conn: Connection, fx: Effects) -> MemoryItem:
-            expires = None if seconds is None else fx.now + timedelta(seconds=seconds)
-            item = await self.repo.put(conn, where, name, stored, fx.now, expires, expected)
+            item = await self.repo.put(conn, where, name, stored, fx.now, seconds, expected)
             if item is None:
                 assert expected is not None
                 actual = await self.repo.version(conn, where, name, fx.now)

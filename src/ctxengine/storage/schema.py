@@ -314,6 +314,9 @@ memory_items = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=True),
+    # the TTL in seconds the item was last written with (NULL: none, never expires):
+    # the LangGraph store's reads with refresh_ttl set expires_at = now + ttl_seconds
+    Column("ttl_seconds", Double, nullable=True),
     PrimaryKeyConstraint("tenant_id", "user_id", "session_id", "namespace", "key"),
     # delete_session and purge_sessions: the items narrowed to a session
     Index(None, "tenant_id", "session_id"),

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    Double,
     Integer,
     Table,
     and_,
@@ -131,6 +132,7 @@ _REPLACE = (
         version=c.version + 1,
         updated_at=_NOW,
         expires_at=bindparam("expires_at", type_=UTCDateTime()),
+        ttl_seconds=bindparam("ttl_seconds", type_=Double()),
     )
     .returning(*_ITEM)
 )
@@ -175,6 +177,7 @@ class MemoryRepository(MemoryTable):
                 "created_at": case((_ALIVE, c.created_at), else_=excluded.created_at),
                 "updated_at": excluded.updated_at,
                 "expires_at": excluded.expires_at,
+                "ttl_seconds": excluded.ttl_seconds,
             }
 
         values = {
@@ -188,6 +191,7 @@ class MemoryRepository(MemoryTable):
             "created_at": _NOW,
             "updated_at": _NOW,
             "expires_at": bindparam("expires_at", type_=UTCDateTime()),
+            "ttl_seconds": bindparam("ttl_seconds", type_=Double()),
         }
         key = [col.key for col in t.primary_key.columns]
         #: Create or overwrite, whatever is stored.
@@ -204,12 +208,16 @@ class MemoryRepository(MemoryTable):
         key: str,
         value: Any,
         now: datetime,
-        expires_at: datetime | None,
+        ttl: float | None,
         expected: int | None,
     ) -> MemoryItem | None:
-        """Write the item in one statement; None when ``expected`` (a version, 0 =
+        """Write the item in one statement, expiring ``ttl`` seconds from ``now`` (None:
+        never), a TTL it keeps (``ttl_seconds``); None when ``expected`` (a version, 0 =
         absent) did not hold and nothing was written."""
-        params = _params(scope, key=key, value=value, now=now, expires_at=expires_at)
+        expires_at = None if ttl is None else now + timedelta(seconds=ttl)
+        params = _params(
+            scope, key=key, value=value, now=now, expires_at=expires_at, ttl_seconds=ttl
+        )
         stmt: Any
         if expected is None:
             stmt = self._put
