@@ -9,9 +9,10 @@ from collections.abc import Sequence
 import pytest
 from sqlalchemy import text
 
-from ctxengine import ContextEngine
-from ctxengine.errors import SessionNotActiveError, SessionNotFoundError
+from ctxengine import ContextEngine, EngineSettings, SessionStatus
+from ctxengine.errors import SessionExpiredError, SessionNotActiveError, SessionNotFoundError
 from ctxengine.storage.group import BATCH_LIMIT, SOLO, Combiner, Solo
+from tests.fixtures import FakeClock
 
 
 async def stored(engine: ContextEngine, session_id: str) -> tuple[int, int, float]:
@@ -198,3 +199,25 @@ async def test_a_batch_takes_at_most_the_limit() -> None:
     run.release.set()
     await asyncio.gather(first, *waiting)
     assert [len(batch) for batch in run.batches] == [1, BATCH_LIMIT, 5]
+
+
+async def test_callers_racing_on_an_idle_session_all_see_it_expired(
+    db_url: str, clock: FakeClock
+) -> None:
+    """16 concurrent updates of a session past its idle timeout: the batch writes
+    none, each caller runs alone, one of them expires the session, and every one gets
+    SessionExpiredError (not "active, not active" from reading the status before
+    another caller's expiry committed)."""
+    async with ContextEngine(
+        db_url, settings=EngineSettings(auto_cleanup=False), clock=clock
+    ) as engine:
+        await engine.create_session("idle", "u", idle_timeout=10)
+        clock.advance(11)
+        outcomes = await asyncio.gather(
+            *(engine.update_session("idle", increment_requests=True) for _ in range(16)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, SessionExpiredError) for o in outcomes), outcomes
+        session = await engine.get_session("idle")
+        assert session is not None and session.status is SessionStatus.EXPIRED
+        assert session.request_count == 0

@@ -375,13 +375,14 @@ class SessionService:
     ) -> SessionStatus:
         """Why a guarded statement matched nothing: the session's status, after moving it
         to expired if it was open but stale (announced once, by whoever expired it)."""
-        session = await self.existing(conn, tenant, session_id, fx.now)
         expired = await self.repo.expire_one(conn, tenant, session_id, fx.now)
         if expired is not None:
             await self.repo.release_leases(conn, [(tenant, session_id)])
             self._announce_expired(fx, expired, reason="idle")
             return SessionStatus.EXPIRED
-        return session.status
+        # read after the expiry attempt: on PostgreSQL it waited for a concurrent
+        # caller's expiry of the session to commit, which this read then sees
+        return (await self.existing(conn, tenant, session_id, fx.now)).status
 
     @staticmethod
     def _announce_expired(fx: Effects, key: SessionKey | Session, reason: str) -> None:

@@ -155,6 +155,7 @@ class MemoryTransferRepository(Repository):
                 "created_at": case((alive, i.created_at), else_=excluded.created_at),
                 "updated_at": case((alive, now), else_=excluded.updated_at),
                 "expires_at": excluded.expires_at,
+                "ttl_seconds": None,  # an export holds the expiry, not the TTL it came from
             }
 
         key = [col.key for col in memory_items.primary_key.columns]
