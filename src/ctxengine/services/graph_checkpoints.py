@@ -12,9 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from ..errors import SessionExpiredError, SessionNotActiveError, SessionNotFoundError
-from ..lifecycle import WORKING_STATUSES, can_work
-from ..models import SessionStatus
+from ..errors import SessionNotFoundError
+from ..lifecycle import can_work
 from ..storage.connection import Connection
 from ..storage.repositories.graph_checkpoints import (
     Blob,
@@ -82,16 +81,7 @@ class GraphCheckpointService:
                 raise SessionNotFoundError(session_id, tenant)
             if not can_work(session, fx.now):
                 break
-        if await self.sessions.touch_active(conn, fx, tenant, session_id) is not None:
-            return True
-        # Concurrent writers of a stale session: the one that expires it wins; the
-        # others read its status before waiting for that change. Say what it is now.
-        session = await self.sessions.repo.get(conn, tenant, session_id, fx.now)
-        if session is not None and session.status is SessionStatus.EXPIRED:
-            fx.error = SessionExpiredError(session_id)
-        elif session is not None and session.status not in WORKING_STATUSES:
-            fx.error = SessionNotActiveError(session_id, session.status)
-        return False
+        return await self.sessions.touch_active(conn, fx, tenant, session_id) is not None
 
     async def put(
         self,
