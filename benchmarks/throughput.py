@@ -313,8 +313,11 @@ async def block(side: Side, tally: Tally, seconds: float) -> None:
     try:
 
         async def loop(t: int, deadline: float | None) -> None:
-            warm = 0
-            while warm < WARMUP if deadline is None else time.perf_counter() < deadline:
+            # warm-up: WARMUP calls; timed: until the deadline, one call at least
+            made = 0
+            while (
+                made < WARMUP if deadline is None else (not made or time.perf_counter() < deadline)
+            ):
                 i = tally.attempts[t]
                 tally.attempts[t] += 1
                 started = time.perf_counter()
@@ -328,9 +331,8 @@ async def block(side: Side, tally: Tally, seconds: float) -> None:
                     tally.ok[t] += 1
                 else:
                     tally.errors += 1
-                if deadline is None:
-                    warm += 1
-                else:
+                made += 1
+                if deadline is not None:
                     tally.latencies.append(time.perf_counter() - started)
                     tally.timed += done
                 await asyncio.sleep(0)
@@ -498,11 +500,11 @@ async def cell(bench: Bench, op: Operation, tasks: int) -> dict[str, Any]:
         "raw": tallies["raw"].stats(),
         "floors": {str(k): tallies[f"floor{k}"].stats() for k in flushers},
     }
-    out["ratio"] = out["ctxengine"]["ops_per_s"] / out["raw"]["ops_per_s"]
+    out["ratio"] = _ratio(out["ctxengine"]["ops_per_s"], out["raw"]["ops_per_s"])
     if flushers:
         best = max(flushers, key=lambda k: out["floors"][str(k)]["ops_per_s"])
         out["floor"] = {**out["floors"][str(best)], "flushers": best, "batch": tasks // best}
-        out["floor_ratio"] = out["floor"]["ops_per_s"] / out["raw"]["ops_per_s"]
+        out["floor_ratio"] = _ratio(out["floor"]["ops_per_s"], out["raw"]["ops_per_s"])
     problems = [
         f"{name}: {tally.errors} calls raised ({tally.first_error})"
         for name, tally in tallies.items()
@@ -993,7 +995,8 @@ async def run_backend(
                     rows.append(row)
                     print(
                         f"  {db.name}: {op.name}, {tasks} tasks: "
-                        f"{row['ctxengine']['ops_per_s']:,.0f} ops/s, ratio {row['ratio']:.2f}"
+                        f"{row['ctxengine']['ops_per_s']:,.0f} ops/s,"
+                        f" ratio {_num(row['ratio'], '.2f')}"
                         f" ({row['wall_s']:.1f} s)"
                         + ("" if row["invariants"]["ok"] else "  INVARIANTS BROKEN"),
                         flush=True,
@@ -1053,6 +1056,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- the printed tables ---------------------------------------------------------------------------
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
 def _num(x: float | None, fmt: str = ",.0f") -> str:
     return "—" if x is None else format(x, fmt)
 
@@ -1106,7 +1113,7 @@ def report(result: dict[str, Any]) -> list[str]:
             print(
                 f"{row['operation']:<29}{row['tasks']:>6}{row['ctxengine']['ops_per_s']:>11,.0f}"
                 f"{_num(row['ctxengine']['p99_ms'], '.2f'):>8}{row['raw']['ops_per_s']:>9,.0f}"
-                f"{row['ratio']:>7.2f}{_num(floor and floor['ops_per_s']):>10}"
+                f"{_num(row['ratio'], '.2f'):>7}{_num(floor and floor['ops_per_s']):>10}"
                 f"{split:>7}"
                 f"{_num(row.get('floor_ratio'), '.2f'):>10}  {peer_cells(result, row)}"
             )
