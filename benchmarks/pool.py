@@ -1,10 +1,13 @@
-"""update_session from 1, 16 and 64 tasks on a pool's settings, beside the raw driver.
+"""update_session (or get_session) from 1, 16 and 64 tasks on a pool's settings, beside
+the raw driver.
 
     python -m benchmarks.pool                      # the default settings
     python -m benchmarks.pool --pool-size 5 --max-overflow 10 --tasks 16
+    python -m benchmarks.pool --op get_session     # a call that is never batched
 
-Each task updates a session of its own. The raw driver runs the UPDATE of the same
-row's columns (``bench_sessions``, made as ``ctx_sessions``) on as many connections as
+Each task updates (reads) a session of its own. The raw driver runs the UPDATE of the
+same row's columns (``bench_sessions``, made as ``ctx_sessions``), or the SELECT of the
+session's row by its key, on as many connections as
 the engine may open (``min(tasks, pool_size + max_overflow)``): each task holds one
 when there are enough, else an asyncpg pool of that size hands them out per call (no
 reset query on release). Both sides run interleaved in blocks after a warm-up; the
@@ -36,6 +39,9 @@ PG_SERVER = os.environ.get(
     "CTXENGINE_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 KEY = "WHERE tenant_id = $1 AND session_id = $2"
+#: get_session's read, as a user of the bare driver writes it
+SELECT = f"SELECT * FROM ctx_sessions {KEY}"
+OPERATIONS = ("update_session", "get_session")
 #: update_session's change of a session row, as a user of the bare driver writes it
 UPDATE = (
     "UPDATE bench_sessions SET request_count = request_count + 1,"
@@ -75,7 +81,7 @@ async def concurrent_pair(
 
 
 async def measure(
-    url: str, settings: EngineSettings, tasks: int, n: int, rounds: int
+    url: str, settings: EngineSettings, tasks: int, n: int, rounds: int, op: str
 ) -> dict[str, Any]:
     """One run at ``tasks`` tasks: both sides' ops/s and p99, and the connections the
     engine opened while measured."""
@@ -111,13 +117,17 @@ async def measure(
             event.listen(pool_engine, "connect", _connected)
 
             async def ours(t: int) -> None:
-                await engine.update_session(sids[t], increment_requests=True)
+                if op == "get_session":
+                    await engine.get_session(sids[t])
+                else:
+                    await engine.update_session(sids[t], increment_requests=True)
 
             async def theirs(t: int) -> None:
-                if held:
-                    await held[t].execute(UPDATE, *_args(sids[t]))
+                conn = held[t] if held else raw
+                if op == "get_session":
+                    await conn.fetchrow(SELECT, "default", sids[t])
                 else:
-                    await raw.execute(UPDATE, *_args(sids[t]))
+                    await conn.execute(UPDATE, *_args(sids[t]))
 
             # a first pass warms both sides up (the pool opens what it keeps); the
             # connections opened are counted over the measured pass only
@@ -142,7 +152,7 @@ async def measure(
 
 
 async def run(
-    settings: EngineSettings, tasks: list[int], n: int, repeats: int, rounds: int
+    settings: EngineSettings, tasks: list[int], n: int, repeats: int, rounds: int, op: str
 ) -> tuple[list[dict[str, Any]], str]:
     admin = await asyncpg.connect(PG_SERVER)
     name = f"ctx_bench_pool_{uuid.uuid4().hex[:8]}"
@@ -152,7 +162,7 @@ async def run(
     try:
         with database_apart(admin.get_server_pid()) as placement:
             for t in tasks:
-                reps = [await measure(url, settings, t, n, rounds) for _ in range(repeats)]
+                reps = [await measure(url, settings, t, n, rounds, op) for _ in range(repeats)]
                 row = dict(reps[0])
                 for key in ("ops_per_s", "p99_ms", "raw_ops_per_s", "raw_p99_ms", "ratio"):
                     row[key] = statistics.median(r[key] for r in reps)
@@ -169,6 +179,7 @@ def main() -> None:
     defaults = EngineSettings()
     parser.add_argument("--pool-size", type=int, default=defaults.pool_size)
     parser.add_argument("--max-overflow", type=int, default=defaults.max_overflow)
+    parser.add_argument("--op", choices=OPERATIONS, default="update_session")
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--n", type=int, default=4000, help="calls per side and run")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved blocks per side")
@@ -177,9 +188,11 @@ def main() -> None:
     settings = EngineSettings(
         auto_cleanup=False, pool_size=args.pool_size, max_overflow=args.max_overflow
     )
-    rows, placement = asyncio.run(run(settings, args.tasks, args.n, args.repeats, args.rounds))
+    rows, placement = asyncio.run(
+        run(settings, args.tasks, args.n, args.repeats, args.rounds, args.op)
+    )
     print(
-        f"update_session, pool_size={settings.pool_size} max_overflow={settings.max_overflow}, "
+        f"{args.op}, pool_size={settings.pool_size} max_overflow={settings.max_overflow}, "
         f"{args.n} calls per side, median of {args.repeats} ({placement})"
     )
     print(

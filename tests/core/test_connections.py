@@ -15,6 +15,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from ctxengine import ContextEngine, EngineSettings
+from ctxengine.errors import StorageTimeoutError
 from ctxengine.storage import Store, postgres
 
 
@@ -117,6 +118,51 @@ async def test_default_settings_open_no_connection_under_load(
             assert await server_processes() == warm
         assert {s.request_count for s in await engine.list_sessions(limit=100)} == {4}
         assert engine._store.connections_in_use() == 0
+
+
+async def test_calls_beyond_the_pool_get_returned_connections_handed_over(pg_url: str) -> None:
+    """64 calls at once on three connections: a unit waiting for a connection gets the
+    one the next finishing unit returns, not a return to the pool and a checkout from
+    it (which cost each call a round through the pool)."""
+    settings = EngineSettings(auto_cleanup=False, pool_size=3)
+    async with ContextEngine(pg_url, settings=settings) as engine:
+        sids = [(await engine.create_session(user_id=f"u{t}")).session_id for t in range(64)]
+        await asyncio.gather(*(engine.get_session(s) for s in sids))  # warm
+        with pool_checkouts(engine._store) as checkouts:
+            for _ in range(3):
+                found = await asyncio.gather(*(engine.get_session(s) for s in sids))
+        assert [s.session_id for s in found if s is not None] == sids
+        assert len(checkouts) <= 3 * 3  # at most the pool's size per burst, not per call
+        assert open_connections(engine._store) == 3
+        assert engine._store.connections_in_use() == 0
+
+
+async def test_a_call_waiting_past_pool_timeout_fails_and_cancelled_waits_leak_nothing(
+    pg_url: str,
+) -> None:
+    settings = EngineSettings(auto_cleanup=False, pool_size=1, pool_timeout=0.3)
+    async with ContextEngine(pg_url, settings=settings) as engine:
+        await engine.create_session("s", "u")
+        store = engine._store
+        release = asyncio.Event()
+
+        async def occupy(_conn: object) -> None:
+            await release.wait()
+
+        busy = asyncio.ensure_future(store.run(occupy))
+        await asyncio.sleep(0.05)
+        with pytest.raises(StorageTimeoutError, match="pool_timeout"):
+            await engine.get_session("s")
+        waiting = [asyncio.ensure_future(engine.get_session("s")) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        for call in waiting[:3]:
+            call.cancel()
+        release.set()
+        await busy
+        assert [s.session_id for s in await asyncio.gather(*waiting[3:])] == ["s", "s"]  # type: ignore[union-attr]
+        assert all(call.cancelled() for call in waiting[:3])
+        assert (await engine.get_session("s")) is not None
+        assert store.connections_in_use() == 0
 
 
 async def test_closing_the_engine_returns_every_connection(pg_url: str) -> None:

@@ -4,6 +4,8 @@ transaction locks, what its SQLSTATEs mean."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -33,6 +35,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import URL, CursorResult, ExceptionContext, make_url
 from sqlalchemy.engine import Connection as SyncConnection
 from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 from sqlalchemy.sql import Executable
@@ -252,15 +255,34 @@ class HeldConnections:
     the cost of a list pop. The pool stays in charge of its connections: an entry
     goes back to it when it has been out for :data:`PING_AFTER_IDLE`
     seconds (the pool then pings it if it was idle that long, and recycles it when
-    old), when its connection is closed, when a unit waits for the pool, and when
-    the pool has opened connections above ``pool_size`` (it closes those on return).
+    old), when its connection is closed, when a unit waits for the pool, when the
+    pool has opened connections above ``pool_size`` (it closes those on return), and
+    when every other connection of the pool is held here (one stays in the pool).
     Only an engine the store owns holds entries: another user of a shared pool would
     wait for connections held here.
+
+    When every connection the pool may open is out (``limit``: ``pool_size +
+    max_overflow``), a unit waits here, not in the pool, and the next unit to finish
+    hands it its entry directly (FIFO among waiters, at most ``timeout`` seconds, then
+    the pool's own TimeoutError). Waiting in the pool cost each call a return and a
+    checkout through it: get_session from 16 tasks on 10 connections ran at 0.41 of
+    the raw driver on as many connections that way.
     """
 
-    __slots__ = ("_adopting", "_idle", "_pool", "_view", "_waiting")
+    __slots__ = (
+        "_adopting",
+        "_idle",
+        "_limit",
+        "_pool",
+        "_timeout",
+        "_view",
+        "_waiters",
+        "_waiting",
+    )
 
-    def __init__(self, view: AsyncEngine, *, hold: bool) -> None:
+    def __init__(
+        self, view: AsyncEngine, *, hold: bool, limit: int = 0, timeout: float = 30.0
+    ) -> None:
         #: the engine in autocommit the entries are checked out from
         self._view = view
         pool = view.sync_engine.pool
@@ -268,6 +290,14 @@ class HeldConnections:
         self._idle: list[PoolProxiedConnection] = []
         #: units waiting for the pool: returned entries go to the pool, not here
         self._waiting = 0
+        #: connections the pool may have out at once (0: no waiting here)
+        self._limit = limit
+        #: seconds a unit waits here for an entry
+        self._timeout = timeout
+        #: units waiting here for an entry (None: look at the pool again)
+        self._waiters: collections.deque[asyncio.Future[PoolProxiedConnection | None]] = (
+            collections.deque()
+        )
         #: checkouts whose unit was cancelled meanwhile (see ``_checkout``)
         self._adopting: set[asyncio.Future[Any]] = set()
 
@@ -286,6 +316,16 @@ class HeldConnections:
             ):
                 return AutocommitConnection(self, entry)
             await self.finish(entry.close)  # the pool pings, replaces or recycles it
+        while self._full():
+            handed = await self._handed()
+            if handed is None:
+                continue  # a connection went back to the pool, or was closed: look again
+            if (
+                time.monotonic() - handed.info[_TAKEN] < PING_AFTER_IDLE
+                and not handed.driver_connection.is_closed()  # type: ignore[union-attr]
+            ):
+                return AutocommitConnection(self, handed)
+            await self.finish(handed.close)
         self._waiting += 1
         try:
             entry = await self._checkout()
@@ -293,6 +333,50 @@ class HeldConnections:
             self._waiting -= 1
         entry.info[_TAKEN] = time.monotonic()
         return AutocommitConnection(self, entry)
+
+    def _full(self) -> bool:
+        """Whether every connection the pool may open is out, or being checked out."""
+        pool = self._pool
+        if pool is None or self._limit <= 0:
+            return False
+        return bool(pool.checkedout() + self._waiting >= self._limit)
+
+    async def _handed(self) -> PoolProxiedConnection | None:
+        """The entry a finishing unit hands this one, or None when one went back to the
+        pool or was closed (the caller looks at the pool again)."""
+        waiter: asyncio.Future[PoolProxiedConnection | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                handed = waiter.result()
+                if handed is not None:  # handed over as this unit gave up: pass it on
+                    self.adopt(self.checkin(handed))
+                else:
+                    self._nudge()  # the look again it was told to take, for another
+            else:
+                waiter.cancel()
+            if isinstance(exc, TimeoutError):
+                limit, seconds = self._limit, self._timeout
+                raise PoolTimeoutError(
+                    f"no connection of the pool's {limit} came free within {seconds} s"
+                ) from None
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+    def _nudge(self) -> None:
+        """Tell the first waiting unit to look at the pool again."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def _checkout(self) -> PoolProxiedConnection:
         """An entry from the pool, which may connect or wait for a connection (both need
@@ -320,7 +404,19 @@ class HeldConnections:
 
     async def checkin(self, entry: PoolProxiedConnection) -> None:
         pool = self._pool
-        if pool is not None and not self._waiting and pool.overflow() <= 0:
+        while pool is not None and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(entry)  # still checked out: from this unit to that one
+                return
+        if (
+            pool is not None
+            and not self._waiting
+            and pool.overflow() <= 0
+            # one of the pool's connections stays in it: a checkout from the pool
+            # itself would wait for as long as every one is held idle here
+            and (self._limit <= 0 or len(self._idle) < self._limit - 1)
+        ):
             entry.info[IDLE_SINCE] = time.monotonic()
             self._idle.append(entry)
         else:
@@ -338,15 +434,24 @@ class HeldConnections:
         done.add_done_callback(self._adopting.discard)
         return done
 
+    def later_nudging(self, call: Callable[[], object]) -> asyncio.Future[object]:
+        """:meth:`later`, then a waiting unit looks at the pool again (``call`` gave a
+        connection back to it, or closed one)."""
+        done = self.later(call)
+        done.add_done_callback(lambda _: self._nudge())
+        return done
+
     async def finish(self, call: Callable[[], object]) -> None:
         """Run the pool's ``call`` to its end even if the unit is cancelled meanwhile,
         which gets its CancelledError at once: interrupted, the pool logs an error and
         closes nothing."""
-        await asyncio.shield(self.later(call))
+        await asyncio.shield(self.later_nudging(call))
 
     async def close(self) -> None:
         """Return every entry to the pool and hold none from now on."""
         self._pool = None
+        while self._waiters:
+            self._nudge()
         while self._idle:
             await greenlet_spawn(self._idle.pop().close)
 
@@ -419,11 +524,11 @@ class AutocommitConnection:
     def _discard(self) -> None:
         self.driver.terminate()
         if self._conn is None:
-            self._held.later(self.entry.invalidate)  # it returns the entry too
+            self._held.later_nudging(self.entry.invalidate)  # it returns the entry too
         else:
             sync = self._conn.sync_connection
             if sync is not None:
-                self._held.later(partial(_invalidate, sync))
+                self._held.later_nudging(partial(_invalidate, sync))
 
     def release_later(self, transaction: Any = None) -> None:
         """Give the connection back without making a cancelled unit wait: in a task of
@@ -461,6 +566,7 @@ class AutocommitConnection:
             self._discard()
         elif self._conn is not None:
             await self._conn.close()
+            self._held._nudge()  # back in the pool: a waiting unit takes it there
         else:
             await self._held.checkin(self.entry)
 
@@ -557,7 +663,10 @@ class PostgresBackend(Backend):
     def bind(self, engine: AsyncEngine, settings: EngineSettings, *, owned: bool) -> None:
         super().bind(engine, settings, owned=owned)
         self._held = HeldConnections(
-            engine.execution_options(isolation_level="AUTOCOMMIT"), hold=owned
+            engine.execution_options(isolation_level="AUTOCOMMIT"),
+            hold=owned,
+            limit=settings.pool_size + settings.max_overflow,
+            timeout=min(settings.pool_timeout, settings.connect_timeout),
         )
         # Without pool_pre_ping's round trip on every checkout: a connection the server
         # closed (restart, pg_terminate_backend) is known to asyncpg already, and only
