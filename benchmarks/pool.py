@@ -25,6 +25,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -152,15 +153,24 @@ async def measure(
 
 
 async def run(
-    settings: EngineSettings, tasks: list[int], n: int, repeats: int, rounds: int, op: str
+    settings: EngineSettings,
+    tasks: list[int],
+    n: int,
+    repeats: int,
+    rounds: int,
+    op: str,
+    place: bool = True,
 ) -> tuple[list[dict[str, Any]], str]:
+    """The rows of ``tasks``; ``place``: the client and the server on CPUs of their own
+    (benchmarks.placement), else where the scheduler puts them."""
     admin = await asyncpg.connect(PG_SERVER)
     name = f"ctx_bench_pool_{uuid.uuid4().hex[:8]}"
     await admin.execute(f'CREATE DATABASE "{name}"')
     url = PG_SERVER.rsplit("/", 1)[0] + f"/{name}"
     rows = []
     try:
-        with database_apart(admin.get_server_pid()) as placement:
+        apart = database_apart(admin.get_server_pid()) if place else nullcontext("not pinned")
+        with apart as placement:
             for t in tasks:
                 reps = [await measure(url, settings, t, n, rounds, op) for _ in range(repeats)]
                 row = dict(reps[0])
