@@ -221,3 +221,14 @@ async def test_callers_racing_on_an_idle_session_all_see_it_expired(
         session = await engine.get_session("idle")
         assert session is not None and session.status is SessionStatus.EXPIRED
         assert session.request_count == 0
+
+
+async def test_combined_callers_see_the_sessions_live_leases(engine: ContextEngine) -> None:
+    """The batched statement counts each session's live leases as the one-row one does."""
+    await engine.create_session("busy", "u")
+    await engine.create_session("calm", "u")
+    async with engine.concurrency_slot("busy"):
+        results = await asyncio.gather(
+            *(engine.update_session(name) for name in ["busy", "calm"] * 8)
+        )
+    assert [s.concurrent_operations for s in results] == [1, 0] * 8

@@ -312,9 +312,11 @@ class SessionRepository(Repository):
     @staticmethod
     def _batch_statements(backend: Backend) -> tuple[Any, Any]:
         """``record_many``'s statements: one guarded UPDATE of every session of a batch
-        (parameters batch, now, now_epoch) returning its row, and the count of their
-        live leases (batch, now, horizon): SQLite renders RETURNING columns unqualified,
-        so a lease count correlated to each written row cannot be returned with it."""
+        (parameters batch, now, now_epoch, horizon) returning its row and, where the
+        database has data-modifying CTEs, its live leases (one round trip); elsewhere
+        the count of their live leases is a second statement (batch, now, horizon):
+        SQLite renders RETURNING columns unqualified, so a lease count correlated to
+        each written row cannot be returned with it."""
         rows = backend.batch_rows("batch", _BATCH_COLUMNS)
         record = (
             update(t)
@@ -327,6 +329,12 @@ class SessionRepository(Repository):
             )
             .returning(*_COLUMNS)
         )
+        if backend.data_modifying_ctes:
+            written = record.cte("written")
+            leased = _live_leases(
+                written.c.tenant_id, written.c.session_id, bindparam("now"), bindparam("horizon")
+            )
+            return select(*written.c, leased), None
         keys = backend.batch_rows("batch", _BATCH_COLUMNS)
         live = (
             select(leases.c.tenant_id, leases.c.session_id, func.count())
@@ -553,12 +561,17 @@ class SessionRepository(Repository):
             dict(zip(names, (*key, *total), strict=True)) for key, total in sorted(totals.items())
         ]
         batch = batch_document(rows)
-        params = {"batch": batch, "now": now, "now_epoch": epoch(now)}
+        horizon = self.horizon(now)
+        params = {"batch": batch, "now": now, "now_epoch": epoch(now), "horizon": horizon}
         written = {(row[0], row[1]): row for row in await run(conn, self._record_batch, params)}
         if not written:
             return [None] * len(updates)
-        lease_params = {"batch": batch, "now": now, "horizon": self.horizon(now)}
-        live = {(r[0], r[1]): r[2] for r in await run(conn, self._batch_leases, lease_params)}
+        if self._batch_leases is None:  # counted by the statement
+            live = None
+        else:
+            lease_params = {"batch": batch, "now": now, "horizon": horizon}
+            found = await run(conn, self._batch_leases, lease_params)
+            live = {(r[0], r[1]): r[2] for r in found}
         # each call sees the counters after its own update: the row's, less the calls
         # after it on the same session
         later: dict[tuple[str, str], list[Any]] = {key: [0, 0, 0.0] for key in written}
@@ -570,7 +583,7 @@ class SessionRepository(Repository):
                 results.append(None)
                 continue
             after = later[key]
-            session = _session(cast(Record, (*row, live.get(key, 0))), now)
+            session = _session(row if live is None else cast(Record, (*row, live.get(key, 0))), now)
             if after != [0, 0, 0.0]:
                 session = session.model_copy(
                     update={
