@@ -4,6 +4,7 @@ the raw driver.
     python -m benchmarks.pool                      # the default settings
     python -m benchmarks.pool --pool-size 5 --max-overflow 10 --tasks 16
     python -m benchmarks.pool --op get_session     # a call that is never batched
+    python -m benchmarks.pool --pgbouncer          # both sides through PgBouncer
 
 Each task updates (reads) a session of its own. The raw driver runs the UPDATE of the
 same row's columns (``bench_sessions``, made as ``ctx_sessions``), or the SELECT of the
@@ -14,12 +15,18 @@ reset query on release). Both sides run interleaved in blocks after a warm-up; t
 connections the engine's pool opened during the measured blocks are counted (through
 the documented hook ``_store.engine``, docs/performance.md): a pool that closes
 connections on return and opens new ones shows here. Medians of ``--repeats``.
+
+``--pgbouncer`` starts Debian's PgBouncer as the tests do (tests/pgbouncer.py: transaction
+mode, six server connections, from a checkout) and runs both sides through it: the
+engine with ``transaction_pooling=True``, the raw driver without its statement cache
+(``statement_cache_size=0``), as each must there.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import time
@@ -33,7 +40,7 @@ import asyncpg
 from sqlalchemy import event
 
 from benchmarks.placement import database_apart
-from benchmarks.timing import Stats, interleaved, raw_pool
+from benchmarks.timing import Stats, _keep, interleaved, raw_pool
 from ctxengine import ContextEngine, EngineSettings
 
 PG_SERVER = os.environ.get(
@@ -82,17 +89,31 @@ async def concurrent_pair(
 
 
 async def measure(
-    url: str, settings: EngineSettings, tasks: int, n: int, rounds: int, op: str
+    url: str,
+    settings: EngineSettings,
+    tasks: int,
+    n: int,
+    rounds: int,
+    op: str,
+    through: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
     """One run at ``tasks`` tasks: both sides' ops/s and p99, and the connections the
     engine opened while measured."""
     width = min(tasks, settings.pool_size + settings.max_overflow)
+    if through is not None:
+        url = through(url)
+        settings = settings.model_copy(update={"transaction_pooling": True})
     async with ContextEngine(url, settings=settings) as engine:
         sids = [
             (await engine.create_session(user_id=f"u{t}", tier="enterprise")).session_id
             for t in range(tasks)
         ]
-        raw = await raw_pool(url, width)
+        if through is None:
+            raw = await raw_pool(url, width)
+        else:  # through a pooler: no statement kept prepared
+            raw = await asyncpg.create_pool(
+                url, min_size=width, max_size=width, reset=_keep, statement_cache_size=0
+            )
         try:
             await raw.execute("DROP TABLE IF EXISTS bench_sessions")
             await raw.execute("CREATE TABLE bench_sessions (LIKE ctx_sessions INCLUDING ALL)")
@@ -160,9 +181,11 @@ async def run(
     rounds: int,
     op: str,
     place: bool = True,
+    through: Callable[[str], str] | None = None,
 ) -> tuple[list[dict[str, Any]], str]:
     """The rows of ``tasks``; ``place``: the client and the server on CPUs of their own
-    (benchmarks.placement), else where the scheduler puts them."""
+    (benchmarks.placement), else where the scheduler puts them; ``through``: the URL of
+    a database through a pooler."""
     admin = await asyncpg.connect(PG_SERVER)
     name = f"ctx_bench_pool_{uuid.uuid4().hex[:8]}"
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -172,7 +195,9 @@ async def run(
         apart = database_apart(admin.get_server_pid()) if place else nullcontext("not pinned")
         with apart as placement:
             for t in tasks:
-                reps = [await measure(url, settings, t, n, rounds, op) for _ in range(repeats)]
+                reps = [
+                    await measure(url, settings, t, n, rounds, op, through) for _ in range(repeats)
+                ]
                 row = dict(reps[0])
                 for key in ("ops_per_s", "p99_ms", "raw_ops_per_s", "raw_p99_ms", "ratio"):
                     row[key] = statistics.median(r[key] for r in reps)
@@ -190,6 +215,9 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=defaults.pool_size)
     parser.add_argument("--max-overflow", type=int, default=defaults.max_overflow)
     parser.add_argument("--op", choices=OPERATIONS, default="update_session")
+    parser.add_argument(
+        "--pgbouncer", action="store_true", help="both sides through PgBouncer (transaction mode)"
+    )
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--n", type=int, default=4000, help="calls per side and run")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved blocks per side")
@@ -198,11 +226,18 @@ def main() -> None:
     settings = EngineSettings(
         auto_cleanup=False, pool_size=args.pool_size, max_overflow=args.max_overflow
     )
-    rows, placement = asyncio.run(
-        run(settings, args.tasks, args.n, args.repeats, args.rounds, args.op)
-    )
+    with contextlib.ExitStack() as stack:
+        through = None
+        if args.pgbouncer:
+            from tests.pgbouncer import running_pgbouncer  # a checkout's tests/
+
+            through = stack.enter_context(running_pgbouncer()).url
+        rows, placement = asyncio.run(
+            run(settings, args.tasks, args.n, args.repeats, args.rounds, args.op, True, through)
+        )
     print(
-        f"{args.op}, pool_size={settings.pool_size} max_overflow={settings.max_overflow}, "
+        f"{args.op}{' through PgBouncer' if args.pgbouncer else ''}, "
+        f"pool_size={settings.pool_size} max_overflow={settings.max_overflow}, "
         f"{args.n} calls per side, median of {args.repeats} ({placement})"
     )
     print(
