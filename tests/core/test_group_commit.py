@@ -152,9 +152,10 @@ async def test_a_call_cancelled_while_waiting_is_left_out_of_its_batch() -> None
     assert run.batches == [[1], [3]]
 
 
-async def test_a_call_cancelled_while_its_batch_runs_stops_the_batch() -> None:
-    """As a lone call's cancellation interrupts its statement, so does a batched one's:
-    the batch stops (nothing of it applied), and its other callers run alone."""
+async def test_a_call_cancelled_while_its_batch_runs_leaves_it_to_the_others() -> None:
+    """A combined call begins committing when its batch starts: cancelled then, it
+    hands control back at once and the batch goes on for the others (its result is
+    theirs); a batch whose callers are all cancelled is stopped."""
     run = Recorder()
     combine: Combiner[int, int] = Combiner(run, slots=1)
     first = asyncio.ensure_future(combine(1))
@@ -167,13 +168,31 @@ async def test_a_call_cancelled_while_its_batch_runs_stops_the_batch() -> None:
         await asyncio.sleep(0)
     assert run.batches == [[1], [2, 3]]
     cancelled.cancel()
-    assert await other is SOLO
+    await asyncio.sleep(0)
     assert cancelled.cancelled() and first.cancelled()
     run.release.set()
-    assert await combine(4) == 40
+    assert await other == 30  # the batch went on
+
+    run.release.clear()
+    lone = asyncio.ensure_future(combine(4))
+    await asyncio.sleep(0)
+    gone = [asyncio.ensure_future(combine(n)) for n in (5, 6)]
+    await asyncio.sleep(0)
+    lone.cancel()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert run.batches[-1] == [5, 6]
+    for call in gone:
+        call.cancel()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    run.release.set()
+    assert await combine(7) == 70  # the stopped batch freed its slot
 
 
-async def test_a_failed_batch_answers_solo_to_each_caller_and_the_next_one_runs() -> None:
+async def test_a_failed_batch_raises_its_error_in_every_caller() -> None:
+    """Each caller meets the batch's error as it would have alone (a lost connection
+    leaves each not knowing whether it was applied): none is run again."""
     run = Recorder()
     combine: Combiner[int, int] = Combiner(run, slots=1)
     first = asyncio.ensure_future(combine(1))
@@ -182,9 +201,10 @@ async def test_a_failed_batch_answers_solo_to_each_caller_and_the_next_one_runs(
     await asyncio.sleep(0)
     run.fail = True
     run.release.set()
-    with pytest.raises(RuntimeError):
-        await first  # the lone caller's own batch: its own error
-    assert await asyncio.gather(*waiting) == [SOLO, SOLO]
+    outcomes = await asyncio.gather(first, *waiting, return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    assert outcomes[1] is not outcomes[2]  # each caller its own
+    assert run.batches == [[1], [2, 3]]  # nothing run again
     run.fail = False
     assert await combine(4) == 40  # nothing left running
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
+import copy
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Generic, TypeVar
 
 I = TypeVar("I")  # noqa: E741 - an item of a batch
 R = TypeVar("R")
-
-log = logging.getLogger(__name__)
 
 
 class Solo:
@@ -31,7 +29,7 @@ BATCH_LIMIT = 256
 
 class Combiner(Generic[I, R]):
     """Runs the items of concurrent calls together: ``run(items)`` settles a batch with
-    one result per item, in order (:data:`SOLO` for an item it could not settle, whose
+    one result per item, in order (:data:`SOLO` for an item it wrote nothing for, whose
     caller then runs on its own path: a refusal gets that caller's own error there).
 
     Up to ``slots`` batches run at once (two: one is written while the next is built
@@ -39,11 +37,12 @@ class Combiner(Generic[I, R]):
     as a batch of one: a lone caller waits for nothing, and its cancellation interrupts
     its own statement as any call's does. Calls that arrive while every slot is busy
     wait, and run together as the next batch (at most :data:`BATCH_LIMIT`), in a task
-    of the combiner, when a slot frees; one cancelled before its batch starts is left
-    out of it, and one cancelled while its batch runs stops that batch (whose other
-    callers then run alone), so a cancelled call is applied only if its statement had
-    already been sent, as when it runs alone. A batch that fails answers :data:`SOLO`
-    to every caller, so each meets its own error.
+    of the combiner, when a slot frees. A call begins committing when its batch
+    starts: one cancelled before is left out of the batch; one cancelled after hands
+    control back at once, and its batch goes on for the others (it is stopped when
+    every caller of it is cancelled). A batch that fails raises its error in every
+    caller, as each would have met it alone: a lost connection, say, leaves each
+    caller not knowing whether its write was applied, so none is run again.
     """
 
     __slots__ = ("_active", "_batches", "_pending", "_run", "_slots")
@@ -72,11 +71,10 @@ class Combiner(Generic[I, R]):
         try:
             return await future
         except asyncio.CancelledError:
-            # its batch may be running: stopped, as the call would stop alone (the
-            # others run alone); one still waiting is left out when a batch forms
+            # still waiting: left out when a batch forms; in a running batch: stopped
+            # only once all its callers are gone (the others are committing)
             for task, batch in self._batches.items():
-                if future in batch.futures:
-                    batch.stopped = True
+                if future in batch.futures and all(f.cancelled() for f in batch.futures):
                     task.cancel()
             raise
 
@@ -92,18 +90,17 @@ class Combiner(Generic[I, R]):
                 self._batches[task] = batch
 
     async def _run_batch(self, batch: _Batch[I, R]) -> None:
-        results: Sequence[R | Solo] = [SOLO] * len(batch.calls)
         try:
             results = await self._run([item for item, _ in batch.calls])
-        except asyncio.CancelledError:
-            if not batch.stopped:
-                raise  # the loop is ending: the callers are answered below all the same
-        except Exception:  # every caller meets the error on its own path
-            log.debug("a combined write failed; its calls run alone", exc_info=True)
-        finally:
+        except Exception as exc:
+            for _, future in batch.calls:
+                if not future.done():
+                    future.set_exception(_copy(exc))
+        else:
             for (_, future), result in zip(batch.calls, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+        finally:  # cancelled: every caller was (the loop may be ending: nobody waits)
             task = asyncio.current_task()
             if task is not None:
                 self._batches.pop(task, None)
@@ -111,13 +108,23 @@ class Combiner(Generic[I, R]):
             self._start_waiting()
 
 
+def _copy(exc: Exception) -> Exception:
+    """An exception for one caller of a failed batch: a copy of ``exc`` (each caller's
+    traceback its own), with ``exc`` as its cause."""
+    try:
+        copied = copy.copy(exc)
+    except Exception:  # pragma: no cover - an exception that cannot be copied
+        return exc
+    copied.__cause__ = exc.__cause__ or exc
+    copied.__traceback__ = None
+    return copied
+
+
 class _Batch(Generic[I, R]):
     """The calls of one batch run by the combiner's task."""
 
-    __slots__ = ("calls", "futures", "stopped")
+    __slots__ = ("calls", "futures")
 
     def __init__(self, calls: list[tuple[I, asyncio.Future[R | Solo]]]) -> None:
         self.calls = calls
-        self.futures = {future for _, future in calls}
-        #: a caller was cancelled, and the batch with it
-        self.stopped = False
+        self.futures = [future for _, future in calls]
