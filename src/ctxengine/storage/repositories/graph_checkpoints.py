@@ -165,6 +165,24 @@ def _blob_params(thread: Thread, blobs: Iterable[Blob]) -> list[dict[str, Any]]:
     ]
 
 
+def _checkpoint_params(
+    checkpoint_id: str,
+    parent_id: str | None,
+    serialized: tuple[str, bytes],
+    metadata: dict[str, Any],
+    now: datetime,
+) -> dict[str, Any]:
+    """The parameters of a checkpoint's row but its thread's."""
+    return {
+        "checkpoint_id": checkpoint_id,
+        "parent_checkpoint_id": parent_id,
+        "type": serialized[0],
+        "checkpoint": serialized[1],
+        "metadata": metadata,
+        "created_at": now,
+    }
+
+
 def _touch_params(thread: Thread, now: datetime) -> dict[str, Any]:
     return {
         "tenant": thread.tenant_id,
@@ -303,21 +321,13 @@ class GraphCheckpointRepository(Repository):
         one with its id)."""
         if blobs:
             await run(conn, self._put_blob, _blob_params(thread, blobs))
-        await run(
-            conn,
-            self._put_checkpoint,
-            {
-                "tenant_id": thread.tenant_id,
-                "session_id": thread.session_id,
-                "checkpoint_ns": thread.checkpoint_ns,
-                "checkpoint_id": checkpoint_id,
-                "parent_checkpoint_id": parent_id,
-                "type": serialized[0],
-                "checkpoint": serialized[1],
-                "metadata": metadata,
-                "created_at": now,
-            },
-        )
+        params = {
+            "tenant_id": thread.tenant_id,
+            "session_id": thread.session_id,
+            "checkpoint_ns": thread.checkpoint_ns,
+            **_checkpoint_params(checkpoint_id, parent_id, serialized, metadata, now),
+        }
+        await run(conn, self._put_checkpoint, params)
 
     async def put_writes(
         self,
@@ -360,12 +370,7 @@ class GraphCheckpointRepository(Repository):
         exist or cannot work."""
         params = {
             **_touch_params(thread, now),
-            "checkpoint_id": checkpoint_id,
-            "parent_checkpoint_id": parent_id,
-            "type": serialized[0],
-            "checkpoint": serialized[1],
-            "metadata": metadata,
-            "created_at": now,
+            **_checkpoint_params(checkpoint_id, parent_id, serialized, metadata, now),
             "channels": [b.channel for b in blobs],
             "versions": [b.version for b in blobs],
             "types": [b.type for b in blobs],
