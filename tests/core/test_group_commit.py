@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-import pytest
 from sqlalchemy import text
 
 from ctxengine import ContextEngine, EngineSettings, SessionStatus
