@@ -42,8 +42,8 @@ from .. import validation as v
 from ..embeddings import Embedder, FunctionEmbedder, checked_vectors
 from ..errors import ValidationError
 from ..services.graph_store import Write
-from ..services.memory import _value
-from ..services.semantic_memory import _unit
+from ..services.memory import memory_value
+from ..services.semantic_memory import unit_vector
 from ..sync import TenantView as SyncTenantView
 from ._adapter import Closable
 
@@ -378,7 +378,7 @@ class ContextEngineStore(Closable, BaseStore):
                 raise ValidationError(
                     f"value must be a dict, got {type(op.value).__name__}", field="value"
                 )
-            value = _value(op.value, self.engine._runtime().ctx.settings.max_metadata_bytes)
+            value = memory_value(op.value, self.engine._runtime().ctx.settings.max_metadata_bytes)
             ttl = None if op.ttl is None else v.seconds(_minutes(op.ttl) * 60, "ttl")
             return _Put(namespace, key, value, ttl, op.index)
         if isinstance(op, SearchOp):
@@ -417,7 +417,7 @@ class ContextEngineStore(Closable, BaseStore):
         if wanted:
             assert self._embedding is not None
             made = await self._embedding.documents.embed(wanted)
-            vectors = {text: _unit(vector) for text, vector in zip(wanted, made, strict=True)}
+            vectors = {text: unit_vector(vector) for text, vector in zip(wanted, made, strict=True)}
         return [
             Write(
                 put.namespace,
@@ -454,7 +454,7 @@ class ContextEngineStore(Closable, BaseStore):
         embedding = self._embedding
         made = await asyncio.gather(*(embedding.query(q) for q in wanted))
         checked = checked_vectors(list(made), len(wanted), embedding.dims, source="embedder")
-        return {q: _unit(vector) for q, vector in zip(wanted, checked, strict=True)}
+        return {q: unit_vector(vector) for q, vector in zip(wanted, checked, strict=True)}
 
     async def _search(
         self,

@@ -19,7 +19,7 @@ from ..storage.repositories.graph_store import PAGE, GraphStoreRepository, Store
 from ..storage.repositories.memory import NO_SCOPE, MemoryRepository, MemoryScope
 from ..storage.repositories.semantic_memory import SemanticMemoryRepository
 from .base import Context, Effects
-from .semantic_memory import _best
+from .semantic_memory import best_matches
 
 #: Where an item's vector ids begin (then a hash of its namespace and key).
 _VECTOR_ID = "lgs."
@@ -138,7 +138,7 @@ class GraphStoreService:
                     limit=k,
                     metadata=metadata,
                 )
-                ranked = _best(found, query, len(found.memory_ids), None, space)
+                ranked = best_matches(found, query, len(found.memory_ids), None, space)
                 kept = await self._ranked_items(conn, tenant, fx.now, ranked, wanted, keep)
                 if len(kept) >= wanted or len(found.memory_ids) < k:
                     return kept[offset:wanted]

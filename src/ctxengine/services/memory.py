@@ -39,7 +39,7 @@ def scope(tenant: str, user_id: object, session_id: object, namespace: object) -
     )
 
 
-def _value(value: object, max_bytes: int) -> Any:
+def memory_value(value: object, max_bytes: int) -> Any:
     """A JSON value (not null: recall answers None for "nothing stored") of at most
     ``max_bytes`` encoded, as it reads back."""
     if value is None:
@@ -90,7 +90,7 @@ class MemoryService:
         expected_version: object,
     ) -> MemoryItem:
         name = v.identifier(key, "key")
-        stored = _value(value, self.ctx.settings.max_metadata_bytes)
+        stored = memory_value(value, self.ctx.settings.max_metadata_bytes)
         seconds = None if ttl is None else v.seconds(ttl, "ttl")
         expected = None
         if expected_version is not None:

@@ -53,7 +53,7 @@ from ..storage.repositories.memory import NO_SCOPE
 from ..storage.repositories.memory_transfer import MemoryTransferRepository
 from ..storage.repositories.semantic_memory import SemanticMemoryRepository
 from .base import Context, Effects
-from .memory import _value
+from .memory import memory_value
 from .memory import scope as memory_scope
 from .semantic_memory import MAX_SOURCE_BYTES, namespace_lock, user_lock
 
@@ -327,7 +327,7 @@ class MemoryTransferService:
             "session_id": where.session_id,
             "namespace": where.namespace,
             "key": v.identifier(item.key, "key"),
-            "value": _value(item.value, self.ctx.settings.max_metadata_bytes),
+            "value": memory_value(item.value, self.ctx.settings.max_metadata_bytes),
             "version": item.version,
             "created_at": item.created_at,
             "updated_at": item.updated_at,

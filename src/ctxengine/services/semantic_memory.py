@@ -170,7 +170,7 @@ class SemanticMemoryService:
                 limit=size,
                 metadata=match or None,
             )
-            best = _best(found, query_vector, size, floor, space)
+            best = best_matches(found, query_vector, size, floor, space)
             records = await self.repo.accessed(conn, tenant, [i for i, _ in best], fx.now)
             return [MemoryHit(record=records[i], score=s) for i, s in best if i in records]
 
@@ -273,7 +273,7 @@ class SemanticMemoryService:
         embedder = self._embedder
         dimensions = len(given) if embedder is None else embedder.dimensions
         (values,) = checked_vectors([given], 1, dimensions, source="caller")
-        return _unit(values)
+        return unit_vector(values)
 
     async def _embed(self, texts: list[str]) -> list[np.ndarray[Any, Any]]:
         """The embedder's vectors of ``texts`` (checked), as :meth:`_vector`'s."""
@@ -286,10 +286,10 @@ class SemanticMemoryService:
             )
         vectors = await embedder.embed(texts)
         checked = checked_vectors(vectors, len(texts), embedder.dimensions, source="embedder")
-        return [_unit(values) for values in checked]
+        return [unit_vector(values) for values in checked]
 
 
-def _unit(values: list[float]) -> np.ndarray[Any, Any]:
+def unit_vector(values: list[float]) -> np.ndarray[Any, Any]:
     """``values`` scaled to length 1, as little-endian float32s."""
     vector = np.asarray(values, dtype="<f4")
     norm = float(np.linalg.norm(vector))
@@ -417,7 +417,7 @@ def _same_dimensions(stored: int | None, given: int, namespace: str) -> None:
         )
 
 
-def _best(
+def best_matches(
     found: Vectors,
     query: np.ndarray[Any, Any],
     limit: int,
