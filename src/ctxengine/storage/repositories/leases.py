@@ -5,20 +5,35 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 
 from ...ratelimit import CLOCK_SKEW
-from ..backend import Backend
 from ..connection import Connection
+from ..prebuilt import run
 from ..schema import leases
-from . import Repository, of_session
+from . import Repository
+
+lc = leases.c
+_OF_SESSION = and_(lc.tenant_id == bindparam("tenant"), lc.session_id == bindparam("sid"))
+_BY_ID = and_(lc.tenant_id == bindparam("tenant"), lc.lease_id == bindparam("lease"))
+# Statements built once (parameters: tenant, sid or lease, now, horizon, until).
+_LIVE = select(func.count()).where(
+    _OF_SESSION, lc.expires_at > bindparam("now"), lc.expires_at <= bindparam("horizon")
+)
+_DROP_DEAD = delete(leases).where(
+    _OF_SESSION, or_(lc.expires_at <= bindparam("now"), lc.expires_at > bindparam("horizon"))
+)
+_INSERT = insert(leases).values({c.key: bindparam(c.key, type_=c.type) for c in leases.c})
+_RENEW = (
+    update(leases)
+    .where(_BY_ID, lc.expires_at > bindparam("now"))
+    .values(expires_at=bindparam("until", type_=lc.expires_at.type))
+)
+_RELEASE = delete(leases).where(_BY_ID)
 
 
 class LeaseRepository(Repository):
     """Every statement on the lease table."""
-
-    def __init__(self, backend: Backend) -> None:
-        super().__init__(backend)
 
     # A lease is live while now < expires_at <= now + ttl (+ CLOCK_SKEW): one expiring
     # further ahead was stamped by a clock that has since stepped back, and is dead.
@@ -26,45 +41,30 @@ class LeaseRepository(Repository):
         self, conn: Connection, tenant: str, session_id: str, now: datetime, ttl: float
     ) -> int:
         """How many leases of the session are live at ``now``."""
-        lc = leases.c
-        stmt = select(func.count()).where(
-            of_session(leases, tenant, session_id),
-            lc.expires_at > now,
-            lc.expires_at <= _horizon(now, ttl),
-        )
-        return int((await conn.execute(stmt)).scalar_one())
+        params = {"tenant": tenant, "sid": session_id, "now": now, "horizon": _horizon(now, ttl)}
+        return int((await run(conn, _LIVE, params)).scalar_one())
 
     async def insert_lease(self, conn: Connection, values: dict[str, Any]) -> None:
-        await conn.execute(leases.insert().values(**values))
+        await run(conn, _INSERT, values)
 
     async def drop_dead_leases(
         self, conn: Connection, tenant: str, session_id: str, now: datetime, ttl: float
     ) -> None:
         """Delete the session's leases that are not live at ``now``."""
-        lc = leases.c
-        await conn.execute(
-            delete(leases).where(
-                of_session(leases, tenant, session_id),
-                or_(lc.expires_at <= now, lc.expires_at > _horizon(now, ttl)),
-            )
-        )
+        params = {"tenant": tenant, "sid": session_id, "now": now, "horizon": _horizon(now, ttl)}
+        await run(conn, _DROP_DEAD, params)
 
     async def renew_lease(
         self, conn: Connection, tenant: str, lease_id: str, now: datetime, ttl: float
     ) -> bool:
         """Extend a lease not expired at ``now`` to ``now + ttl`` (one from before a step
         back of the clock too, if it is still there); False when it is gone."""
-        lc = leases.c
-        result = await conn.execute(
-            update(leases)
-            .where(lc.tenant_id == tenant, lc.lease_id == lease_id, lc.expires_at > now)
-            .values(expires_at=now + timedelta(seconds=ttl))
-        )
-        return bool(result.rowcount)
+        until = now + timedelta(seconds=ttl)
+        params = {"tenant": tenant, "lease": lease_id, "now": now, "until": until}
+        return bool((await run(conn, _RENEW, params)).rowcount)
 
     async def release_lease(self, conn: Connection, tenant: str, lease_id: str) -> None:
-        lc = leases.c
-        await conn.execute(delete(leases).where(lc.tenant_id == tenant, lc.lease_id == lease_id))
+        await run(conn, _RELEASE, {"tenant": tenant, "lease": lease_id})
 
 
 def _horizon(now: datetime, ttl: float) -> datetime:

@@ -34,6 +34,13 @@ from . import Repository, of_session, written_or_abort
 from .sessions import TOUCH_WORKING
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
+#: The limit set_quota() set on a quota (parameters tenant, sid, resource).
+_CUSTOM_LIMIT = select(quotas.c.quota_limit).where(
+    quotas.c.tenant_id == bindparam("tenant"),
+    quotas.c.session_id == bindparam("sid"),
+    quotas.c.resource_type == bindparam("resource"),
+    quotas.c.custom.is_(True),
+)
 #: The columns of a UsageRecord, in the order of its fields.
 _RECORD_FIELDS = tuple(UsageRecord.model_fields)
 _RECORD = [usage_records.c[name] for name in _RECORD_FIELDS]
@@ -305,17 +312,8 @@ class QuotaRepository(Repository):
         self, conn: Connection, tenant: str, session_id: str, resource_type: str
     ) -> tuple[bool, float | None]:
         """(True, limit) when set_quota() set this quota, else (False, None)."""
-        q = quotas.c
-        row = (
-            await conn.execute(
-                select(q.quota_limit).where(
-                    q.tenant_id == tenant,
-                    q.session_id == session_id,
-                    q.resource_type == resource_type,
-                    q.custom.is_(True),
-                )
-            )
-        ).first()
+        params = {"tenant": tenant, "sid": session_id, "resource": resource_type}
+        row = (await run(conn, _CUSTOM_LIMIT, params)).first()
         return (False, None) if row is None else (True, _opt_float(row[0]))
 
     async def restore_quotas(
