@@ -129,7 +129,7 @@ class LeaseService:
         async def work(conn: Connection, fx: Effects) -> bool:
             return await self.repo.renew_lease(conn, tenant, lease_id, fx.now, self.ttl)
 
-        return await self.ctx.transact(work, operation="renew_lease")
+        return await self.ctx.transact(work, one_statement=True, operation="renew_lease")
 
     async def release(self, tenant: str, lease_id: str) -> None:
         """Stop renewing and free the slot."""
@@ -142,7 +142,7 @@ class LeaseService:
         async def work(conn: Connection, fx: Effects) -> None:
             await self.repo.release_lease(conn, tenant, lease_id)
 
-        await self.ctx.transact(work, operation="release_concurrency_slot")
+        await self.ctx.transact(work, one_statement=True, operation="release_concurrency_slot")
 
     async def release_quietly(self, tenant: str, lease_id: str) -> None:
         """Release, even when cancelled; a failure is logged (the lease then expires
