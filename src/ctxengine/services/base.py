@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -67,6 +67,8 @@ class _Refused(Exception):
 
 
 Work = Callable[[Connection, Effects], Awaitable[T]]
+#: What a call is wrapped in when no observer is attached.
+_UNOBSERVED = nullcontext()
 
 #: Wraps every unit of work, given its operation name (tracing, metrics).
 CallObserver = Callable[[str], AbstractContextManager[None]]
@@ -110,9 +112,12 @@ class Context:
         with self.observing(operation):
             return await self._transact(work, write, one_statement, operation)
 
-    @contextmanager
-    def observing(self, operation: str) -> Iterator[None]:
+    def observing(self, operation: str) -> AbstractContextManager[None]:
         """Wrap one call of ``operation`` in the observers (see :data:`CallObserver`)."""
+        return self._observed(operation) if self.observers else _UNOBSERVED
+
+    @contextmanager
+    def _observed(self, operation: str) -> Iterator[None]:
         with ExitStack() as observed:
             for observer in self.observers:
                 observed.enter_context(observer(operation))
