@@ -63,6 +63,7 @@ from typing import Any
 import asyncpg
 
 from benchmarks import wire
+from benchmarks.processes import merged, spawn
 from benchmarks.timing import Op, raw_pool, summary, timed
 from ctxengine import ContextEngine, EngineSettings, QuotaType
 
@@ -834,73 +835,35 @@ async def guarantees(engine: ContextEngine, dialect: str, dsn: str, n: int, repe
 
 
 # -- 6. several engine processes ---------------------------------------------------------------
-def _proc_entry(
-    url: str, op: str, tasks: int, seconds: float, index: int, barrier: Any, results: Any
-) -> None:
-    try:
-        results.put(asyncio.run(_proc_main(url, op, tasks, seconds, index, barrier)))
-    except BaseException as exc:
-        results.put({"error": repr(exc)})
-        raise
-
-
-async def _proc_main(
-    url: str, op: str, tasks: int, seconds: float, index: int, barrier: Any
-) -> dict[str, Any]:
-    settings = EngineSettings(auto_cleanup=False, session_timeout=TIMEOUT_S, auto_migrate=False)
-    async with ContextEngine(url, settings=settings) as engine:
-        sids = [
-            (await engine.create_session(user_id=f"proc-{index}", tier="enterprise")).session_id
-            for _ in range(tasks)
-        ]
-
-        async def one(sid: str) -> None:
-            if op == "update_session":
-                await engine.update_session(sid, increment_requests=True, add_processing_time=0.001)
-            else:
-                await engine.add_message(sid, "user", "what is the weather like today?")
-
-        for sid in sids:  # warm-up
-            for _ in range(10):
-                await one(sid)
-        await asyncio.to_thread(barrier.wait, 300)
-        counts = [0] * tasks
-        deadline = time.perf_counter() + seconds
-
-        async def loop(j: int) -> None:
-            while time.perf_counter() < deadline:
-                await one(sids[j])
-                counts[j] += 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(loop(j) for j in range(tasks)))
-        elapsed = time.perf_counter() - started
-    return {"ops": sum(counts), "seconds": elapsed}
-
-
 def multiprocess(url: str, procs: list[int], tasks: int, seconds: float) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
+    """update_session and add_message from ``procs`` spawned engine processes of
+    ``tasks`` tasks each (benchmarks/processes.py's workers, one pooled connection per
+    task), on distinct sessions."""
+    ops = ["update_session", "add_message"]
     out: dict[str, Any] = {"tasks_per_process": tasks, "seconds": seconds}
-    for op in ("update_session", "add_message"):
+    per_count = {
+        count: spawn(
+            url,
+            count,
+            tasks=tasks,
+            pool_size=tasks,
+            seconds=seconds,
+            operations=ops,
+            settings={"session_timeout": TIMEOUT_S},
+        )
+        for count in procs
+    }
+    for op in ops:
         rows = []
-        for count in procs:
-            barrier = ctx.Barrier(count)
-            results = ctx.Queue()
-            workers = [
-                ctx.Process(target=_proc_entry, args=(url, op, tasks, seconds, k, barrier, results))
-                for k in range(count)
-            ]
-            for w in workers:
-                w.start()
-            answers = [results.get(timeout=600) for _ in workers]
-            for w in workers:
-                w.join(60)
-            errors = [a["error"] for a in answers if "error" in a]
-            if errors:
-                raise RuntimeError(f"{op} with {count} processes failed: {errors}")
-            rate = sum(a["ops"] / a["seconds"] for a in answers)
+        for count, answers in per_count.items():
+            stats = merged(answers, op)[1].stats()
             rows.append(
-                {"processes": count, "ops_per_s": rate, "ops": sum(a["ops"] for a in answers)}
+                {
+                    "processes": count,
+                    "ops_per_s": stats["ops_per_s"],
+                    "p99_ms": stats["p99_ms"],
+                    "ops": stats["calls"],
+                }
             )
         base = rows[0]["ops_per_s"] if rows and rows[0]["processes"] == 1 else None
         for row in rows:
