@@ -446,6 +446,19 @@ def _checkpoint(row: Record, session_id: str) -> Checkpoint:
     return Checkpoint._trusted(values)
 
 
+def _page_params(
+    tenant: str, session_id: str, chat_id: str | None, before_seq: int | None, limit: int | None
+) -> dict[str, Any]:
+    """The parameters of the history page statements (``_PAGES``, ``_RECENT``, ...)."""
+    return {
+        "tenant": tenant,
+        "sid": session_id,
+        "chat": chat_id,
+        "before": before_seq,
+        "limit": limit,
+    }
+
+
 class ConversationRepository(Repository):
     """Every statement on ``ctx_chats``, ``ctx_messages`` and ``ctx_checkpoints``, and the
     conversation columns of ``ctx_sessions`` (metadata, current chat, chat count)."""
@@ -713,13 +726,7 @@ class ConversationRepository(Repository):
             not include_compacted,
             conversation and not include_compacted,
         )
-        params = {
-            "tenant": tenant,
-            "sid": session_id,
-            "chat": chat_id,
-            "before": before_seq,
-            "limit": limit,
-        }
+        params = _page_params(tenant, session_id, chat_id, before_seq, limit)
         # the rows' columns are the Message fields: each row is a message's __dict__
         return [Message._trusted(row) for row in await run_dicts(conn, _PAGES[shape], params)]
 
@@ -735,13 +742,7 @@ class ConversationRepository(Repository):
         """:meth:`page`'s messages not compacted, newest first, and the chat's floor
         (None when no row came back): with a floor of 0 the chat was never compacted."""
         shape = (chat_id is None, before_seq is not None, limit is not None)
-        params = {
-            "tenant": tenant,
-            "sid": session_id,
-            "chat": chat_id,
-            "before": before_seq,
-            "limit": limit,
-        }
+        params = _page_params(tenant, session_id, chat_id, before_seq, limit)
         rows = await run_dicts(conn, _RECENT[shape], params)
         floor = None
         for row in rows:
@@ -765,13 +766,7 @@ class ConversationRepository(Repository):
         :meth:`page`'s messages not compacted (``conversation``: system messages left
         out of the page), newest first."""
         shape = (chat_id is None, before_seq is not None, limit is not None, conversation)
-        params = {
-            "tenant": tenant,
-            "sid": session_id,
-            "chat": chat_id,
-            "before": before_seq,
-            "limit": limit,
-        }
+        params = _page_params(tenant, session_id, chat_id, before_seq, limit)
         system: list[Message] = []
         page: list[Message] = []
         floor = 0

@@ -151,18 +151,7 @@ def _labelled(table: Any, given: FromClause, constants: list[str]) -> list[Any]:
 
 
 def _blob_params(thread: Thread, blobs: Iterable[Blob]) -> list[dict[str, Any]]:
-    return [
-        {
-            "tenant_id": thread.tenant_id,
-            "session_id": thread.session_id,
-            "checkpoint_ns": thread.checkpoint_ns,
-            "channel": b.channel,
-            "version": b.version,
-            "type": b.type,
-            "blob": b.blob,
-        }
-        for b in blobs
-    ]
+    return [{**thread._asdict(), **b._asdict()} for b in blobs]
 
 
 def _checkpoint_params(
@@ -189,9 +178,7 @@ def _touch_params(thread: Thread, now: datetime) -> dict[str, Any]:
         "sid": thread.session_id,
         "now": now,
         "now_epoch": epoch(now),
-        "tenant_id": thread.tenant_id,
-        "session_id": thread.session_id,
-        "checkpoint_ns": thread.checkpoint_ns,
+        **thread._asdict(),
     }
 
 
@@ -322,9 +309,7 @@ class GraphCheckpointRepository(Repository):
         if blobs:
             await run(conn, self._put_blob, _blob_params(thread, blobs))
         params = {
-            "tenant_id": thread.tenant_id,
-            "session_id": thread.session_id,
-            "checkpoint_ns": thread.checkpoint_ns,
+            **thread._asdict(),
             **_checkpoint_params(checkpoint_id, parent_id, serialized, metadata, now),
         }
         await run(conn, self._put_checkpoint, params)
@@ -343,14 +328,7 @@ class GraphCheckpointRepository(Repository):
         if not writes:
             return
         params = [
-            {
-                "tenant_id": thread.tenant_id,
-                "session_id": thread.session_id,
-                "checkpoint_ns": thread.checkpoint_ns,
-                "checkpoint_id": checkpoint_id,
-                **w._asdict(),
-            }
-            for w in writes
+            {**thread._asdict(), "checkpoint_id": checkpoint_id, **w._asdict()} for w in writes
         ]
         await run(conn, self._replace_writes if replace else self._add_writes, params)
 
