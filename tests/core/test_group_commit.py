@@ -122,17 +122,27 @@ async def test_a_lone_call_runs_at_once_and_later_ones_wait_for_the_next_batch()
     assert run.batches == [[1], [2, 3, -4]]
 
 
-async def test_two_batches_run_at_once_by_default() -> None:
+async def settle() -> None:
+    """Let every ready task and callback run (a few turns of the event loop)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_calls_beside_a_running_batch_form_the_second_at_once() -> None:
+    """The first call runs alone at once; the calls of the same turn, arriving while it
+    runs, take the second slot together at once (one batch, not a slot each); calls
+    after that wait for a slot."""
     run = Recorder()
     combine: Combiner[int, int] = Combiner(run)
-    lone = [asyncio.ensure_future(combine(n)) for n in (1, 2)]
-    await asyncio.sleep(0)
-    waiting = [asyncio.ensure_future(combine(n)) for n in (3, 4)]
-    await asyncio.sleep(0)
-    assert run.batches == [[1], [2]]  # each at once, alone; the others wait for a slot
+    same_turn = [asyncio.ensure_future(combine(n)) for n in (1, 2, 3)]
+    await settle()
+    assert run.batches == [[1], [2, 3]]
+    waiting = [asyncio.ensure_future(combine(n)) for n in (4, 5)]
+    await settle()
+    assert run.batches == [[1], [2, 3]]  # both slots busy
     run.release.set()
-    assert await asyncio.gather(*lone, *waiting) == [10, 20, 30, 40]
-    assert run.batches == [[1], [2], [3, 4]]
+    assert await asyncio.gather(*same_turn, *waiting) == [10, 20, 30, 40, 50]
+    assert run.batches == [[1], [2, 3], [4, 5]]
 
 
 async def test_a_call_cancelled_while_waiting_is_left_out_of_its_batch() -> None:

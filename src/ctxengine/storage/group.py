@@ -33,16 +33,18 @@ class Combiner(Generic[I, R]):
     caller then runs on its own path: a refusal gets that caller's own error there).
 
     Up to ``slots`` batches run at once (two: one is written while the next is built
-    and its answers read). A call that finds a slot free runs at once, in its own task,
-    as a batch of one: a lone caller waits for nothing, and its cancellation interrupts
-    its own statement as any call's does. Calls that arrive while every slot is busy
-    wait, and run together as the next batch (at most :data:`BATCH_LIMIT`), in a task
-    of the combiner, when a slot frees. A call begins committing when its batch
-    starts: one cancelled before is left out of the batch; one cancelled after hands
-    control back at once, and its batch goes on for the others (it is stopped when
-    every caller of it is cancelled). A batch that fails raises its error in every
-    caller, as each would have met it alone: a lost connection, say, leaves each
-    caller not knowing whether its write was applied, so none is run again.
+    and its answers read). A call that finds no batch running runs at once, in its own
+    task, as a batch of one: a lone caller waits for nothing, and its cancellation
+    interrupts its own statement as any call's does. Calls that arrive while a batch
+    runs wait: those of one turn of the event loop run together as the next batch (at
+    most :data:`BATCH_LIMIT`), in a task of the combiner, as soon as a slot is free
+    (one batch for the calls of a turn, not a slot each: fuller statements, fewer of
+    them). A call begins committing when its batch starts: one cancelled before is
+    left out of the batch; one cancelled after hands control back at once, and its
+    batch goes on for the others (it is stopped when every caller of it is cancelled).
+    A batch that fails raises its error in every caller, as each would have met it
+    alone: a lost connection, say, leaves each caller not knowing whether its write
+    was applied, so none is run again.
     """
 
     __slots__ = ("_active", "_batches", "_pending", "_run", "_slots")
@@ -59,15 +61,18 @@ class Combiner(Generic[I, R]):
         self._batches: dict[asyncio.Task[None], _Batch[I, R]] = {}
 
     async def __call__(self, item: I) -> R | Solo:
-        if self._active < self._slots:
+        if not self._active:
             self._active += 1
             try:
                 return (await self._run((item,)))[0]
             finally:
                 self._active -= 1
                 self._start_waiting()
-        future: asyncio.Future[R | Solo] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R | Solo] = loop.create_future()
         self._pending.append((item, future))
+        if len(self._pending) == 1:  # the first of this turn's calls
+            loop.call_soon(self._start_waiting)
         try:
             return await future
         except asyncio.CancelledError:
