@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import text
 
@@ -261,3 +262,46 @@ async def test_combined_callers_see_the_sessions_live_leases(engine: ContextEngi
             *(engine.update_session(name) for name in ["busy", "calm"] * 8)
         )
     assert [s.concurrent_operations for s in results] == [1, 0] * 8
+
+
+async def test_tracked_requests_are_recorded_together_also_after_their_session_ended(
+    engine: ContextEngine,
+) -> None:
+    """32 requests tracked at once on one session, which is ended while they run: their
+    outcomes (a request each, an error for the 8 that raised) are recorded, whatever the
+    session's status by then, by shared statements."""
+    await engine.create_session("hot", "u", tier="enterprise")
+    repo = engine._runtime().sessions.repo
+    batches: list[tuple[int, bool]] = []
+    record_many = repo.record_many
+
+    async def counted(*args: Any) -> list[Any]:
+        batches.append((len(args[1]), args[3]))
+        return await record_many(*args)
+
+    repo.record_many = counted  # type: ignore[method-assign]
+    running = 0
+    all_in, release = asyncio.Event(), asyncio.Event()
+
+    async def request(i: int) -> None:
+        nonlocal running
+        async with engine.track_request("hot", "op"):
+            running += 1
+            if running == 32:
+                all_in.set()
+            await release.wait()
+            if i % 4 == 0:
+                raise RuntimeError("the agent failed")
+
+    tasks = [asyncio.ensure_future(request(i)) for i in range(32)]
+    await all_in.wait()
+    await engine.end_session("hot")
+    release.set()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert [type(o) for o in outcomes] == [
+        RuntimeError if i % 4 == 0 else type(None) for i in range(32)
+    ]
+    requests, errors, _ = await stored(engine, "hot")
+    assert (requests, errors) == (32, 8)
+    assert any(size > 1 and not require for size, require in batches)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from .. import validation as v
@@ -62,8 +63,11 @@ class SessionService:
         self.ctx = ctx
         self.repo = SessionRepository(ctx.store.backend, ctx.settings.lease_ttl)
         self.chats = ConversationRepository(ctx.store.backend)
-        #: concurrent metric updates of working sessions, written together
-        self._recorder: Combiner[tuple[str, str, Counters], Session] = Combiner(self._record_many)
+        #: concurrent metric updates, written together: of sessions that must be able to
+        #: work (update_session, touch), and of any status (a tracked request's outcome)
+        self._recorders: dict[bool, Combiner[tuple[str, str, Counters], Session]] = {
+            require: Combiner(partial(self._record_many, require)) for require in (True, False)
+        }
 
     # -- creation -----------------------------------------------------------------------
     def _new_values(
@@ -259,8 +263,8 @@ class SessionService:
             return session
 
         with self.ctx.observing(operation):
-            if patch is None and require_active:  # group commit (a batch of one at once)
-                recorded = await self._recorder((tenant, session_id, counters))
+            if patch is None:  # group commit (a batch of one at once)
+                recorded = await self._recorders[require_active]((tenant, session_id, counters))
                 if not isinstance(recorded, Solo):
                     return recorded
             # a metadata patch (whose merged size is checked afterwards), or a session
@@ -271,16 +275,17 @@ class SessionService:
         return done(session)
 
     async def _record_many(
-        self, updates: Sequence[tuple[str, str, Counters]]
+        self, require_active: bool, updates: Sequence[tuple[str, str, Counters]]
     ) -> list[Session | Solo]:
-        """Metric updates of sessions that must be able to work, in one statement (see
-        ``SessionRepository.record_many``); SOLO where a session matched nothing."""
+        """Metric updates in one statement (see ``SessionRepository.record_many``); SOLO
+        where a session matched nothing."""
 
         async def work(conn: Connection, fx: Effects) -> list[Session | None]:
-            return await self.repo.record_many(conn, updates, fx.now)
+            return await self.repo.record_many(conn, updates, fx.now, require_active)
 
+        operation = "update_session" if require_active else "track_request"
         sessions = await self.ctx.transact(
-            work, one_statement=True, operation="update_session", observed=True
+            work, one_statement=True, operation=operation, observed=True
         )
         return [SOLO if session is None else session for session in sessions]
 

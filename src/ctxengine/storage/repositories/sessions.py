@@ -307,20 +307,24 @@ class SessionRepository(Repository):
         self._inserts_with_chat: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
         #: list_sessions pages, by the filters given, the cursor and the limit.
         self._listings: dict[tuple[bool, ...], Any] = {}
-        self._record_batch, self._batch_leases = self._batch_statements(backend)
+        #: ``record_many``'s statements, by whether the sessions must be able to work.
+        self._record_batches = {
+            require: self._batch_statements(backend, require) for require in (True, False)
+        }
 
     @staticmethod
-    def _batch_statements(backend: Backend) -> tuple[Any, Any]:
-        """``record_many``'s statements: one guarded UPDATE of every session of a batch
-        (parameters batch, now, now_epoch, horizon) returning its row and, where the
-        database has data-modifying CTEs, its live leases (one round trip); elsewhere
-        the count of their live leases is a second statement (batch, now, horizon):
-        SQLite renders RETURNING columns unqualified, so a lease count correlated to
-        each written row cannot be returned with it."""
+    def _batch_statements(backend: Backend, require_active: bool) -> tuple[Any, Any]:
+        """``record_many``'s statements: one UPDATE of every session of a batch (that
+        can work, with ``require_active``; parameters batch, now, now_epoch, horizon)
+        returning its row and, where the database has data-modifying CTEs, its live
+        leases (one round trip); elsewhere the count of their live leases is a second
+        statement (batch, now, horizon): SQLite renders RETURNING columns unqualified,
+        so a lease count correlated to each written row cannot be returned with it."""
         rows = backend.batch_rows("batch", _BATCH_COLUMNS)
+        of_row = and_(t.c.tenant_id == rows.c.tenant, t.c.session_id == rows.c.sid)
         record = (
             update(t)
-            .where(t.c.tenant_id == rows.c.tenant, t.c.session_id == rows.c.sid, CAN_WORK)
+            .where(and_(of_row, CAN_WORK) if require_active else of_row)
             .values(
                 **TOUCHED,
                 request_count=t.c.request_count + rows.c.requests,
@@ -540,16 +544,19 @@ class SessionRepository(Repository):
         conn: Connection,
         updates: Sequence[tuple[str, str, Counters]],
         now: datetime,
+        require_active: bool,
     ) -> list[Session | None]:
-        """:meth:`record` of several calls on sessions that must be able to work, as if
-        they ran one after another in order: what each would have returned, or None
-        where its session matched nothing (nothing was written for it). Calls on one
-        session add up in one row write (integer counters exactly; processing times as
-        their sum, to float rounding); sessions are written in key order, so batches
-        of several processes lock them in one order."""
+        """:meth:`record` of several calls without metadata, as if they ran one after
+        another in order: what each would have returned, or None where its session
+        matched nothing (nothing was written for it). Calls on one session add up in
+        one row write (integer counters exactly; processing times as their sum, to
+        float rounding); sessions are written in key order, so batches of several
+        processes lock them in one order."""
         if len(updates) == 1:
             tenant, session_id, counters = updates[0]
-            return [await self.record(conn, tenant, session_id, now, True, counters, None)]
+            return [
+                await self.record(conn, tenant, session_id, now, require_active, counters, None)
+            ]
         totals: dict[tuple[str, str], list[Any]] = {}
         for tenant, session_id, counters in updates:
             total = totals.setdefault((tenant, session_id), [0, 0, 0.0])
@@ -563,14 +570,15 @@ class SessionRepository(Repository):
         batch = batch_document(rows)
         horizon = self.horizon(now)
         params = {"batch": batch, "now": now, "now_epoch": epoch(now), "horizon": horizon}
-        written = {(row[0], row[1]): row for row in await run(conn, self._record_batch, params)}
+        record, count_leases = self._record_batches[require_active]
+        written = {(row[0], row[1]): row for row in await run(conn, record, params)}
         if not written:
             return [None] * len(updates)
-        if self._batch_leases is None:  # counted by the statement
+        if count_leases is None:  # counted by the statement
             live = None
         else:
             lease_params = {"batch": batch, "now": now, "horizon": horizon}
-            found = await run(conn, self._batch_leases, lease_params)
+            found = await run(conn, count_leases, lease_params)
             live = {(r[0], r[1]): r[2] for r in found}
         # each call sees the counters after its own update: the row's, less the calls
         # after it on the same session
