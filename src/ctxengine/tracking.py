@@ -38,13 +38,19 @@ class RequestTracker:
 async def track_request(
     runtime: Runtime, tenant: str, session_id: str, operation: str
 ) -> AsyncIterator[RequestTracker]:
-    """Check the session can work and take a concurrency slot, run the block, then add
-    one request and its time (and an error when the block raised; it propagates)."""
+    """Check the session can work, take a concurrency slot and a call of its rate
+    limits (one transaction), run the block, then add one request and its time (and an
+    error when the block raised; it propagates)."""
     v.identifier(session_id)
     v.identifier(operation, "operation")
-    lease_id = await runtime.leases.acquire(tenant, session_id, operation)
+    lease_id = await runtime.leases.acquire(
+        tenant,
+        session_id,
+        operation,
+        runtime.rates.consume_all(tenant, operation),
+        unit="track_request",
+    )
     try:
-        await runtime.rates.enforce_all(tenant, session_id, operation)
         tracker = RequestTracker(runtime.ctx.clock, session_id, operation, runtime.ctx.clock())
         try:
             yield tracker

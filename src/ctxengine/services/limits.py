@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -32,6 +32,10 @@ from .usage import limits_by_tier, tier_limit
 
 log = logging.getLogger("ctxengine.limits")
 
+
+#: Work in a unit of work, on a session that can work (touched in it); a refusal is
+#: left in the effects.
+Admission = Callable[[Connection, Effects, Worker], Awaitable[None]]
 
 #: What a call under no limit is told.
 _UNLIMITED = RateLimitStatus(limit=None, remaining=None, reset_after=0.0)
@@ -63,8 +67,18 @@ class LeaseService:
     def ttl(self) -> float:
         return self.ctx.settings.lease_ttl
 
-    async def acquire(self, tenant: str, session_id: str, operation: str) -> str:
-        """Take a slot (raises ConcurrencyLimitError at the cap) and keep it renewed."""
+    async def acquire(
+        self,
+        tenant: str,
+        session_id: str,
+        operation: str,
+        also: Admission | None = None,
+        *,
+        unit: str = "acquire_concurrency_slot",
+    ) -> str:
+        """Take a slot (raises ConcurrencyLimitError at the cap) and keep it renewed.
+        ``also`` runs in the same transaction (``unit`` names it) once the slot is
+        taken: a refusal of its own gives the slot back with everything else."""
         v.identifier(session_id)
         v.identifier(operation, "operation")
         lease_id = new_id()
@@ -105,8 +119,10 @@ class LeaseService:
                     "expires_at": fx.now + timedelta(seconds=self.ttl),
                 },
             )
+            if also is not None:
+                await also(conn, fx, session)
 
-        await self.ctx.transact(work, operation="acquire_concurrency_slot")
+        await self.ctx.transact(work, operation=unit)
         self.held[(tenant, lease_id)] = asyncio.create_task(
             self._renew_forever(tenant, lease_id), name=f"ctxengine-lease-{lease_id}"
         )
@@ -382,17 +398,16 @@ class RateLimitService:
         assert result is not None
         return result
 
-    async def enforce_all(self, tenant: str, session_id: str, operation: str) -> None:
-        """Consume one call of every limit that applies to ``operation`` (track_request)."""
+    def consume_all(self, tenant: str, operation: str) -> Admission:
+        """Work consuming one call of every limit that applies to ``operation`` on a
+        session that can work (track_request's, in the transaction taking its slot)."""
 
-        async def work(conn: Connection, fx: Effects) -> None:
-            session = await self.sessions.touch_active(conn, fx, tenant, session_id)
-            if session is not None:
-                await self.admit(
-                    conn, fx, tenant, session, operation, list(RateLimitType), 1, consume=True
-                )
+        async def consume(conn: Connection, fx: Effects, session: Worker) -> None:
+            await self.admit(
+                conn, fx, tenant, session, operation, list(RateLimitType), 1, consume=True
+            )
 
-        await self.ctx.transact(work, operation="track_request")
+        return consume
 
     async def set_rule(
         self,
