@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -13,13 +13,17 @@ from ..ids import new_id
 from ..models import Event, QuotaStatus, QuotaType, Session, UsageRecord, UserAnalytics
 from ..settings import TierPolicy
 from ..storage.connection import Connection
+from ..storage.group import SOLO, Combiner, Solo
 from ..storage.repositories.leases import LeaseRepository
 from ..storage.repositories.quotas import QuotaRepository, QuotaRow, UsageFilter
-from .base import Context, Effects
+from .base import Context, Effects, done
 from .sessions import SessionService
 
 N = TypeVar("N", int, float)
 K = TypeVar("K")
+
+#: A track_usage call: tenant, session_id, operation, resource type, amount, metadata.
+_Call = tuple[str, str, str, str, float, dict[str, Any]]
 
 #: Usage thresholds announced once per crossing, in percent.
 THRESHOLDS = ((90.0, "quota.critical"), (75.0, "quota.warning"))
@@ -48,6 +52,21 @@ def limits_by_tier(
     what a one-statement write turns into a CASE over the session's tier."""
     pairs = ((tier, limit_of(policy, of)) for tier, policy in tiers.items())
     return tuple(sorted((tier, limit) for tier, limit in pairs if limit is not None))
+
+
+def _row(call: _Call, now: datetime) -> dict[str, Any]:
+    """The usage record of ``call`` at ``now`` (a new id), but its user_id."""
+    tenant, session_id, operation, resource, amount, metadata = call
+    return {
+        "tenant_id": tenant,
+        "record_id": new_id(),
+        "session_id": session_id,
+        "operation": operation,
+        "resource_type": resource,
+        "amount": amount,
+        "metadata": metadata,
+        "created_at": now,
+    }
 
 
 def _recorded(
@@ -85,11 +104,15 @@ class UsageService:
         self.sessions = sessions
         self.repo = QuotaRepository(ctx.store.backend)
         self.leases = LeaseRepository(ctx.store.backend)
-        #: Each resource's tier limits (the settings are fixed).
+        #: The tier limits of each resource type track_usage counts (the settings are
+        #: fixed).
         self._tier_limits = {
-            resource: limits_by_tier(ctx.settings.tiers, tier_limit, resource)
+            resource.value: limits_by_tier(ctx.settings.tiers, tier_limit, resource)
             for resource in QuotaType
+            if resource is not QuotaType.CONCURRENT_REQUESTS
         }
+        #: concurrent track_usage calls, written together (one-statement writes only)
+        self._tracker: Combiner[_Call, UsageRecord] = Combiner(self._track_many)
 
     def policy(self, tier: str) -> TierPolicy | None:
         return self.ctx.settings.tiers.get(tier)
@@ -114,34 +137,7 @@ class UsageService:
         qty = v.quantity(amount, "amount")
         meta = v.json_object(metadata, "metadata", self.ctx.settings.max_metadata_bytes)
 
-        def values(fx: Effects) -> dict[str, Any]:
-            """The usage record's row, but its user_id."""
-            return {
-                "tenant_id": tenant,
-                "record_id": new_id(),
-                "session_id": session_id,
-                "operation": operation,
-                "resource_type": resource.value,
-                "amount": qty,
-                "metadata": meta,
-                "created_at": fx.now,
-            }
-
-        if self.repo.writes_at_once:
-            # one statement when the session can work and the quota has room; refusals
-            # take the general transaction below
-            tier_limits = self._tier_limits[resource]
-
-            async def count(conn: Connection, fx: Effects) -> UsageRecord | None:
-                row = values(fx)
-                recorded = await self.repo.track(conn, row, tier_limits)
-                if recorded is None:
-                    return None
-                return _recorded(fx, row, recorded.user_id, recorded.used, recorded.limit)
-
-            counted = await self.ctx.transact(count, one_statement=True, operation="track_usage")
-            if counted is not None:
-                return counted
+        call = (tenant, session_id, operation, resource.value, qty, meta)
 
         async def work(conn: Connection, fx: Effects) -> UsageRecord | None:
             session = await self.sessions.touch_active(conn, fx, tenant, session_id)
@@ -167,13 +163,35 @@ class UsageService:
                 )
                 fx.refuse(QuotaExceededError(resource.value, used, row_limit, qty))
                 return None
-            row = values(fx) | {"user_id": session.user_id}
+            row = _row(call, fx.now) | {"user_id": session.user_id}
             await self.repo.insert_record(conn, row)
             return _recorded(fx, row, session.user_id, counted.used, counted.limit)
 
-        result = await self.ctx.transact(work, operation="track_usage")
-        assert result is not None
-        return result
+        with self.ctx.observing("track_usage"):
+            if self.repo.writes_at_once:  # group commit (a batch of one at once)
+                tracked = await self._tracker(call)
+                if not isinstance(tracked, Solo):
+                    return tracked
+            # a call the batch did not write (its session cannot work, or its quota had
+            # no room for it): the general transaction refuses it, or finds room freed
+            result = await self.ctx.transact(work, operation="track_usage", observed=True)
+        return done(result)
+
+    async def _track_many(self, calls: Sequence[_Call]) -> list[UsageRecord | Solo]:
+        """track_usage calls in one statement (``QuotaRepository.track_many``), each
+        announced with its own thresholds; SOLO where nothing was written for a call."""
+
+        async def work(conn: Connection, fx: Effects) -> list[UsageRecord | Solo]:
+            rows = [_row(call, fx.now) for call in calls]
+            written = await self.repo.track_many(conn, rows, self._tier_limits)
+            return [
+                SOLO if w is None else _recorded(fx, row, w.user_id, w.used, w.limit)
+                for row, w in zip(rows, written, strict=True)
+            ]
+
+        return await self.ctx.transact(
+            work, one_statement=True, operation="track_usage", observed=True
+        )
 
     async def quotas(self, tenant: str, session_id: str) -> dict[QuotaType, QuotaStatus]:
         v.identifier(session_id)

@@ -8,6 +8,10 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
+    ColumnElement,
+    Double,
+    Integer,
+    String,
     and_,
     bindparam,
     case,
@@ -22,16 +26,17 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.types import TypeEngine
 
 from ...lifecycle import epoch
 from ...models import UsageRecord
-from ..backend import Backend
+from ..backend import Backend, batch_document
 from ..connection import Connection
 from ..prebuilt import run
 from ..schema import quotas, usage_records
 from ..schema import sessions as s
 from . import Repository, of_session, written_or_abort
-from .sessions import TOUCH_WORKING
+from .sessions import CAN_WORK, TOUCH_WORKING, TOUCHED
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
 #: The limit set_quota() set on a quota (parameters tenant, sid, resource).
@@ -45,10 +50,15 @@ _CUSTOM_LIMIT = select(quotas.c.quota_limit).where(
 _RECORD_FIELDS = tuple(UsageRecord.model_fields)
 _RECORD = [usage_records.c[name] for name in _RECORD_FIELDS]
 _INSERT_RECORD = insert(usage_records)
+
+
+def _fits(amount: ColumnElement[Any]) -> ColumnElement[bool]:
+    """The quota row can take ``amount``."""
+    return or_(quotas.c.quota_limit.is_(None), quotas.c.used + amount <= quotas.c.quota_limit)
+
+
 #: The quota row can take ``amount`` (parameters: amount).
-_FITS = or_(
-    quotas.c.quota_limit.is_(None), quotas.c.used + bindparam("amount") <= quotas.c.quota_limit
-)
+_FITS = _fits(bindparam("amount"))
 #: Add to an existing row only (parameters: tenant, sid, resource, amount).
 _ADD_TO_EXISTING = (
     update(quotas)
@@ -82,15 +92,7 @@ def _track(backend: Backend, tier_limits: Mapping[str, float]) -> Any:
         q.resource_type == bindparam("resource"),
     )
     row_exists = exists().where(of_row)
-    tier_limit = (
-        case(
-            {tier: literal(limit, q.quota_limit.type) for tier, limit in tier_limits.items()},
-            value=s.c.tier,
-            else_=null(),
-        )
-        if tier_limits
-        else null()
-    )
+    tier_limit = _by_tier(s.c.tier, tier_limits)
     fits_new = or_(tier_limit.is_(None), bindparam("amount") <= tier_limit)
     touched = (
         TOUCH_WORKING.where(or_(exists().where(of_row, _FITS), and_(~row_exists, fits_new)))
@@ -132,6 +134,145 @@ def _track(backend: Backend, tier_limits: Mapping[str, float]) -> Any:
     returned = (touched.c.user_id, counted.c.used, counted.c.quota_limit)
     return written_or_abort(touched, counted, counted.c.used, *returned).add_cte(
         recorded.cte("recorded")
+    )
+
+
+def _by_tier(tier: ColumnElement[Any], limits: Mapping[str, float]) -> ColumnElement[Any]:
+    """The limit ``limits`` gives the session's ``tier`` (NULL, unlimited, for others)."""
+    if not limits:
+        return null()
+    by_tier = {name: literal(limit, quotas.c.quota_limit.type) for name, limit in limits.items()}
+    return case(by_tier, value=tier, else_=null())
+
+
+#: The rows of a ``track_many`` batch: one per call, ``k`` its place in the batch.
+_BATCH_COLUMNS: dict[str, TypeEngine[Any]] = {
+    "k": Integer(),
+    "tenant": String(),
+    "sid": String(),
+    "resource": String(),
+    "amount": Double(),
+    "record_id": String(),
+    "operation": String(),
+    "meta": usage_records.c.metadata.type,
+}
+
+
+def _track_batch(backend: Backend, tier_limits: Mapping[str, Mapping[str, float]]) -> Any:
+    """ONE statement for a batch of track_usage calls (data-modifying CTEs; parameters
+    batch, now, now_epoch): ``_track`` for every call of the batch that fits, as if
+    they ran one after another in batch order (``k``).
+
+    In the snapshot, a call fits when its session can work and its quota's ``used``
+    plus the running sum of the batch's amounts on that quota up to it is within the
+    quota's limit (a new row's: the one ``tier_limits``, resource → tier → limit, gives
+    the session's tier); as amounts are positive, the calls that fit are a prefix of
+    each quota's calls. The sessions of the calls that fit are touched (locked, in key
+    order) if they still can work; then each of their quotas gets its calls' sum in
+    one upsert, in key order, only where the locked row still has room (a new row only
+    if the session's tier is still the one checked), and their usage records are
+    inserted. It returns (k, user_id, used, limit) of every call written, ``used`` the
+    quota row's after the whole batch; when a touched session's quota was not written
+    (its room gone meanwhile), it aborts, as ``written_or_abort`` does."""
+    b = backend.batch_rows("batch", _BATCH_COLUMNS)
+    q = quotas.c
+    by_resource = {name: _by_tier(s.c.tier, limits) for name, limits in tier_limits.items()}
+    tier_limit = case(by_resource, value=b.c.resource, else_=null()) if by_resource else null()
+    # the sum of the batch's amounts on the call's quota, up to it: the upsert adds the
+    # last one's, so the check in the snapshot and the one on the locked row agree
+    running = func.sum(b.c.amount).over(
+        partition_by=(b.c.tenant, b.c.sid, b.c.resource), order_by=b.c.k
+    )
+    ranked = (
+        select(
+            *b.c,
+            s.c.tier,
+            running.label("running"),
+            func.coalesce(q.used, 0.0).label("used_before"),
+            case((q.tenant_id.is_(None), tier_limit), else_=q.quota_limit).label("lim"),
+            q.tenant_id.is_not(None).label("row_exists"),
+        )
+        .select_from(
+            b.join(
+                s, and_(s.c.tenant_id == b.c.tenant, s.c.session_id == b.c.sid, CAN_WORK)
+            ).outerjoin(
+                quotas,
+                and_(
+                    q.tenant_id == b.c.tenant,
+                    q.session_id == b.c.sid,
+                    q.resource_type == b.c.resource,
+                ),
+            )
+        )
+        .cte("ranked")
+    )
+    r = ranked.c
+    fit = select(ranked).where(or_(r.lim.is_(None), r.used_before + r.running <= r.lim)).cte("fit")
+    keys = (
+        select(fit.c.tenant, fit.c.sid)
+        .distinct()
+        .order_by(fit.c.tenant, fit.c.sid)
+        .subquery("keys")
+    )
+    touched = (
+        update(s)
+        .where(s.c.tenant_id == keys.c.tenant, s.c.session_id == keys.c.sid, CAN_WORK)
+        .values(**TOUCHED)
+        .returning(s.c.tenant_id, s.c.session_id, s.c.user_id, s.c.tier)
+        .cte("touched")
+    )
+    of_touched = and_(touched.c.tenant_id == fit.c.tenant, touched.c.session_id == fit.c.sid)
+    # a quota's sum; a new row gets the limit of the tier it was checked against, so
+    # it is not written if the tier changed meanwhile (the statement then aborts)
+    sums = (
+        select(
+            fit.c.tenant.label("tenant_id"),
+            fit.c.sid.label("session_id"),
+            fit.c.resource.label("resource_type"),
+            func.max(fit.c.running).label("used"),
+            fit.c.lim.label("quota_limit"),
+            false().label("custom"),
+        )
+        .select_from(fit.join(touched, of_touched))
+        .where(or_(fit.c.row_exists, touched.c.tier == fit.c.tier))
+        .group_by(fit.c.tenant, fit.c.sid, fit.c.resource, fit.c.lim)
+        .order_by(fit.c.tenant, fit.c.sid, fit.c.resource)
+    )
+    counted = (
+        backend.upsert(
+            quotas,
+            _Q_KEY,
+            sums,
+            lambda excluded: {"used": q.used + excluded.used},
+            lambda excluded: _fits(excluded.used),
+        )
+        .returning(q.tenant_id, q.session_id, q.resource_type, q.used, q.quota_limit)
+        .cte("counted")
+    )
+    of_counted = and_(
+        counted.c.tenant_id == fit.c.tenant,
+        counted.c.session_id == fit.c.sid,
+        counted.c.resource_type == fit.c.resource,
+    )
+    record = select(
+        fit.c.tenant,
+        fit.c.record_id,
+        fit.c.sid,
+        touched.c.user_id,
+        fit.c.operation,
+        fit.c.resource,
+        fit.c.amount,
+        fit.c.meta,
+        bindparam("now", type_=usage_records.c.created_at.type),
+    ).select_from(fit.join(touched, of_touched).join(counted, of_counted))
+    recorded = insert(usage_records).from_select([c.name for c in usage_records.c], record)
+    abort_unless_counted = literal(1) // case((counted.c.used.is_(None), 0), else_=1)
+    return (
+        select(
+            fit.c.k, touched.c.user_id, counted.c.used, counted.c.quota_limit, abort_unless_counted
+        )
+        .select_from(fit.join(touched, of_touched).outerjoin(counted, of_counted))
+        .add_cte(recorded.cte("recorded"))
     )
 
 
@@ -195,6 +336,8 @@ class QuotaRepository(Repository):
         ).returning(q.used, q.quota_limit)
         #: ``_track`` statements, by the tier limits they were built for.
         self._tracks: dict[tuple[tuple[str, float], ...], Any] = {}
+        #: ``_track_batch`` statements, by the tier limits they were built for.
+        self._batches: dict[tuple[tuple[str, tuple[tuple[str, float], ...]], ...], Any] = {}
 
     # -- quotas -------------------------------------------------------------------------
     async def add_to_quota(
@@ -249,6 +392,62 @@ class QuotaRepository(Repository):
         }
         row = (await run(conn, stmt, params)).first()
         return None if row is None else Recorded(row[0], float(row[1]), _opt_float(row[2]))
+
+    async def track_many(
+        self,
+        conn: Connection,
+        records: Sequence[dict[str, Any]],
+        tier_limits: Mapping[str, tuple[tuple[str, float], ...]],
+    ) -> list[Recorded | None]:
+        """:meth:`track` of several calls (``records`` with the same ``created_at``; a
+        resource's tier limits in ``tier_limits``), in ONE statement, as if they ran one
+        after another in order: what each would have returned, or None where nothing
+        was written for it (its session cannot work, or its quota has no room for it
+        after the calls before it). Each call's ``used`` is its quota row's right after
+        its own amount. A batch of one runs :meth:`track`'s statement."""
+        if len(records) == 1:
+            record = records[0]
+            return [await self.track(conn, record, tier_limits[record["resource_type"]])]
+        shape = tuple(sorted(tier_limits.items()))
+        stmt = self._batches.get(shape)
+        if stmt is None:
+            limits = {resource: dict(pairs) for resource, pairs in shape if pairs}
+            stmt = self._batches[shape] = _track_batch(self.backend, limits)
+        rows = [
+            {
+                "k": k,
+                "tenant": r["tenant_id"],
+                "sid": r["session_id"],
+                "resource": r["resource_type"],
+                "amount": r["amount"],
+                "record_id": r["record_id"],
+                "operation": r["operation"],
+                "meta": r["metadata"],
+            }
+            for k, r in enumerate(records)
+        ]
+        rows.sort(key=lambda row: (row["tenant"], row["sid"], row["resource"]))  # key order
+        now = records[0]["created_at"]
+        params = {"batch": batch_document(rows), "now": now, "now_epoch": epoch(now)}
+        written = {row[0]: row for row in await run(conn, stmt, params)}
+        results: list[Recorded | None] = [None] * len(records)
+        if not written:
+            return results
+        # each call sees its quota row right after its own amount: the row's after the
+        # batch, less the amounts of the calls after it on that quota
+        after: dict[tuple[str, str, str], float] = {}
+        for k in range(len(records) - 1, -1, -1):
+            row = written.get(k)
+            if row is None:
+                continue
+            record = records[k]
+            quota = (record["tenant_id"], record["session_id"], record["resource_type"])
+            used = after.get(quota)
+            if used is None:
+                used = float(row[2])
+            results[k] = Recorded(row[1], used, _opt_float(row[3]))
+            after[quota] = used - record["amount"]
+        return results
 
     async def quota_rows(
         self, conn: Connection, tenant: str, session_id: str
