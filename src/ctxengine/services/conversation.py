@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from .. import validation as v
 from ..errors import (
@@ -18,7 +18,8 @@ from ..errors import (
 from ..ids import new_id
 from ..models import Chat, Message, Session, SessionStats
 from ..storage.connection import Connection
-from ..storage.repositories.conversation import ConversationRepository
+from ..storage.group import SOLO, Combiner, Solo
+from ..storage.repositories.conversation import Appended, ConversationRepository
 from . import documents as d
 from . import history
 from .base import Context, Effects, done
@@ -41,6 +42,24 @@ _NO_SEQ_ABOVE = 2**63 - 1
 #: forgotten when a new one would pass it.
 _FULL_CHATS_KEPT = 10_000
 
+#: The most characters of content an add_messages call brings to a combined batch
+#: (the batch's document, a parameter of one statement, stays well within the
+#: database's bounds): a call with more appends in a statement of its own.
+_COMBINED_CONTENT_MAX = 32_768
+
+
+class _Call(NamedTuple):
+    """An add_messages call that may be combined with others (see ``_append_many``)."""
+
+    tenant: str
+    session_id: str
+    chat_id: str | None
+    new: Sequence[NewMessage]
+
+
+#: What a combined call appended: its messages, and the append.
+_Combined = tuple[list[Message], Appended]
+
 
 class ConversationService:
     """Business rules of SPEC §4, for any tenant."""
@@ -53,6 +72,8 @@ class ConversationService:
         #: the next one skips the one-statement append, which would find no room. A
         #: hint only: the transaction taken instead is right whatever the chat holds.
         self._full: set[tuple[str, str, str | None]] = set()
+        #: concurrent appends that may take one statement, written together
+        self._appender: Combiner[_Call, _Combined] = Combiner(self._append_many)
         #: With ``history_overflow="compact"``: told after each committed append
         #: (tenant, session_id, chat_id, whether the chat is past its cap).
         self.appended: Callable[[str, str, str, bool], None] | None = None
@@ -236,54 +257,37 @@ class ConversationService:
         # the one-statement append checks no expected seq
         appends = self.repo.appends_at_once(len(new)) and if_last_seq is None
         trims = appends and settings.history_overflow == "trim"
-        # "compact": the append always commits (past the cap too); compaction follows
-        compacts = settings.history_overflow == "compact"
         hint = (tenant, session_id, chat_id)
         starts_turn = bool(new) and new[0].role == "user"
         #: the chat written to, and whether it is now past its cap
         written: list[tuple[str, bool]] = []
 
-        async def append(conn: Connection, fx: Effects, *, room: bool) -> list[Message] | None:
-            """ONE statement appending the messages if the session can work and the chat
-            has room (without ``room``: whatever its room, the history trimmed next by a
-            new statement, which sees what concurrent trimmers of the chat, whose lock it
-            waited for, deleted); None, with nothing written, otherwise."""
+        async def append_anyway(conn: Connection, fx: Effects) -> list[Message] | None:
+            """ONE statement appending the messages if the session can work, whatever the
+            chat's room, the history then trimmed by a new statement (which sees what
+            concurrent trimmers of the chat, whose lock it waited for, deleted); None,
+            with nothing written, when the session cannot work or the chat is missing."""
             rows = [message_values(tenant, session_id, "", 0, m, fx.now) for m in new]
-            appended = await self.repo.append(conn, rows, chat_id, room=room)
+            appended = await self.repo.append(conn, rows, chat_id, room=False)
             if appended is None:
                 return None
             chat, last = appended.chat_id, appended.last_seq
-            over = False
-            if not room:
-                first, count, limit = last - len(rows) + 1, appended.message_count, appended.limit
-                over = await self._keep_limit(
-                    conn, fx, tenant, session_id, chat, first, count, limit, starts_turn
-                )
-                if limit is None or count < limit:
-                    self._full.discard(hint)
-                else:
-                    if len(self._full) >= _FULL_CHATS_KEPT:
-                        self._full.clear()  # the oldest hints are as likely stale
-                    self._full.add(hint)
+            first, count, limit = last - len(rows) + 1, appended.message_count, appended.limit
+            over = await self._keep_limit(
+                conn, fx, tenant, session_id, chat, first, count, limit, starts_turn
+            )
+            if limit is None or count < limit:
+                self._full.discard(hint)
+            else:
+                if len(self._full) >= _FULL_CHATS_KEPT:
+                    self._full.clear()  # the oldest hints are as likely stale
+                self._full.add(hint)
             written.append((chat, over))
             return self._added(fx, appended.user_id, _placed(rows, chat, last))
 
-        if appends and not (trims and hint in self._full):
-            # one statement when the session can work and the chat has room (with
-            # "compact", whatever its room); anything else (refusals, trimming the
-            # history) takes the general transaction below
-            added = await self.ctx.transact(
-                lambda conn, fx: append(conn, fx, room=not compacts),
-                one_statement=True,
-                operation="add_message",
-            )
-            if added is not None:
-                self._notify(tenant, session_id, written)
-                return added
-
         async def work(conn: Connection, fx: Effects) -> list[Message] | None:
             if trims:
-                added = await append(conn, fx, room=False)
+                added = await append_anyway(conn, fx)
                 if added is not None:
                     return added
             session = await self.sessions.touch_active(conn, fx, tenant, session_id)
@@ -318,9 +322,58 @@ class ConversationService:
             written.append((chat, over))
             return self._added(fx, session.user_id, rows)
 
-        added = done(await self.ctx.transact(work, operation="add_message"))
+        with self.ctx.observing("add_message"):
+            if appends and not (trims and hint in self._full):
+                # group commit (a batch of one at once): one statement when the session
+                # can work and the chat has room (with "compact", whatever its room)
+                call = _Call(tenant, session_id, chat_id, new)
+                if sum(len(m.content) for m in new) <= _COMBINED_CONTENT_MAX:
+                    combined = await self._appender(call)
+                else:  # a batch's document stays small: large content goes alone
+                    (combined,) = await self._append_many((call,))
+                if not isinstance(combined, Solo):
+                    added, appended = combined
+                    over = self.ctx.settings.history_overflow == "compact" and _past(
+                        appended.message_count, appended.limit
+                    )
+                    self._notify(tenant, session_id, [(appended.chat_id, over)])
+                    return added
+            # anything else (refusals, trimming the history, an expected seq) takes the
+            # general transaction
+            added = done(await self.ctx.transact(work, operation="add_message", observed=True))
         self._notify(tenant, session_id, written)
         return added
+
+    async def _append_many(self, calls: Sequence[_Call]) -> list[_Combined | Solo]:
+        """add_messages calls that may append in one statement, written together (see
+        ``ConversationRepository.append_many``): SOLO for a call nothing was written
+        for, which then takes the general transaction."""
+        room = self.ctx.settings.history_overflow != "compact"
+
+        async def work(conn: Connection, fx: Effects) -> list[_Combined | Solo]:
+            batch = [
+                (
+                    call.chat_id,
+                    [
+                        message_values(call.tenant, call.session_id, "", 0, m, fx.now)
+                        for m in call.new
+                    ],
+                )
+                for call in calls
+            ]
+            results: list[_Combined | Solo] = []
+            written = await self.repo.append_many(conn, batch, fx.now, room=room)
+            for (_, rows), appended in zip(batch, written, strict=True):
+                if appended is None:
+                    results.append(SOLO)
+                    continue
+                placed = _placed(rows, appended.chat_id, appended.last_seq)
+                results.append((self._added(fx, appended.user_id, placed), appended))
+            return results
+
+        return await self.ctx.transact(
+            work, one_statement=True, operation="add_message", observed=True
+        )
 
     def _notify(self, tenant: str, session_id: str, written: list[tuple[str, bool]]) -> None:
         """Tell ``appended`` (automatic compaction) of a committed append (the last
@@ -355,8 +408,9 @@ class ConversationService:
         HistoryLimitError ("reject", or too few whole turns to trim: the unit of work
         is then rolled back). With "compact", nothing here: whether the chat is past
         its limit (compaction follows the commit)."""
-        if limit is None or count <= limit:
+        if not _past(count, limit):
             return False
+        assert limit is not None
         excess = count - limit
         overflow = self.ctx.settings.history_overflow
         if overflow == "compact":
@@ -549,6 +603,11 @@ class ConversationService:
 
     async def total_messages(self, conn: Connection, tenant: str) -> int:
         return (await self.repo.message_totals(conn, tenant))[1]
+
+
+def _past(count: int, limit: int | None) -> bool:
+    """Whether a chat holding ``count`` messages is past its cap ``limit``."""
+    return limit is not None and count > limit
 
 
 def _public_message(values: dict[str, Any]) -> dict[str, Any]:

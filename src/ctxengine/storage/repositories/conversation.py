@@ -7,8 +7,10 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
+    Integer,
     and_,
     bindparam,
+    case,
     delete,
     exists,
     false,
@@ -22,16 +24,17 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.types import TypeEngine
 
 from ...lifecycle import epoch
 from ...models import Chat, Checkpoint, Message
-from ..backend import Backend
+from ..backend import Backend, batch_document
 from ..connection import Connection
 from ..prebuilt import Record, run, run_dicts
 from ..schema import chats, checkpoints, messages, shared_state
 from ..schema import sessions as s
 from . import Repository, of_session, written_or_abort
-from .sessions import TOUCH_WORKING
+from .sessions import CAN_WORK, TOUCH_WORKING, TOUCHED
 
 _CHAT = list(chats.c)
 #: Chat fields read from a row of ``_CHAT``, each with its position.
@@ -367,6 +370,150 @@ def _append(n: int, *, room: bool = True) -> Any:
 _APPENDS = {n: _append(n) for n in range(1, APPEND_MAX + 1)}
 _APPENDS_ANYWAY = {n: _append(n, room=False) for n in range(1, APPEND_MAX + 1)}
 
+#: The rows of an ``append_many`` batch: one per call (its index in the batch, its
+#: session, its chat as asked and how many messages it appends) ...
+_CALL_COLUMNS: dict[str, TypeEngine[Any]] = {
+    "idx": Integer(),
+    "tenant": chats.c.tenant_id.type,
+    "sid": chats.c.session_id.type,
+    "chat": chats.c.chat_id.type,
+    "n": Integer(),  # its running sum a bigint
+}
+#: ... and one per message (its call, its place in it, its ``_APPENDED`` fields).
+_BATCH_MESSAGE_COLUMNS: dict[str, TypeEngine[Any]] = {
+    "idx": Integer(),
+    "k": Integer(),
+    **{field: messages.c[field].type for field in _APPENDED},
+}
+
+
+def _append_batch(backend: Backend, *, room: bool) -> Any:
+    """``_append`` for the calls of a batch, in ONE statement (data-modifying CTEs).
+
+    In the statement's snapshot, each call's chat (``chat``, else its session's
+    current chat) is found for the calls of sessions that can work, and the calls of
+    each chat are admitted in batch order while it has room (a prefix: the running
+    total of its calls' messages; with no ``room``, every call to a chat that
+    exists). Then the sessions with an admitted call are touched if they can still
+    work and still have the current chat read (all of them before any chat: sessions
+    before chats, as every write locks them), each chat takes as many sequence numbers
+    as its admitted calls of touched sessions append if it still has room on its
+    locked row, and the messages are inserted, each call's consecutive, in batch
+    order. A chat due that takes none (filled or removed in between) aborts the
+    statement, as ``written_or_abort`` does. It returns, per call written: idx,
+    user_id, chat_id, its last seq, the chat's count once it is added, the limit.
+    Parameters: calls and messages (:func:`batch_document` of ``_CALL_COLUMNS`` and
+    ``_BATCH_MESSAGE_COLUMNS`` rows), now, now_epoch."""
+    calls = backend.batch_rows("calls", _CALL_COLUMNS)
+    chat_id = func.coalesce(calls.c.chat, s.c.current_chat_id)
+    upto = func.sum(calls.c.n).over(
+        partition_by=(calls.c.tenant, calls.c.sid, chat_id), order_by=calls.c.idx
+    )
+    placed = (
+        select(
+            calls.c.idx,
+            calls.c.tenant,
+            calls.c.sid,
+            calls.c.n,
+            chat_id.label("chat"),
+            s.c.current_chat_id.label("current"),
+            chats.c.message_count,
+            chats.c.max_messages,
+            upto.label("upto"),  # the chat's messages of the calls up to this one
+        )
+        .select_from(
+            calls.join(
+                s, and_(s.c.tenant_id == calls.c.tenant, s.c.session_id == calls.c.sid)
+            ).join(
+                chats,
+                and_(
+                    chats.c.tenant_id == calls.c.tenant,
+                    chats.c.session_id == calls.c.sid,
+                    chats.c.chat_id == chat_id,
+                ),
+            )
+        )
+        .where(CAN_WORK)
+        .subquery("placed")
+    )
+    p = placed.c
+    fits = or_(p.max_messages.is_(None), p.message_count + p.upto <= p.max_messages)
+    admitted = select(placed).where(fits if room else true()).cte("admitted")
+    a = admitted.c
+    wanted = select(a.tenant, a.sid, a.current).distinct().order_by(a.tenant, a.sid).subquery()
+    touched = (
+        update(s)
+        .where(
+            s.c.tenant_id == wanted.c.tenant,
+            s.c.session_id == wanted.c.sid,
+            CAN_WORK,
+            s.c.current_chat_id.is_not_distinct_from(wanted.c.current),
+        )
+        .values(**TOUCHED)
+        .returning(s.c.tenant_id, s.c.session_id, s.c.user_id)
+        .cte("touched")
+    )
+    of_touched = and_(touched.c.tenant_id == a.tenant, touched.c.session_id == a.sid)
+    totals = (
+        select(a.tenant, a.sid, a.chat, func.max(a.upto).label("total"))
+        .select_from(admitted.join(touched, of_touched))
+        .group_by(a.tenant, a.sid, a.chat)
+        .order_by(a.tenant, a.sid, a.chat)
+        .subquery()
+    )
+    total = totals.c.total
+    limit = chats.c.max_messages
+    still_fits = or_(limit.is_(None), chats.c.message_count + total <= limit)
+    taken = (
+        update(chats)
+        .where(
+            chats.c.tenant_id == totals.c.tenant,
+            chats.c.session_id == totals.c.sid,
+            chats.c.chat_id == totals.c.chat,
+            still_fits if room else true(),
+        )
+        .values(next_seq=chats.c.next_seq + total, message_count=chats.c.message_count + total)
+        .returning(
+            chats.c.tenant_id,
+            chats.c.session_id,
+            chats.c.chat_id,
+            (chats.c.next_seq - total).label("seq_before"),
+            (chats.c.message_count - total).label("count_before"),
+            limit.label("limit"),
+        )
+        .cte("taken")
+    )
+    k = taken.c
+    of_taken = and_(k.tenant_id == a.tenant, k.session_id == a.sid, k.chat_id == a.chat)
+    new = backend.batch_rows("messages", _BATCH_MESSAGE_COLUMNS)
+    m = messages.c
+    added = insert(messages).from_select(
+        ["tenant_id", "session_id", "chat_id", "seq", *_APPENDED, "created_at"],
+        select(
+            a.tenant,
+            a.sid,
+            k.chat_id,
+            k.seq_before + a.upto - a.n + new.c.k + 1,
+            *(new.c[field] for field in _APPENDED),
+            bindparam("now", type_=m.created_at.type),
+        ).select_from(new.join(admitted, a.idx == new.c.idx).join(taken, of_taken)),
+    )
+    # a due chat that took nothing: 1 / 0 aborts the statement (see written_or_abort)
+    abort_unless_taken = literal(1) // case((k.chat_id.is_(None), 0), else_=1)
+    return (
+        select(
+            a.idx,
+            touched.c.user_id,
+            a.chat,
+            k.seq_before + a.upto,
+            k.count_before + a.upto,
+            k["limit"],
+            abort_unless_taken,
+        )
+        .select_from(admitted.join(touched, of_touched).outerjoin(taken, of_taken))
+        .add_cte(added.cte("added"))
+    )
+
 
 class Taken(NamedTuple):
     """A chat's counters after sequence numbers were handed out: the last seq taken, its
@@ -469,6 +616,12 @@ class ConversationRepository(Repository):
         self._insert_chat = backend.insert_or_ignore(
             chats, ("tenant_id", "session_id", "chat_id")
         ).returning(*_CHAT)
+        #: ``append_many``'s statements, with and without the room checked.
+        self._append_batches = (
+            {room: _append_batch(backend, room=room) for room in (False, True)}
+            if backend.data_modifying_ctes
+            else {}
+        )
 
     # -- chats --------------------------------------------------------------------------
     async def lock_session(self, conn: Connection, tenant: str, session_id: str) -> bool:
@@ -617,6 +770,52 @@ class ConversationRepository(Repository):
             return None
         limit = None if row[4] is None else int(row[4])
         return Appended(row[0], row[1], int(row[2]), int(row[3]), limit)
+
+    async def append_many(
+        self,
+        conn: Connection,
+        calls: Sequence[tuple[str | None, Sequence[dict[str, Any]]]],
+        now: datetime,
+        *,
+        room: bool = True,
+    ) -> list[Appended | None]:
+        """:meth:`append` of several calls (each its ``chat_id`` and its rows, all of
+        ``now``) in ONE statement, as if they ran one after another in order: what each
+        would have returned, or None for a call nothing was written for (its session
+        cannot work, its chat is missing or, with ``room``, it does not fit after the
+        calls before it to the chat; then none after it to that chat is written
+        either). A batch of one is :meth:`append`'s statement."""
+        if len(calls) == 1:
+            chat_id, rows = calls[0]
+            return [await self.append(conn, rows, chat_id, room=room)]
+        heads: list[dict[str, Any]] = []
+        bodies: list[dict[str, Any]] = []
+        for idx, (chat_id, rows) in enumerate(calls):
+            first = rows[0]
+            heads.append(
+                {
+                    "idx": idx,
+                    "tenant": first["tenant_id"],
+                    "sid": first["session_id"],
+                    "chat": chat_id,
+                    "n": len(rows),
+                }
+            )
+            for k, values in enumerate(rows):
+                body = {field: values[field] for field in _APPENDED}
+                body["idx"], body["k"] = idx, k
+                bodies.append(body)
+        params = {
+            "calls": batch_document(heads),
+            "messages": batch_document(bodies),
+            "now": now,
+            "now_epoch": epoch(now),
+        }
+        written: list[Appended | None] = [None] * len(calls)
+        for row in await run(conn, self._append_batches[room], params):
+            limit = None if row[5] is None else int(row[5])
+            written[row[0]] = Appended(row[1], row[2], int(row[3]), int(row[4]), limit)
+        return written
 
     async def delete_oldest_turns(
         self,
