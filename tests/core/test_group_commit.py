@@ -305,3 +305,40 @@ async def test_tracked_requests_are_recorded_together_also_after_their_session_e
     requests, errors, _ = await stored(engine, "hot")
     assert (requests, errors) == (32, 8)
     assert any(size > 1 and not require for size, require in batches)
+
+
+async def test_slots_released_at_once_share_statements(engine: ContextEngine) -> None:
+    """32 concurrency slots of two sessions left at once: their leases are deleted by
+    shared statements, every one of them, and no other session's."""
+    for name in ("a", "b", "other"):
+        await engine.create_session(name, "u", tier="enterprise")
+    repo = engine._runtime().leases.repo
+    batches: list[int] = []
+    release_leases = repo.release_leases
+
+    async def counted(conn: Any, keys: Sequence[tuple[str, str]]) -> None:
+        batches.append(len(keys))
+        await release_leases(conn, keys)
+
+    repo.release_leases = counted  # type: ignore[method-assign]
+    all_in, release = asyncio.Event(), asyncio.Event()
+    inside = 0
+
+    async def hold(session_id: str) -> None:
+        nonlocal inside
+        async with engine.concurrency_slot(session_id, "op"):
+            inside += 1
+            if inside == 32:
+                all_in.set()
+            await release.wait()
+
+    tasks = [asyncio.ensure_future(hold("a" if i % 2 else "b")) for i in range(32)]
+    async with engine.concurrency_slot("other", "op"):
+        await all_in.wait()
+        assert (await engine.get_session("a")).concurrent_operations == 16  # type: ignore[union-attr]
+        release.set()
+        await asyncio.gather(*tasks)
+        assert (await engine.get_session("a")).concurrent_operations == 0  # type: ignore[union-attr]
+        assert (await engine.get_session("b")).concurrent_operations == 0  # type: ignore[union-attr]
+        assert (await engine.get_session("other")).concurrent_operations == 1  # type: ignore[union-attr]
+    assert sum(batches) == 33 and max(batches) > 1

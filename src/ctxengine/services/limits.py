@@ -22,6 +22,7 @@ from ..models import QuotaType, RateLimitStatus, RateLimitType, Session
 from ..ratelimit import LimiterState, decide
 from ..settings import TierPolicy
 from ..storage.connection import Connection
+from ..storage.group import Combiner
 from ..storage.repositories.leases import LeaseRepository
 from ..storage.repositories.quotas import QuotaRepository
 from ..storage.repositories.rate_limits import RateLimitRepository
@@ -62,6 +63,8 @@ class LeaseService:
         self.held: dict[tuple[str, str], asyncio.Task[None]] = {}
         #: manage_concurrency() leases: (tenant, session, operation) → lease ids.
         self.manual: dict[tuple[str, str, str], list[str]] = {}
+        #: concurrent releases, written together (group commit)
+        self._releaser: Combiner[tuple[str, str], None] = Combiner(self._release_many)
 
     @property
     def ttl(self) -> float:
@@ -155,10 +158,16 @@ class LeaseService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+        await self._releaser((tenant, lease_id))
+
+    async def _release_many(self, keys: Sequence[tuple[str, str]]) -> list[None]:
+        """Free the slots (tenant, lease_id) ``keys`` in one statement."""
+
         async def work(conn: Connection, fx: Effects) -> None:
-            await self.repo.release_lease(conn, tenant, lease_id)
+            await self.repo.release_leases(conn, keys)
 
         await self.ctx.transact(work, one_statement=True, operation="release_concurrency_slot")
+        return [None] * len(keys)
 
     async def release_quietly(self, tenant: str, lease_id: str) -> None:
         """Release, even when cancelled; a failure is logged (the lease then expires

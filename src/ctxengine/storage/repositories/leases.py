@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import String, and_, bindparam, delete, func, insert, or_, select, tuple_, update
 
 from ...ratelimit import CLOCK_SKEW
+from ..backend import Backend, batch_document
 from ..connection import Connection
 from ..prebuilt import run
 from ..schema import leases
@@ -34,6 +36,14 @@ _RELEASE = delete(leases).where(_BY_ID)
 
 class LeaseRepository(Repository):
     """Every statement on the lease table."""
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__(backend)
+        batch = backend.batch_rows("batch", {"tenant": String(), "lease": String()})
+        #: Release the leases of a batch (parameter: batch).
+        self._release_batch = delete(leases).where(
+            tuple_(lc.tenant_id, lc.lease_id).in_(select(batch.c.tenant, batch.c.lease))
+        )
 
     # A lease is live while now < expires_at <= now + ttl (+ CLOCK_SKEW): one expiring
     # further ahead was stamped by a clock that has since stepped back, and is dead.
@@ -63,8 +73,15 @@ class LeaseRepository(Repository):
         params = {"tenant": tenant, "lease": lease_id, "now": now, "until": until}
         return bool((await run(conn, _RENEW, params)).rowcount)
 
-    async def release_lease(self, conn: Connection, tenant: str, lease_id: str) -> None:
-        await run(conn, _RELEASE, {"tenant": tenant, "lease": lease_id})
+    async def release_leases(self, conn: Connection, keys: Sequence[tuple[str, str]]) -> None:
+        """Delete the leases (tenant, lease_id) ``keys``: one statement, whatever their
+        number."""
+        if len(keys) == 1:
+            tenant, lease_id = keys[0]
+            await run(conn, _RELEASE, {"tenant": tenant, "lease": lease_id})
+            return
+        rows = [{"tenant": tenant, "lease": lease_id} for tenant, lease_id in keys]
+        await run(conn, self._release_batch, {"batch": batch_document(rows)})
 
 
 def _horizon(now: datetime, ttl: float) -> datetime:
