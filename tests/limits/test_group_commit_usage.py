@@ -201,29 +201,63 @@ async def test_thresholds_are_announced_once_each_across_batches(engine: Context
         assert shared(records)
 
 
-async def test_a_batch_finding_the_room_gone_on_the_locked_row_is_retried(
-    pg_url: str,
+#: What another transaction changes between a batch's snapshot and its locks, and what
+#: the batch's two calls (1 each on a quota of 40, used 1; a new row of the free tier's
+#: 1000 where there is none) come to once it is retried: (first, second) written,
+#: the quota row (used, limit) after them and the number of usage records.
+RACES = {
+    "the room gone": (
+        "UPDATE ctx_quotas SET used = 39 WHERE session_id = 's'",
+        True,
+        (True, False),
+        (40, 40),
+        2,
+    ),
+    "the session ended": (
+        "UPDATE ctx_sessions SET status = 'completed' WHERE session_id = 's'",
+        True,
+        (False, False),
+        (1, 40),
+        1,
+    ),
+    "the tier changed": (
+        "UPDATE ctx_sessions SET tier = 'pro' WHERE session_id = 's'",
+        False,
+        (True, True),
+        (2, 25_000),
+        2,
+    ),
+}
+
+
+@pytest.mark.parametrize("race", RACES)
+async def test_a_batch_that_finds_a_change_on_the_locked_rows_is_retried(
+    pg_url: str, race: str
 ) -> None:
-    """Another transaction takes the room between the batch's snapshot and its write:
-    on the locked quota row the batch finds it gone, aborts and is retried, and then
-    writes only the call that still fits (the other runs alone): never over the limit."""
+    """Another transaction changes a session or a quota between the batch's snapshot
+    and its locks: the batch aborts and is retried (nothing written twice), and then
+    writes only what the change allows (a call it does not write runs alone): never
+    over the limit, nothing for an ended session, a new row with the new tier's limit."""
+    change, quota_exists, written, after, recorded = RACES[race]
     async with ContextEngine(pg_url, settings=EngineSettings(auto_cleanup=False)) as engine:
-        session = await engine.create_session("s", "u")
-        await engine.set_quota("s", QuotaType.API_CALLS, 40)
-        await engine.track_usage("s", "op", QuotaType.API_CALLS)
+        session = await engine.create_session("s", "u", tier="free")
+        if quota_exists:
+            await engine.set_quota("s", QuotaType.API_CALLS, 40)
+            await engine.track_usage("s", "op", QuotaType.API_CALLS)
         usage = engine._runtime().usage
         call: tuple[str, str, str, str, float, dict[str, Any]]
         call = (session.tenant_id, "s", "op", QuotaType.API_CALLS.value, 1.0, {})
         async with engine._store.engine.connect() as other:
-            await other.execute(text("UPDATE ctx_quotas SET used = 39 WHERE session_id = 's'"))
+            await other.execute(text(change))
             batch = asyncio.ensure_future(usage._track_many([call, call]))
             await asyncio.sleep(0.5)
-            assert not batch.done()  # waiting for the quota row's lock
+            assert not batch.done()  # waiting for a lock the other transaction holds
             await other.commit()
-        first, second = await batch
-        assert isinstance(first, UsageRecord) and second is SOLO
-        assert await quota_row(engine, "s", QuotaType.API_CALLS) == (40, 40)
-        assert len(await rows(engine, "SELECT 1 FROM ctx_usage_records")) == 2
+        results = await batch
+        assert tuple(isinstance(r, UsageRecord) for r in results) == written
+        assert all(isinstance(r, UsageRecord) or r is SOLO for r in results)
+        assert await quota_row(engine, "s", QuotaType.API_CALLS) == after
+        assert len(await rows(engine, "SELECT 1 FROM ctx_usage_records")) == recorded
 
 
 @pytest.mark.parametrize("amount", [0.1, 0.7])

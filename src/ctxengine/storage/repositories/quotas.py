@@ -167,13 +167,15 @@ def _track_batch(backend: Backend, tier_limits: Mapping[str, Mapping[str, float]
     plus the running sum of the batch's amounts on that quota up to it is within the
     quota's limit (a new row's: the one ``tier_limits``, resource → tier → limit, gives
     the session's tier); as amounts are positive, the calls that fit are a prefix of
-    each quota's calls. The sessions of the calls that fit are touched (locked, in key
-    order) if they still can work; then each of their quotas gets its calls' sum in
-    one upsert, in key order, only where the locked row still has room (a new row only
-    if the session's tier is still the one checked), and their usage records are
-    inserted. It returns (k, user_id, used, limit) of every call written, ``used`` the
-    quota row's after the whole batch; when a touched session's quota was not written
-    (its room gone meanwhile), it aborts, as ``written_or_abort`` does."""
+    each quota's calls. Their sessions are touched (locked, in key order) where they
+    still can work, for the same user and tier; only then (all touched) each of their
+    quotas gets its calls' sum in one upsert, in key order, where the locked row still
+    has room; their usage records are inserted. It returns (k, user_id) of every call
+    written and (tenant, sid, resource, used, limit) of every quota row after the
+    batch, the other columns NULL. When the locks found a session or a quota changed
+    since the snapshot, the statement aborts, as ``written_or_abort``'s do. (No join
+    between the CTEs' results: the planner, which cannot count their rows, would
+    nest their loops.)"""
     b = backend.batch_rows("batch", _BATCH_COLUMNS)
     q = quotas.c
     by_resource = {name: _by_tier(s.c.tier, limits) for name, limits in tier_limits.items()}
@@ -186,11 +188,11 @@ def _track_batch(backend: Backend, tier_limits: Mapping[str, Mapping[str, float]
     ranked = (
         select(
             *b.c,
+            s.c.user_id,
             s.c.tier,
             running.label("running"),
             func.coalesce(q.used, 0.0).label("used_before"),
             case((q.tenant_id.is_(None), tier_limit), else_=q.quota_limit).label("lim"),
-            q.tenant_id.is_not(None).label("row_exists"),
         )
         .select_from(
             b.join(
@@ -208,35 +210,40 @@ def _track_batch(backend: Backend, tier_limits: Mapping[str, Mapping[str, float]
     )
     r = ranked.c
     fit = select(ranked).where(or_(r.lim.is_(None), r.used_before + r.running <= r.lim)).cte("fit")
+    f = fit.c
     keys = (
-        select(fit.c.tenant, fit.c.sid)
-        .distinct()
-        .order_by(fit.c.tenant, fit.c.sid)
-        .subquery("keys")
+        select(f.tenant, f.sid, f.user_id, f.tier).distinct().order_by(f.tenant, f.sid).cte("keys")
     )
     touched = (
         update(s)
-        .where(s.c.tenant_id == keys.c.tenant, s.c.session_id == keys.c.sid, CAN_WORK)
+        .where(
+            s.c.tenant_id == keys.c.tenant,
+            s.c.session_id == keys.c.sid,
+            s.c.user_id == keys.c.user_id,
+            s.c.tier == keys.c.tier,
+            CAN_WORK,
+        )
         .values(**TOUCHED)
-        .returning(s.c.tenant_id, s.c.session_id, s.c.user_id, s.c.tier)
+        .returning(s.c.session_id)
         .cte("touched")
     )
-    of_touched = and_(touched.c.tenant_id == fit.c.tenant, touched.c.session_id == fit.c.sid)
-    # a quota's sum; a new row gets the limit of the tier it was checked against, so
-    # it is not written if the tier changed meanwhile (the statement then aborts)
+
+    def count(rows: Any) -> Any:
+        return select(func.count()).select_from(rows).scalar_subquery()
+
+    # counting the touched sessions takes their locks before any quota row's
     sums = (
         select(
-            fit.c.tenant.label("tenant_id"),
-            fit.c.sid.label("session_id"),
-            fit.c.resource.label("resource_type"),
-            func.max(fit.c.running).label("used"),
-            fit.c.lim.label("quota_limit"),
+            f.tenant.label("tenant_id"),
+            f.sid.label("session_id"),
+            f.resource.label("resource_type"),
+            func.max(f.running).label("used"),
+            f.lim.label("quota_limit"),
             false().label("custom"),
         )
-        .select_from(fit.join(touched, of_touched))
-        .where(or_(fit.c.row_exists, touched.c.tier == fit.c.tier))
-        .group_by(fit.c.tenant, fit.c.sid, fit.c.resource, fit.c.lim)
-        .order_by(fit.c.tenant, fit.c.sid, fit.c.resource)
+        .where(count(touched) == count(keys))
+        .group_by(f.tenant, f.sid, f.resource, f.lim)
+        .order_by(f.tenant, f.sid, f.resource)
     )
     counted = (
         backend.upsert(
@@ -249,31 +256,38 @@ def _track_batch(backend: Backend, tier_limits: Mapping[str, Mapping[str, float]
         .returning(q.tenant_id, q.session_id, q.resource_type, q.used, q.quota_limit)
         .cte("counted")
     )
-    of_counted = and_(
-        counted.c.tenant_id == fit.c.tenant,
-        counted.c.session_id == fit.c.sid,
-        counted.c.resource_type == fit.c.resource,
-    )
     record = select(
-        fit.c.tenant,
-        fit.c.record_id,
-        fit.c.sid,
-        touched.c.user_id,
-        fit.c.operation,
-        fit.c.resource,
-        fit.c.amount,
-        fit.c.meta,
+        f.tenant,
+        f.record_id,
+        f.sid,
+        f.user_id,
+        f.operation,
+        f.resource,
+        f.amount,
+        f.meta,
         bindparam("now", type_=usage_records.c.created_at.type),
-    ).select_from(fit.join(touched, of_touched).join(counted, of_counted))
-    recorded = insert(usage_records).from_select([c.name for c in usage_records.c], record)
-    abort_unless_counted = literal(1) // case((counted.c.used.is_(None), 0), else_=1)
-    return (
-        select(
-            fit.c.k, touched.c.user_id, counted.c.used, counted.c.quota_limit, abort_unless_counted
-        )
-        .select_from(fit.join(touched, of_touched).outerjoin(counted, of_counted))
-        .add_cte(recorded.cte("recorded"))
     )
+    recorded = insert(usage_records).from_select([c.name for c in usage_records.c], record)
+    quota_keys = select(f.tenant, f.sid, f.resource).distinct().subquery("quota_keys")
+    every_quota_counted = count(counted) == count(quota_keys)
+    abort_unless_counted = literal(1) // case((every_quota_counted, 1), else_=0)
+    calls = select(
+        f.k,
+        f.user_id,
+        *(null() for _ in range(5)),
+        abort_unless_counted,
+    )
+    rows = select(
+        null(),
+        null(),
+        counted.c.tenant_id,
+        counted.c.session_id,
+        counted.c.resource_type,
+        counted.c.used,
+        counted.c.quota_limit,
+        null(),
+    )
+    return calls.union_all(rows).add_cte(recorded.cte("recorded"))
 
 
 class Counted(NamedTuple):
@@ -426,26 +440,25 @@ class QuotaRepository(Repository):
             }
             for k, r in enumerate(records)
         ]
-        rows.sort(key=lambda row: (row["tenant"], row["sid"], row["resource"]))  # key order
         now = records[0]["created_at"]
         params = {"batch": batch_document(rows), "now": now, "now_epoch": epoch(now)}
-        written = {row[0]: row for row in await run(conn, stmt, params)}
-        results: list[Recorded | None] = [None] * len(records)
-        if not written:
-            return results
+        written: dict[int, str] = {}
+        counted: dict[tuple[str, str, str], tuple[float, float | None]] = {}
+        for row in await run(conn, stmt, params):
+            if row[0] is None:
+                counted[(row[2], row[3], row[4])] = (float(row[5]), _opt_float(row[6]))
+            else:
+                written[row[0]] = row[1]
         # each call sees its quota row right after its own amount: the row's after the
         # batch, less the amounts of the calls after it on that quota
+        results: list[Recorded | None] = [None] * len(records)
         after: dict[tuple[str, str, str], float] = {}
-        for k in range(len(records) - 1, -1, -1):
-            row = written.get(k)
-            if row is None:
-                continue
+        for k in sorted(written, reverse=True):
             record = records[k]
             quota = (record["tenant_id"], record["session_id"], record["resource_type"])
-            used = after.get(quota)
-            if used is None:
-                used = float(row[2])
-            results[k] = Recorded(row[1], used, _opt_float(row[3]))
+            used, limit = counted[quota]
+            used = after.get(quota, used)
+            results[k] = Recorded(written[k], used, limit)
             after[quota] = used - record["amount"]
         return results
 
