@@ -309,3 +309,42 @@ async def test_large_content_appends_in_a_statement_of_its_own(engine: ContextEn
         assert len(others) < 16
         assert all(m.created_at not in others for m in alone)
         assert len({m.created_at for m in alone}) == len(alone)
+
+
+async def test_two_engines_batching_over_many_sessions_never_deadlock(db_url: str) -> None:
+    """Two engines (two processes' worth of batches) append to 16 sessions at random:
+    every batch locks its sessions, then its chats, each in key order, so no two
+    batches wait on each other in a cycle (a deadlock, found after a second, retried),
+    and every chat's seqs run 1..N."""
+    settings = EngineSettings(**QUIET, max_messages_per_chat=None)
+    deadlocks: list[BaseException] = []
+    async with (
+        ContextEngine(db_url, settings=settings) as one,
+        ContextEngine(db_url, settings=settings) as two,
+    ):
+        for engine in (one, two):
+            backend = engine._store.backend
+            transient = backend.is_transient
+
+            def watched(exc: BaseException, transient: Any = transient) -> bool:
+                orig = getattr(exc, "orig", exc)
+                if getattr(orig, "sqlstate", None) == "40P01":
+                    deadlocks.append(exc)
+                return bool(transient(exc))
+
+            backend.is_transient = watched  # type: ignore[method-assign]
+        for i in range(16):
+            await one.create_session(f"s{i}", "u")
+
+        async def writer(engine: ContextEngine, w: int) -> None:
+            for j in range(10):
+                await engine.add_message(f"s{(w * 7 + j * 5) % 16}", "user", f"{w}/{j}")
+
+        await asyncio.gather(*(writer(e, w) for w in range(64) for e in (one, two)))
+        total = 0
+        for i in range(16):
+            seqs = [m.seq for m in await history(one, f"s{i}")]
+            assert seqs == list(range(1, len(seqs) + 1))
+            total += len(seqs)
+        assert total == 2 * 64 * 10
+    assert deadlocks == []

@@ -7,7 +7,10 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
+    CTE,
     Integer,
+    Subquery,
+    Table,
     and_,
     bindparam,
     case,
@@ -387,6 +390,20 @@ _BATCH_MESSAGE_COLUMNS: dict[str, TypeEngine[Any]] = {
 }
 
 
+def _locked(table: Table, wanted: Subquery, on: Sequence[Any], *carried: Any) -> CTE:
+    """The rows of ``table`` matched by ``wanted`` (``on``), locked in the order of its
+    primary key (the rows sorted, then locked: two batches never lock each other's
+    rows in opposite orders), with ``carried`` columns of ``wanted``."""
+    key = list(table.primary_key.columns)
+    return (
+        select(*key, *carried)
+        .join_from(table, wanted, and_(*on))
+        .order_by(*key)
+        .with_for_update(of=table)
+        .cte(f"{table.name}_locked")
+    )
+
+
 def _append_batch(backend: Backend, *, room: bool) -> Any:
     """``_append`` for the calls of a batch, in ONE statement (data-modifying CTEs).
 
@@ -394,14 +411,15 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
     current chat) is found for the calls of sessions that can work, and the calls of
     each chat are admitted in batch order while it has room (a prefix: the running
     total of its calls' messages; with no ``room``, every call to a chat that
-    exists). Then the sessions with an admitted call are touched if they can still
-    work and still have the current chat read (all of them before any chat: sessions
-    before chats, as every write locks them), each chat takes as many sequence numbers
-    as its admitted calls of touched sessions append if it still has room on its
-    locked row, and the messages are inserted, each call's consecutive, in batch
-    order. A chat due that takes none (filled or removed in between) aborts the
-    statement, as ``written_or_abort`` does. It returns, per call written: idx,
-    user_id, chat_id, its last seq, the chat's count once it is added, the limit.
+    exists). Then the sessions with an admitted call are locked and touched if they
+    can still work and still have the current chat read, each chat takes as many
+    sequence numbers as its admitted calls of touched sessions append if it still has
+    room on its locked row, and the messages are inserted, each call's consecutive, in
+    batch order. Every session is locked before any chat (as by every other write),
+    and each kind in key order (:func:`_locked`). A chat due that takes none (filled
+    or removed in between) aborts the statement, as ``written_or_abort`` does. It
+    returns, per call written: idx, user_id, chat_id, its last seq, the chat's count
+    once it is added, the limit.
     Parameters: calls and messages (:func:`batch_document` of ``_CALL_COLUMNS`` and
     ``_BATCH_MESSAGE_COLUMNS`` rows), now, now_epoch."""
     calls = backend.batch_rows("calls", _CALL_COLUMNS)
@@ -440,14 +458,20 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
     fits = or_(p.max_messages.is_(None), p.message_count + p.upto <= p.max_messages)
     admitted = select(placed).where(fits if room else true()).cte("admitted")
     a = admitted.c
-    wanted = select(a.tenant, a.sid, a.current).distinct().order_by(a.tenant, a.sid).subquery()
+    wanted = select(a.tenant, a.sid, a.current).distinct().subquery()
+    sessions_locked = _locked(
+        s,
+        wanted,
+        (s.c.tenant_id == wanted.c.tenant, s.c.session_id == wanted.c.sid),
+        wanted.c.current,
+    )
     touched = (
         update(s)
         .where(
-            s.c.tenant_id == wanted.c.tenant,
-            s.c.session_id == wanted.c.sid,
+            s.c.tenant_id == sessions_locked.c.tenant_id,
+            s.c.session_id == sessions_locked.c.session_id,
             CAN_WORK,
-            s.c.current_chat_id.is_not_distinct_from(wanted.c.current),
+            s.c.current_chat_id.is_not_distinct_from(sessions_locked.c.current),
         )
         .values(**TOUCHED)
         .returning(s.c.tenant_id, s.c.session_id, s.c.user_id)
@@ -458,18 +482,27 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
         select(a.tenant, a.sid, a.chat, func.max(a.upto).label("total"))
         .select_from(admitted.join(touched, of_touched))
         .group_by(a.tenant, a.sid, a.chat)
-        .order_by(a.tenant, a.sid, a.chat)
         .subquery()
     )
-    total = totals.c.total
+    chats_locked = _locked(
+        chats,
+        totals,
+        (
+            chats.c.tenant_id == totals.c.tenant,
+            chats.c.session_id == totals.c.sid,
+            chats.c.chat_id == totals.c.chat,
+        ),
+        totals.c.total,
+    )
+    total = chats_locked.c.total
     limit = chats.c.max_messages
     still_fits = or_(limit.is_(None), chats.c.message_count + total <= limit)
     taken = (
         update(chats)
         .where(
-            chats.c.tenant_id == totals.c.tenant,
-            chats.c.session_id == totals.c.sid,
-            chats.c.chat_id == totals.c.chat,
+            chats.c.tenant_id == chats_locked.c.tenant_id,
+            chats.c.session_id == chats_locked.c.session_id,
+            chats.c.chat_id == chats_locked.c.chat_id,
             still_fits if room else true(),
         )
         .values(next_seq=chats.c.next_seq + total, message_count=chats.c.message_count + total)
