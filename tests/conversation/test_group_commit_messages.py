@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from ctxengine import ContextEngine, EngineSettings, Event, Message
 from ctxengine.errors import (
@@ -348,3 +349,59 @@ async def test_two_engines_batching_over_many_sessions_never_deadlock(db_url: st
             total += len(seqs)
         assert total == 2 * 64 * 10
     assert deadlocks == []
+
+
+async def race_with(engine: ContextEngine, change: str, calls: list[Any]) -> list[Any]:
+    """Run ``calls`` while another transaction holds ``change`` (SQL) uncommitted: each
+    batch reads its snapshot from before it, then waits for the row locks, and finds
+    the change committed on the locked rows."""
+    async with engine._store.engine.connect() as conn:
+        await conn.execute(text(change))
+        tasks = [asyncio.ensure_future(call) for call in calls]
+        await asyncio.sleep(0.3)  # every call has read its snapshot and waits
+        assert not any(task.done() for task in tasks)
+        await conn.commit()
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_chat_filled_before_its_lock_refuses_the_batch(db_url: str) -> None:
+    """The room is checked again on the locked chat row: a batch whose snapshot saw room
+    that a concurrent writer took aborts and is retried; the calls are then refused."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("one statement per batch on PostgreSQL only")
+    settings = EngineSettings(**QUIET, history_overflow="reject")
+    async with ContextEngine(db_url, settings=settings) as engine:
+        await engine.create_session("s", "u")
+        await fill(engine, "s", 2)
+        shrink = "UPDATE ctx_chats SET max_messages = message_count WHERE session_id = 's'"
+        calls = [engine.add_message("s", "user", f"n{i}") for i in range(8)]
+        outcomes = await race_with(engine, shrink, calls)
+        assert all(isinstance(o, HistoryLimitError) for o in outcomes), outcomes
+        assert [m.seq for m in await history(engine, "s")] == [1, 2, 3, 4]
+
+
+async def test_a_session_ended_before_its_lock_refuses_the_batch(db_url: str) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("one statement per batch on PostgreSQL only")
+    async with ContextEngine(db_url, settings=EngineSettings(**QUIET)) as engine:
+        await engine.create_session("s", "u")
+        end = "UPDATE ctx_sessions SET status = 'completed' WHERE session_id = 's'"
+        calls = [engine.add_message("s", "user", f"n{i}") for i in range(8)]
+        outcomes = await race_with(engine, end, calls)
+        assert all(isinstance(o, SessionNotActiveError) for o in outcomes), outcomes
+        assert await engine.count_messages("s") == 0
+
+
+async def test_a_chat_switched_before_the_lock_takes_the_appends(db_url: str) -> None:
+    """Calls to the current chat append to the chat current on the locked session row."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("one statement per batch on PostgreSQL only")
+    async with ContextEngine(db_url, settings=EngineSettings(**QUIET)) as engine:
+        await engine.create_session("s", "u")
+        await engine.create_chat("s", chat_id="other")
+        switch = "UPDATE ctx_sessions SET current_chat_id = 'other' WHERE session_id = 's'"
+        calls = [engine.add_message("s", "user", f"n{i}") for i in range(8)]
+        outcomes = await race_with(engine, switch, calls)
+        assert all(isinstance(o, Message) and o.chat_id == "other" for o in outcomes)
+        assert [m.seq for m in await history(engine, "s", "other")] == list(range(1, 9))
+        assert await engine.count_messages("s", chat_id="default") == 0
