@@ -51,5 +51,12 @@ def written_or_abort(
     transient conflict (see ``PostgresBackend.is_transient``). ``due``: when a row was
     to be written at all (by default, always)."""
     missing = present.is_(None) if due is None else and_(present.is_(None), due)
-    abort_unless_written = literal(1) // case((missing, 0), else_=1)
-    return select(*columns, abort_unless_written).select_from(touched.outerjoin(written, true()))
+    written_or_not = touched.outerjoin(written, true())
+    return select(*columns, abort_unless(~missing)).select_from(written_or_not)
+
+
+def abort_unless(condition: ColumnElement[bool]) -> ColumnElement[int]:
+    """1 where ``condition`` holds; elsewhere a division by zero (SQLSTATE 22012,
+    which ctxengine raises only there), aborting the one-statement write that
+    selects it, to be retried as a transient conflict (see ``written_or_abort``)."""
+    return literal(1) // case((condition, 1), else_=0)

@@ -13,7 +13,6 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
-    case,
     delete,
     exists,
     false,
@@ -36,7 +35,7 @@ from ..connection import Connection
 from ..prebuilt import Record, run, run_dicts
 from ..schema import chats, checkpoints, messages, shared_state
 from ..schema import sessions as s
-from . import Repository, of_session, written_or_abort
+from . import Repository, abort_unless, of_session, written_or_abort
 from .sessions import CAN_WORK, TOUCH_WORKING, TOUCHED
 
 _CHAT = list(chats.c)
@@ -531,8 +530,8 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
             bindparam("now", type_=m.created_at.type),
         ).select_from(new.join(admitted, a.idx == new.c.idx).join(taken, of_taken)),
     )
-    # a due chat that took nothing: 1 / 0 aborts the statement (see written_or_abort)
-    abort_unless_taken = literal(1) // case((k.chat_id.is_(None), 0), else_=1)
+    # a due chat that took nothing aborts the statement
+    abort_unless_taken = abort_unless(k.chat_id.is_not(None))
     return (
         select(
             a.idx,

@@ -35,7 +35,7 @@ from ..connection import Connection
 from ..prebuilt import run
 from ..schema import quotas, usage_records
 from ..schema import sessions as s
-from . import Repository, of_session, written_or_abort
+from . import Repository, abort_unless, of_session, written_or_abort
 from .sessions import CAN_WORK, TOUCH_WORKING, TOUCHED
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
@@ -270,7 +270,7 @@ def _track_batch(backend: Backend, tier_limits: Mapping[str, Mapping[str, float]
     recorded = insert(usage_records).from_select([c.name for c in usage_records.c], record)
     quota_keys = select(f.tenant, f.sid, f.resource).distinct().subquery("quota_keys")
     every_quota_counted = count(counted) == count(quota_keys)
-    abort_unless_counted = literal(1) // case((every_quota_counted, 1), else_=0)
+    abort_unless_counted = abort_unless(every_quota_counted)
     calls = select(
         f.k,
         f.user_id,
