@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import (
     CTE,
+    BigInteger,
     Integer,
     Subquery,
     Table,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.types import TypeEngine
 
 from ...lifecycle import epoch
@@ -412,15 +414,19 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
     total of its calls' messages; with no ``room``, every call to a chat that
     exists). Then the sessions with an admitted call are locked and touched if they
     can still work and still have the current chat read, each chat takes as many
-    sequence numbers as its admitted calls of touched sessions append if it still has
-    room on its locked row, and the messages are inserted, each call's consecutive, in
-    batch order. Every session is locked before any chat (as by every other write),
-    and each kind in key order (:func:`_locked`). A chat due that takes none (filled
-    or removed in between) aborts the statement, as ``written_or_abort`` does. It
-    returns, per call written: idx, user_id, chat_id, its last seq, the chat's count
-    once it is added, the limit.
-    Parameters: calls and messages (:func:`batch_document` of ``_CALL_COLUMNS`` and
-    ``_BATCH_MESSAGE_COLUMNS`` rows), now, now_epoch."""
+    sequence numbers as its admitted calls append if it still has room on its locked
+    row, and the messages are inserted, each call's consecutive, in batch order.
+    Every session is locked before any chat (as by every other write), and each kind
+    in key order (:func:`_locked`). When a session was not touched or a chat took no
+    numbers (changed in between), nothing is inserted and the statement aborts
+    (:func:`abort_unless`), to be retried. It returns, per call written: idx,
+    user_id, chat_id, its last seq, the chat's count once it is added, the limit.
+
+    The admitted chats are numbered 1..G in key order (``g``), and what the chats'
+    locked rows give is read from arrays at those numbers: the planner takes every
+    CTE for one row, and a join between two CTEs of a batch of N calls compares N * N
+    pairs. Parameters: calls and messages (:func:`batch_document` of ``_CALL_COLUMNS``
+    and ``_BATCH_MESSAGE_COLUMNS`` rows), now, now_epoch."""
     calls = backend.batch_rows("calls", _CALL_COLUMNS)
     chat_id = func.coalesce(calls.c.chat, s.c.current_chat_id)
     upto = func.sum(calls.c.n).over(
@@ -434,6 +440,7 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
             calls.c.n,
             chat_id.label("chat"),
             s.c.current_chat_id.label("current"),
+            s.c.user_id,
             chats.c.message_count,
             chats.c.max_messages,
             upto.label("upto"),  # the chat's messages of the calls up to this one
@@ -455,7 +462,8 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
     )
     p = placed.c
     fits = or_(p.max_messages.is_(None), p.message_count + p.upto <= p.max_messages)
-    admitted = select(placed).where(fits if room else true()).cte("admitted")
+    g = func.dense_rank().over(order_by=(p.tenant, p.sid, p.chat))
+    admitted = select(placed, g.label("g")).where(fits if room else true()).cte("admitted")
     a = admitted.c
     wanted = select(a.tenant, a.sid, a.current).distinct().subquery()
     sessions_locked = _locked(
@@ -473,14 +481,15 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
             s.c.current_chat_id.is_not_distinct_from(sessions_locked.c.current),
         )
         .values(**TOUCHED)
-        .returning(s.c.tenant_id, s.c.session_id, s.c.user_id)
+        .returning(s.c.session_id)
         .cte("touched")
     )
-    of_touched = and_(touched.c.tenant_id == a.tenant, touched.c.session_id == a.sid)
+    touched_count = select(func.count()).select_from(touched).scalar_subquery()
     totals = (
-        select(a.tenant, a.sid, a.chat, func.max(a.upto).label("total"))
-        .select_from(admitted.join(touched, of_touched))
-        .group_by(a.tenant, a.sid, a.chat)
+        select(a.tenant, a.sid, a.chat, a.g, func.max(a.upto).label("total"))
+        # read after every session is touched: no chat is locked before a session
+        .where(touched_count > 0)
+        .group_by(a.tenant, a.sid, a.chat, a.g)
         .subquery()
     )
     chats_locked = _locked(
@@ -492,6 +501,7 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
             chats.c.chat_id == totals.c.chat,
         ),
         totals.c.total,
+        totals.c.g,
     )
     total = chats_locked.c.total
     limit = chats.c.max_messages
@@ -506,9 +516,7 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
         )
         .values(next_seq=chats.c.next_seq + total, message_count=chats.c.message_count + total)
         .returning(
-            chats.c.tenant_id,
-            chats.c.session_id,
-            chats.c.chat_id,
+            chats_locked.c.g,
             (chats.c.next_seq - total).label("seq_before"),
             (chats.c.message_count - total).label("count_before"),
             limit.label("limit"),
@@ -516,7 +524,26 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
         .cte("taken")
     )
     k = taken.c
-    of_taken = and_(k.tenant_id == a.tenant, k.session_id == a.sid, k.chat_id == a.chat)
+
+    def by_chat(column: Any, name: str) -> Any:
+        return func.array_agg(aggregate_order_by(column, k.g), type_=ARRAY(BigInteger)).label(name)
+
+    # every admitted session touched and every admitted chat taken, else the write aborts
+    complete = and_(
+        func.count() == select(func.max(a.g)).scalar_subquery(),
+        touched_count == select(func.count()).select_from(wanted).scalar_subquery(),
+    )
+    written = (
+        select(
+            by_chat(k.seq_before, "seqs"),
+            by_chat(k.count_before, "counts"),
+            by_chat(k["limit"], "limits"),
+            complete.label("complete"),
+        )
+        .select_from(taken)
+        .cte("written")
+    )
+    w = written.c
     new = backend.batch_rows("messages", _BATCH_MESSAGE_COLUMNS)
     m = messages.c
     added = insert(messages).from_select(
@@ -524,25 +551,25 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
         select(
             a.tenant,
             a.sid,
-            k.chat_id,
-            k.seq_before + a.upto - a.n + new.c.k + 1,
+            a.chat,
+            w.seqs[a.g] + a.upto - a.n + new.c.k + 1,
             *(new.c[field] for field in _APPENDED),
             bindparam("now", type_=m.created_at.type),
-        ).select_from(new.join(admitted, a.idx == new.c.idx).join(taken, of_taken)),
+        )
+        .select_from(new.join(admitted, a.idx == new.c.idx).join(written, true()))
+        .where(w.complete),
     )
-    # a due chat that took nothing aborts the statement
-    abort_unless_taken = abort_unless(k.chat_id.is_not(None))
     return (
         select(
             a.idx,
-            touched.c.user_id,
+            a.user_id,
             a.chat,
-            k.seq_before + a.upto,
-            k.count_before + a.upto,
-            k["limit"],
-            abort_unless_taken,
+            w.seqs[a.g] + a.upto,
+            w.counts[a.g] + a.upto,
+            w.limits[a.g],
+            abort_unless(w.complete),
         )
-        .select_from(admitted.join(touched, of_touched).outerjoin(taken, of_taken))
+        .select_from(admitted.join(written, true()))
         .add_cte(added.cte("added"))
     )
 
