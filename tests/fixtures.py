@@ -14,6 +14,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -165,3 +166,21 @@ async def connections_returned(engine: ContextEngine, seconds: float = 5.0) -> i
             break
         await asyncio.sleep(0.01)
     return engine._store.connections_in_use()
+
+
+def watch_deadlocks(*engines: ContextEngine) -> list[BaseException]:
+    """The deadlocks (SQLSTATE 40P01) the engines will meet: each is recorded as their
+    backend judges it transient (and retries it)."""
+    deadlocks: list[BaseException] = []
+    for engine in engines:
+        backend = engine._store.backend
+        transient = backend.is_transient
+
+        def watched(exc: BaseException, transient: Any = transient) -> bool:
+            orig = getattr(exc, "orig", exc)
+            if getattr(orig, "sqlstate", None) == "40P01":
+                deadlocks.append(exc)
+            return bool(transient(exc))
+
+        backend.is_transient = watched  # type: ignore[method-assign]
+    return deadlocks

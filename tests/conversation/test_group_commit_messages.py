@@ -20,6 +20,7 @@ from ctxengine.errors import (
 from ctxengine.services.chats import message_values
 from ctxengine.services.conversation import ConversationService
 from ctxengine.storage.repositories.conversation import Appended
+from tests.fixtures import watch_deadlocks
 
 QUIET = {"auto_cleanup": False}
 TENANT = "default"
@@ -318,22 +319,11 @@ async def test_two_engines_batching_over_many_sessions_never_deadlock(db_url: st
     batches wait on each other in a cycle (a deadlock, found after a second, retried),
     and every chat's seqs run 1..N."""
     settings = EngineSettings(**QUIET, max_messages_per_chat=None)
-    deadlocks: list[BaseException] = []
     async with (
         ContextEngine(db_url, settings=settings) as one,
         ContextEngine(db_url, settings=settings) as two,
     ):
-        for engine in (one, two):
-            backend = engine._store.backend
-            transient = backend.is_transient
-
-            def watched(exc: BaseException, transient: Any = transient) -> bool:
-                orig = getattr(exc, "orig", exc)
-                if getattr(orig, "sqlstate", None) == "40P01":
-                    deadlocks.append(exc)
-                return bool(transient(exc))
-
-            backend.is_transient = watched  # type: ignore[method-assign]
+        deadlocks = watch_deadlocks(one, two)
         for i in range(16):
             await one.create_session(f"s{i}", "u")
 

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import CTE, ColumnElement, Select, Table, and_, case, literal, select, true
+from sqlalchemy import (
+    CTE,
+    ColumnElement,
+    FromClause,
+    Select,
+    Table,
+    and_,
+    case,
+    func,
+    literal,
+    select,
+    true,
+)
 
 if TYPE_CHECKING:
     from ..backend import Backend
@@ -60,3 +73,27 @@ def abort_unless(condition: ColumnElement[bool]) -> ColumnElement[int]:
     which ctxengine raises only there), aborting the one-statement write that
     selects it, to be retried as a transient conflict (see ``written_or_abort``)."""
     return literal(1) // case((condition, 1), else_=0)
+
+
+def locked_in_key_order(
+    table: Table, wanted: FromClause, on: Sequence[ColumnElement[bool]], *carried: Any
+) -> CTE:
+    """The rows of ``table`` matched by ``wanted`` (``on``), locked in the order of its
+    primary key (sorted, then locked), with ``carried`` columns of ``wanted``: every
+    write of several sessions (or chats, or quotas) locks them in one order, so two
+    batches never wait on each other in a cycle."""
+    key = list(table.primary_key.columns)
+    return (
+        select(*key, *carried)
+        .join_from(table, wanted, and_(*on))
+        .order_by(*key)
+        .with_for_update(of=table)
+        .cte(f"{table.name}_locked")
+    )
+
+
+def after_locking(locked: CTE) -> ColumnElement[bool]:
+    """A condition that is always true but is evaluated, before the statement's own
+    rows are read, by counting the rows of ``locked``: a write made conditional on it
+    takes no lock before every row of ``locked`` is locked (in key order)."""
+    return select(func.count()).select_from(locked).scalar_subquery() >= 0

@@ -7,11 +7,8 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
-    CTE,
     BigInteger,
     Integer,
-    Subquery,
-    Table,
     and_,
     bindparam,
     delete,
@@ -37,7 +34,7 @@ from ..connection import Connection
 from ..prebuilt import Record, run, run_dicts
 from ..schema import chats, checkpoints, messages, shared_state
 from ..schema import sessions as s
-from . import Repository, abort_unless, of_session, written_or_abort
+from . import Repository, abort_unless, locked_in_key_order, of_session, written_or_abort
 from .sessions import CAN_WORK, TOUCH_WORKING, TOUCHED
 
 _CHAT = list(chats.c)
@@ -391,20 +388,6 @@ _BATCH_MESSAGE_COLUMNS: dict[str, TypeEngine[Any]] = {
 }
 
 
-def _locked(table: Table, wanted: Subquery, on: Sequence[Any], *carried: Any) -> CTE:
-    """The rows of ``table`` matched by ``wanted`` (``on``), locked in the order of its
-    primary key (the rows sorted, then locked: two batches never lock each other's
-    rows in opposite orders), with ``carried`` columns of ``wanted``."""
-    key = list(table.primary_key.columns)
-    return (
-        select(*key, *carried)
-        .join_from(table, wanted, and_(*on))
-        .order_by(*key)
-        .with_for_update(of=table)
-        .cte(f"{table.name}_locked")
-    )
-
-
 def _append_batch(backend: Backend, *, room: bool) -> Any:
     """``_append`` for the calls of a batch, in ONE statement (data-modifying CTEs).
 
@@ -416,10 +399,10 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
     can still work and still have the current chat read, each chat takes as many
     sequence numbers as its admitted calls append if it still has room on its locked
     row, and the messages are inserted, each call's consecutive, in batch order.
-    Every session is locked before any chat (as by every other write), and each kind
-    in key order (:func:`_locked`). When a session was not touched or a chat took no
-    numbers (changed in between), nothing is inserted and the statement aborts
-    (:func:`abort_unless`), to be retried. It returns, per call written: idx,
+    Every session is locked before any chat (as by every other write), and each
+    kind in key order (:func:`locked_in_key_order`). When a session was not touched
+    or a chat took no numbers (changed in between), nothing is inserted and the
+    statement aborts (:func:`abort_unless`), to be retried. It returns, per call written: idx,
     user_id, chat_id, its last seq, the chat's count once it is added, the limit.
 
     The admitted chats are numbered 1..G in key order (``g``), and what the chats'
@@ -466,7 +449,7 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
     admitted = select(placed, g.label("g")).where(fits if room else true()).cte("admitted")
     a = admitted.c
     wanted = select(a.tenant, a.sid, a.current).distinct().subquery()
-    sessions_locked = _locked(
+    sessions_locked = locked_in_key_order(
         s,
         wanted,
         (s.c.tenant_id == wanted.c.tenant, s.c.session_id == wanted.c.sid),
@@ -492,7 +475,7 @@ def _append_batch(backend: Backend, *, room: bool) -> Any:
         .group_by(a.tenant, a.sid, a.chat, a.g)
         .subquery()
     )
-    chats_locked = _locked(
+    chats_locked = locked_in_key_order(
         chats,
         totals,
         (

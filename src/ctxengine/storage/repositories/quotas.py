@@ -35,7 +35,14 @@ from ..connection import Connection
 from ..prebuilt import run
 from ..schema import quotas, usage_records
 from ..schema import sessions as s
-from . import Repository, abort_unless, of_session, written_or_abort
+from . import (
+    Repository,
+    abort_unless,
+    after_locking,
+    locked_in_key_order,
+    of_session,
+    written_or_abort,
+)
 from .sessions import CAN_WORK, TOUCH_WORKING, TOUCHED
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
@@ -214,6 +221,9 @@ def _track_batch(backend: Backend, tier_limits: Mapping[str, Mapping[str, float]
     keys = (
         select(f.tenant, f.sid, f.user_id, f.tier).distinct().order_by(f.tenant, f.sid).cte("keys")
     )
+    sessions_locked = locked_in_key_order(
+        s, keys, (s.c.tenant_id == keys.c.tenant, s.c.session_id == keys.c.sid)
+    )
     touched = (
         update(s)
         .where(
@@ -222,6 +232,7 @@ def _track_batch(backend: Backend, tier_limits: Mapping[str, Mapping[str, float]
             s.c.user_id == keys.c.user_id,
             s.c.tier == keys.c.tier,
             CAN_WORK,
+            after_locking(sessions_locked),
         )
         .values(**TOUCHED)
         .returning(s.c.session_id)

@@ -47,7 +47,7 @@ from ..schema import (
 )
 from ..schema import sessions as t
 from ..types import JSONDocument, UTCDateTime
-from . import Repository, of_session
+from . import Repository, after_locking, locked_in_key_order, of_session
 
 _OPEN = [s.value for s in OPEN_STATUSES]
 
@@ -334,7 +334,12 @@ class SessionRepository(Repository):
             .returning(*_COLUMNS)
         )
         if backend.data_modifying_ctes:
-            written = record.cte("written")
+            # the sessions locked in key order first, as by every batch
+            keys = backend.batch_rows("batch", _BATCH_COLUMNS)
+            locked = locked_in_key_order(
+                t, keys, (t.c.tenant_id == keys.c.tenant, t.c.session_id == keys.c.sid)
+            )
+            written = record.where(after_locking(locked)).cte("written")
             leased = _live_leases(
                 written.c.tenant_id, written.c.session_id, bindparam("now"), bindparam("horizon")
             )
