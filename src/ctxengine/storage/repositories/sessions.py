@@ -308,18 +308,24 @@ class SessionRepository(Repository):
         #: list_sessions pages, by the filters given, the cursor and the limit.
         self._listings: dict[tuple[bool, ...], Any] = {}
         #: ``record_many``'s statements, by whether the sessions must be able to work.
+        #: By whether the sessions must be able to work and whether the batch has
+        #: several sessions (only those are locked in key order first: a batch of one
+        #: session's calls holds one lock, which no cycle can go through).
         self._record_batches = {
-            require: self._batch_statements(backend, require) for require in (True, False)
+            (require, several): self._batch_statements(backend, require, several)
+            for require in (True, False)
+            for several in (True, False)
         }
 
     @staticmethod
-    def _batch_statements(backend: Backend, require_active: bool) -> tuple[Any, Any]:
+    def _batch_statements(backend: Backend, require_active: bool, several: bool) -> tuple[Any, Any]:
         """``record_many``'s statements: one UPDATE of every session of a batch (that
         can work, with ``require_active``; parameters batch, now, now_epoch, horizon)
         returning its row and, where the database has data-modifying CTEs, its live
-        leases (one round trip); elsewhere the count of their live leases is a second
-        statement (batch, now, horizon): SQLite renders RETURNING columns unqualified,
-        so a lease count correlated to each written row cannot be returned with it."""
+        leases (one round trip), the ``several`` sessions locked in key order first;
+        elsewhere the count of their live leases is a second statement (batch, now,
+        horizon): SQLite renders RETURNING columns unqualified, so a lease count
+        correlated to each written row cannot be returned with it."""
         rows = backend.batch_rows("batch", _BATCH_COLUMNS)
         of_row = and_(t.c.tenant_id == rows.c.tenant, t.c.session_id == rows.c.sid)
         record = (
@@ -334,12 +340,13 @@ class SessionRepository(Repository):
             .returning(*_COLUMNS)
         )
         if backend.data_modifying_ctes:
-            # the sessions locked in key order first, as by every batch
-            keys = backend.batch_rows("batch", _BATCH_COLUMNS)
-            locked = locked_in_key_order(
-                t, keys, (t.c.tenant_id == keys.c.tenant, t.c.session_id == keys.c.sid)
-            )
-            written = record.where(after_locking(locked)).cte("written")
+            if several:  # locked in key order first, as by every batch
+                keys = backend.batch_rows("batch", _BATCH_COLUMNS)
+                locked = locked_in_key_order(
+                    t, keys, (t.c.tenant_id == keys.c.tenant, t.c.session_id == keys.c.sid)
+                )
+                record = record.where(after_locking(locked))
+            written = record.cte("written")
             leased = _live_leases(
                 written.c.tenant_id, written.c.session_id, bindparam("now"), bindparam("horizon")
             )
@@ -575,7 +582,7 @@ class SessionRepository(Repository):
         batch = batch_document(rows)
         horizon = self.horizon(now)
         params = {"batch": batch, "now": now, "now_epoch": epoch(now), "horizon": horizon}
-        record, count_leases = self._record_batches[require_active]
+        record, count_leases = self._record_batches[require_active, len(rows) > 1]
         written = {(row[0], row[1]): row for row in await run(conn, record, params)}
         if not written:
             return [None] * len(updates)
