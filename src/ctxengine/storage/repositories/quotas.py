@@ -64,6 +64,18 @@ def _fits(amount: ColumnElement[Any]) -> ColumnElement[bool]:
     return or_(quotas.c.quota_limit.is_(None), quotas.c.used + amount <= quotas.c.quota_limit)
 
 
+def _add_used(backend: Backend, rows: Any) -> Any:
+    """Insert the quota ``rows``, or add their ``used`` to the rows there, where that
+    keeps within the row's limit (checked on the locked row)."""
+    return backend.upsert(
+        quotas,
+        _Q_KEY,
+        rows,
+        lambda excluded: {"used": quotas.c.used + excluded.used},
+        lambda excluded: _fits(excluded.used),
+    )
+
+
 #: The quota row can take ``amount`` (parameters: amount).
 _FITS = _fits(bindparam("amount"))
 #: Add to an existing row only (parameters: tenant, sid, resource, amount).
@@ -114,17 +126,7 @@ def _track(backend: Backend, tier_limits: Mapping[str, float]) -> Any:
         touched.c.tier_limit.label("quota_limit"),
         false().label("custom"),
     ).where(or_(touched.c.fits_new, row_exists))
-    counted = (
-        backend.upsert(
-            quotas,
-            _Q_KEY,
-            new_row,
-            lambda excluded: {"used": q.used + excluded.used},
-            lambda excluded: _FITS,
-        )
-        .returning(q.used, q.quota_limit)
-        .cte("counted")
-    )
+    counted = _add_used(backend, new_row).returning(q.used, q.quota_limit).cte("counted")
     u = usage_records.c
     record = select(
         bindparam("tenant", type_=u.tenant_id.type),
@@ -257,13 +259,7 @@ def _track_batch(backend: Backend, tier_limits: Mapping[str, Mapping[str, float]
         .order_by(f.tenant, f.sid, f.resource)
     )
     counted = (
-        backend.upsert(
-            quotas,
-            _Q_KEY,
-            sums,
-            lambda excluded: {"used": q.used + excluded.used},
-            lambda excluded: _fits(excluded.used),
-        )
+        _add_used(backend, sums)
         .returning(q.tenant_id, q.session_id, q.resource_type, q.used, q.quota_limit)
         .cte("counted")
     )
@@ -345,9 +341,8 @@ class QuotaRepository(Repository):
         q = quotas.c
         #: Add to the row, creating it with the tier's limit (parameters: tenant, sid,
         #: resource, amount, limit); built once, as building costs more than running it.
-        self._add_or_create = backend.upsert(
-            quotas,
-            _Q_KEY,
+        self._add_or_create = _add_used(
+            backend,
             {
                 "tenant_id": bindparam("tenant"),
                 "session_id": bindparam("sid"),
@@ -356,8 +351,6 @@ class QuotaRepository(Repository):
                 "quota_limit": bindparam("limit"),
                 "custom": False,
             },
-            lambda excluded: {"used": q.used + excluded.used},
-            lambda excluded: _FITS,
         ).returning(q.used, q.quota_limit)
         #: ``_track`` statements, by the tier limits they were built for.
         self._tracks: dict[tuple[tuple[str, float], ...], Any] = {}
