@@ -81,13 +81,16 @@ def locked_in_key_order(
     """The rows of ``table`` matched by ``wanted`` (``on``), locked in the order of its
     primary key (sorted, then locked), with ``carried`` columns of ``wanted``: every
     write of several sessions (or chats, or quotas) locks them in one order, so two
-    batches never wait on each other in a cycle."""
+    batches never wait on each other in a cycle. The lock is the one an UPDATE of
+    non-key columns takes (``FOR NO KEY UPDATE``): the write that follows needs no
+    stronger one, and inserts of rows referencing these (their foreign keys) do not
+    wait for it."""
     key = list(table.primary_key.columns)
     return (
         select(*key, *carried)
         .join_from(table, wanted, and_(*on))
         .order_by(*key)
-        .with_for_update(of=table)
+        .with_for_update(of=table, key_share=True)
         .cte(f"{table.name}_locked")
     )
 
