@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import multiprocessing
 import os
 import sys
@@ -59,6 +58,7 @@ from benchmarks.throughput import (
     PgConn,
     Tally,
     block,
+    conclude,
     engine_settings,
     postgres_database,
     verify_engine,
@@ -387,12 +387,7 @@ def main() -> None:
         flush=True,
     )
     result = asyncio.run(run(args))
-    broken = report(result)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2, default=str))
-    if broken:
-        print("\nINVARIANTS BROKEN:", *broken, sep="\n  ", file=sys.stderr)
-        raise SystemExit(1)
+    conclude(result, report(result), args.json_path)
 
 
 if __name__ == "__main__":

@@ -1145,9 +1145,14 @@ def main() -> None:
     parser.add_argument("--json", dest="json_path", default=None, help="write results here")
     args = parser.parse_args()
     result = asyncio.run(run(args))
-    broken = report(result)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2, default=str))
+    conclude(result, report(result), args.json_path)
+
+
+def conclude(result: dict[str, Any], broken: list[str], json_path: str | None) -> None:
+    """Write ``result`` to ``json_path`` (when given); exit with status 1 when an
+    invariant was ``broken``."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2, default=str))
     if broken:
         print("\nINVARIANTS BROKEN:", *broken, sep="\n  ", file=sys.stderr)
         raise SystemExit(1)
