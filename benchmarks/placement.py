@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -66,3 +66,38 @@ def database_apart(backend_pid: int) -> Iterator[str]:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(pid, theirs)
         os.sched_setaffinity(0, own)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds ``pid`` has used (the scheduler's count in ns: /proc's per-process
+    clock ticks are truncated, and 64 backends each busy for less than a tick would
+    count as nothing)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
+def _reaped_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system) of the ended children ``pid`` waited for."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # after "comm": state ppid … utime(12) stime(13) cutime(14) cstime(15), 1-based
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(backend_pid: int) -> Callable[[], float] | None:
+    """A reader of the CPU seconds the PostgreSQL server of ``backend_pid`` (a server
+    process of one of our connections) has used so far: its postmaster, with the
+    backends it reaped, and every process it runs now. None when the server runs
+    elsewhere. A backend that ends between two readings counts with its whole life."""
+    try:
+        postmaster = _parent(backend_pid)
+        _cpu_seconds(postmaster)
+    except (OSError, ValueError, IndexError):
+        return None
+
+    def read() -> float:
+        used = _reaped_cpu_seconds(postmaster)
+        for pid in _family(postmaster):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                used += _cpu_seconds(pid)
+        return used
+
+    return read

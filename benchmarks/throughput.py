@@ -68,7 +68,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from benchmarks.placement import database_apart
+from benchmarks.placement import database_apart, server_cpu
 from ctxengine import ContextEngine, EngineSettings, QuotaType
 
 PG_SERVER = os.environ.get(
@@ -186,6 +186,8 @@ class Database:
         self.dsn = dsn
         #: the harness's own connection, for the checks
         self.check: RawConn | None = None
+        #: a reader of the CPU seconds the server has used (a local PostgreSQL)
+        self.server_cpu: Callable[[], float] | None = None
 
     @property
     def postgres(self) -> bool:
@@ -289,6 +291,9 @@ class Tally:
     timed: int = 0
     elapsed: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    #: CPU seconds used while timed: this process's, the server's (None: not known)
+    client_cpu: float = 0.0
+    server_cpu: float | None = 0.0
 
     def __post_init__(self) -> None:
         self.ok = [0] * self.tasks
@@ -297,9 +302,17 @@ class Tally:
     def stats(self) -> dict[str, Any]:
         ordered = sorted(self.latencies)
         n = len(ordered)
+        calls = self.timed * self.callers_per_call
+        server = self.server_cpu
         return {
-            "ops_per_s": self.timed * self.callers_per_call / self.elapsed if self.elapsed else 0.0,
-            "calls": self.timed * self.callers_per_call,
+            "ops_per_s": calls / self.elapsed if self.elapsed else 0.0,
+            "calls": calls,
+            # CPU per call (µs): of the harness process (ctxengine or the driver, the
+            # event loop, the system calls), of every server process
+            "client_cpu_us": self.client_cpu / calls * 1e6 if calls else None,
+            "server_cpu_us": server / calls * 1e6 if calls and server is not None else None,
+            # the server's CPU use while timed, in CPUs
+            "server_busy": server / self.elapsed if self.elapsed and server is not None else None,
             "p50_ms": ordered[n // 2] * 1000 if n else None,
             "p99_ms": ordered[min(n - 1, int(n * 0.99))] * 1000 if n else None,
             "errors": self.errors,
@@ -307,8 +320,11 @@ class Tally:
         }
 
 
-async def block(side: Side, tally: Tally, seconds: float) -> None:
-    """Open ``side``, warm it up, run its tasks for ``seconds``, close it."""
+async def block(
+    side: Side, tally: Tally, seconds: float, server_cpu: Callable[[], float] | None = None
+) -> None:
+    """Open ``side``, warm it up, run its tasks for ``seconds``, close it; the CPU used
+    while timed by this process and (read by ``server_cpu``) the server's."""
     await side.open()
     try:
 
@@ -338,10 +354,17 @@ async def block(side: Side, tally: Tally, seconds: float) -> None:
                 await asyncio.sleep(0)
 
         await asyncio.gather(*(loop(t, None) for t in range(tally.tasks)))
+        began, served = os.times(), server_cpu() if server_cpu else None
         started = time.perf_counter()
         deadline = started + seconds
         await asyncio.gather(*(loop(t, deadline) for t in range(tally.tasks)))
         tally.elapsed += time.perf_counter() - started
+        ended = os.times()
+        tally.client_cpu += ended.user - began.user + ended.system - began.system
+        if served is None or server_cpu is None or tally.server_cpu is None:
+            tally.server_cpu = None
+        else:
+            tally.server_cpu += server_cpu() - served
     finally:
         await side.close()
 
@@ -490,7 +513,7 @@ async def cell(bench: Bench, op: Operation, tasks: int) -> dict[str, Any]:
         for name, side, tally in sides if r % 2 == 0 else sides[::-1]:
             # the floors are bare statements, steady: half the time each
             share = 1 if len(flushers) < 2 or not name.startswith("floor") else 0.5
-            await block(side, tally, per_block * share)
+            await block(side, tally, per_block * share, db.server_cpu)
 
     tallies = {name: tally for name, _, tally in sides}
     out: dict[str, Any] = {
@@ -1049,6 +1072,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 db = Database(
                     "postgres", dsn.replace("postgresql://", "postgresql+asyncpg://"), dsn
                 )
+                db.server_cpu = server_cpu(server_pid)
                 with database_apart(server_pid) as placement:
                     out["postgres"] = await run_backend(db, args, peers, ops)
                 out["postgres"]["placement"] = placement
@@ -1118,7 +1142,24 @@ def report(result: dict[str, Any]) -> list[str]:
                 f"{_num(row.get('floor_ratio'), '.2f'):>10}  {peer_cells(result, row)}"
             )
             broken += [f"{backend}: {p}" for p in row["invariants"]["problems"]]
+        print(
+            "\nCPU per call (µs): of this process / of the server's processes"
+            " (the server's CPUs in use)"
+        )
+        print(f"{'operation':<29}{'tasks':>6}{'ctxengine':>22}{'raw':>22}{'floor':>22}")
+        for row in r["rows"]:
+            cells = [cpu_cell(row[side]) for side in ("ctxengine", "raw")]
+            cells.append(cpu_cell(row["floor"]) if "floor" in row else "")
+            print(f"{row['operation']:<29}{row['tasks']:>6}" + "".join(f"{c:>22}" for c in cells))
     return broken
+
+
+def cpu_cell(stats: dict[str, Any]) -> str:
+    """``client / server (busy)`` CPU of one side, as the CPU table shows it."""
+    server, busy = stats.get("server_cpu_us"), stats.get("server_busy")
+    return f"{_num(stats.get('client_cpu_us'))} / {_num(server)}" + (
+        "" if busy is None else f" ({busy:.2f})"
+    )
 
 
 def main() -> None:
