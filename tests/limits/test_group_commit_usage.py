@@ -55,11 +55,6 @@ async def assert_stored(engine: ContextEngine, records: list[UsageRecord]) -> No
         assert metadata == r.metadata
 
 
-def combined(engine: ContextEngine) -> bool:
-    """Whether track_usage calls are combined here (one-statement writes: PostgreSQL)."""
-    return engine._store.backend.data_modifying_ctes
-
-
 def shared(records: list[UsageRecord]) -> bool:
     """Whether some records were written by one transaction (one batch): the same
     created_at, the instant of their transaction."""
@@ -85,8 +80,7 @@ async def test_a_quota_admits_exactly_its_limit_across_64_tasks(engine: ContextE
     assert await quota_row(engine, "hot", QuotaType.API_CALLS) == (40, 40)
     assert all(r.user_id == session.user_id for r in records)
     await assert_stored(engine, records)
-    if combined(engine):
-        assert shared(records)
+    assert shared(records)
 
 
 async def test_64_tasks_on_sessions_of_their_own(engine: ContextEngine) -> None:
@@ -102,8 +96,7 @@ async def test_64_tasks_on_sessions_of_their_own(engine: ContextEngine) -> None:
     for i in range(64):
         assert await quota_row(engine, f"own-{i}", QuotaType.TOKENS) == (i + 1, 500_000)
     await assert_stored(engine, records)
-    if combined(engine):
-        assert shared(records)
+    assert shared(records)
 
 
 async def test_mixed_resources_and_tiers_get_their_own_limits(engine: ContextEngine) -> None:
@@ -123,12 +116,12 @@ async def test_mixed_resources_and_tiers_get_their_own_limits(engine: ContextEng
             limit = policy.quotas[resource]
             assert await quota_row(engine, tier, resource) == (4 * amount, limit)
     await assert_stored(engine, records)
-    if combined(engine):  # a batch wrote records of several sessions and resources
-        written_together = Counter(r.created_at for r in records)
-        kinds: dict[Any, set[tuple[str, str]]] = {}
-        for r in records:
-            kinds.setdefault(r.created_at, set()).add((r.session_id, r.resource_type))
-        assert any(len(kinds[at]) > 1 for at, n in written_together.items() if n > 1)
+    # a batch wrote records of several sessions and resources
+    written_together = Counter(r.created_at for r in records)
+    kinds: dict[Any, set[tuple[str, str]]] = {}
+    for r in records:
+        kinds.setdefault(r.created_at, set()).add((r.session_id, r.resource_type))
+    assert any(len(kinds[at]) > 1 for at, n in written_together.items() if n > 1)
 
 
 async def test_a_refused_caller_fails_alone(engine: ContextEngine) -> None:
@@ -197,8 +190,7 @@ async def test_thresholds_are_announced_once_each_across_batches(engine: Context
     counts = Counter(kind for kind, _ in events)
     assert counts == {"usage.recorded": 64, "quota.warning": 1, "quota.critical": 1}
     assert ("quota.warning", 48) in events and ("quota.critical", 58) in events
-    if combined(engine):
-        assert shared(records)
+    assert shared(records)
 
 
 #: What another transaction changes between a batch's snapshot and its locks, and what

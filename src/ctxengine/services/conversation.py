@@ -69,10 +69,10 @@ class ConversationService:
         self.sessions = sessions
         self.repo = ConversationRepository(ctx.store.backend)
         #: Chats (tenant, session_id, chat_id as asked) whose last append trimmed them:
-        #: the next one skips the one-statement append, which would find no room. A
-        #: hint only: the transaction taken instead is right whatever the chat holds.
+        #: the next one skips the combined append, which would find no room. A hint
+        #: only: the transaction taken instead is right whatever the chat holds.
         self._full: set[tuple[str, str, str | None]] = set()
-        #: concurrent appends that may take one statement, written together
+        #: concurrent appends, written together
         self._appender: Combiner[_Call, _Combined] = Combiner(self._append_many)
         #: With ``history_overflow="compact"``: told after each committed append
         #: (tenant, session_id, chat_id, whether the chat is past its cap).
@@ -254,10 +254,16 @@ class ConversationService:
             v.count(if_last_seq, "if_last_seq")
         settings = self.ctx.settings
 
-        # the one-statement append checks no expected seq
-        appends = self.repo.appends_at_once(len(new)) and if_last_seq is None
-        trims = appends and settings.history_overflow == "trim"
         hint = (tenant, session_id, chat_id)
+        trims = settings.history_overflow == "trim"
+        # the one-statement append (then trimming) checks no expected seq
+        trims_at_once = trims and self.repo.appends_at_once(len(new)) and if_last_seq is None
+        # concurrent calls are written together, but for a chat known full that trims
+        combines = (
+            self.repo.appends_together(len(new))
+            and if_last_seq is None
+            and not (trims and hint in self._full)
+        )
         starts_turn = bool(new) and new[0].role == "user"
         #: the chat written to, and whether it is now past its cap
         written: list[tuple[str, bool]] = []
@@ -276,17 +282,12 @@ class ConversationService:
             over = await self._keep_limit(
                 conn, fx, tenant, session_id, chat, first, count, limit, starts_turn
             )
-            if limit is None or count < limit:
-                self._full.discard(hint)
-            else:
-                if len(self._full) >= _FULL_CHATS_KEPT:
-                    self._full.clear()  # the oldest hints are as likely stale
-                self._full.add(hint)
+            self._note_fullness(hint, count, limit)
             written.append((chat, over))
             return self._added(fx, appended.user_id, _placed(rows, chat, last))
 
         async def work(conn: Connection, fx: Effects) -> list[Message] | None:
-            if trims:
+            if trims_at_once:
                 added = await append_anyway(conn, fx)
                 if added is not None:
                     return added
@@ -314,6 +315,8 @@ class ConversationService:
             over = await self._keep_limit(
                 conn, fx, tenant, session_id, chat, first, count, limit, starts_turn
             )
+            if trims:
+                self._note_fullness(hint, count, limit)
             rows = [
                 message_values(tenant, session_id, chat, first + i, message, fx.now)
                 for i, message in enumerate(new)
@@ -323,9 +326,9 @@ class ConversationService:
             return self._added(fx, session.user_id, rows)
 
         with self.ctx.observing("add_message"):
-            if appends and not (trims and hint in self._full):
-                # group commit (a batch of one at once): one statement when the session
-                # can work and the chat has room (with "compact", whatever its room)
+            if combines:
+                # group commit (a batch of one at once), written when the session can
+                # work and the chat has room (with "compact", whatever its room)
                 call = _Call(tenant, session_id, chat_id, new)
                 if sum(len(m.content) for m in new) <= _COMBINED_CONTENT_MAX:
                     combined = await self._appender(call)
@@ -345,9 +348,9 @@ class ConversationService:
         return added
 
     async def _append_many(self, calls: Sequence[_Call]) -> list[_Combined | Solo]:
-        """add_messages calls that may append in one statement, written together (see
-        ``ConversationRepository.append_many``): SOLO for a call nothing was written
-        for, which then takes the general transaction."""
+        """add_messages calls written together, in one statement where the backend can
+        (see ``ConversationRepository.append_many``): SOLO for a call nothing was
+        written for, which then takes the general transaction."""
         room = self.ctx.settings.history_overflow != "compact"
 
         async def work(conn: Connection, fx: Effects) -> list[_Combined | Solo]:
@@ -372,8 +375,23 @@ class ConversationService:
             return results
 
         return await self.ctx.transact(
-            work, one_statement=True, operation="add_message", observed=True
+            work,
+            one_statement=self.repo.writes_at_once,
+            operation="add_message",
+            observed=True,
         )
+
+    def _note_fullness(
+        self, hint: tuple[str, str, str | None], count: int, limit: int | None
+    ) -> None:
+        """Remember whether the chat of ``hint`` is full after an append that trims
+        (``count`` messages once it was added): see ``_full``."""
+        if limit is None or count < limit:
+            self._full.discard(hint)
+            return
+        if len(self._full) >= _FULL_CHATS_KEPT:
+            self._full.clear()  # the oldest hints are as likely stale
+        self._full.add(hint)
 
     def _notify(self, tenant: str, session_id: str, written: list[tuple[str, bool]]) -> None:
         """Tell ``appended`` (automatic compaction) of a committed append (the last

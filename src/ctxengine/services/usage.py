@@ -111,7 +111,7 @@ class UsageService:
             for resource in QuotaType
             if resource is not QuotaType.CONCURRENT_REQUESTS
         }
-        #: concurrent track_usage calls, written together (one-statement writes only)
+        #: concurrent track_usage calls, written together
         self._tracker: Combiner[_Call, UsageRecord] = Combiner(self._track_many)
 
     def policy(self, tier: str) -> TierPolicy | None:
@@ -168,18 +168,18 @@ class UsageService:
             return _recorded(fx, row, session.user_id, counted.used, counted.limit)
 
         with self.ctx.observing("track_usage"):
-            if self.repo.writes_at_once:  # group commit (a batch of one at once)
-                tracked = await self._tracker(call)
-                if not isinstance(tracked, Solo):
-                    return tracked
+            tracked = await self._tracker(call)  # group commit (a batch of one at once)
+            if not isinstance(tracked, Solo):
+                return tracked
             # a call the batch did not write (its session cannot work, or its quota had
             # no room for it): the general transaction refuses it, or finds room freed
             result = await self.ctx.transact(work, operation="track_usage", observed=True)
         return done(result)
 
     async def _track_many(self, calls: Sequence[_Call]) -> list[UsageRecord | Solo]:
-        """track_usage calls in one statement (``QuotaRepository.track_many``), each
-        announced with its own thresholds; SOLO where nothing was written for a call."""
+        """track_usage calls written together, in one statement where the backend can
+        (``QuotaRepository.track_many``), each announced with its own thresholds; SOLO
+        where nothing was written for a call."""
 
         async def work(conn: Connection, fx: Effects) -> list[UsageRecord | Solo]:
             rows = [_row(call, fx.now) for call in calls]
@@ -190,7 +190,10 @@ class UsageService:
             ]
 
         return await self.ctx.transact(
-            work, one_statement=True, operation="track_usage", observed=True
+            work,
+            one_statement=self.repo.writes_at_once,
+            operation="track_usage",
+            observed=True,
         )
 
     async def quotas(self, tenant: str, session_id: str) -> dict[QuotaType, QuotaStatus]:

@@ -303,6 +303,28 @@ APPEND_MAX = 8
 _APPENDED = ("message_id", "role", "content", "metadata", "tokens")
 
 
+def _touch_for_append(n: Any, *, room: bool) -> Any:
+    """Touch a session that can work if its chat (``chat``, else its current one)
+    exists and, with ``room``, has room for ``n`` more messages (parameters tenant,
+    sid, now, now_epoch, chat); RETURNING its user_id and that chat_id."""
+    chat_id = func.coalesce(bindparam("chat", type_=chats.c.chat_id.type), s.c.current_chat_id)
+    limit = chats.c.max_messages
+    has_room = or_(limit.is_(None), chats.c.message_count + n <= limit) if room else true()
+    chat = exists().where(
+        chats.c.tenant_id == s.c.tenant_id,
+        chats.c.session_id == s.c.session_id,
+        chats.c.chat_id == chat_id,
+        has_room,
+    )
+    return TOUCH_WORKING.where(chat).returning(s.c.user_id, chat_id.label("chat_id"))
+
+
+#: ``_touch_for_append`` of ``n`` given as a parameter, with and without the room checked.
+_TOUCHES_FOR_APPEND = {
+    room: _touch_for_append(bindparam("n", type_=Integer()), room=room) for room in (False, True)
+}
+
+
 def _append(n: int, *, room: bool = True) -> Any:
     """ONE statement appending ``n`` messages to a chat of a session that can work (data-
     modifying CTEs): touch the session if it is active and live and the chat has room,
@@ -317,21 +339,9 @@ def _append(n: int, *, room: bool = True) -> Any:
     message_count, limit) after the change, or no row when nothing was written.
     Parameters: tenant, sid, now, now_epoch, chat (None for the current chat), and
     ``<field>_<k>`` for each of the ``_APPENDED`` fields of message ``k``."""
-    chat_id = func.coalesce(bindparam("chat", type_=chats.c.chat_id.type), s.c.current_chat_id)
     limit = chats.c.max_messages
     has_room = or_(limit.is_(None), chats.c.message_count + n <= limit) if room else true()
-    touched = (
-        TOUCH_WORKING.where(
-            exists().where(
-                chats.c.tenant_id == s.c.tenant_id,
-                chats.c.session_id == s.c.session_id,
-                chats.c.chat_id == chat_id,
-                has_room,
-            ),
-        )
-        .returning(s.c.user_id, chat_id.label("chat_id"))
-        .cte("touched")
-    )
+    touched = _touch_for_append(n, room=room).cte("touched")
     taken = (
         update(chats)
         .where(
@@ -783,6 +793,12 @@ class ConversationRepository(Repository):
         (``take_seqs``, ``insert_messages``) appends."""
         return self.writes_at_once and 0 < n <= APPEND_MAX
 
+    @staticmethod
+    def appends_together(n: int) -> bool:
+        """Whether calls appending ``n`` messages each may be written together
+        (:meth:`append_many`)."""
+        return 0 < n <= APPEND_MAX
+
     async def append(
         self,
         conn: Connection,
@@ -822,11 +838,15 @@ class ConversationRepository(Repository):
         room: bool = True,
     ) -> list[Appended | None]:
         """:meth:`append` of several calls (each its ``chat_id`` and its rows, all of
-        ``now``) in ONE statement, as if they ran one after another in order: what each
-        would have returned, or None for a call nothing was written for (its session
-        cannot work, its chat is missing or, with ``room``, it does not fit after the
-        calls before it to the chat; then none after it to that chat is written
-        either). A batch of one is :meth:`append`'s statement."""
+        ``now``), as if they ran one after another in order: what each would have
+        returned, or None for a call nothing was written for (its session cannot work,
+        its chat is missing or, with ``room``, it does not fit after the calls before it
+        to the chat). In ONE statement (a batch of one: :meth:`append`'s), where none
+        after a call that does not fit its chat is written to that chat either; where
+        one statement cannot write a batch (SQLite), each call's own statements, one
+        after another (:meth:`_append_each`)."""
+        if not self.writes_at_once:
+            return await self._append_each(conn, calls, now, room=room)
         if len(calls) == 1:
             chat_id, rows = calls[0]
             return [await self.append(conn, rows, chat_id, room=room)]
@@ -857,6 +877,40 @@ class ConversationRepository(Repository):
         for row in await run(conn, self._append_batches[room], params):
             limit = None if row[5] is None else int(row[5])
             written[row[0]] = Appended(row[1], row[2], int(row[3]), int(row[4]), limit)
+        return written
+
+    async def _append_each(
+        self,
+        conn: Connection,
+        calls: Sequence[tuple[str | None, Sequence[dict[str, Any]]]],
+        now: datetime,
+        *,
+        room: bool,
+    ) -> list[Appended | None]:
+        """:meth:`append_many` call after call in the caller's write transaction, which
+        holds the database's write lock (SQLite): each call is written if its session
+        can work and its chat exists and, with ``room``, has room for it as the calls
+        before it left the chat (the calls of a batch are concurrent: one not written
+        goes after those that are, as it would run after them)."""
+        stamp = {"now": now, "now_epoch": epoch(now)}
+        touch = _TOUCHES_FOR_APPEND[room]
+        written: list[Appended | None] = []
+        added: list[dict[str, Any]] = []
+        for chat_id, rows in calls:
+            key = {"tenant": rows[0]["tenant_id"], "sid": rows[0]["session_id"]}
+            n = len(rows)
+            touched = (await run(conn, touch, key | stamp | {"chat": chat_id, "n": n})).first()
+            if touched is None:
+                written.append(None)
+                continue
+            user_id, chat = touched
+            taken = (await run(conn, _TAKE_SEQS, key | {"chat": chat, "n": n})).first()
+            assert taken is not None  # the chat was just found, under the write lock
+            last, count, limit = taken
+            first = last - n + 1
+            added += [values | {"chat_id": chat, "seq": first + k} for k, values in enumerate(rows)]
+            written.append(Appended(user_id, chat, last, count, limit))
+        await self.insert_messages(conn, added)
         return written
 
     async def delete_oldest_turns(

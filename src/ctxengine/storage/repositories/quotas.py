@@ -43,7 +43,7 @@ from . import (
     of_session,
     written_or_abort,
 )
-from .sessions import CAN_WORK, TOUCH_WORKING, TOUCHED
+from .sessions import CAN_WORK, TOUCH, TOUCH_WORKING, TOUCHED
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
 #: The limit set_quota() set on a quota (parameters tenant, sid, resource).
@@ -57,6 +57,10 @@ _CUSTOM_LIMIT = select(quotas.c.quota_limit).where(
 _RECORD_FIELDS = tuple(UsageRecord.model_fields)
 _RECORD = [usage_records.c[name] for name in _RECORD_FIELDS]
 _INSERT_RECORD = insert(usage_records)
+#: The user and tier of a session that can work (parameters tenant, sid, now, now_epoch).
+_WORKING = select(s.c.user_id, s.c.tier).where(
+    s.c.tenant_id == bindparam("tenant"), s.c.session_id == bindparam("sid"), CAN_WORK
+)
 
 
 def _fits(amount: ColumnElement[Any]) -> ColumnElement[bool]:
@@ -418,11 +422,16 @@ class QuotaRepository(Repository):
         tier_limits: Mapping[str, tuple[tuple[str, float], ...]],
     ) -> list[Recorded | None]:
         """:meth:`track` of several calls (``records`` with the same ``created_at``; a
-        resource's tier limits in ``tier_limits``), in ONE statement, as if they ran one
-        after another in order: what each would have returned, or None where nothing
-        was written for it (its session cannot work, or its quota has no room for it
-        after the calls before it). Each call's ``used`` is its quota row's right after
-        its own amount. A batch of one runs :meth:`track`'s statement."""
+        resource's tier limits in ``tier_limits``), as if they ran one after another in
+        order: what each would have returned, or None where nothing was written for it
+        (its session cannot work, or its quota has no room for it after the calls
+        before it). Each call's ``used`` is its quota row's right after its own amount.
+        In ONE statement (a batch of one: :meth:`track`'s), where none after a call that
+        does not fit its quota is written to that quota either; where one statement
+        cannot write a batch (SQLite), each call's own statements, one after another
+        (:meth:`_track_each`)."""
+        if not self.writes_at_once:
+            return await self._track_each(conn, records, tier_limits)
         if len(records) == 1:
             record = records[0]
             return [await self.track(conn, record, tier_limits[record["resource_type"]])]
@@ -465,6 +474,35 @@ class QuotaRepository(Repository):
             results[k] = Recorded(written[k], used, limit)
             after[quota] = used - record["amount"]
         return results
+
+    async def _track_each(
+        self,
+        conn: Connection,
+        records: Sequence[dict[str, Any]],
+        tier_limits: Mapping[str, tuple[tuple[str, float], ...]],
+    ) -> list[Recorded | None]:
+        """:meth:`track_many` call after call in the caller's write transaction, which
+        holds the database's write lock (SQLite): each call is written if its session
+        can work and its quota has room for it as the calls before it left the quota
+        (the calls of a batch are concurrent: one not written goes after those that
+        are, as it would run after them)."""
+        written: list[Recorded | None] = []
+        for record in records:
+            now = record["created_at"]
+            quota = (record["tenant_id"], record["session_id"], record["resource_type"])
+            stamp = {"tenant": quota[0], "sid": quota[1], "now": now, "now_epoch": epoch(now)}
+            working = (await run(conn, _WORKING, stamp)).first()
+            counted = None
+            if working is not None:
+                limit = dict(tier_limits[quota[2]]).get(working[1])
+                counted = await self.add_to_quota(conn, *quota, record["amount"], limit)
+            if working is None or counted is None:
+                written.append(None)
+                continue
+            await run(conn, TOUCH, stamp)
+            await self.insert_record(conn, record | {"user_id": working[0]})
+            written.append(Recorded(working[0], counted.used, counted.limit))
+        return written
 
     async def quota_rows(
         self, conn: Connection, tenant: str, session_id: str
