@@ -43,7 +43,7 @@ from . import (
     of_session,
     written_or_abort,
 )
-from .sessions import CAN_WORK, TOUCH, TOUCH_WORKING, TOUCHED
+from .sessions import CAN_WORK, TOUCH_WORKING, TOUCHED
 
 _Q_KEY = ("tenant_id", "session_id", "resource_type")
 #: The limit set_quota() set on a quota (parameters tenant, sid, resource).
@@ -61,6 +61,8 @@ _INSERT_RECORD = insert(usage_records)
 _WORKING = select(s.c.user_id, s.c.tier).where(
     s.c.tenant_id == bindparam("tenant"), s.c.session_id == bindparam("sid"), CAN_WORK
 )
+#: Touch a session that can work (parameters tenant, sid, now, now_epoch).
+_TOUCH = TOUCH_WORKING.returning(s.c.session_id)
 
 
 def _fits(amount: ColumnElement[Any]) -> ColumnElement[bool]:
@@ -499,7 +501,7 @@ class QuotaRepository(Repository):
             if working is None or counted is None:
                 written.append(None)
                 continue
-            await run(conn, TOUCH, stamp)
+            await run(conn, _TOUCH, stamp)
             await self.insert_record(conn, record | {"user_id": working[0]})
             written.append(Recorded(working[0], counted.used, counted.limit))
         return written

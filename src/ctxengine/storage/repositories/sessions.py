@@ -190,12 +190,10 @@ _RECORD = (
 _RECORD_ACTIVE = _RECORD.where(CAN_WORK)
 #: Touch a session that can work (parameters: tenant, sid, now, now_epoch); the writes
 #: of the hot paths add their own conditions and RETURNING.
+#: Never run it as it is: compiling a statement remembers the columns it returns (none
+#: here), and SQLAlchemy 2.1 hands that on to a statement derived from it afterwards,
+#: whose ``RETURNING`` then yields no columns. Run a statement derived from it.
 TOUCH_WORKING = update(t).where(_BY_KEY, CAN_WORK).values(**TOUCHED)
-#: ``TOUCH_WORKING`` to run as it is. Never run a statement others are derived from:
-#: compiling it remembers the columns it returns (none here), and SQLAlchemy 2.1 hands
-#: that memory on to a statement derived from it later, whose ``RETURNING`` then
-#: yields no columns.
-TOUCH = update(t).where(_BY_KEY, CAN_WORK).values(**TOUCHED)
 _TOUCH_ACTIVE = TOUCH_WORKING.returning(*(t.c[name] for name in Worker._fields))
 
 
